@@ -1,0 +1,163 @@
+"""Per-session self-attention K/V cache for block-causal generation (Self-Forcing / CausVid rules).
+
+Layout of the preallocated buffers, in frames (each frame is `tokens_per_frame` token rows):
+
+    [ sink (S) | history ring (W) | block in progress (N) ]
+
+* Keys are stored after RoPE, so a frame's absolute temporal position travels with its keys and
+  attention is order-free: the ring never has to be shifted.
+* Every call for the block in progress writes into the block region, overwriting its own slots; so
+  after the last pass of a block (the clean t=0 pass) the block region holds clean K/V.
+* Starting the next block commits the previous one: its frames go to the sink while the sink is not
+  full (the first frames of a stream, e.g. the reference), otherwise into the ring, evicting the
+  oldest history frame. The cost per block is therefore flat however long the session runs.
+
+All bookkeeping is host-side Python ints fixed by the block geometry: no `.item()`, no device sync.
+The cache also keeps the cross-attention K/V of the session's (fixed) context, computed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    num_layers: int
+    batch: int
+    heads: int
+    head_dim: int
+    tokens_per_frame: int
+    sink_frames: int  # frames kept forever (the first frames committed)
+    window_frames: int  # most recent committed frames kept besides the sink
+    block_frames: int  # largest block that may be in progress
+
+    @property
+    def slots(self) -> int:
+        return self.sink_frames + self.window_frames + self.block_frames
+
+
+class KVCache:
+    """Sink + rolling-window K/V for every layer of one DiT, owned by one session."""
+
+    def __init__(self, geometry: CacheGeometry, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        g = geometry
+        if g.block_frames < 1 or g.sink_frames < 0 or g.window_frames < 0:
+            raise ValueError(f"invalid cache geometry {g}")
+        self.geometry = g
+        shape = (g.num_layers, g.batch, g.slots * g.tokens_per_frame, g.heads, g.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, slots*T, heads, head_dim)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * g.num_layers
+        self.reset()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every frame and the context (buffers are reused, not reallocated)."""
+        g = self.geometry
+        self.sink_filled = 0
+        self.ring_frame: list[int | None] = [None] * g.window_frames  # absolute frame per ring slot
+        self.ring_next = 0
+        self.next_frame = 0  # first absolute frame index not yet committed
+        self.block_start: int | None = None
+        self.block_len = 0
+        self.clear_context()
+
+    def clear_context(self) -> None:
+        """Drop the cached cross-attention K/V (call when the session's context changes)."""
+        self.cross = [None] * self.geometry.num_layers
+
+    @property
+    def history_frames(self) -> list[int]:
+        """Absolute indices of the committed frames currently visible (sink first, then ring)."""
+        ring = sorted(f for f in self.ring_frame if f is not None)
+        return list(range(self.sink_filled)) + ring
+
+    # ---- block protocol -----------------------------------------------------------------------
+    def begin_block(self, start_frame: int, num_frames: int) -> None:
+        """Declare the frames the next forward pass writes; commits the previous block if it is done.
+
+        Calling again with the same block re-runs it (denoising steps, then the clean pass).
+        """
+        g = self.geometry
+        if num_frames < 1 or num_frames > g.block_frames:
+            raise ValueError(f"block of {num_frames} frames; this cache holds 1..{g.block_frames}")
+        if self.block_start is not None:
+            if start_frame == self.block_start:
+                if num_frames != self.block_len:
+                    raise ValueError(f"block at frame {start_frame} changed length "
+                                     f"{self.block_len} -> {num_frames} between passes")
+                return
+            self.commit()
+        if start_frame != self.next_frame:
+            raise ValueError(f"block starts at frame {start_frame}, but the cache expects frame "
+                             f"{self.next_frame} next (blocks must be contiguous)")
+        self.block_start, self.block_len = start_frame, num_frames
+        self._ranges = self._visible_ranges()
+
+    def commit(self) -> None:
+        """Move the block in progress into history (sink first, then the ring)."""
+        if self.block_start is None:
+            return
+        g, t = self.geometry, self.geometry.tokens_per_frame
+        block_slot0 = g.sink_frames + g.window_frames
+        for j in range(self.block_len):
+            if self.sink_filled < g.sink_frames:
+                dst = self.sink_filled
+                self.sink_filled += 1
+            elif g.window_frames:
+                dst = g.sink_frames + self.ring_next
+                self.ring_frame[self.ring_next] = self.block_start + j
+                self.ring_next = (self.ring_next + 1) % g.window_frames
+            else:
+                continue  # no history kept beyond the sink
+            src = block_slot0 + j
+            self.k[:, :, dst * t:(dst + 1) * t] = self.k[:, :, src * t:(src + 1) * t]
+            self.v[:, :, dst * t:(dst + 1) * t] = self.v[:, :, src * t:(src + 1) * t]
+        self.next_frame = self.block_start + self.block_len
+        self.block_start, self.block_len = None, 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's K/V of the block in progress; return all K/V it may attend to.
+
+        k, v: (B, N*T, heads, head_dim) for the block's N frames. Returns (B, Lk, heads, head_dim).
+        """
+        if self.block_start is None:
+            raise RuntimeError("update() before begin_block()")
+        g, t = self.geometry, self.geometry.tokens_per_frame
+        b0 = (g.sink_frames + g.window_frames) * t
+        n = self.block_len * t
+        if k.shape[1] != n:
+            raise ValueError(f"block K/V has {k.shape[1]} tokens, expected {n}")
+        self.k[layer, :, b0:b0 + n] = k
+        self.v[layer, :, b0:b0 + n] = v
+        return self._gather(self.k[layer]), self._gather(self.v[layer])
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _visible_ranges(self) -> list[tuple[int, int]]:
+        """Token ranges of sink, filled ring slots and the block, merged where adjacent."""
+        g, t = self.geometry, self.geometry.tokens_per_frame
+        ring_filled = sum(f is not None for f in self.ring_frame)  # ring fills slots 0.. in order
+        spans = [
+            (0, self.sink_filled),
+            (g.sink_frames, g.sink_frames + ring_filled),
+            (g.sink_frames + g.window_frames, g.sink_frames + g.window_frames + self.block_len),
+        ]
+        merged: list[tuple[int, int]] = []
+        for a, b in spans:
+            if a == b:
+                continue
+            if merged and merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        return [(a * t, b * t) for a, b in merged]
+
+    def _gather(self, buf: torch.Tensor) -> torch.Tensor:
+        if len(self._ranges) == 1:  # steady state: one contiguous view, no copy
+            a, b = self._ranges[0]
+            return buf[:, a:b]
+        return torch.cat([buf[:, a:b] for a, b in self._ranges], dim=1)
