@@ -445,7 +445,7 @@ class WanDiT(nn.Module):
         x = self.patch_embedding(x.to(self.dtype))
         grid = tuple(x.shape[2:])
         f, tpf = grid[0], grid[1] * grid[2]
-        x = x.flatten(2).transpose(1, 2).float()
+        x = x.flatten(2).transpose(1, 2).float().contiguous()
 
         # 2. time embedding -> per-sample (Fe = 1) or per-frame (Fe = F) modulation
         e = self.time_embedding(sinusoidal_embedding(c.freq_dim, t).to(self.dtype)).float()

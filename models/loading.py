@@ -224,6 +224,16 @@ class LoadReport:
     lora_merged: bool = False
 
 
+def _lora_alpha_in_config(path: Path) -> float | None:
+    folder = path if path.is_dir() else path.parent
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        return None
+    d = json.loads(cfg_file.read_text())
+    alpha = d.get("lora_alpha") or d.get("dit", {}).get("lora_alpha")
+    return float(alpha) if alpha else None
+
+
 def _extension_of(key: str) -> str | None:
     for name, prefixes in WanDiT.EXTENSIONS.items():
         if key.startswith(prefixes):
@@ -291,7 +301,8 @@ def load_dit(
         lora.update(load_file(str(lora_file)))
         report.files.append(str(lora_file))
     if lora:
-        alpha = cfg.lora_alpha if cfg.lora_alpha else None
+        # LoRA scale: the checkpoint's own config.json (OmniAvatar writes lora_alpha there) wins.
+        alpha = _lora_alpha_in_config(path) or cfg.lora_alpha or None
         report.lora_rank = load_lora(model, lora, alpha=alpha, source=str(path))
         if merge_lora:
             from models.lora import unload_lora

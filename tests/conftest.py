@@ -31,3 +31,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def oracles() -> Path:
     return ORACLES
+
+
+def _randomize(module: torch.nn.Module, scale: float = 0.05, seed: int = 1, skip: tuple[str, ...] = ()):
+    """Perturb every parameter in place (fresh Wan init has a zero head: outputs would all be 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not name.startswith(skip) if skip else True:
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return module
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    return _randomize

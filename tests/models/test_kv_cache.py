@@ -1,0 +1,171 @@
+"""Block-causal generation through the KV cache equals the full forward under the matching mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.attention import block_causal_frame_mask
+from models.config import TINY
+from models.dit import WanDiT
+
+H = W = 4  # latent grid -> 2x2 = 4 tokens per frame
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = WanDiT(TINY).eval()
+    with torch.no_grad():  # wake every zero-initialised module so the test covers them
+        g = torch.Generator().manual_seed(1)
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _inputs(frames, seed=0, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        x=torch.randn(batch, 16, frames, H, W, generator=g),
+        y=torch.randn(batch, 17, frames, H, W, generator=g),
+        audio=torch.randn(batch, frames, 4, TINY.audio_dim, generator=g),
+        context=torch.randn(batch, TINY.text_len, TINY.text_dim, generator=g),
+        reference=torch.randn(batch, 16, H, W, generator=g),
+        emotion=torch.randn(batch, 16, H, W, generator=g),
+        face_mask=(torch.rand(batch, 1, H // 2, W // 2, generator=g) > 0.4).float(),
+    )
+
+
+def _call(model, inp, t, sl=slice(None), **kw):
+    return model(inp["x"][:, :, sl], t, inp["context"], y=inp["y"][:, :, sl], audio=inp["audio"][:, sl],
+                 reference=inp["reference"], emotion=inp["emotion"], face_mask=inp["face_mask"], **kw)
+
+
+def _cache(model, sink, window, block, batch=1):
+    return model.init_cache(batch, H, W, sink_frames=sink, window_frames=window, block_frames=block)
+
+
+@torch.no_grad()
+def test_four_cached_blocks_equal_full_block_causal_forward(model):
+    n, blk = 8, 2
+    inp = _inputs(n)
+    t = torch.tensor([600.0])
+    full = _call(model, inp, t, frame_mask=block_causal_frame_mask(n, blk))
+    cache = _cache(model, sink=1, window=n, block=blk)
+    for j in range(n // blk):
+        sl = slice(j * blk, (j + 1) * blk)
+        out = _call(model, inp, t, sl, cache=cache, start_frame=j * blk)
+        torch.testing.assert_close(out, full[:, :, sl], atol=ATOL, rtol=0)
+    # and the block-causal result differs from bidirectional attention, so the mask matters
+    assert (full - _call(model, inp, t)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_denoise_passes_then_clean_pass_leave_clean_kv(model):
+    """Self-Forcing protocol: noisy passes overwrite the block's slots; the t=0 pass leaves clean K/V.
+    Equivalent full forward: earlier frames clean at t=0, the last block noisy (per-frame timesteps)."""
+    n, blk = 6, 2
+    clean, noisy = _inputs(n, seed=0), _inputs(n, seed=5)
+    cache = _cache(model, sink=1, window=n, block=blk)
+    for j in range(n // blk - 1):
+        sl = slice(j * blk, (j + 1) * blk)
+        for step_t in (900.0, 500.0):  # denoising passes on noisy inputs
+            _call(model, {**clean, "x": noisy["x"]}, torch.tensor([step_t]), sl, cache=cache, start_frame=j * blk)
+        _call(model, clean, torch.tensor([0.0]), sl, cache=cache, start_frame=j * blk)  # clean pass
+    last = slice(n - blk, n)
+    mixed = {**clean, "x": torch.cat([clean["x"][:, :, : n - blk], noisy["x"][:, :, last]], dim=2)}
+    got = _call(model, mixed, torch.tensor([500.0]), last, cache=cache, start_frame=n - blk)
+    t_frames = torch.tensor([[0.0] * (n - blk) + [500.0] * blk])
+    full = _call(model, mixed, t_frames, frame_mask=block_causal_frame_mask(n, blk))
+    torch.testing.assert_close(got, full[:, :, last], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_rolling_window_with_sink_equals_windowed_mask(model):
+    """Eviction keeps the sink frame; the result equals the sink + local-window mask."""
+    n, blk, sink, window = 12, 2, 1, 3
+    inp = _inputs(n, seed=2)
+    t = torch.tensor([300.0])
+    full = _call(model, inp, t, frame_mask=block_causal_frame_mask(n, blk, sink_frames=sink, window_frames=window))
+    cache = _cache(model, sink=sink, window=window, block=blk)
+    for j in range(n // blk):
+        sl = slice(j * blk, (j + 1) * blk)
+        out = _call(model, inp, t, sl, cache=cache, start_frame=j * blk)
+        torch.testing.assert_close(out, full[:, :, sl], atol=ATOL, rtol=0)
+    cache.commit()
+    assert cache.history_frames == [0, 9, 10, 11]  # sink frame 0 survives; frames 1..8 were evicted
+
+
+@torch.no_grad()
+def test_reference_block_of_one_frame_then_blocks_of_three(model):
+    """A 1-frame first block (the reference, kept as sink) followed by 3-frame blocks."""
+    n = 7
+    inp = _inputs(n, seed=3)
+    t = torch.tensor([250.0])
+    full = _call(model, inp, t, frame_mask=block_causal_frame_mask(n, 3, first_block_frames=1))
+    cache = _cache(model, sink=1, window=6, block=3)
+    for start, size in ((0, 1), (1, 3), (4, 3)):
+        sl = slice(start, start + size)
+        torch.testing.assert_close(_call(model, inp, t, sl, cache=cache, start_frame=start), full[:, :, sl],
+                                   atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_appending_a_block_never_changes_earlier_outputs(model):
+    inp = _inputs(8, seed=4)
+    t = torch.tensor([700.0])
+    short = _call(model, {k: v[:, :, :6] if k in ("x", "y") else v for k, v in inp.items()}, t, slice(0, 6),
+                  frame_mask=block_causal_frame_mask(6, 2))
+    long = _call(model, inp, t, frame_mask=block_causal_frame_mask(8, 2))
+    torch.testing.assert_close(long[:, :, :6], short, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_two_sessions_on_one_model_do_not_interfere(model):
+    a_in, b_in = _inputs(6, seed=10), _inputs(6, seed=11)
+    t = torch.tensor([400.0])
+
+    def alone(inp):
+        cache = _cache(model, 1, 6, 2)
+        return [_call(model, inp, t, slice(s, s + 2), cache=cache, start_frame=s) for s in (0, 2, 4)]
+
+    ref_a, ref_b = alone(a_in), alone(b_in)
+    ca, cb = _cache(model, 1, 6, 2), _cache(model, 1, 6, 2)
+    for i, s in enumerate((0, 2, 4)):  # interleaved
+        out_a = _call(model, a_in, t, slice(s, s + 2), cache=ca, start_frame=s)
+        out_b = _call(model, b_in, t, slice(s, s + 2), cache=cb, start_frame=s)
+        assert torch.equal(out_a, ref_a[i]) and torch.equal(out_b, ref_b[i])
+
+
+@torch.no_grad()
+def test_batched_sessions_in_one_cache(model):
+    """Batch 2 (e.g. CFG branches) through one cache equals each sample alone."""
+    inp = _inputs(4, seed=7, batch=2)
+    t = torch.tensor([400.0, 400.0])
+    cache = _cache(model, 1, 4, 2, batch=2)
+    outs = [_call(model, inp, t, slice(s, s + 2), cache=cache, start_frame=s) for s in (0, 2)]
+    for bi in range(2):
+        one = {k: v[bi:bi + 1] for k, v in inp.items()}
+        c1 = _cache(model, 1, 4, 2)
+        for s, o in zip((0, 2), outs):
+            torch.testing.assert_close(_call(model, one, t[:1], slice(s, s + 2), cache=c1, start_frame=s),
+                                       o[bi:bi + 1], atol=ATOL, rtol=0)
+
+
+def test_cache_protocol_errors(model):
+    inp = _inputs(4)
+    t = torch.tensor([100.0])
+    cache = _cache(model, 1, 2, 2)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="expects frame 0"):
+            _call(model, inp, t, slice(2, 4), cache=cache, start_frame=2)
+        _call(model, inp, t, slice(0, 2), cache=cache, start_frame=0)
+        with pytest.raises(ValueError, match="changed length"):
+            _call(model, inp, t, slice(0, 1), cache=cache, start_frame=0)
+        with pytest.raises(ValueError, match="1..2"):
+            _call(model, inp, t, slice(0, 3), cache=cache, start_frame=2)
+        with pytest.raises(ValueError, match="frame_lens"):
+            _call(model, inp, t, slice(0, 2), cache=cache, start_frame=0, frame_lens=torch.tensor([2]))
+    cache.reset()
+    assert cache.next_frame == 0 and cache.history_frames == []
