@@ -61,7 +61,12 @@ def bench_dit(
 
 
 def main() -> None:
-    app()
+    """Entry point: user errors (missing files, bad checkpoints, bad arguments) print one line, exit 2."""
+    try:
+        app()
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        typer.echo(f"avatarcast: error: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
