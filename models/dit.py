@@ -51,31 +51,27 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
 
 
-@lru_cache(maxsize=8)
-def _rope_angles(pairs: tuple[int, int, int], max_len: int) -> tuple[torch.Tensor, ...]:
-    """Per-axis rotation angles (max_len, pairs_axis) in float64, theta 10000, as Wan2.1 builds them."""
-    out = []
-    for p in pairs:
-        inv = 1.0 / torch.pow(10000.0, torch.arange(0, 2 * p, 2, dtype=torch.float64) / (2 * p))
-        out.append(torch.outer(torch.arange(max_len, dtype=torch.float64), inv))
-    return tuple(out)
-
-
 @lru_cache(maxsize=64)
-def rope_table(pairs: tuple[int, int, int], max_len: int, grid: tuple[int, int, int], start_frame: int,
+def rope_table(pairs: tuple[int, int, int], grid: tuple[int, int, int], start_frame: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (F*H*W, 1, head_dim/2) float32, for a token grid whose first frame sits at
-    absolute temporal position `start_frame`."""
+    absolute temporal position `start_frame`. Angles pos * 10000^(-2i/d) per axis in float64, as Wan2.1
+    builds its tables; computed for any position, so a long stream never runs off the end of a table."""
     f, h, w = grid
-    if start_frame + f > max_len or max(h, w) > max_len:
-        raise ValueError(f"grid {grid} at frame {start_frame} exceeds the RoPE table ({max_len} positions)")
-    at, ah, aw = _rope_angles(pairs, max_len)
-    angles = torch.cat([
-        at[start_frame:start_frame + f].view(f, 1, 1, -1).expand(f, h, w, -1),
-        ah[:h].view(1, h, 1, -1).expand(f, h, w, -1),
-        aw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+
+    def angles(positions: torch.Tensor, p: int) -> torch.Tensor:
+        inv = 1.0 / torch.pow(10000.0, torch.arange(0, 2 * p, 2, dtype=torch.float64) / (2 * p))
+        return torch.outer(positions.to(torch.float64), inv)  # (n, p)
+
+    pt, ph, pw = pairs
+    at = angles(torch.arange(start_frame, start_frame + f), pt)
+    ah, aw = angles(torch.arange(h), ph), angles(torch.arange(w), pw)
+    table = torch.cat([
+        at.view(f, 1, 1, -1).expand(f, h, w, -1),
+        ah.view(1, h, 1, -1).expand(f, h, w, -1),
+        aw.view(1, 1, w, -1).expand(f, h, w, -1),
     ], dim=-1).reshape(f * h * w, 1, -1)  # (L, 1, head_dim/2)
-    return torch.cos(angles).float().to(device), torch.sin(angles).float().to(device)
+    return torch.cos(table).float().to(device), torch.sin(table).float().to(device)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -455,7 +451,7 @@ class WanDiT(nn.Module):
         # 3. context, positions and masks
         cached_ctx = cache is not None and cache.cross[0] is not None
         ctx = None if cached_ctx else self.embed_context(context, b)
-        rope = rope_table(c.rope_split, c.rope_max_len, grid, start_frame, x.device)
+        rope = rope_table(c.rope_split, grid, start_frame, x.device)
         key_mask = lengths_to_key_mask(frame_lens.to(x.device) * tpf, x.shape[1]) if frame_lens is not None else None
         attn_mask = expand_frame_mask(frame_mask.to(x.device), tpf) if frame_mask is not None else None
         if cache is not None:

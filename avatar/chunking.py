@@ -1,0 +1,158 @@
+"""Long-clip generation for bidirectional checkpoints: overlapping chunks and position-shift fusion.
+
+Both are written against a velocity function `fn(x, t, frames) -> v` (x: (1, C, n, h, w) latents,
+t: (1,) timestep, frames: the absolute latent indices of x's frames, so the caller can slice audio),
+which keeps the loops testable with a toy denoiser and reusable with any guided DiT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from avatar.generator import Conditions, Guidance, GuidedModel
+from models.dit import WanDiT
+from models.sampling import flow_sigmas
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+
+
+# ---- 1. overlapping chunks (OmniAvatar) ---------------------------------------------------------
+def denoise_with_prefix(fn: VelocityFn, noise: torch.Tensor, prefix: torch.Tensor, sigmas: torch.Tensor,
+                        frames: list[int]) -> torch.Tensor:
+    """Euler flow matching over a chunk whose first `p` frames are known and held clean.
+
+    The prefix is written over x before every model call and after the last step, as OmniAvatar does,
+    so it leaves the loop exactly as it came in. Returns (1, C, L, h, w).
+    """
+    p = prefix.shape[2]
+    x = noise.clone()
+    x[:, :, :p] = prefix
+    for i in range(len(sigmas) - 1):
+        t = (sigmas[i] * 1000).reshape(1).to(x.device)
+        v = fn(x, t, frames)
+        x = x + (sigmas[i + 1] - sigmas[i]).item() * v  # host scalar from the schedule, not the device
+        x[:, :, :p] = prefix  # 1. re-pin the known frames
+    return x
+
+
+@dataclass(frozen=True)
+class OverlapOptions:
+    chunk_frames: int = 7  # latent frames per chunk, prefix included (OmniAvatar sizes it by a token budget)
+    overlap_frames: int = 1  # latent frames carried from the previous chunk (OmniAvatar: 1 or 4 = 13 video frames)
+    steps: int = 25
+    shift: float = 5.0
+    guidance: Guidance = field(default_factory=Guidance)
+
+
+@dataclass
+class OverlapState:
+    cond: Conditions
+    noise: torch.Generator
+    tail: torch.Tensor | None = None  # last overlap_frames latents generated
+    next_frame: int = 0
+
+
+class OverlapGenerator:
+    """Chunk after chunk: the previous chunk's tail is the prefix, the original reference the anchor."""
+
+    def __init__(self, dit: WanDiT, options: OverlapOptions = OverlapOptions()) -> None:
+        if not 0 < options.overlap_frames < options.chunk_frames:
+            raise ValueError(f"overlap {options.overlap_frames} must be in 1..chunk_frames-1 ({options.chunk_frames})")
+        self.dit, self.options = dit, options
+        self.model = GuidedModel(dit, options.guidance)
+        self.sigmas = flow_sigmas(options.steps, options.shift)
+
+    def init_state(self, cond: Conditions, seed: int = 0) -> OverlapState:
+        return OverlapState(cond=cond, noise=torch.Generator(device=self.dit.device).manual_seed(seed))
+
+    def chunk_span(self, state: OverlapState) -> tuple[int, int, int]:
+        """(first latent of the chunk, prefix length, new latents) for the next chunk."""
+        if state.tail is None:
+            return 0, 1, self.options.chunk_frames - 1  # chunk 0: prefix = the reference latent
+        p = self.options.overlap_frames
+        return state.next_frame - p, p, self.options.chunk_frames - p
+
+    @torch.no_grad()
+    def generate_chunk(self, state: OverlapState, audio: torch.Tensor | None,
+                       face_audio: torch.Tensor | None = None) -> torch.Tensor:
+        """audio: (1, chunk_frames, 4, D) for latents [start, start + chunk_frames) of `chunk_span`.
+        Returns the new latents (1, 16, new, h, w); chunk 0 also returns the reference as its first frame."""
+        start, p, new = self.chunk_span(state)
+        cond = state.cond
+        prefix = cond.reference if state.tail is None else state.tail
+        h, w = cond.latent_hw
+        noise = torch.randn((1, prefix.shape[1], p + new, h, w), generator=state.noise, device=prefix.device)
+
+        def fn(x, t, frames):
+            return self.model(x, t, cond, audio, face_audio=face_audio, known_frames=p).float()
+
+        x = denoise_with_prefix(fn, noise, prefix, self.sigmas, list(range(start, start + p + new)))
+        state.tail = x[:, :, -self.options.overlap_frames:]
+        first_new = state.next_frame
+        state.next_frame = start + p + new
+        return x if first_new == 0 else x[:, :, p:]
+
+
+# ---- 2. time-aware position-shift fusion (Sonic / HunyuanVideo-Avatar) -------------------------
+def position_shift_fusion(fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, window: int,
+                          shift_offset: int) -> torch.Tensor:
+    """Offline exact loop. The whole clip (1, C, N, h, w) is denoised in lockstep: at each step windows of
+    `window` frames tile it (the last one wrapping around to the start), every window takes the same
+    Euler step with window-relative positions, overlapping results are averaged, and the tiling origin
+    moves by `shift_offset` frames (mod window) before the next step, so seams never stay in one place.
+    """
+    n = noise.shape[2]
+    if window > n:
+        raise ValueError(f"window {window} is longer than the clip ({n} latent frames); use one window = the clip")
+    x = noise.clone()
+    shift = 0
+    for i in range(len(sigmas) - 1):
+        t = (sigmas[i] * 1000).reshape(1).to(x.device)
+        dsigma = (sigmas[i + 1] - sigmas[i]).item()
+        acc = torch.zeros_like(x)
+        count = torch.zeros(n, device=x.device, dtype=x.dtype)
+        for s0 in range(0, n, window):
+            s = s0 - shift
+            frames = [(s + j) % n for j in range(window)]  # circular: the clip is a ring
+            idx = torch.tensor(frames, device=x.device)
+            xw = x[:, :, idx]
+            xw = xw + dsigma * fn(xw, t, frames)  # every window takes the same t -> t_next step
+            acc.index_add_(2, idx, xw)
+            count.index_add_(0, idx, torch.ones(window, device=x.device, dtype=x.dtype))
+        x = acc / count.view(1, 1, n, 1, 1)
+        shift = (shift + shift_offset) % window
+    return x
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    window_frames: int = 8  # latent frames per window (HunyuanVideo-Avatar: 33)
+    shift_offset: int = 3  # origin moves this many latent frames per step (HunyuanVideo-Avatar: 10)
+    steps: int = 25
+    shift: float = 5.0
+    guidance: Guidance = field(default_factory=Guidance)
+
+
+@torch.no_grad()
+def generate_fused(dit: WanDiT, cond: Conditions, audio: torch.Tensor | None, num_frames: int,
+                   options: FusionOptions = FusionOptions(), seed: int = 0,
+                   face_audio: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole clip of `num_frames` latents with position-shift fusion. audio: (1, N, 4, D). Returns (1, 16, N, h, w).
+
+    Windows see no known frame: identity comes from the reference channels and reference injection.
+    """
+    model = GuidedModel(dit, options.guidance)
+    h, w = cond.latent_hw
+    g = torch.Generator(device=dit.device).manual_seed(seed)
+    noise = torch.randn((1, cond.reference.shape[1], num_frames, h, w), generator=g, device=cond.reference.device)
+    window = min(options.window_frames, num_frames)
+
+    def fn(x, t, frames):
+        a = None if audio is None else audio[:, frames]
+        fa = None if face_audio is None else face_audio[:, :, frames]
+        return model(x, t, cond, a, face_audio=fa).float()
+
+    return position_shift_fusion(fn, noise, flow_sigmas(options.steps, options.shift), window, options.shift_offset)

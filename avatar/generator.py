@@ -1,0 +1,213 @@
+"""Latent generation: conditions, guided velocity, and the causal block loop (live default).
+
+The causal loop is Self-Forcing's: each block of N latent frames is denoised in a few steps against the
+session's KV cache, then run once more at t = 0 so the cache keeps clean keys/values; the reference
+latent is latent frame 0 and stays in the cache as the sink. Classifier-free guidance runs its branches
+as one batch, so in causal mode each branch has its own rows in the same cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from models.dit import WanDiT
+from models.kv_cache import KVCache
+from models.sampling import warped_schedule
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """OmniAvatar's CFG forms. audio_scale 1 and text_scale None: a single pass.
+
+    2-pass: v = v(neg text, no audio) + s·(v(text, audio) − v(neg text, no audio)), s = audio_scale.
+    3-pass (text_scale set): v = v_nt + s_text·(v_na − v_nt) + s_audio·(v_full − v_na).
+    """
+
+    audio_scale: float = 1.0
+    text_scale: float | None = None
+
+    @property
+    def passes(self) -> int:
+        if self.text_scale is not None:
+            return 3
+        return 1 if self.audio_scale == 1.0 else 2
+
+
+@dataclass(frozen=True)
+class CausalOptions:
+    block_frames: int = 3  # latent frames per block (12 video frames = 480 ms at 25 fps)
+    sink_frames: int = 1  # the reference latent stays visible forever
+    window_frames: int = 6  # recent latent frames kept in the cache
+    steps: tuple[int, ...] = (1000, 750, 500, 250)  # warped through the shifted schedule
+    shift: float = 5.0
+    context_noise: float = 0.0  # timestep of the pass that writes clean K/V (Self-Forcing: 0)
+    guidance: Guidance = field(default_factory=Guidance)
+
+
+@dataclass
+class Conditions:
+    """What a session conditions on besides audio; fixed for the session (change = new Conditions)."""
+
+    reference: torch.Tensor  # (1, 16, 1, h, w) normalised reference latent
+    context: torch.Tensor | None = None  # (1, L, text_dim); None = the model's null context
+    negative_context: torch.Tensor | None = None  # for text guidance; None = null context
+    emotion: torch.Tensor | None = None  # (1, 16, 1, h, w) emotion-reference latent (AEM)
+    face_mask: torch.Tensor | None = None  # (1, chars, h/2, w/2) token-grid masks (FAA)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.reference.shape[-2], self.reference.shape[-1]
+
+
+def zero_audio_like(audio: torch.Tensor) -> torch.Tensor:
+    """OmniAvatar's unconditional audio: zeros of the feature tensor (before the Audio Pack)."""
+    return torch.zeros_like(audio)
+
+
+class GuidedModel:
+    """Calls the DiT once per step with every guidance branch in one batch, and combines them."""
+
+    def __init__(self, dit: WanDiT, guidance: Guidance) -> None:
+        self.dit, self.guidance = dit, guidance
+
+    def reference_channels(self, cond: Conditions, frames: int, known: int) -> torch.Tensor | None:
+        """y for in_dim 33: reference latent repeated over frames + mask (0 = known frame, 1 = generate)."""
+        c = self.dit.cfg
+        if c.in_dim == c.out_dim:
+            return None
+        ref = cond.reference.expand(-1, -1, frames, -1, -1)
+        mask = torch.ones_like(ref[:, :1])
+        mask[:, :, :known] = 0
+        return torch.cat([ref, mask], dim=1)  # (1, 17, F, h, w)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditions, audio: torch.Tensor | None, *,
+                 face_audio: torch.Tensor | None = None, known_frames: int = 0,
+                 cache: KVCache | None = None, start_frame: int = 0,
+                 frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (1, 16, F, h, w), t: (1,) or (1, F); audio: (1, F, 4, D). Returns guided velocity (1, 16, F, h, w)."""
+        k = self.guidance.passes
+        dt = self.dit.dtype
+        y = self.reference_channels(cond, x.shape[2], known_frames)
+        ctx = self._contexts(cond, k)
+        a = fa = None
+        if audio is not None:
+            z = zero_audio_like(audio)
+            a = torch.cat([audio] + [z] * (k - 1))  # branch 0 conditional, the others without audio
+        if face_audio is not None:
+            zf = zero_audio_like(face_audio)
+            fa = torch.cat([face_audio] + [zf] * (k - 1))
+        rep = lambda v: None if v is None else v.expand(k, *v.shape[1:])  # noqa: E731
+        v = self.dit(rep(x).to(dt), rep(t), ctx, y=rep(y), audio=a, face_audio=fa,
+                     face_mask=rep(cond.face_mask), emotion=rep(cond.emotion), reference=rep(cond.reference),
+                     cache=cache, start_frame=start_frame, frame_mask=frame_mask)
+        if k == 1:
+            return v
+        g = self.guidance
+        if k == 2:
+            return v[1:] + g.audio_scale * (v[:1] - v[1:])
+        full, no_audio, no_text = v[:1], v[1:2], v[2:]
+        return no_text + g.text_scale * (no_audio - no_text) + g.audio_scale * (full - no_audio)
+
+    def _contexts(self, cond: Conditions, k: int) -> torch.Tensor | None:
+        """(k, L, text_dim) branch contexts: positive for the first, negative for the text-free branch."""
+        if k == 1 or (cond.context is None and cond.negative_context is None):
+            return None if cond.context is None else cond.context
+        null = self.dit.null_context if self.dit.cfg.null_context_len else None
+        pos = cond.context if cond.context is not None else null
+        neg = cond.negative_context if cond.negative_context is not None else null
+        if neg is None:  # no learned null context: Wan's empty prompt pads to all-zero rows
+            neg = pos.new_zeros(1, 1, pos.shape[2])
+        pos, neg = self._same_length(pos, neg)
+        rows = [pos, neg] if k == 2 else [pos, pos, neg]
+        return torch.cat(rows)
+
+    def _same_length(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(a.shape[1], b.shape[1])
+        pad = lambda v: torch.cat([v, v.new_zeros(1, n - v.shape[1], v.shape[2])], 1)  # noqa: E731
+        return pad(a), pad(b)
+
+
+# ---- causal streaming ---------------------------------------------------------------------------
+@dataclass
+class CausalState:
+    """Per-session generation state: the KV cache, the frame cursor, the noise stream."""
+
+    cond: Conditions
+    cache: KVCache
+    noise: torch.Generator
+    next_frame: int = 0  # next latent frame to generate (0 = the reference, prefilled)
+
+    def reset(self, seed: int) -> None:
+        self.cache.reset()
+        self.noise.manual_seed(seed)
+        self.next_frame = 0
+
+
+class CausalGenerator:
+    """Block-causal few-step generation through a KV cache: flat cost per block, forever."""
+
+    def __init__(self, dit: WanDiT, options: CausalOptions = CausalOptions()) -> None:
+        self.dit, self.options = dit, options
+        self.model = GuidedModel(dit, options.guidance)
+        self.timesteps, self.sigmas = warped_schedule(options.steps, options.shift)
+
+    def init_state(self, cond: Conditions, seed: int = 0) -> CausalState:
+        o = self.options
+        h, w = cond.latent_hw
+        cache = self.dit.init_cache(o.guidance.passes, h, w, sink_frames=o.sink_frames,
+                                    window_frames=o.window_frames, block_frames=o.block_frames)
+        noise = torch.Generator(device=self.dit.device).manual_seed(seed)
+        return CausalState(cond=cond, cache=cache, noise=noise)
+
+    @torch.no_grad()
+    def prefill_reference(self, state: CausalState, audio: torch.Tensor | None,
+                          face_audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent frame 0 is the reference itself, clean; its K/V become the sink. Returns it (1,16,1,h,w).
+
+        audio: (1, 1, 4, D) features of video frame 0 (replicated, as for OmniAvatar's first latent).
+        """
+        if state.next_frame != 0:
+            raise RuntimeError("the reference is prefilled once, at the start of a stream")
+        ref = state.cond.reference
+        t0 = torch.full((1,), self.options.context_noise, device=ref.device)
+        self.model(ref, t0, state.cond, audio, face_audio=face_audio, known_frames=1, cache=state.cache,
+                   start_frame=0)
+        state.next_frame = 1
+        return ref
+
+    @torch.no_grad()
+    def generate_block(self, state: CausalState, audio: torch.Tensor | None,
+                       face_audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate the next block. audio: (1, N, 4, D) features of its latent frames. Returns (1, 16, N, h, w)."""
+        if state.next_frame == 0:
+            raise RuntimeError("prefill_reference() first: latent frame 0 is the reference")
+        ref = state.cond.reference
+        n = audio.shape[1] if audio is not None else self.options.block_frames
+        h, w = state.cond.latent_hw
+        s = state.next_frame
+        # 1. start from noise
+        x = torch.randn((1, ref.shape[1], n, h, w), generator=state.noise, device=ref.device, dtype=torch.float32)
+        x0 = x
+        # 2. few-step denoising against the cache (each pass overwrites this block's K/V)
+        for i, t in enumerate(self.timesteps):
+            sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+            v = self.model(x, t.reshape(1).to(ref.device), state.cond, audio, face_audio=face_audio,
+                           cache=state.cache, start_frame=s).float()
+            x0 = x - sigma * v  # 2. predicted clean latents
+            if sigma_next > 0:  # 2. re-noise to the next level with fresh noise
+                eps = torch.randn(x.shape, generator=state.noise, device=x.device, dtype=x.dtype)
+                x = (1 - sigma_next) * x0 + sigma_next * eps
+        # 3. clean pass: the cache keeps K/V of the clean block (committed when the next block begins);
+        #    with context_noise > 0 the context is lightly re-noised first, as Self-Forcing allows
+        t_ctx = self.options.context_noise
+        x_ctx = x0
+        if t_ctx > 0:
+            eps = torch.randn(x0.shape, generator=state.noise, device=x0.device, dtype=x0.dtype)
+            x_ctx = (1 - t_ctx / 1000) * x0 + (t_ctx / 1000) * eps
+        t_clean = torch.full((1,), t_ctx, device=ref.device)
+        self.model(x_ctx, t_clean, state.cond, audio, face_audio=face_audio, cache=state.cache, start_frame=s)
+        # 4. advance the cursor
+        state.next_frame = s + n
+        return x0
