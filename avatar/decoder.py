@@ -1,0 +1,47 @@
+"""Streaming VAE decode for one session: latent frames in, uint8 RGB frames out.
+
+The backend is anything with the streaming decoder interface (`init_state`, `decode_step`): the torch
+`WanVAE` or the ONNX Runtime `OnnxVaeDecoder`. The decode state belongs to the session.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+class StreamingDecoder(Protocol):
+    def init_state(self, batch: int, latent_h: int, latent_w: int) -> Any: ...
+
+    def decode_step(self, state: Any, z: torch.Tensor) -> tuple[torch.Tensor, Any]: ...
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(1, 3, n, H, W) in [-1, 1] -> (n, H, W, 3) uint8 (clamped, rounded)."""
+    x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, n, H, W)
+    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+class FrameDecoder:
+    """Per-session decode stream: the first latent gives 1 frame, every later one 4."""
+
+    def __init__(self, backend: StreamingDecoder, latent_h: int, latent_w: int) -> None:
+        self.backend = backend
+        self.latent_hw = (latent_h, latent_w)
+        self.state = backend.init_state(1, latent_h, latent_w)
+        self.latents_decoded = 0
+
+    def reset(self) -> None:
+        self.state = self.backend.init_state(1, *self.latent_hw)
+        self.latents_decoded = 0
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """latents (1, 16, n, h, w) -> frames (1 or 4 per latent, H, W, 3) uint8, in order."""
+        out = []
+        for i in range(latents.shape[2]):
+            video, self.state = self.backend.decode_step(self.state, latents[:, :, i:i + 1])
+            out.append(to_uint8(video))
+            self.latents_decoded += 1
+        return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)

@@ -1,0 +1,197 @@
+"""The engine: models loaded once per process, one worker thread, many sessions.
+
+Generation never runs on the event loop. The worker picks, among sessions with work ready, the one
+whose next frame is due first (earliest deadline), runs one block for it, and goes on; a failure inside
+a session closes that session with an error item while the others continue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from audio.features.base import AudioFeatures
+from avatar.decoder import FrameDecoder
+from avatar.generator import CausalGenerator, CausalOptions, Conditions
+from avatar.session import AvatarSession, SessionOptions
+from avatar.types import DEFAULT_FPS
+from models.dit import WanDiT
+from models.vae import WanVAE
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class ModelBundle:
+    """Weights shared by every session: DiT, VAE (encoder for avatars, decoder backend), audio front end."""
+
+    name: str
+    dit: WanDiT
+    vae: WanVAE
+    features: AudioFeatures
+    decoder_backend: object | None = None  # OnnxVaeDecoder when exported; the torch VAE otherwise
+
+    @classmethod
+    def random(cls, dit_preset: str = "tiny", vae_preset: str = "tiny", seed: int = 0,
+               device: str = "cpu") -> ModelBundle:
+        """Untrained weights (tests, benchmarks): every module perturbed so nothing is an exact no-op."""
+        from audio.features.mel import MelConfig, MelFeatures
+        from models.config import dit_preset as dit_cfg
+        from models.config import vae_preset as vae_cfg
+
+        torch.manual_seed(seed)
+        dit, vae = WanDiT(dit_cfg(dit_preset)), WanVAE(vae_cfg(vae_preset))
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in dit.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        features = MelFeatures(MelConfig(n_mels=dit.cfg.audio_dim or 80))
+        return cls(f"random-{dit_preset}", dit.eval().to(device), vae.eval().to(device), features)
+
+    def check(self) -> None:
+        if self.dit.cfg.audio_dim and self.dit.cfg.audio_dim != self.features.feature_dim:
+            raise ValueError(f"{self.name}: the DiT expects {self.dit.cfg.audio_dim}-dim audio features, "
+                             f"the front end gives {self.features.feature_dim}")
+        if self.vae.cfg.z_dim != self.dit.cfg.out_dim:
+            raise ValueError(f"{self.name}: VAE has {self.vae.cfg.z_dim} latent channels, DiT {self.dit.cfg.out_dim}")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    fps: int = DEFAULT_FPS
+    causal: CausalOptions = field(default_factory=CausalOptions)
+    max_sessions: int = 4
+    poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
+
+
+class EngineFull(RuntimeError):
+    pass
+
+
+class AvatarEngine:
+    def __init__(self, models: ModelBundle, options: EngineOptions = EngineOptions()) -> None:
+        models.check()
+        if options.fps != DEFAULT_FPS:
+            raise ValueError(f"the audio front ends and the VAE geometry are built for {DEFAULT_FPS} fps")
+        self.models, self.options = models, options
+        self.generator = CausalGenerator(models.dit, options.causal)
+        self.sessions: dict[str, AvatarSession] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self.failures = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> AvatarEngine:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="avatar-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        for s in list(self.sessions.values()):
+            s.close()
+        self.sessions.clear()
+
+    def __enter__(self) -> AvatarEngine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- sessions -----------------------------------------------------------------------------
+    def open_session(self, cond: Conditions, options: SessionOptions = SessionOptions(),
+                     loop: asyncio.AbstractEventLoop | None = None) -> AvatarSession:
+        """Open a session (call from the event loop that will iterate it)."""
+        loop = loop or asyncio.get_running_loop()
+        with self._lock:
+            live = [s for s in self.sessions.values() if not s.closed]
+            if len(live) >= self.options.max_sessions:
+                raise EngineFull(f"{len(live)} sessions open; the limit is {self.options.max_sessions}")
+            sid = f"s{next(self._ids)}"
+            h, w = cond.latent_hw
+            backend = self.models.decoder_backend or self.models.vae
+            session = AvatarSession(sid, self.generator, cond, FrameDecoder(backend, h, w), self.models.features,
+                                    self.options.fps, options, loop, wake=self._wake.set)
+            self.sessions[sid] = session
+        self._wake.set()
+        return session
+
+    def close_session(self, session_id: str) -> None:
+        s = self.sessions.get(session_id)
+        if s is not None:
+            s.close()
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                for sid in [k for k, s in self.sessions.items() if s.closed]:
+                    del self.sessions[sid]  # its caches go with it
+                ready = [s for s in self.sessions.values() if s.ready(now)]
+            if not ready:
+                self._wake.wait(self.options.poll_s)
+                self._wake.clear()
+                continue
+            session = min(ready, key=lambda s: s.deadline())
+            try:
+                session.step()
+            except Exception as exc:  # one bad session must not take the engine down
+                self.failures += 1
+                log.exception("session %s failed", session.id)
+                session.fail(f"{type(exc).__name__}: {exc}")
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def latency_budget(self) -> dict[str, float]:
+        """Milliseconds from a sample's arrival to its frame being ready, by stage (worst case)."""
+        o = self.options.causal
+        block_ms = 1000 * 4 * o.block_frames / self.options.fps
+        timing = self.models.features.timing
+        stages = [s.stats.stage_ms for s in self.sessions.values()]
+        def med(name):  # noqa: E306
+            vals = [v for st in stages for v in st[name]]
+            return statistics.median(vals) if vals else 0.0
+        budget = {
+            "block_ms": block_ms,
+            "lookahead_ms": timing.lookahead_ms,
+            "features_ms": med("features"),
+            "denoise_ms": med("denoise"),
+            "decode_ms": med("decode"),
+        }
+        budget["total_ms"] = sum(budget.values())
+        return {k: round(v, 2) for k, v in budget.items()}
+
+    def snapshot(self) -> dict:
+        return {
+            "model": self.models.name,
+            "device": str(self.models.dit.device),
+            "sessions": {sid: {"frames": s.stats.frames, "idle_frames": s.stats.idle_frames,
+                               "blocks": s.stats.blocks, "next_pts": s.next_video,
+                               "dropped_input_samples": s.stats.dropped_input_samples,
+                               "dropped_frames": s.stats.dropped_frames}
+                         for sid, s in self.sessions.items()},
+            "failures": self.failures,
+            "latency_budget": self.latency_budget(),
+        }

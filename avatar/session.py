@@ -1,0 +1,295 @@
+"""One avatar session: the public contract (event-loop side) and its per-block work (engine side).
+
+Event-loop side, never blocking: `push_audio`, `end_segment`, `interrupt`, `close`, `async for`.
+Engine side (the worker thread): `ready` / `deadline` for scheduling and `step`, which turns the next
+block of audio into frames. The two sides share a lock around the audio timeline and a thread-safe
+hand-off of finished items into an asyncio queue. Bounds, and what happens at them:
+- input audio: `max_buffered_audio_s` per speaker; beyond it the oldest samples are dropped (counted);
+- output: at `max_pending_frames` unsent frames the session is not scheduled (generation pauses;
+  nothing is computed only to be thrown away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from audio.align import group_by_latent
+from audio.resample import PcmFormat
+from avatar.decoder import FrameDecoder
+from avatar.generator import CausalGenerator, CausalState, Conditions
+from avatar.timeline import SpeakerTrack
+from avatar.types import AvatarFrame, SegmentEnd, SessionError, SessionItem, Timing, frame_sample_bounds
+
+_CLOSED = object()
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    sample_rate: int | None = None  # output audio rate; default: the rate of the first push
+    realtime: bool = True  # live: insert silence when audio is late, so video never stops
+    jitter_ms: float = 120.0  # how late live audio may be before silence is inserted instead
+    max_buffered_audio_s: float = 60.0
+    max_pending_frames: int = 50
+    speakers: int = 1  # >1: one audio stream and one FAA face mask per speaker
+    seed: int = 0
+
+
+@dataclass
+class SessionStats:
+    frames: int = 0
+    idle_frames: int = 0
+    blocks: int = 0
+    dropped_input_samples: int = 0
+    dropped_frames: int = 0  # unsent frames discarded by interrupt()
+    nonfinite_input_samples: int = 0
+    stage_ms: dict[str, deque] = field(default_factory=lambda: {k: deque(maxlen=200) for k in
+                                                                ("features", "denoise", "decode", "block")})
+
+
+class AvatarSession:
+    """Audio in, paired video+audio frames out, for as long as the session lives."""
+
+    def __init__(self, session_id: str, generator: CausalGenerator, cond: Conditions, decoder: FrameDecoder,
+                 features, fps: int, options: SessionOptions, loop: asyncio.AbstractEventLoop,
+                 wake=lambda: None) -> None:
+        self.id = session_id
+        self.generator, self.cond, self.decoder, self.features = generator, cond, decoder, features
+        self.fps, self.options = fps, options
+        self.stats = SessionStats()
+        self._loop = loop
+        self._wake = wake  # tells the engine there may be work
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._lock = threading.RLock()
+        self._pending = 0  # items posted and not yet taken by the consumer
+        self._epoch = 0  # bumped by interrupt(): older items are dropped on the way out
+        self._busy_until: int | None = None  # end video frame of the block in flight
+        self._closed = False
+        self._failed: str | None = None
+        self.t0 = time.monotonic()  # audio clock anchor: sample k is due at t0 + k / rate
+        self.out_rate: int | None = options.sample_rate
+        self.tracks: list[SpeakerTrack] = []
+        self._segment = 0
+        self._segment_ends: deque[tuple[int, int]] = deque()  # (segment, end sample at out rate)
+        self._flush_to = 0  # non-realtime: generate until this output sample is covered
+        self._arrivals: deque[tuple[int, float]] = deque(maxlen=512)  # (end sample, wall time) per push
+        self.state: CausalState = generator.init_state(cond, seed=options.seed)
+        self.next_video = 0  # next video frame to generate (its pts)
+
+    # ---- event-loop side ----------------------------------------------------------------------
+    def push_audio(self, pcm: np.ndarray, sample_rate: int, speaker: int = 0, channels: int = 1,
+                   layout: str = "interleaved") -> None:
+        """Append audio (any size, int16 or float, any rate 8-96 kHz). Never blocks on generation."""
+        if self._closed:
+            raise RuntimeError(f"session {self.id} is closed")
+        if not 0 <= speaker < self.options.speakers:
+            raise ValueError(f"speaker {speaker} outside 0..{self.options.speakers - 1}")
+        fmt = PcmFormat(sample_rate, channels, layout)  # validates the rate (8-96 kHz)
+        with self._lock:
+            self._ensure_tracks(sample_rate)
+            track = self.tracks[speaker]
+            before = track.timeline.dropped
+            self.stats.nonfinite_input_samples += track.push(pcm, fmt)
+            self.stats.dropped_input_samples += track.timeline.dropped - before
+            self._arrivals.append((track.timeline.end, time.monotonic()))
+        self._wake()
+
+    def end_segment(self) -> None:
+        """Mark the end of a speech turn; a SegmentEnd follows the frame that carries its last sample."""
+        with self._lock:
+            end = max((t.timeline.end for t in self.tracks), default=0)
+            self._segment_ends.append((self._segment, end))
+            self._segment += 1
+            self._flush_to = max(self._flush_to, end)
+        self._wake()
+
+    def interrupt(self) -> None:
+        """Barge-in: drop queued audio and every unsent frame now."""
+        with self._lock:
+            # cut after the block being generated right now (its frames are dropped by the epoch),
+            # so audio pushed from here on lands exactly where generation resumes
+            cut = self._busy_until if self._busy_until is not None else self.next_video
+            for t in self.tracks:
+                self.stats.dropped_input_samples += t.truncate_at(cut)
+            self._epoch += 1
+            self._segment_ends.clear()
+            self._flush_to = 0
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            self._took(item)
+            if item is _CLOSED:  # keep the end-of-stream marker
+                self._queue.put_nowait(item)
+                break
+            self.stats.dropped_frames += isinstance(item[1], AvatarFrame)
+        self._wake()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._call_in_loop(self._queue.put_nowait, _CLOSED)
+            self._wake()
+
+    def _call_in_loop(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the consumer's loop is gone: nobody is left to read
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> SessionItem:
+        while True:
+            item = await self._queue.get()
+            self._took(item)
+            if item is _CLOSED:
+                self._queue.put_nowait(_CLOSED)  # later readers see the end too
+                raise StopAsyncIteration
+            epoch, payload = item
+            if epoch == self._epoch or isinstance(payload, SessionError):
+                return payload
+            self.stats.dropped_frames += isinstance(payload, AvatarFrame)
+
+    def _took(self, item) -> None:
+        if item is not _CLOSED:
+            with self._lock:
+                self._pending -= 1
+
+    # ---- engine side --------------------------------------------------------------------------
+    def _ensure_tracks(self, rate: int) -> None:
+        if self.tracks:
+            return
+        self.out_rate = self.out_rate or rate
+        self.tracks = [SpeakerTrack(self.features, self.out_rate, self.fps, self.options.max_buffered_audio_s)
+                       for _ in range(self.options.speakers)]
+
+    def next_span(self) -> tuple[int, int, int]:
+        """(first latent, latents, video frames) of the next unit: the reference, then blocks."""
+        s = self.state.next_frame
+        if s == 0:
+            return 0, 1, 1
+        n = self.generator.options.block_frames
+        return s, n, 4 * n
+
+    def _needed_samples(self, video_end: int) -> int:
+        return max(t.samples_for_features(video_end) for t in self.tracks)
+
+    def ready(self, now: float) -> bool:
+        if self._closed or self._failed is not None or self._pending >= self.options.max_pending_frames:
+            return False
+        with self._lock:
+            if not self.tracks:
+                if not self.options.realtime:
+                    return False
+                self._ensure_tracks(self.options.sample_rate or 48_000)
+            v_end = self.next_video + self.next_span()[2]
+            if all(t.features_ready >= v_end for t in self.tracks):
+                return True
+            if self.options.realtime:
+                due = self.t0 + self._needed_samples(v_end) / self.out_rate + self.options.jitter_ms / 1000
+                return now >= due
+            return self._flush_to > self.next_video * self.out_rate // self.fps
+
+    def deadline(self) -> float:
+        """When this session's next frame is due on the wall clock (earliest first)."""
+        return self.t0 + self.next_video / self.fps
+
+    def fail(self, message: str) -> None:
+        self._failed = message
+        self._post(SessionError(message))
+        self.close()
+
+    def _post(self, payload) -> None:
+        with self._lock:
+            self._pending += 1
+            item = (self._epoch, payload)
+        self._call_in_loop(self._queue.put_nowait, item)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Generate, decode and emit the next unit. Runs on the engine thread."""
+        t_start = time.perf_counter()
+        with self._lock:
+            # 1. the unit: latents [s, s + n) -> video frames [v0, v_end)
+            s, n, frames = self.next_span()
+            v0, v_end = self.next_video, self.next_video + frames
+            self._busy_until = v_end
+            # 2. make sure the block's features exist (silence pads late live audio / a segment's tail)
+            for _ in range(16):
+                if all(t.features_ready >= v_end for t in self.tracks):
+                    break
+                need = self._needed_samples(v_end)
+                for t in self.tracks:
+                    t.pad(need - t.timeline.end if need > t.timeline.end else self.out_rate // self.fps)
+            feats = [t.take_features(v0, v_end) for t in self.tracks]
+            epoch = self._epoch
+        t_feat = time.perf_counter()
+        # 3. features -> (1, n, 4, D) per latent frame (latent 0: video frame 0 replicated)
+        audio, face_audio = self._audio_tensors(feats, s)
+        # 4. generate the latents
+        if s == 0:
+            latents = self.generator.prefill_reference(self.state, audio, face_audio)
+        else:
+            latents = self.generator.generate_block(self.state, audio, face_audio)
+        t_gen = time.perf_counter()
+        # 5. decode to frames
+        video = self.decoder.decode(latents)
+        t_dec = time.perf_counter()
+        # 6. pair every frame with its audio and hand it out
+        self._emit(video, v0, epoch, features_ms=(t_feat - t_start) * 1e3, denoise_ms=(t_gen - t_feat) * 1e3,
+                   decode_ms=(t_dec - t_gen) * 1e3)
+        for name, ms in (("features", t_feat - t_start), ("denoise", t_gen - t_feat), ("decode", t_dec - t_gen),
+                         ("block", t_dec - t_start)):
+            self.stats.stage_ms[name].append(ms * 1e3)
+        self.stats.blocks += 1
+
+    def _audio_tensors(self, feats: list[np.ndarray], start_latent: int):
+        dev = self.generator.dit.device
+        grouped = [torch.from_numpy(np.ascontiguousarray(group_by_latent(f, start_latent))) for f in feats]
+        main = grouped[0] if len(grouped) == 1 else torch.stack(grouped).mean(0)  # mixed speakers drive Audio Pack
+        audio = main[None].to(dev) if self.generator.dit.cfg.audio_dim else None
+        face = None
+        if self.cond.face_mask is not None and self.generator.dit.cfg.faa_layers:
+            face = torch.stack(grouped)[None].to(dev)  # (1, speakers, n, 4, D)
+        return audio, face
+
+    def _emit(self, video: np.ndarray, v0: int, epoch: int, **timing_ms) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for i, img in enumerate(video):
+                v = v0 + i
+                a, b = frame_sample_bounds(v, self.out_rate, self.fps)
+                pcm = self.tracks[0].timeline.take(a, b)
+                for t in self.tracks[1:]:
+                    pcm = pcm + t.timeline.take(a, b)
+                idle = all(t.timeline.is_padding(a, b) for t in self.tracks)
+                arrived = next((w for e, w in self._arrivals if e >= b), None)
+                timing = Timing(emit_ms=(now - arrived) * 1e3 if arrived else 0.0, **timing_ms)
+                frame = AvatarFrame(video=img, audio=np.clip(pcm, -1, 1) if len(self.tracks) > 1 else pcm,
+                                    sample_rate=self.out_rate, pts=v, fps=self.fps, segment=self._segment_of(b),
+                                    idle=idle, timing=timing)
+                if epoch == self._epoch:
+                    self._post(frame)
+                self.stats.frames += 1
+                self.stats.idle_frames += idle
+                while self._segment_ends and self._segment_ends[0][1] <= b:
+                    seg, _ = self._segment_ends.popleft()
+                    if epoch == self._epoch:
+                        self._post(SegmentEnd(segment=seg, pts=v))
+            self.next_video = v0 + len(video)
+            self._busy_until = None
+            for t in self.tracks:
+                t.consumed(self.next_video)
+
+    def _segment_of(self, sample_end: int) -> int:
+        return self._segment_ends[0][0] if self._segment_ends else self._segment

@@ -1,0 +1,191 @@
+"""The session contract through the real engine thread, with random TINY models (CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import soxr
+import torch
+
+from audio.align import group_by_latent
+from avatar.decoder import FrameDecoder
+from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
+from avatar.generator import CausalGenerator, CausalOptions, Conditions
+from avatar.session import SessionOptions
+from avatar.types import AvatarFrame, SegmentEnd, SessionError, frames_for_samples
+
+H = W = 32  # pixels -> 4x4 latents -> 2x2 tokens per frame
+OPTS = CausalOptions(block_frames=2, sink_frames=1, window_frames=2, steps=(1000, 500))
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return ModelBundle.random("tiny", "tiny", seed=0)
+
+
+@pytest.fixture
+def engine(bundle):
+    eng = AvatarEngine(bundle, EngineOptions(causal=OPTS, max_sessions=3)).start()
+    yield eng
+    eng.stop()
+
+
+def _cond(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Conditions(reference=torch.randn(1, 16, 1, H // 8, W // 8, generator=g))
+
+
+def _speech(seconds, rate, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+            + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+async def _collect(session, until_segment_end=True, max_frames=None, timeout=120):
+    frames, ends = [], []
+    async def run():  # noqa: E306
+        async for item in session:
+            if isinstance(item, AvatarFrame):
+                frames.append(item)
+                if max_frames and len(frames) >= max_frames:
+                    return
+            elif isinstance(item, SegmentEnd):
+                ends.append(item)
+                if until_segment_end:
+                    return
+            elif isinstance(item, SessionError):
+                raise AssertionError(item.message)
+    await asyncio.wait_for(run(), timeout)
+    return frames, ends
+
+
+async def test_frames_cover_the_audio_and_carry_it_sample_exact(engine):
+    rate = 48_000
+    pcm = _speech(0.93, rate)  # not a whole number of frames
+    s = engine.open_session(_cond(), SessionOptions(realtime=False))
+    for chunk in np.array_split(pcm, 17):  # odd chunk sizes
+        s.push_audio((chunk * 32767).astype(np.int16), rate)
+    s.end_segment()
+    frames, ends = await _collect(s)
+    assert len(frames) == frames_for_samples(pcm.size, rate, 25) == 24
+    assert [f.pts for f in frames] == list(range(24)) and ends[0].pts == 23
+    assert all(f.video.shape == (H, W, 3) and f.video.dtype == np.uint8 for f in frames)
+    assert all(f.audio.size == rate // 25 and f.sample_rate == rate for f in frames)
+    out = np.concatenate([f.audio for f in frames])
+    ints = (pcm * 32767).astype(np.int16).astype(np.float32) / 32768
+    np.testing.assert_array_equal(out[:pcm.size], ints)  # the audio that came in, sample for sample
+    assert not out[pcm.size:].any() and not any(f.idle for f in frames[:-1])
+    s.close()
+
+
+async def test_other_input_rates_are_resampled_to_the_session_rate(engine):
+    pcm = _speech(0.6, 44_100, seed=2)
+    s = engine.open_session(_cond(), SessionOptions(realtime=False, sample_rate=48_000))
+    s.push_audio(pcm, 44_100)
+    s.end_segment()
+    frames, _ = await _collect(s)
+    out = np.concatenate([f.audio for f in frames])
+    ref = soxr.resample(pcm, 44_100, 48_000, quality="HQ")
+    n = min(ref.size, out.size) - 200
+    assert np.corrcoef(out[:n], ref[:n])[0, 1] > 0.999
+    s.close()
+
+
+async def test_engine_stream_equals_direct_generation(engine, bundle):
+    """The engine adds scheduling and pairing, nothing else: same frames as driving the generator by hand."""
+    pcm = _speech(1.0, 16_000, seed=3)
+    s = engine.open_session(_cond(1), SessionOptions(realtime=False, seed=7))
+    s.push_audio(pcm, 16_000)
+    s.end_segment()
+    frames, _ = await _collect(s)
+    feats = bundle.features(pcm, len(frames) + 8)  # offline features (mel streams exactly)
+    gen = CausalGenerator(bundle.dit, OPTS)
+    state = gen.init_state(_cond(1), seed=7)
+    dec = FrameDecoder(bundle.vae, H // 8, W // 8)
+    a0 = torch.from_numpy(group_by_latent(feats[:1], 0))[None]
+    video = [dec.decode(gen.prefill_reference(state, a0))]
+    v = 1
+    while sum(len(x) for x in video) < len(frames):
+        s0 = state.next_frame
+        blk = torch.from_numpy(np.ascontiguousarray(group_by_latent(feats[v:v + 8], s0)))[None]
+        video.append(dec.decode(gen.generate_block(state, blk)))
+        v += 8
+    video = np.concatenate(video)[:len(frames) - 1]  # the last frame's lookahead is padded silence
+    for f, img in zip(frames, video):
+        np.testing.assert_array_equal(f.video, img)
+    s.close()
+
+
+async def test_idle_frames_keep_coming_without_audio(engine):
+    s = engine.open_session(_cond(), SessionOptions(realtime=True, sample_rate=16_000, jitter_ms=0))
+    frames, _ = await _collect(s, until_segment_end=False, max_frames=9, timeout=60)
+    assert [f.pts for f in frames] == list(range(9)) and all(f.idle for f in frames)
+    assert len({f.video.tobytes() for f in frames}) > 1  # generated, not a frozen picture
+    assert all(not f.audio.any() and f.audio.size == 640 for f in frames)
+    s.close()
+
+
+async def test_interrupt_drops_queued_audio_and_unsent_frames(engine):
+    s = engine.open_session(_cond(), SessionOptions(realtime=False, max_pending_frames=9))
+    s.push_audio(_speech(4.0, 16_000), 16_000)  # 100 frames of queued speech
+    first, _ = await _collect(s, until_segment_end=False, max_frames=3)
+    s.interrupt()
+    s.push_audio(_speech(0.2, 16_000, seed=5), 16_000)  # the new turn: 5 frames
+    s.end_segment()
+    after, ends = await _collect(s)
+    assert len(after) <= 5 + 9 + 9  # the new turn plus at most what was in flight, not 100 frames
+    assert after[0].pts > first[-1].pts and [f.pts for f in after] == list(range(after[0].pts, after[-1].pts + 1))
+    assert s.stats.dropped_input_samples > 16_000
+    s.close()
+
+
+async def test_two_sessions_are_isolated(engine):
+    async def run(seed, pcm):
+        s = engine.open_session(_cond(seed), SessionOptions(realtime=False, seed=seed))
+        s.push_audio(pcm, 16_000)
+        s.end_segment()
+        frames, _ = await _collect(s)
+        s.close()
+        return [f.video for f in frames]
+
+    a, b = _speech(0.5, 16_000, 1), _speech(0.5, 16_000, 2)
+    alone_a, alone_b = await run(1, a), await run(2, b)
+    both = await asyncio.gather(run(1, a), run(2, b))
+    for x, y in zip(both[0], alone_a):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(both[1], alone_b):
+        np.testing.assert_array_equal(x, y)
+
+
+async def test_a_failing_session_does_not_take_down_the_engine(engine):
+    bad = engine.open_session(Conditions(reference=torch.randn(1, 3, 1, 4, 4)), SessionOptions(realtime=False))
+    good = engine.open_session(_cond(), SessionOptions(realtime=False))
+    for s in (bad, good):
+        s.push_audio(_speech(0.3, 16_000), 16_000)
+        s.end_segment()
+    items = []
+    async for item in bad:
+        items.append(item)
+    assert isinstance(items[-1], SessionError) and "must be (B, 33" in items[-1].message
+    frames, ends = await _collect(good)
+    assert len(frames) == 8 and ends and engine.failures == 1
+    good.close()
+
+
+async def test_session_limit_and_bad_pushes(engine):
+    sessions = [engine.open_session(_cond()) for _ in range(3)]
+    with pytest.raises(Exception, match="limit is 3"):
+        engine.open_session(_cond())
+    with pytest.raises(ValueError, match="sample_rate"):
+        sessions[0].push_audio(np.zeros(100, np.float32), 4000)
+    with pytest.raises(ValueError, match="speaker"):
+        sessions[0].push_audio(np.zeros(100, np.float32), 16_000, speaker=1)
+    for s in sessions:
+        s.close()
+    sessions[0].close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        sessions[0].push_audio(np.zeros(10, np.float32), 16_000)
