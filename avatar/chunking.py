@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from avatar.generator import Conditions, Guidance, GuidedModel
+from avatar.generator import Conditions, Guidance, GuidedModel, Unit
 from models.dit import WanDiT
 from models.sampling import flow_sigmas
 
@@ -67,6 +67,20 @@ class OverlapGenerator:
 
     def init_state(self, cond: Conditions, seed: int = 0) -> OverlapState:
         return OverlapState(cond=cond, noise=torch.Generator(device=self.dit.device).manual_seed(seed))
+
+    @property
+    def history_latents(self) -> int:
+        return self.options.overlap_frames
+
+    def next_unit(self, state: OverlapState) -> Unit:
+        start, p, new = self.chunk_span(state)
+        if state.tail is None:
+            return Unit(0, p + new)  # chunk 0 outputs the reference frame too
+        return Unit(start + p, new, context=p)
+
+    def generate_unit(self, state: OverlapState, audio: torch.Tensor | None,
+                      face_audio: torch.Tensor | None = None) -> torch.Tensor:
+        return self.generate_chunk(state, audio, face_audio)
 
     def chunk_span(self, state: OverlapState) -> tuple[int, int, int]:
         """(first latent of the chunk, prefix length, new latents) for the next chunk."""

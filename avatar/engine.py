@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from audio.features.base import AudioFeatures
+from avatar.chunking import OverlapGenerator, OverlapOptions
 from avatar.decoder import FrameDecoder
 from avatar.generator import CausalGenerator, CausalOptions, Conditions
 from avatar.session import AvatarSession, SessionOptions
@@ -72,7 +73,9 @@ class ModelBundle:
 @dataclass(frozen=True)
 class EngineOptions:
     fps: int = DEFAULT_FPS
+    mode: str = "causal"  # "causal" (KV cache, live default) or "overlap" (bidirectional checkpoints)
     causal: CausalOptions = field(default_factory=CausalOptions)
+    overlap: OverlapOptions = field(default_factory=OverlapOptions)
     max_sessions: int = 4
     poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
 
@@ -87,7 +90,13 @@ class AvatarEngine:
         if options.fps != DEFAULT_FPS:
             raise ValueError(f"the audio front ends and the VAE geometry are built for {DEFAULT_FPS} fps")
         self.models, self.options = models, options
-        self.generator = CausalGenerator(models.dit, options.causal)
+        if options.mode == "causal":
+            self.generator = CausalGenerator(models.dit, options.causal)
+        elif options.mode == "overlap":
+            self.generator = OverlapGenerator(models.dit, options.overlap)
+        else:
+            raise ValueError(f"unknown generation mode {options.mode!r}; use 'causal' or 'overlap' "
+                             "(position-shift fusion is an offline mode: avatar.chunking.generate_fused)")
         self.sessions: dict[str, AvatarSession] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -166,8 +175,9 @@ class AvatarEngine:
     # ---- reporting ----------------------------------------------------------------------------
     def latency_budget(self) -> dict[str, float]:
         """Milliseconds from a sample's arrival to its frame being ready, by stage (worst case)."""
-        o = self.options.causal
-        block_ms = 1000 * 4 * o.block_frames / self.options.fps
+        unit = (self.options.causal.block_frames if self.options.mode == "causal"
+                else self.options.overlap.chunk_frames - self.options.overlap.overlap_frames)
+        block_ms = 1000 * 4 * unit / self.options.fps
         timing = self.models.features.timing
         stages = [s.stats.stage_ms for s in self.sessions.values()]
         def med(name):  # noqa: E306
@@ -186,6 +196,7 @@ class AvatarEngine:
     def snapshot(self) -> dict:
         return {
             "model": self.models.name,
+            "mode": self.options.mode,
             "device": str(self.models.dit.device),
             "sessions": {sid: {"frames": s.stats.frames, "idle_frames": s.stats.idle_frames,
                                "blocks": s.stats.blocks, "next_pts": s.next_video,

@@ -129,6 +129,24 @@ class GuidedModel:
         return pad(a), pad(b)
 
 
+# ---- the unit of work a session asks for -----------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """The next latents a generator will produce, and the audio it needs for them.
+
+    New latents are [first, first + count); audio features are needed for latents
+    [first - context, first + count) (an overlap prefix re-uses the previous chunk's audio).
+    """
+
+    first: int
+    count: int
+    context: int = 0
+
+    @property
+    def audio_first(self) -> int:
+        return self.first - self.context
+
+
 # ---- causal streaming ---------------------------------------------------------------------------
 @dataclass
 class CausalState:
@@ -160,6 +178,20 @@ class CausalGenerator:
                                     window_frames=o.window_frames, block_frames=o.block_frames)
         noise = torch.Generator(device=self.dit.device).manual_seed(seed)
         return CausalState(cond=cond, cache=cache, noise=noise)
+
+    history_latents = 0  # audio of already generated latents that a later unit needs
+
+    def next_unit(self, state: CausalState) -> Unit:
+        """The reference first (latent 0), then blocks of `block_frames`."""
+        if state.next_frame == 0:
+            return Unit(0, 1)
+        return Unit(state.next_frame, self.options.block_frames)
+
+    def generate_unit(self, state: CausalState, audio: torch.Tensor | None,
+                      face_audio: torch.Tensor | None = None) -> torch.Tensor:
+        if state.next_frame == 0:
+            return self.prefill_reference(state, audio, face_audio)
+        return self.generate_block(state, audio, face_audio)
 
     @torch.no_grad()
     def prefill_reference(self, state: CausalState, audio: torch.Tensor | None,

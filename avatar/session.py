@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from audio.align import group_by_latent
+from audio.align import group_by_latent, video_frames_for_block
 from audio.resample import PcmFormat
 from avatar.decoder import FrameDecoder
-from avatar.generator import CausalGenerator, CausalState, Conditions
+from avatar.generator import Conditions, Unit
 from avatar.timeline import SpeakerTrack
 from avatar.types import AvatarFrame, SegmentEnd, SessionError, SessionItem, Timing, frame_sample_bounds
 
@@ -56,7 +56,7 @@ class SessionStats:
 class AvatarSession:
     """Audio in, paired video+audio frames out, for as long as the session lives."""
 
-    def __init__(self, session_id: str, generator: CausalGenerator, cond: Conditions, decoder: FrameDecoder,
+    def __init__(self, session_id: str, generator, cond: Conditions, decoder: FrameDecoder,
                  features, fps: int, options: SessionOptions, loop: asyncio.AbstractEventLoop,
                  wake=lambda: None) -> None:
         self.id = session_id
@@ -79,7 +79,7 @@ class AvatarSession:
         self._segment_ends: deque[tuple[int, int]] = deque()  # (segment, end sample at out rate)
         self._flush_to = 0  # non-realtime: generate until this output sample is covered
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=512)  # (end sample, wall time) per push
-        self.state: CausalState = generator.init_state(cond, seed=options.seed)
+        self.state = generator.init_state(cond, seed=options.seed)  # CausalState or OverlapState
         self.next_video = 0  # next video frame to generate (its pts)
 
     # ---- event-loop side ----------------------------------------------------------------------
@@ -173,13 +173,12 @@ class AvatarSession:
         self.tracks = [SpeakerTrack(self.features, self.out_rate, self.fps, self.options.max_buffered_audio_s)
                        for _ in range(self.options.speakers)]
 
-    def next_span(self) -> tuple[int, int, int]:
-        """(first latent, latents, video frames) of the next unit: the reference, then blocks."""
-        s = self.state.next_frame
-        if s == 0:
-            return 0, 1, 1
-        n = self.generator.options.block_frames
-        return s, n, 4 * n
+    def next_span(self) -> tuple[Unit, range, range]:
+        """The generator's next unit, the video frames it outputs, the video frames whose audio it needs."""
+        unit: Unit = self.generator.next_unit(self.state)
+        out = video_frames_for_block(unit.first, unit.count)
+        need = video_frames_for_block(unit.audio_first, unit.count + unit.context)
+        return unit, out, need
 
     def _needed_samples(self, video_end: int) -> int:
         return max(t.samples_for_features(video_end) for t in self.tracks)
@@ -192,7 +191,7 @@ class AvatarSession:
                 if not self.options.realtime:
                     return False
                 self._ensure_tracks(self.options.sample_rate or 48_000)
-            v_end = self.next_video + self.next_span()[2]
+            v_end = self.next_span()[2].stop
             if all(t.features_ready >= v_end for t in self.tracks):
                 return True
             if self.options.realtime:
@@ -220,27 +219,24 @@ class AvatarSession:
         """Generate, decode and emit the next unit. Runs on the engine thread."""
         t_start = time.perf_counter()
         with self._lock:
-            # 1. the unit: latents [s, s + n) -> video frames [v0, v_end)
-            s, n, frames = self.next_span()
-            v0, v_end = self.next_video, self.next_video + frames
+            # 1. the unit: new latents -> video frames `out`; audio needed for video frames `need`
+            unit, out, need = self.next_span()
+            v0, v_end = out.start, out.stop
             self._busy_until = v_end
             # 2. make sure the block's features exist (silence pads late live audio / a segment's tail)
             for _ in range(16):
                 if all(t.features_ready >= v_end for t in self.tracks):
                     break
-                need = self._needed_samples(v_end)
+                target = self._needed_samples(v_end)
                 for t in self.tracks:
-                    t.pad(need - t.timeline.end if need > t.timeline.end else self.out_rate // self.fps)
-            feats = [t.take_features(v0, v_end) for t in self.tracks]
+                    t.pad(target - t.timeline.end if target > t.timeline.end else self.out_rate // self.fps)
+            feats = [t.take_features(need.start, need.stop) for t in self.tracks]
             epoch = self._epoch
         t_feat = time.perf_counter()
         # 3. features -> (1, n, 4, D) per latent frame (latent 0: video frame 0 replicated)
-        audio, face_audio = self._audio_tensors(feats, s)
+        audio, face_audio = self._audio_tensors(feats, unit.audio_first)
         # 4. generate the latents
-        if s == 0:
-            latents = self.generator.prefill_reference(self.state, audio, face_audio)
-        else:
-            latents = self.generator.generate_block(self.state, audio, face_audio)
+        latents = self.generator.generate_unit(self.state, audio, face_audio)
         t_gen = time.perf_counter()
         # 5. decode to frames
         video = self.decoder.decode(latents)
@@ -288,8 +284,11 @@ class AvatarSession:
                         self._post(SegmentEnd(segment=seg, pts=v))
             self.next_video = v0 + len(video)
             self._busy_until = None
+            keep = self.generator.history_latents  # an overlap prefix needs its audio again
+            next_first = self.generator.next_unit(self.state).first
+            keep_from = video_frames_for_block(max(0, next_first - keep), 1).start if keep else self.next_video
             for t in self.tracks:
-                t.consumed(self.next_video)
+                t.consumed(min(keep_from, self.next_video))
 
     def _segment_of(self, sample_end: int) -> int:
         return self._segment_ends[0][0] if self._segment_ends else self._segment

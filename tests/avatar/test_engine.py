@@ -189,3 +189,20 @@ async def test_session_limit_and_bad_pushes(engine):
     sessions[0].close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         sessions[0].push_audio(np.zeros(10, np.float32), 16_000)
+
+
+async def test_overlap_mode_streams_chunks_with_the_same_contract(bundle):
+    from avatar.chunking import OverlapOptions
+
+    opts = EngineOptions(mode="overlap", overlap=OverlapOptions(chunk_frames=4, overlap_frames=2, steps=2))
+    with AvatarEngine(bundle, opts) as eng:
+        s = eng.open_session(_cond(), SessionOptions(realtime=False))
+        pcm = _speech(1.3, 16_000, seed=4)
+        s.push_audio(pcm, 16_000)
+        s.end_segment()
+        frames, ends = await _collect(s)
+        assert len(frames) == frames_for_samples(pcm.size, 16_000, 25)
+        assert [f.pts for f in frames] == list(range(len(frames)))
+        np.testing.assert_array_equal(np.concatenate([f.audio for f in frames])[:pcm.size], pcm)
+        assert s.state.next_frame >= 9  # chunks of 2 new latents after the first
+        s.close()
