@@ -8,6 +8,8 @@ a session closes that session with an error item while the others continue.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import itertools
 import logging
 import statistics
@@ -15,12 +17,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from audio.features.base import AudioFeatures
 from avatar.chunking import OverlapGenerator, OverlapOptions
 from avatar.decoder import FrameDecoder
+from avatar.faces import make_detector
 from avatar.generator import CausalGenerator, CausalOptions, Conditions
+from avatar.reference import PreparedAvatar, prepare_avatar
 from avatar.session import AvatarSession, SessionOptions
 from avatar.types import DEFAULT_FPS
 from models.dit import WanDiT
@@ -43,7 +48,25 @@ class ModelBundle:
     dit: WanDiT
     vae: WanVAE
     features: AudioFeatures
+    frame_hw: tuple[int, int] = (128, 128)  # pixels the model generates
     decoder_backend: object | None = None  # OnnxVaeDecoder when exported; the torch VAE otherwise
+
+    @torch.no_grad()
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) RGB -> normalised latent (1, 16, 1, H/8, W/8)."""
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.dit.device, torch.float32)
+        x = (x / 127.5 - 1).permute(2, 0, 1)[None, :, None]  # (1, 3, 1, H, W) in [-1, 1]
+        return self.vae.encode(x)
+
+    @functools.cached_property
+    def encoder_id(self) -> str:
+        """Identifies the VAE encoder weights, so cached avatar latents are never reused across VAEs."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.vae.state_dict().items()):
+            if name.startswith(("encoder.", "conv1.")):
+                h.update(name.encode())
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return f"{self.vae.cfg.name}:{h.hexdigest()[:16]}"
 
     @classmethod
     def random(cls, dit_preset: str = "tiny", vae_preset: str = "tiny", seed: int = 0,
@@ -60,7 +83,8 @@ class ModelBundle:
             for p in dit.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         features = MelFeatures(MelConfig(n_mels=dit.cfg.audio_dim or 80))
-        return cls(f"random-{dit_preset}", dit.eval().to(device), vae.eval().to(device), features)
+        size = (32, 32) if vae_preset == "tiny" else (128, 128)
+        return cls(f"random-{dit_preset}", dit.eval().to(device), vae.eval().to(device), features, frame_hw=size)
 
     def check(self) -> None:
         if self.dit.cfg.audio_dim and self.dit.cfg.audio_dim != self.features.feature_dim:
@@ -146,6 +170,24 @@ class AvatarEngine:
             self.sessions[sid] = session
         self._wake.set()
         return session
+
+    def prepare_avatar(self, source, *, expected_faces: int = 1, emotion_images: dict | None = None,
+                       detector=None, cache_dir=None) -> PreparedAvatar:
+        """A portrait (path or bytes) -> cropped image, face masks on the token grid, latents (cached)."""
+        return prepare_avatar(source, self.models.frame_hw, detector or make_detector(),
+                              encode_image=self.models.encode_image, expected_faces=expected_faces,
+                              emotion_images=emotion_images, cache_dir=cache_dir, encoder_id=self.models.encoder_id)
+
+    def conditions(self, avatar: PreparedAvatar, emotion: str | None = None) -> Conditions:
+        """What the DiT conditions on for this avatar (and one of its emotion references)."""
+        dev = self.models.dit.device
+        if avatar.size_hw != tuple(self.models.frame_hw):
+            raise ValueError(f"avatar prepared at {avatar.size_hw}, the model generates {self.models.frame_hw}")
+        if emotion is not None and emotion not in avatar.emotion_latents:
+            raise ValueError(f"no emotion reference {emotion!r}; this avatar has {sorted(avatar.emotion_latents)}")
+        masks = torch.from_numpy(np.array(avatar.masks))[None].to(dev)  # (1, chars, h/2, w/2)
+        return Conditions(reference=avatar.reference_latent.to(dev), face_mask=masks,
+                          emotion=avatar.emotion_latents[emotion].to(dev) if emotion else None)
 
     def close_session(self, session_id: str) -> None:
         s = self.sessions.get(session_id)

@@ -206,3 +206,33 @@ async def test_overlap_mode_streams_chunks_with_the_same_contract(bundle):
         np.testing.assert_array_equal(np.concatenate([f.audio for f in frames])[:pcm.size], pcm)
         assert s.state.next_frame >= 9  # chunks of 2 new latents after the first
         s.close()
+
+
+async def test_portrait_to_talking_session_with_two_speakers(engine, tmp_path):
+    """A real photo through face detection and the VAE encoder; two faces, two voices (FAA masks)."""
+    import cv2
+    from skimage.data import astronaut
+
+    from avatar.faces import FixedBoxes
+
+    img = astronaut()  # 512x512, one face at about (180, 65)-(270, 165)
+    two = np.concatenate([img[:, 100:356], img[:, 100:356]], axis=1)  # the same face twice, side by side
+    path = tmp_path / "duo.png"
+    cv2.imwrite(str(path), cv2.cvtColor(two, cv2.COLOR_RGB2BGR))
+    boxes = FixedBoxes([(80, 65, 170, 165), (336, 65, 426, 165)])
+    avatar = engine.prepare_avatar(path, expected_faces=2, detector=boxes, cache_dir=tmp_path / "cache")
+    cond = engine.conditions(avatar)
+    assert cond.face_mask.shape == (1, 2, H // 16, W // 16) and cond.reference.shape == (1, 16, 1, H // 8, W // 8)
+    s = engine.open_session(cond, SessionOptions(realtime=False, speakers=2))
+    a, b = _speech(0.5, 16_000, 1), _speech(0.3, 16_000, 2)
+    s.push_audio(a, 16_000, speaker=0)
+    s.push_audio(b, 16_000, speaker=1)
+    s.end_segment()
+    frames, _ = await _collect(s)
+    out = np.concatenate([f.audio for f in frames])
+    mix = a.copy()
+    mix[:b.size] += b
+    np.testing.assert_allclose(out[:a.size], np.clip(mix, -1, 1), atol=1e-6)
+    s.close()
+    again = engine.prepare_avatar(path, expected_faces=2, detector=boxes, cache_dir=tmp_path / "cache")
+    assert torch.equal(again.reference_latent, avatar.reference_latent)
