@@ -101,6 +101,8 @@ class EngineOptions:
     causal: CausalOptions = field(default_factory=CausalOptions)
     overlap: OverlapOptions = field(default_factory=OverlapOptions)
     max_sessions: int = 4
+    decoder: str = "auto"  # "onnx" (ONNX Runtime, CUDA EP where present), "torch", or "auto" (onnx, else torch)
+    warmup: bool = True  # run the real path once at start, so the first user does not pay for it
     poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
 
 
@@ -128,10 +130,55 @@ class AvatarEngine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self.failures = 0
+        self.decoder_provider = "torch"
+        self.warmup_ms = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
+    def _build_decoder(self) -> None:
+        """The streaming decoder backend for the model's resolution (ONNX export is cached on disk)."""
+        choice = self.options.decoder
+        if choice not in ("auto", "onnx", "torch"):
+            raise ValueError(f"decoder must be 'auto', 'onnx' or 'torch', not {choice!r}")
+        self.decoder_provider = "torch"
+        if choice == "torch" or self.models.decoder_backend is not None:
+            if self.models.decoder_backend is not None:
+                self.decoder_provider = getattr(self.models.decoder_backend, "provider", "torch")
+            return
+        from models.onnx_vae import OnnxVaeDecoder
+
+        h, w = (x // self.models.vae.cfg.spatial_factor for x in self.models.frame_hw)
+        try:
+            backend = OnnxVaeDecoder.from_vae(self.models.vae, h, w)
+        except Exception as exc:
+            if choice == "onnx":
+                raise
+            log.warning("ONNX decoder unavailable (%s: %s); decoding with torch", type(exc).__name__, exc)
+            return
+        self.models.decoder_backend = backend
+        self.decoder_provider = backend.provider
+
+    @torch.no_grad()
+    def warmup(self) -> float:
+        """One reference prefill + one block + their decode on a throwaway state. Returns ms."""
+        t0 = time.perf_counter()
+        m = self.models
+        h, w = (x // m.vae.cfg.spatial_factor for x in m.frame_hw)
+        cond = Conditions(reference=torch.zeros(1, m.vae.cfg.z_dim, 1, h, w, device=m.dit.device))
+        state = self.generator.init_state(cond)
+        decoder = FrameDecoder(m.decoder_backend or m.vae, h, w)
+        for _ in range(2):
+            unit = self.generator.next_unit(state)
+            n = unit.count + unit.context
+            audio = torch.zeros(1, n, 4, m.dit.cfg.audio_dim, device=m.dit.device) if m.dit.cfg.audio_dim else None
+            decoder.decode(self.generator.generate_unit(state, audio))
+        self.warmup_ms = (time.perf_counter() - t0) * 1e3
+        return self.warmup_ms
+
     def start(self) -> AvatarEngine:
         if self._thread is None:
+            self._build_decoder()
+            if self.options.warmup:
+                self.warmup()
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="avatar-engine", daemon=True)
             self._thread.start()
@@ -240,6 +287,8 @@ class AvatarEngine:
             "model": self.models.name,
             "mode": self.options.mode,
             "device": str(self.models.dit.device),
+            "decoder": self.decoder_provider,
+            "warmup_ms": round(self.warmup_ms, 1),
             "sessions": {sid: {"frames": s.stats.frames, "idle_frames": s.stats.idle_frames,
                                "blocks": s.stats.blocks, "next_pts": s.next_video,
                                "dropped_input_samples": s.stats.dropped_input_samples,

@@ -28,7 +28,7 @@ def bundle():
 
 @pytest.fixture
 def engine(bundle):
-    eng = AvatarEngine(bundle, EngineOptions(causal=OPTS, max_sessions=3)).start()
+    eng = AvatarEngine(bundle, EngineOptions(causal=OPTS, max_sessions=3, decoder="torch")).start()
     yield eng
     eng.stop()
 
@@ -194,7 +194,8 @@ async def test_session_limit_and_bad_pushes(engine):
 async def test_overlap_mode_streams_chunks_with_the_same_contract(bundle):
     from avatar.chunking import OverlapOptions
 
-    opts = EngineOptions(mode="overlap", overlap=OverlapOptions(chunk_frames=4, overlap_frames=2, steps=2))
+    opts = EngineOptions(mode="overlap", overlap=OverlapOptions(chunk_frames=4, overlap_frames=2, steps=2),
+                         decoder="torch")
     with AvatarEngine(bundle, opts) as eng:
         s = eng.open_session(_cond(), SessionOptions(realtime=False))
         pcm = _speech(1.3, 16_000, seed=4)
@@ -236,3 +237,29 @@ async def test_portrait_to_talking_session_with_two_speakers(engine, tmp_path):
     s.close()
     again = engine.prepare_avatar(path, expected_faces=2, detector=boxes, cache_dir=tmp_path / "cache")
     assert torch.equal(again.reference_latent, avatar.reference_latent)
+
+
+async def test_onnx_decoder_in_the_engine_matches_torch(bundle, tmp_path, monkeypatch):
+    """decoder='onnx' exports the streaming decoder once (cached) and decodes the same frames."""
+    import copy
+
+    monkeypatch.setenv("AVATARCAST_CACHE", str(tmp_path))
+    onnx_bundle = copy.copy(bundle)
+    onnx_bundle.decoder_backend = None
+    pcm = _speech(0.5, 16_000, seed=9)
+
+    async def frames_with(models, decoder):
+        with AvatarEngine(models, EngineOptions(causal=OPTS, decoder=decoder)) as eng:
+            s = eng.open_session(_cond(2), SessionOptions(realtime=False, seed=3))
+            s.push_audio(pcm, 16_000)
+            s.end_segment()
+            frames, _ = await _collect(s)
+            s.close()
+            return [f.video for f in frames], eng.snapshot()
+
+    ref, _ = await frames_with(bundle, "torch")
+    got, snap = await frames_with(onnx_bundle, "onnx")
+    assert snap["decoder"] == "CPUExecutionProvider" and snap["warmup_ms"] > 0
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
