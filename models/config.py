@@ -37,7 +37,6 @@ class DiTConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
-    rope_max_len: int = 1024  # positions per axis covered by the RoPE tables
 
     # OmniAvatar audio path: Audio Pack (4 video frames -> one latent frame) + per-layer projections
     # added to every token of the matching latent frame in blocks 2..num_layers//2. 0 disables it.
@@ -184,3 +183,123 @@ def dit_preset(name: str) -> DiTConfig:
         return DIT_PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown DiT preset {name!r}; known: {', '.join(DIT_PRESETS)}") from None
+
+
+# ---- VAE ----------------------------------------------------------------------------------------
+# Wan2.1 causal 3D VAE. One latent frame covers VIDEO_FRAMES_PER_LATENT video frames (the first only
+# one) and 8x8 pixels; 16 latent channels. Presets are named VAE_* because TINY / DEMO above are DiT's.
+
+# Per-channel statistics of Wan2.1 latents (diffusers AutoencoderKLWan `latents_mean` / `latents_std`,
+# the same 16 + 16 numbers as upstream's WanVAE wrapper). Decode uses z * std + mean, encode
+# (mu - mean) / std.
+WAN_VAE_LATENTS_MEAN: tuple[float, ...] = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN_VAE_LATENTS_STD: tuple[float, ...] = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of the Wan2.1 causal 3D VAE (upstream `WanVAE_` constructor arguments).
+
+    `dim` is the base width; stage i of the encoder has dim * dim_mult[i] channels. Each of the
+    len(dim_mult) - 1 resampling stages halves H and W; those with temporal_downsample[i] also halve
+    time (causally: 1 + 4k frames -> 1 + k latents). Middle attention is always present; upstream's
+    `attn_scales` is empty for every released checkpoint and is not supported.
+    """
+
+    name: str
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    in_channels: int = 3  # RGB in [-1, 1]
+    latents_mean: tuple[float, ...] = WAN_VAE_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN_VAE_LATENTS_STD
+
+    def __post_init__(self) -> None:
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"{self.name}: temporal_downsample has {len(self.temporal_downsample)} entries, "
+                f"need len(dim_mult) - 1 = {len(self.dim_mult) - 1}"
+            )
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(
+                f"{self.name}: latents_mean / latents_std need z_dim = {self.z_dim} values, got "
+                f"{len(self.latents_mean)} / {len(self.latents_std)}"
+            )
+        if any(s <= 0 for s in self.latents_std):
+            raise ValueError(f"{self.name}: latents_std must be positive")
+
+    # ---- derived fields -------------------------------------------------------------------------
+    @property
+    def temporal_upsample(self) -> tuple[bool, ...]:
+        """Which decoder up-stages double time: the encoder's choice mirrored."""
+        return tuple(reversed(self.temporal_downsample))
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    def replace(self, **changes) -> VAEConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for key in ("dim_mult", "temporal_downsample", "latents_mean", "latents_std"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+    @classmethod
+    def from_diffusers_config(cls, d: dict, name: str = "checkpoint") -> VAEConfig:
+        """Build from a diffusers `AutoencoderKLWan` `config.json` (Wan2.1 layout only)."""
+        if d.get("is_residual") or d.get("patch_size"):
+            raise ValueError(f"{name}: residual / patchified VAEs (Wan2.2 layout) are not supported")
+        if d.get("attn_scales"):
+            raise ValueError(f"{name}: attn_scales {d['attn_scales']} is not supported (only [])")
+        defaults = cls(name=name)
+        return cls(
+            name=name, dim=d.get("base_dim", 96), z_dim=d.get("z_dim", 16),
+            dim_mult=tuple(d.get("dim_mult", defaults.dim_mult)),
+            num_res_blocks=d.get("num_res_blocks", 2),
+            temporal_downsample=tuple(d.get("temperal_downsample", defaults.temporal_downsample)),
+            in_channels=d.get("in_channels", 3),
+            latents_mean=tuple(d.get("latents_mean", defaults.latents_mean)),
+            latents_std=tuple(d.get("latents_std", defaults.latents_std)),
+        )
+
+
+# The released Wan2.1_VAE.pth: 194 tensors, 126.9 M parameters.
+VAE_WAN_2_1 = VAEConfig(name="wan2.1")
+# Tests: the oracle's shape (same module tree and key set as the real one, widths / 12).
+VAE_TINY = VAEConfig(name="tiny", dim=8)
+# Placeholder for the embedded demo model's VAE; its final width is set where it is trained.
+VAE_DEMO = VAEConfig(name="demo", dim=16)
+
+# DEMO_SIZE: the demo streams 128x128 video -> 16x16 latents (8x8 DiT tokens per latent frame with
+# patch (1, 2, 2)); one latent frame = 4 video frames = 160 ms at 25 fps.
+VAE_DEMO_SIZE: tuple[int, int] = (128, 128)  # (height, width) in pixels
+
+VAE_PRESETS: dict[str, VAEConfig] = {c.name: c for c in (VAE_TINY, VAE_DEMO, VAE_WAN_2_1)}
+
+
+def vae_preset(name: str) -> VAEConfig:
+    try:
+        return VAE_PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown VAE preset {name!r}; known: {', '.join(VAE_PRESETS)}") from None
