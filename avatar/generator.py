@@ -43,6 +43,7 @@ class CausalOptions:
     steps: tuple[int, ...] = (1000, 750, 500, 250)  # warped through the shifted schedule
     shift: float = 5.0
     context_noise: float = 0.0  # timestep of the pass that writes clean K/V (Self-Forcing: 0)
+    sink_follows: bool = True  # sink keys kept just before the window: long streams look like training
     guidance: Guidance = field(default_factory=Guidance)
 
 
@@ -175,7 +176,8 @@ class CausalGenerator:
         o = self.options
         h, w = cond.latent_hw
         cache = self.dit.init_cache(o.guidance.passes, h, w, sink_frames=o.sink_frames,
-                                    window_frames=o.window_frames, block_frames=o.block_frames)
+                                    window_frames=o.window_frames, block_frames=o.block_frames,
+                                    sink_follows=o.sink_follows)
         noise = torch.Generator(device=self.dit.device).manual_seed(seed)
         return CausalState(cond=cond, cache=cache, noise=noise)
 

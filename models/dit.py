@@ -11,13 +11,11 @@ modules, then the model. Token order is (frame, row, column) throughout; T = tok
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache
-
 import torch
 import torch.nn as nn
 
 from models.attention import attention, expand_frame_mask, lengths_to_key_mask
+from models.rope import apply_rope, rope_table
 from models.config import VIDEO_FRAMES_PER_LATENT, DiTConfig
 from models.kv_cache import CacheGeometry, KVCache
 
@@ -49,39 +47,6 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     angles = t.to(torch.float64)[..., None] * freqs
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
-
-
-@lru_cache(maxsize=64)
-def rope_table(pairs: tuple[int, int, int], grid: tuple[int, int, int], start_frame: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (F*H*W, 1, head_dim/2) float32, for a token grid whose first frame sits at
-    absolute temporal position `start_frame`. Angles pos * 10000^(-2i/d) per axis in float64, as Wan2.1
-    builds its tables; computed for any position, so a long stream never runs off the end of a table."""
-    f, h, w = grid
-
-    def angles(positions: torch.Tensor, p: int) -> torch.Tensor:
-        inv = 1.0 / torch.pow(10000.0, torch.arange(0, 2 * p, 2, dtype=torch.float64) / (2 * p))
-        return torch.outer(positions.to(torch.float64), inv)  # (n, p)
-
-    pt, ph, pw = pairs
-    at = angles(torch.arange(start_frame, start_frame + f), pt)
-    ah, aw = angles(torch.arange(h), ph), angles(torch.arange(w), pw)
-    table = torch.cat([
-        at.view(f, 1, 1, -1).expand(f, h, w, -1),
-        ah.view(1, h, 1, -1).expand(f, h, w, -1),
-        aw.view(1, 1, w, -1).expand(f, h, w, -1),
-    ], dim=-1).reshape(f * h * w, 1, -1)  # (L, 1, head_dim/2)
-    return torch.cos(table).float().to(device), torch.sin(table).float().to(device)
-
-
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate adjacent channel pairs. x: (B, L, heads, head_dim); the table covers the first rows of L."""
-    cos, sin = rope
-    n = cos.shape[0]
-    xf = x[:, :n].float().unflatten(-1, (-1, 2))  # (B, n, heads, head_dim/2, 2)
-    a, b = xf[..., 0], xf[..., 1]
-    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
-    return rotated if n == x.shape[1] else torch.cat([rotated, x[:, n:]], dim=1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -358,12 +323,13 @@ class WanDiT(nn.Module):
 
     # ---- per-session state --------------------------------------------------------------------
     def init_cache(self, batch: int, latent_h: int, latent_w: int, *, sink_frames: int, window_frames: int,
-                   block_frames: int, device=None, dtype=None) -> KVCache:
+                   block_frames: int, sink_follows: bool = False, device=None, dtype=None) -> KVCache:
         c = self.cfg
+        grid = (latent_h // c.patch_size[1], latent_w // c.patch_size[2])
         geometry = CacheGeometry(
             num_layers=c.num_layers, batch=batch, heads=c.num_heads, head_dim=c.head_dim,
-            tokens_per_frame=c.tokens_per_frame(latent_h, latent_w), sink_frames=sink_frames,
-            window_frames=window_frames, block_frames=block_frames,
+            tokens_per_frame=grid[0] * grid[1], sink_frames=sink_frames, window_frames=window_frames,
+            block_frames=block_frames, sink_follows=sink_follows, rope_pairs=c.rope_split, grid_hw=grid,
         )
         return KVCache(geometry, device=device or self.device, dtype=dtype or self.dtype)
 

@@ -12,6 +12,11 @@ Layout of the preallocated buffers, in frames (each frame is `tokens_per_frame` 
   full (the first frames of a stream, e.g. the reference), otherwise into the ring, evicting the
   oldest history frame. The cost per block is therefore flat however long the session runs.
 
+* With `sink_follows`, the sink keys are moved (RoPE composes) to sit just before the oldest history
+  frame at every block, so the model sees the same relative geometry at frame 10 000 as at frame 10:
+  sink, window, block, contiguous, as in training sequences. Moves start from the sink keys as first
+  committed, so no rounding accumulates however long the stream.
+
 All bookkeeping is host-side Python ints fixed by the block geometry: no `.item()`, no device sync.
 The cache also keeps the cross-attention K/V of the session's (fixed) context, computed once.
 """
@@ -21,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from models.rope import move_rope
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,9 @@ class CacheGeometry:
     sink_frames: int  # frames kept forever (the first frames committed)
     window_frames: int  # most recent committed frames kept besides the sink
     block_frames: int  # largest block that may be in progress
+    sink_follows: bool = False  # keep the sink at a fixed distance before the history (see above)
+    rope_pairs: tuple[int, int, int] = (0, 0, 0)  # the DiT's RoPE split, needed to move sink keys
+    grid_hw: tuple[int, int] = (0, 0)  # token rows and columns of one frame
 
     @property
     def slots(self) -> int:
@@ -47,6 +57,8 @@ class KVCache:
         g = geometry
         if g.block_frames < 1 or g.sink_frames < 0 or g.window_frames < 0:
             raise ValueError(f"invalid cache geometry {g}")
+        if g.sink_follows and (not all(g.rope_pairs) or g.grid_hw[0] * g.grid_hw[1] != g.tokens_per_frame):
+            raise ValueError("sink_follows needs the RoPE split and a token grid matching tokens_per_frame")
         self.geometry = g
         shape = (g.num_layers, g.batch, g.slots * g.tokens_per_frame, g.heads, g.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, slots*T, heads, head_dim)
@@ -64,6 +76,8 @@ class KVCache:
         self.next_frame = 0  # first absolute frame index not yet committed
         self.block_start: int | None = None
         self.block_len = 0
+        self.sink_pos = 0  # temporal position the sink keys are currently rotated for
+        self._sink_k0: torch.Tensor | None = None  # sink keys as committed, at positions 0..S-1
         self.clear_context()
 
     def clear_context(self) -> None:
@@ -96,7 +110,19 @@ class KVCache:
             raise ValueError(f"block starts at frame {start_frame}, but the cache expects frame "
                              f"{self.next_frame} next (blocks must be contiguous)")
         self.block_start, self.block_len = start_frame, num_frames
+        if g.sink_follows and self._sink_k0 is not None:
+            self._move_sink(start_frame - sum(f is not None for f in self.ring_frame) - g.sink_frames)
         self._ranges = self._visible_ranges()
+
+    def _move_sink(self, target: int) -> None:
+        """Re-rotate the sink keys (all layers) for temporal positions [target, target + S)."""
+        if target == self.sink_pos:
+            return
+        g, t = self.geometry, self.geometry.tokens_per_frame
+        k0 = self._sink_k0.flatten(0, 1)  # (layers*B, S*T, heads, head_dim)
+        moved = move_rope(k0, g.rope_pairs, (g.sink_frames, *g.grid_hw), 0, target)
+        self.k[:, :, :g.sink_frames * t] = moved.view_as(self._sink_k0)
+        self.sink_pos = target
 
     def commit(self) -> None:
         """Move the block in progress into history (sink first, then the ring)."""
@@ -119,6 +145,8 @@ class KVCache:
             self.v[:, :, dst * t:(dst + 1) * t] = self.v[:, :, src * t:(src + 1) * t]
         self.next_frame = self.block_start + self.block_len
         self.block_start, self.block_len = None, 0
+        if g.sink_follows and self._sink_k0 is None and g.sink_frames and self.sink_filled == g.sink_frames:
+            self._sink_k0 = self.k[:, :, :g.sink_frames * t].clone()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this layer's K/V of the block in progress; return all K/V it may attend to.

@@ -169,3 +169,42 @@ def test_cache_protocol_errors(model):
             _call(model, inp, t, slice(0, 2), cache=cache, start_frame=0, frame_lens=torch.tensor([2]))
     cache.reset()
     assert cache.next_frame == 0 and cache.history_frames == []
+
+
+@torch.no_grad()
+def test_sink_follows_keeps_the_sink_just_before_the_window(model):
+    """After many blocks the sink keys equal keys computed fresh at the position just before the history
+    (checked at layer 0, whose keys depend on the frame alone), so geometry never drifts with time."""
+    n, blk, window = 14, 2, 4
+    inp = _inputs(n, seed=8)
+    t = torch.tensor([300.0])
+    follow = model.init_cache(1, H, W, sink_frames=1, window_frames=window, block_frames=blk, sink_follows=True)
+    fixed = _cache(model, sink=1, window=window, block=blk)
+    outs = []
+    for s in range(0, n, blk):
+        sl = slice(s, s + blk)
+        a = _call(model, inp, t, sl, cache=follow, start_frame=s)
+        b = _call(model, inp, t, sl, cache=fixed, start_frame=s)
+        outs.append((s, torch.equal(a, b)))
+    # identical while the ring is filling, different once the sink has moved
+    assert [eq for s, eq in outs if s < 1 + window] == [True] * 3 and not outs[-1][1]
+    assert follow.sink_pos == 12 - window - 1  # last block starts at 12
+    keys = {}
+    hook = model.blocks[0].self_attn.norm_k.register_forward_hook(lambda m, i, o: keys.setdefault("k", o))
+    from models.rope import apply_rope, rope_table
+
+    _call(model, inp, t, slice(0, 1), start_frame=follow.sink_pos)  # frame 0 alone at the sink position
+    hook.remove()
+    k = keys["k"].view(1, 4, TINY.num_heads, TINY.head_dim)
+    fresh = apply_rope(k, rope_table(TINY.rope_split, (1, 2, 2), follow.sink_pos, k.device))
+    torch.testing.assert_close(follow.k[0, :, :4], fresh, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_blocks_far_into_a_stream_run(model):
+    """Positions are computed, not looked up: block 2000 works (no table to run off)."""
+    cache = _cache(model, sink=1, window=2, block=2)
+    cache.next_frame = 4000  # as if 2000 blocks had passed
+    inp = _inputs(2)
+    out = _call(model, inp, torch.tensor([500.0]), cache=cache, start_frame=4000)
+    assert torch.isfinite(out).all()
