@@ -55,6 +55,9 @@ class DiTConfig:
     # Character image injection, mechanism (c): reference latent -> own patch embedding -> zero-init
     # projection -> added to every frame's video tokens.
     ref_injection: bool = False
+    # Motion-intensity condition (HunyuanVideo-Avatar's motion buckets, continuous here): a value in
+    # [0, 1] embedded like a timestep and added to the AdaLN time embedding, zero-initialised.
+    motion_condition: bool = False
 
     # LoRA that ships with a checkpoint (OmniAvatar: r128 / alpha 64 on q,k,v,o,ffn.0,ffn.2). 0 = none.
     lora_rank: int = 0
@@ -163,14 +166,14 @@ OMNIAVATAR_14B = WAN_14B.replace(
 TINY = DiTConfig(
     name="tiny", dim=64, ffn_dim=128, num_heads=4, num_layers=4, in_dim=33, text_dim=32, text_len=16,
     audio_dim=48, audio_hidden=16, null_context_len=4, faa_layers=(1, 3), faa_heads=2,
-    aem_layers=(1,), ref_injection=True,
+    aem_layers=(1,), ref_injection=True, motion_condition=True,
 )
 
 # Placeholder for the embedded demo model; its final shape is set where the demo model is trained.
 DEMO = DiTConfig(
     name="demo", dim=128, ffn_dim=384, num_heads=4, num_layers=6, in_dim=33, text_dim=32, text_len=8,
     audio_dim=80, audio_hidden=32, null_context_len=8, faa_layers=(1, 3), faa_heads=4,
-    aem_layers=(1, 3), ref_injection=True, lora_rank=16, lora_alpha=16.0,
+    aem_layers=(1, 3), ref_injection=True, motion_condition=True, lora_rank=16, lora_alpha=16.0,
 )
 
 DIT_PRESETS: dict[str, DiTConfig] = {

@@ -283,6 +283,8 @@ class WanDiT(nn.Module):
         if cfg.ref_injection:
             self.ref_embedding = nn.Conv3d(cfg.out_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
             self.ref_proj = nn.Linear(d, d)
+        if cfg.motion_condition:
+            self.motion_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.init_weights()
 
     # Which top-level parameter prefixes belong to which optional module (the loader reports these).
@@ -292,6 +294,7 @@ class WanDiT(nn.Module):
         "face_audio_adapter": ("face_audio_embedding.", "face_adapters."),
         "emotion_module": ("emotion_embedding.", "emotion_adapters."),
         "reference_injection": ("ref_embedding.", "ref_proj."),
+        "motion_condition": ("motion_embedding.",),
     }
 
     def init_weights(self) -> None:
@@ -310,6 +313,8 @@ class WanDiT(nn.Module):
             nn.init.zeros_(adapter.attn.to_out.weight)
         if self.cfg.ref_injection:
             nn.init.zeros_(self.ref_proj.weight)
+        if self.cfg.motion_condition:
+            nn.init.zeros_(self.motion_embedding[2].weight)
         for adapter in getattr(self, "emotion_adapters", {}).values():
             nn.init.zeros_(adapter.gate)
 
@@ -380,6 +385,7 @@ class WanDiT(nn.Module):
         face_mask: torch.Tensor | None = None,
         emotion: torch.Tensor | None = None,
         reference: torch.Tensor | None = None,
+        motion: torch.Tensor | None = None,
         frame_lens: torch.Tensor | None = None,
         frame_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -393,6 +399,7 @@ class WanDiT(nn.Module):
         audio: (B, F, 4, audio_dim) per latent frame (`group_video_frames`), zeros for unconditional;
         face_audio: (B, chars, F, 4, audio_dim); face_mask: (B, chars, [F,] h, w) on the token grid;
         emotion: (B, 16, [1,] H, W) emotion-image latent; reference: (B, 16, [1,] H, W) reference latent;
+        motion: (B,) head-motion intensity in [0, 1] (0 = still);
         frame_lens: (B,) valid latent frames per sample; frame_mask: (F, F) bool frame-level mask;
         cache/start_frame: run as the block of frames [start_frame, start_frame + F) of a stream.
         Returns (B, out_dim, F, H, W) float32.
@@ -412,6 +419,9 @@ class WanDiT(nn.Module):
         # 2. time embedding -> per-sample (Fe = 1) or per-frame (Fe = F) modulation
         e = self.time_embedding(sinusoidal_embedding(c.freq_dim, t).to(self.dtype)).float()
         e = e[:, None] if t.dim() == 1 else e  # (B, Fe, dim)
+        if motion is not None and c.motion_condition:
+            m = self.motion_embedding(sinusoidal_embedding(c.freq_dim, motion * 1000).to(self.dtype)).float()
+            e = e + m[:, None]  # the motion condition steers every AdaLN modulation, like the timestep
         e0 = self.time_projection(e.to(self.dtype)).float().unflatten(-1, (6, c.dim))  # (B, Fe, 6, dim)
 
         # 3. context, positions and masks

@@ -8,7 +8,8 @@ import torch
 from models.config import TINY
 from models.dit import FaceAudioAdapter, WanDiT
 
-BASE = TINY.replace(name="tiny-base", faa_layers=(), aem_layers=(), ref_injection=False, null_context_len=0)
+BASE = TINY.replace(name="tiny-base", faa_layers=(), aem_layers=(), ref_injection=False, null_context_len=0,
+                    motion_condition=False)
 
 
 def _inputs(seed=0, frames=3, chars=1):
@@ -29,6 +30,7 @@ def _extras(seed=1, chars=1, frames=3):
         emotion=torch.randn(1, 16, 1, 4, 4, generator=g),
         face_mask=torch.ones(1, chars, 2, 2),
         face_audio=torch.randn(1, chars, frames, 4, TINY.audio_dim, generator=g),
+        motion=torch.tensor([0.7]),
     )
 
 
@@ -58,7 +60,8 @@ def test_every_extension_is_a_bit_exact_no_op_at_init(pair):
 
 
 @pytest.mark.parametrize("module,extra_key", [
-    ("face_adapters", "face_mask"), ("emotion_adapters", "emotion"), ("ref_proj", "reference")])
+    ("face_adapters", "face_mask"), ("emotion_adapters", "emotion"), ("ref_proj", "reference"),
+    ("motion_embedding", "motion")])
 def test_each_extension_is_active_once_perturbed(pair, module, extra_key):
     full, base = pair
     model = WanDiT(TINY).eval()
@@ -72,7 +75,7 @@ def test_each_extension_is_active_once_perturbed(pair, module, extra_key):
     without = {k: v for k, v in ex.items() if k != extra_key}
     # removing this module's input brings the output back to the base model's (others are still no-ops)
     assert torch.equal(_run(model, inp, **without), _run(base, inp))
-    if extra_key in ("emotion", "reference"):  # and its input matters
+    if extra_key in ("emotion", "reference", "motion"):  # and its input matters
         other = dict(ex, **{extra_key: ex[extra_key] + 1.0})
         assert not torch.allclose(_run(model, inp, **other), with_all)
 

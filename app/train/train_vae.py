@@ -1,0 +1,205 @@
+"""Stage 1 of the demo model: train the causal VAE (DEMO preset) on teacher video.
+
+Clips of 1 + 4k frames are encoded chunk by chunk ([1, 4, 4, ...], causal caches carried), a latent
+is sampled, and decoded latent by latent, exactly the streaming path the engine runs, so the trained
+decoder is the one that streams. Loss: L1 + image-gradient L1 (keeps the drawn edges sharp) + a small
+KL. After training, the per-channel latent mean/std are measured on teacher frames and written into the
+VAE config, so the DiT sees unit-scale latents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app.train.face import FaceState, Identity, render
+from models.config import VAE_DEMO, VAEConfig
+from models.vae import WanVAE
+from models.vae_loading import save_vae
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VaeTrainConfig:
+    steps: int = 3000
+    batch: int = 4
+    latents: int = 2  # clips of 1 + 4 (latents - 1) frames
+    size: tuple[int, int] = (128, 128)  # rendered frames
+    crop: int = 64  # trained on random crops: the VAE is convolutional, 4x cheaper per step than full frames
+    lr: float = 3e-4
+    kl_weight: float = 1e-6
+    edge_weight: float = 1.0
+    seed: int = 0
+    identities: int = 100_000  # identity seeds drawn from [0, identities); held-out seeds live above it
+    log_every: int = 25
+    checkpoint_every: int = 200
+
+
+# ---- teacher video for the VAE ------------------------------------------------------------------
+def random_state(rng: np.random.Generator) -> FaceState:
+    return FaceState(mouth_open=float(rng.uniform(0, 1) ** 1.5), mouth_width=float(rng.uniform(0.1, 0.9)),
+                     smile=float(rng.uniform(-1, 1)), blink=float(rng.choice([0, 0, 0, rng.uniform(0, 1)])),
+                     brow_raise=float(rng.uniform(0, 1) ** 2), dx=float(rng.normal(0, 0.04)),
+                     dy=float(rng.normal(0, 0.03)), roll=float(rng.normal(0, 5)), scale=float(rng.uniform(0.9, 1.1)))
+
+
+def teacher_clip(rng: np.random.Generator, frames: int, size: tuple[int, int], identities: int) -> np.ndarray:
+    """(frames, H, W, 3) uint8: one identity moving smoothly between two random states."""
+    idt = Identity.from_seed(int(rng.integers(identities)))
+    a, b = random_state(rng).as_array(), random_state(rng).as_array()
+    out = []
+    for i in range(frames):
+        w = i / max(1, frames - 1)
+        out.append(render(idt, FaceState.from_array((1 - w) * a + w * b), size)[0])
+    return np.stack(out)
+
+
+def random_crop(clip: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    """The same random crop (multiple-of-8 offsets) of every frame of a (T, H, W, 3) clip."""
+    h, w = clip.shape[1:3]
+    if crop >= min(h, w):
+        return clip
+    y, x = (int(rng.integers(0, (n - crop) // 8 + 1)) * 8 for n in (h, w))
+    return clip[:, y:y + crop, x:x + crop]
+
+
+def to_video_tensor(clips: np.ndarray) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float in [-1, 1]."""
+    return torch.from_numpy(clips).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3).contiguous()
+
+
+# ---- the streaming forward, differentiable -------------------------------------------------------
+def encode_stats(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, 1+4k, H, W) -> mean, log-variance (B, z, 1+k, h, w), through the encoder's causal caches."""
+    b, _, t, h, w = video.shape
+    caches = tuple(torch.zeros(s, dtype=video.dtype) for s in vae.encoder.cache_shapes(b, h, w))
+    stats = []
+    step = vae.cfg.temporal_factor
+    for i, (a, e) in enumerate([(0, 1)] + [(s, s + step) for s in range(1, t, step)]):
+        feat, caches = vae.encoder(video[:, :, a:e], caches, i == 0)
+        stats.append(vae.conv1(feat))
+    mu, logvar = torch.cat(stats, dim=2).chunk(2, dim=1)
+    return mu, logvar.clamp(-30, 20)
+
+
+def decode_raw(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
+    """Un-normalised latents (B, z, T, h, w) -> video (B, 3, 1+4(T-1), H, W), latent by latent."""
+    b, _, t, h, w = z.shape
+    caches = tuple(torch.zeros(s, dtype=z.dtype) for s in vae.decoder.cache_shapes(b, h, w))
+    x = vae.conv2(z)
+    out = []
+    for i in range(t):
+        frames, caches = vae.decoder(x[:, :, i:i + 1], caches, i == 0)
+        out.append(frames)
+    return torch.cat(out, dim=2)
+
+
+def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch.Generator) -> dict[str, torch.Tensor]:
+    mu, logvar = encode_stats(vae, video)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise)
+    recon = decode_raw(vae, z)
+    l1 = (recon - video).abs().mean()
+    dx = lambda v: v[..., :, 1:] - v[..., :, :-1]  # noqa: E731
+    dy = lambda v: v[..., 1:, :] - v[..., :-1, :]  # noqa: E731
+    edge = (dx(recon) - dx(video)).abs().mean() + (dy(recon) - dy(video)).abs().mean()
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
+    total = l1 + cfg.edge_weight * edge + cfg.kl_weight * kl
+    return {"loss": total, "l1": l1, "edge": edge, "kl": kl}
+
+
+# ---- training loop (seeded, resumable) ----------------------------------------------------------
+def _checkpoint(out: Path, vae: WanVAE, opt: torch.optim.Optimizer, step: int) -> None:
+    tmp = out / "vae_train.pt.tmp"
+    torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    tmp.replace(out / "vae_train.pt")
+
+
+def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VAEConfig = VAE_DEMO,
+              stop_after: float | None = None) -> Path:
+    """Train (or resume) into out_dir; returns the saved VAE (stats measured) when `steps` are done."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    vae = WanVAE(vae_cfg.replace(latents_mean=(0.0,) * vae_cfg.z_dim, latents_std=(1.0,) * vae_cfg.z_dim))
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step = 0
+    ckpt = out / "vae_train.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log.info("resuming VAE training at step %d", step)
+    frames = 1 + vae_cfg.temporal_factor * (cfg.latents - 1)
+    t_start = time.monotonic()
+    logf = (out / "vae_log.jsonl").open("a")
+    while step < cfg.steps:
+        rng = np.random.default_rng([cfg.seed, step])  # the batch depends only on (seed, step): resumable
+        noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        clips = np.stack([random_crop(teacher_clip(rng, frames, cfg.size, cfg.identities), cfg.crop, rng)
+                          for _ in range(cfg.batch)])
+        lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        losses = vae_loss(vae, to_video_tensor(clips), cfg, noise)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = {"stage": "vae", "step": step, "lr": lr, "elapsed_s": round(time.monotonic() - t_start, 1),
+                   **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            log.info("%s", rec)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _checkpoint(out, vae, opt, step)
+        if stop_after is not None and time.monotonic() - t_start > stop_after:
+            _checkpoint(out, vae, opt, step)
+            return ckpt
+    vae = vae.eval()
+    mean, std = latent_statistics(vae, cfg)
+    final = WanVAE(vae.cfg.replace(latents_mean=tuple(mean), latents_std=tuple(std)))
+    final.load_state_dict(vae.state_dict())
+    return save_vae(final, out / "vae.safetensors")
+
+
+@torch.no_grad()
+def latent_statistics(vae: WanVAE, cfg: VaeTrainConfig, clips: int = 64) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the encoder means over fresh teacher clips."""
+    rng = np.random.default_rng([cfg.seed, 10**9])
+    frames = 1 + vae.cfg.temporal_factor * (cfg.latents - 1)
+    mus = []
+    for _ in range(clips // cfg.batch):
+        video = to_video_tensor(np.stack([teacher_clip(rng, frames, cfg.size, cfg.identities)
+                                          for _ in range(cfg.batch)]))
+        mus.append(encode_stats(vae, video)[0])
+    mu = torch.cat(mus).transpose(0, 1).flatten(1)  # (z, N)
+    return [round(float(v), 5) for v in mu.mean(1)], [round(float(v), 5) for v in mu.std(1).clamp_min(1e-3)]
+
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Train the demo VAE (resumable).")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--steps", type=int, default=VaeTrainConfig.steps)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(a.threads)
+    print(train_vae(a.out, VaeTrainConfig(steps=a.steps)))
+
+
+if __name__ == "__main__":
+    main()
