@@ -43,10 +43,21 @@ def inspect(path: Annotated[Path, typer.Argument(help="checkpoint file or direct
 
 
 @app.command()
-def serve() -> None:
-    """Start the live service (WebRTC page, admin API, metrics)."""
-    typer.echo("The live service is not built yet; showing this machine's model stack instead.")
-    info()
+def serve(
+    host: Annotated[str | None, typer.Option(help="address to listen on (env AVATARCAST_HOST; default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (env AVATARCAST_PORT; default 8080)")] = None,
+    avatar: Annotated[Path | None, typer.Option(help="portrait to animate (default: the built-in drawn avatar)")] = None,
+    max_sessions: Annotated[int | None, typer.Option(help="concurrent calls (env AVATARCAST_MAX_SESSIONS; default 4)")] = None,
+) -> None:
+    """Start the live service: the call page, POST /offer, the admin API under /admin, /metrics."""
+    from app.server import run_server
+    from app.settings import Settings
+
+    if avatar is not None and not avatar.is_file():
+        raise FileNotFoundError(f"{avatar}: no such portrait file")
+    settings = Settings.from_env(host=host, port=port, avatar=str(avatar) if avatar else None,
+                                 max_sessions=max_sessions)
+    run_server(settings, echo=typer.echo)
 
 
 @bench_app.command("dit")
@@ -58,6 +69,87 @@ def bench_dit(
     from benchmarks.bench_dit import run
 
     typer.echo(json.dumps(run(blocks=blocks, preset=preset), indent=2))
+
+
+@bench_app.command("vae")
+def bench_vae(
+    latents: Annotated[int, typer.Option(help="latent frames in the long RSS stream (3750 = 10 min)")] = 3750,
+    steps: Annotated[int, typer.Option(help="timed decode steps per backend and config")] = 20,
+    cache_dir: Annotated[Path | None, typer.Option(help="ONNX export cache (default ~/.cache/avatarcast)")] = None,
+    threads: Annotated[int | None, typer.Option(help="intra-op threads for both backends")] = None,
+) -> None:
+    """VAE decode ms per video frame, torch eager vs ONNX Runtime, and RSS over a long stream."""
+    from benchmarks.bench_vae import run
+
+    typer.echo(json.dumps(run(stream_latents=latents, steps=steps, cache_dir=cache_dir, threads=threads),
+                          indent=2))
+
+
+@app.command("export-onnx")
+def export_onnx(
+    vae: Annotated[str, typer.Option(help="Wan2.1_VAE.pth, diffusers VAE dir, our .safetensors, "
+                                          "or a preset name (tiny, demo, wan2.1) for random weights")],
+    height: Annotated[int, typer.Option(help="video height in pixels (multiple of 8)")],
+    width: Annotated[int, typer.Option(help="video width in pixels (multiple of 8)")],
+    out: Annotated[Path, typer.Option(help="steady-state graph; the first-frame graph is written as "
+                                           "<stem>.first.onnx beside it")],
+    batch: Annotated[int, typer.Option(help="streams decoded together")] = 1,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+) -> None:
+    """Export the streaming VAE decoder (caches as graph inputs/outputs) to ONNX for one resolution."""
+    from models.config import VAE_PRESETS
+    from models.onnx_vae import export_decoder, weights_hash
+    from models.vae_loading import load_vae, random_vae
+
+    model = load_vae(vae) if Path(vae).exists() or vae not in VAE_PRESETS else random_vae(VAE_PRESETS[vae])
+    f = model.cfg.spatial_factor
+    if height <= 0 or width <= 0 or height % f or width % f:
+        raise typer.BadParameter(f"height and width must be positive multiples of {f}, got {height}x{width}")
+    step, first = export_decoder(model, height // f, width // f, out, batch=batch, opset=opset)
+    typer.echo(json.dumps({
+        "step_graph": str(step), "first_graph": str(first), "config": model.cfg.name,
+        "video": [height, width], "latent": [height // f, width // f], "batch": batch, "opset": opset,
+        "caches": len(model.decoder.cache_shapes(batch, height // f, width // f)),
+        "weights_sha256": weights_hash(model),
+    }, indent=2))
+
+
+@app.command()
+def render(
+    inputs: Annotated[list[str], typer.Argument(help="audio files, directories, globs, or CSV manifests "
+                                                     "(columns: audio, avatar, emotion, output)")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    avatar: Annotated[str | None, typer.Option(help="portrait image, or demo:SEED (placeholder: a random "
+                                                    "reference latent until the demo model is trained)")] = None,
+    emotion: Annotated[str | None, typer.Option(help="emotion reference image (portrait avatars only)")] = None,
+    mode: Annotated[str, typer.Option(help="causal | overlap | fusion (position-shift fusion, offline)")] = "causal",
+    model: Annotated[str, typer.Option(help="model to render with: tiny (random TINY weights)")] = "tiny",
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: causal 4, overlap/fusion 25)")] = None,
+    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    fps: Annotated[int, typer.Option(help="video frame rate (the models are built for 25)")] = 25,
+    sample_rate: Annotated[int, typer.Option(help="audio track sample rate")] = 48_000,
+    crf: Annotated[int, typer.Option(help="H.264 quality (libx264 CRF, lower is better)")] = 18,
+    decoder: Annotated[str, typer.Option(help="VAE decoder: auto | onnx | torch")] = "auto",
+    jobs: Annotated[int, typer.Option(help="files rendered at once (worker processes or Ray actors)")] = 1,
+    threads: Annotated[int | None, typer.Option(help="torch threads per worker (1 helps on a busy CPU)")] = None,
+    backend: Annotated[str, typer.Option(help="local | ray")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="re-render outputs that are already done")] = False,
+    manifest: Annotated[Path | None, typer.Option(help="results JSON (default: OUT/render-manifest.json)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress; failures on stderr")] = False,
+    json_lines: Annotated[bool, typer.Option("--json-lines", help="progress and results as JSON lines")] = False,
+) -> None:
+    """Render audio files to talking-avatar mp4s (H.264 + AAC): resumable, locally or on Ray."""
+    from app.render import exit_code, render_batch
+    from app.render_progress import make_reporter
+    from app.render_worker import RenderSettings
+
+    settings = RenderSettings(model=model, mode=mode, steps=steps, seed=seed, fps=fps, sample_rate=sample_rate,
+                              crf=crf, decoder=decoder)
+    result = render_batch(inputs, out, avatar=avatar, emotion=emotion, settings=settings, jobs=jobs, backend=backend,
+                          address=address, threads=threads, force=force, manifest_path=manifest,
+                          reporter=make_reporter(quiet=quiet, json_lines=json_lines))
+    raise typer.Exit(exit_code(result))
 
 
 def main() -> None:

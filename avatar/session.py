@@ -228,8 +228,8 @@ class AvatarSession:
                 if all(t.features_ready >= v_end for t in self.tracks):
                     break
                 target = self._needed_samples(v_end)
-                for t in self.tracks:
-                    t.pad(target - t.timeline.end if target > t.timeline.end else self.out_rate // self.fps)
+                for t in self.tracks:  # at least one frame: a resampler may hold small pads back
+                    t.pad(max(target - t.timeline.end, self.out_rate // self.fps))
             feats = [t.take_features(need.start, need.stop) for t in self.tracks]
             epoch = self._epoch
         t_feat = time.perf_counter()

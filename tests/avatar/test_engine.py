@@ -263,3 +263,11 @@ async def test_onnx_decoder_in_the_engine_matches_torch(bundle, tmp_path, monkey
     assert len(got) == len(ref)
     for a, b in zip(got, ref):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+async def test_idle_realtime_session_at_48k_keeps_going(engine):
+    """Silence padding goes through the 48k->16k resampler, which holds small pads back: it must not stall."""
+    s = engine.open_session(_cond(), SessionOptions(realtime=True, sample_rate=48_000, jitter_ms=0))
+    frames, _ = await _collect(s, until_segment_end=False, max_frames=60, timeout=120)
+    assert [f.pts for f in frames] == list(range(60)) and all(f.audio.size == 1920 for f in frames)
+    s.close()

@@ -1,0 +1,176 @@
+"""The admin API under /admin: every route needs `Authorization: Bearer <token>`.
+
+    GET    /admin/sessions                    every live call (state, avatar, emotion, fps, latency, pacer, engine)
+    GET    /admin/sessions/{id}               one call
+    DELETE /admin/sessions/{id}               end it (also POST /admin/sessions/{id}/end)
+    POST   /admin/sessions/{id}/conditions    {avatar?, emotion?}: stored now, applied at the next pause in the
+                                              avatar's speech (an engine session's conditions are fixed, so the
+                                              call moves to a new session; 202 while pending)
+    POST   /admin/sessions/{id}/pause         stop listening: mic audio dropped, queued speech cut, avatar idles
+    POST   /admin/sessions/{id}/resume
+    GET    /admin/metrics                     snapshot: calls, engine (per-session frames, per-stage timings,
+                                              latency budget), subscribers
+    GET    /admin/avatars                     avatars and their emotions
+    GET    /admin/events                      server-sent events: hello (snapshot), session_opened/connected/
+                                              closed, conditions_*, session_paused/resumed, segment_end, stats
+    GET    /admin/broadcast, POST /admin/broadcast/start, POST /admin/broadcast/stop
+                                              501 until the livestream (streaming/broadcast.py) is wired in
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from streaming.events import SHUTDOWN
+from streaming.webrtc.peer import LiveError
+from streaming.webrtc.service import LiveService
+
+ADMIN_SERVICE = web.AppKey("admin_service", LiveService)
+SSE_KEEPALIVE_S = 15.0
+_AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="avatarcast-admin"'}
+
+
+def _unauthorized(code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=401, headers=_AUTH_HEADERS)
+
+
+def bearer_auth(token: str) -> Callable:
+    expected = token.encode()
+
+    @web.middleware
+    async def check(request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return _unauthorized("missing_token", "the admin API needs 'Authorization: Bearer <token>' "
+                                                  "(printed at start, or AVATARCAST_ADMIN_TOKEN)")
+        if not hmac.compare_digest(given.strip().encode(), expected):
+            return _unauthorized("invalid_token", "the admin token is wrong")
+        return await handler(request)
+
+    return check
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    if request.content_type != "application/json":
+        raise LiveError(415, "unsupported_media_type", "send the body as application/json")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LiveError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise LiveError(400, "bad_json", "the body must be a JSON object")
+    return body
+
+
+def _sid(request: web.Request) -> str:
+    return request.match_info["session_id"]
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    return web.json_response({"sessions": request.app[ADMIN_SERVICE].sessions()})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ADMIN_SERVICE].get(_sid(request)).snapshot())
+
+
+async def end_session(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[ADMIN_SERVICE].end(_sid(request), "admin"))
+
+
+async def set_conditions(request: web.Request) -> web.Response:
+    body = await _body(request)
+    avatar, emotion = body.get("avatar"), body.get("emotion")
+    if avatar is None and "emotion" not in body:
+        raise LiveError(400, "bad_request", "give 'avatar' and/or 'emotion' (null for none)")
+    for key, value in (("avatar", avatar), ("emotion", emotion)):
+        if value is not None and not isinstance(value, str):
+            raise LiveError(400, "bad_field", f"{key!r} must be a string or null")
+    service = request.app[ADMIN_SERVICE]
+    peer = service.get(_sid(request))
+    if "emotion" not in body:
+        emotion = peer.emotion if avatar in (None, peer.avatar) else None
+    result = service.set_conditions(_sid(request), avatar, emotion)
+    return web.json_response(result, status=200 if result["status"] == "applied" else 202)
+
+
+async def pause(request: web.Request) -> web.Response:
+    peer = request.app[ADMIN_SERVICE].get(_sid(request))
+    peer.pause()
+    return web.json_response({"session_id": peer.id, "paused": True})
+
+
+async def resume(request: web.Request) -> web.Response:
+    peer = request.app[ADMIN_SERVICE].get(_sid(request))
+    peer.resume()
+    return web.json_response({"session_id": peer.id, "paused": False})
+
+
+async def metrics_snapshot(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ADMIN_SERVICE].snapshot())
+
+
+async def avatars(request: web.Request) -> web.Response:
+    backend = request.app[ADMIN_SERVICE].backend
+    return web.json_response({"avatars": backend.catalog(), "default_avatar": backend.default_avatar})
+
+
+async def broadcast_unavailable(request: web.Request) -> web.Response:
+    # The livestream (RTMP/HLS via PyAV, streaming/broadcast.py) is a separate change; it replaces these.
+    raise LiveError(501, "not_available", "broadcasting is not available in this build yet "
+                                          "(the RTMP/HLS livestream is not wired into the server)")
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: a `hello` with the current snapshot, then every service event as it happens."""
+    service = request.app[ADMIN_SERVICE]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+
+    async def send(event: dict[str, Any]) -> None:
+        data = json.dumps(event, separators=(",", ":"))
+        await resp.write(f"id: {event.get('id', 0)}\nevent: {event['type']}\ndata: {data}\n\n".encode())
+
+    with service.events.subscribe() as sub:
+        try:
+            await send({"id": 0, "type": "hello", "snapshot": service.snapshot()})
+            while True:
+                event = await sub.get(timeout=SSE_KEEPALIVE_S)
+                if event is None:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                await send(event)
+                if event["type"] == SHUTDOWN:
+                    break
+        except ConnectionResetError:  # the console went away
+            return resp
+    return resp
+
+
+def create_admin_app(service: LiveService, token: str) -> web.Application:
+    admin = web.Application(middlewares=[bearer_auth(token)])
+    admin[ADMIN_SERVICE] = service
+    r = admin.router
+    r.add_get("/sessions", list_sessions)
+    r.add_get("/sessions/{session_id}", get_session)
+    r.add_delete("/sessions/{session_id}", end_session)
+    r.add_post("/sessions/{session_id}/end", end_session)
+    r.add_post("/sessions/{session_id}/conditions", set_conditions)
+    r.add_post("/sessions/{session_id}/pause", pause)
+    r.add_post("/sessions/{session_id}/resume", resume)
+    r.add_get("/metrics", metrics_snapshot)
+    r.add_get("/avatars", avatars)
+    r.add_get("/events", events)
+    r.add_get("/broadcast", broadcast_unavailable)
+    r.add_post("/broadcast/start", broadcast_unavailable)
+    r.add_post("/broadcast/stop", broadcast_unavailable)
+    return admin

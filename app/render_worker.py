@@ -1,0 +1,309 @@
+"""One audio file -> one mp4, with models loaded once: what every render backend runs (in this process,
+in a worker process, or in a Ray actor).
+
+    Renderer(settings)            load the models (`load_models`), start the engine, warm it up
+    renderer.render(job, report)  audio -> frames (causal / overlap: an engine session; fusion: the whole
+                                  clip at once) -> Mp4FileSink -> rename -> sidecar JSON; never raises:
+                                  a bad input becomes a result with status "failed" and the error
+
+The frames up to the one carrying the last input sample are written, with exactly the input's samples
+(the last frame's padding is cut), so the audio track is the input audio at `sample_rate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from audio.align import group_by_latent, num_video_frames
+from audio.io import read_audio
+from audio.pcm import MODEL_SAMPLE_RATE
+from audio.resample import PcmFormat, resample_audio
+from avatar.chunking import FusionOptions, OverlapOptions, generate_fused
+from avatar.decoder import FrameDecoder
+from avatar.engine import AvatarEngine, EngineOptions, ModelBundle, pick_device
+from avatar.generator import CausalOptions, Conditions
+from avatar.session import SessionOptions
+from avatar.types import DEFAULT_FPS, AvatarFrame, SegmentEnd, SessionError, frame_sample_bounds, frames_for_samples
+from streaming.filesink import Mp4FileSink, remove_stale_partials
+
+MODES = ("causal", "overlap", "fusion")
+MODELS = {"tiny": "random TINY weights (32x32; the embedded demo model is not trained yet)"}
+DEMO_PREFIX = "demo:"
+SIDECAR_SUFFIX = ".render.json"
+FEED_AHEAD_S = 10.0  # audio pushed ahead of generation (the session keeps at most 60 s buffered)
+PROGRESS_INTERVAL_S = 0.1
+
+ProgressFn = Callable[[int, int, int], None]  # (job index, frames done, frames total)
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How every file of a batch is rendered. `output_key` holds the fields that change the output."""
+
+    model: str = "tiny"
+    mode: str = "causal"  # causal | overlap | fusion
+    steps: int | None = None  # denoising steps; None: the mode's default (causal 4, overlap/fusion 25)
+    seed: int = 0
+    fps: int = DEFAULT_FPS
+    sample_rate: int = 48_000  # of the AAC track
+    crf: int = 18  # libx264 quality
+    decoder: str = "auto"  # VAE decoder backend: auto | onnx | torch (how, not what: not in the key)
+    device: str = "auto"
+
+    def validate(self) -> RenderSettings:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; available: " +
+                             ", ".join(f"{k} ({v})" for k, v in MODELS.items()))
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.fps != DEFAULT_FPS:
+            raise ValueError(f"--fps {self.fps}: the models are built for {DEFAULT_FPS} fps only")
+        if self.steps is not None and not 1 <= self.steps <= 1000:
+            raise ValueError(f"--steps must be in 1..1000, got {self.steps}")
+        if self.decoder not in ("auto", "onnx", "torch"):
+            raise ValueError(f"--decoder must be auto, onnx or torch, not {self.decoder!r}")
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"--crf must be in 0..51, got {self.crf}")
+        PcmFormat(self.sample_rate)  # 8-96 kHz
+        return self
+
+    def output_key(self) -> dict:
+        key = asdict(self)
+        del key["decoder"], key["device"]
+        return key
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    index: int  # position in the batch (progress and results refer to it)
+    audio: str
+    output: str
+    avatar: str  # portrait path or demo:SEED
+    emotion: str | None = None  # emotion reference image
+    key: str = ""  # hash of the inputs' bytes + settings: a sidecar with the same key means done
+
+
+def parse_avatar(spec: str) -> tuple[str, int | str]:
+    """'demo:SEED' -> ('demo', SEED); anything else -> ('portrait', path)."""
+    if spec.startswith(DEMO_PREFIX):
+        seed = spec[len(DEMO_PREFIX):]
+        if not seed.isdigit():
+            raise ValueError(f"--avatar {spec!r}: expected demo:SEED with an integer seed")
+        return "demo", int(seed)
+    return "portrait", spec
+
+
+def demo_label(spec: str) -> str:
+    return (f"{spec} is a placeholder: a random reference latent from seed {parse_avatar(spec)[1]} (no face); "
+            "the embedded demo model is not trained yet")
+
+
+def load_models(name: str, device: str = "auto") -> ModelBundle:
+    """The models `render` uses, by name: the one place to plug in the embedded demo model."""
+    if name == "tiny":
+        return ModelBundle.random("tiny", "tiny", seed=0, device=str(pick_device(device)))
+    raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+
+
+# ---- resume sidecars ----------------------------------------------------------------------------------
+def sidecar_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + SIDECAR_SUFFIX)
+
+
+def read_sidecar(output: str | Path) -> dict | None:
+    try:
+        return json.loads(sidecar_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---- the worker -------------------------------------------------------------------------------------------
+class _Throttle:
+    """Calls `fn(index, done, total)` at most every PROGRESS_INTERVAL_S, and always for the last frame."""
+
+    def __init__(self, fn: ProgressFn | None, index: int) -> None:
+        self.fn, self.index, self.last = fn, index, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.fn is not None and (done >= total or now - self.last >= PROGRESS_INTERVAL_S):
+            self.last = now
+            self.fn(self.index, done, total)
+
+
+class Renderer:
+    """Models and engine loaded once; `render` turns one job into an mp4 and a result dict."""
+
+    def __init__(self, settings: RenderSettings, threads: int | None = None) -> None:
+        self.settings = s = settings.validate()
+        if threads:
+            torch.set_num_threads(threads)
+        self.models = load_models(s.model, s.device)
+        causal, overlap = CausalOptions(), OverlapOptions()
+        if s.steps is not None:  # causal: s evenly spaced timesteps from 1000 (4 -> 1000, 750, 500, 250)
+            causal = replace(causal, steps=tuple(round(1000 * (s.steps - i) / s.steps) for i in range(s.steps)))
+            overlap = replace(overlap, steps=s.steps)
+        self.fusion = FusionOptions() if s.steps is None else FusionOptions(steps=s.steps)
+        # fusion is offline (no session), but the engine still prepares avatars and builds the decoder
+        streaming = s.mode != "fusion"
+        self.engine = AvatarEngine(self.models, EngineOptions(
+            mode=s.mode if streaming else "causal", causal=causal, overlap=overlap, decoder=s.decoder,
+            max_sessions=1, warmup=streaming)).start()
+        self._conditions: dict[tuple[str, str | None], Conditions] = {}
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    def render(self, job: RenderJob, on_progress: ProgressFn | None = None) -> dict:
+        """Render one job; failures (unreadable audio, bad portrait, encoder errors) become the result."""
+        t0 = time.perf_counter()
+        result = {"index": job.index, "input": job.audio, "output": job.output, "avatar": job.avatar,
+                  "status": "failed", "duration_s": None, "frames": None, "wall_s": None, "rtf": None, "error": None}
+        try:
+            frames, samples = self._render(job, _Throttle(on_progress, job.index))
+            wall = time.perf_counter() - t0
+            duration = samples / self.settings.sample_rate
+            done = {"duration_s": round(duration, 3), "frames": frames, "wall_s": round(wall, 3),
+                    "rtf": round(duration / wall, 3)}  # rtf: media seconds per wall second (>1: faster than real time)
+            write_json_atomic(sidecar_path(job.output), {"key": job.key, "settings": self.settings.output_key(),
+                                                         "emotion": job.emotion, "result": done})
+        except Exception as exc:  # one bad input must not stop the batch
+            result.update(error=f"{type(exc).__name__}: {exc}", wall_s=round(time.perf_counter() - t0, 3))
+            return result
+        return {**result, **done, "status": "done"}
+
+    def _render(self, job: RenderJob, progress: _Throttle) -> tuple[int, int]:
+        s = self.settings
+        out = Path(job.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out)  # left by a killed run
+        sidecar_path(out).unlink(missing_ok=True)  # the output is about to change
+        pcm = read_audio(job.audio, sample_rate=s.sample_rate)  # AudioReadError names the file
+        if pcm.size == 0:
+            raise ValueError(f"{job.audio}: the audio is empty (0 samples)")
+        cond = self.conditions(job.avatar, job.emotion)
+        total = frames_for_samples(pcm.size, s.sample_rate, s.fps)
+        written = 0
+        with Mp4FileSink(out, video_options={"crf": str(s.crf), "preset": "medium"}) as sink:
+            def emit(frame: AvatarFrame) -> None:
+                nonlocal written
+                start, end = frame_sample_bounds(frame.pts, s.sample_rate, s.fps)
+                keep = max(0, min(end, pcm.size) - start)  # the last frame's padding is not input audio
+                sink.write(frame if keep == frame.audio.size else replace(frame, audio=frame.audio[:keep]))
+                written += 1
+
+            if s.mode == "fusion":
+                self._fused(cond, pcm, total, emit, progress)
+            else:
+                asyncio.run(self._streamed(cond, pcm, total, emit, progress))
+            if written != total:
+                raise RuntimeError(f"{job.audio}: generated {written} frames, the audio needs {total}")
+        return written, pcm.size
+
+    async def _streamed(self, cond: Conditions, pcm: np.ndarray, total: int, emit, progress: _Throttle) -> None:
+        """An engine session, fed at most FEED_AHEAD_S ahead of generation, read until its SegmentEnd."""
+        s = self.settings
+        session = self.engine.open_session(cond, SessionOptions(realtime=False, sample_rate=s.sample_rate, seed=s.seed))
+        pushed, ahead = 0, int(FEED_AHEAD_S * s.sample_rate)
+
+        def top_up(next_frame: int) -> None:
+            nonlocal pushed
+            target = min(pcm.size, frame_sample_bounds(next_frame, s.sample_rate, s.fps)[0] + ahead)
+            if target > pushed:
+                session.push_audio(pcm[pushed:target], s.sample_rate)
+                pushed = target
+                if pushed == pcm.size:
+                    session.end_segment()
+
+        try:
+            top_up(0)
+            done = 0
+            async for item in session:
+                if isinstance(item, AvatarFrame):
+                    emit(item)
+                    done += 1
+                    progress(done, total)
+                    top_up(item.pts + 1)
+                elif isinstance(item, SegmentEnd):
+                    return
+                elif isinstance(item, SessionError):
+                    raise RuntimeError(f"generation failed: {item.message}")
+        finally:
+            session.close()
+
+    def _fused(self, cond: Conditions, pcm: np.ndarray, total: int, emit, progress: _Throttle) -> None:
+        """Position-shift fusion over the whole clip: offline features, one fused denoise, streamed decode."""
+        s, m = self.settings, self.models
+        num_latents = 1 + math.ceil((total - 1) / 4)  # 1 + 4k video frames >= total
+        wav16k = resample_audio(pcm, PcmFormat(s.sample_rate), out_rate=MODEL_SAMPLE_RATE)
+        feats = m.features(wav16k, num_video_frames(num_latents))  # (1 + 4k, D)
+        audio = torch.from_numpy(np.ascontiguousarray(group_by_latent(feats)))[None].to(m.dit.device)  # (1, N, 4, D)
+        # progress: DiT calls (steps x windows) then decoded latents, shown as a share of the frames
+        window = min(self.fusion.window_frames, num_latents)
+        work = self.fusion.steps * math.ceil(num_latents / window) + num_latents
+        done = 0
+
+        def tick(*_):
+            nonlocal done
+            done += 1
+            progress(min(total, total * done // work), total)
+
+        hook = m.dit.register_forward_hook(tick)
+        try:
+            latents = generate_fused(m.dit, cond, audio, num_latents, self.fusion, seed=s.seed)  # (1, 16, N, h, w)
+        finally:
+            hook.remove()
+        decoder = FrameDecoder(m.decoder_backend or m.vae, *cond.latent_hw)
+        pts = 0
+        for j in range(num_latents):
+            for image in decoder.decode(latents[:, :, j:j + 1]):  # 1 frame for latent 0, then 4
+                if pts < total:
+                    a, b = frame_sample_bounds(pts, s.sample_rate, s.fps)
+                    chunk = np.zeros(b - a, np.float32)
+                    chunk[:max(0, min(b, pcm.size) - a)] = pcm[a:b]
+                    emit(AvatarFrame(video=image, audio=chunk, sample_rate=s.sample_rate, pts=pts, fps=s.fps))
+                pts += 1
+            tick()
+
+    def conditions(self, avatar: str, emotion: str | None) -> Conditions:
+        """Conditions for a portrait (prepared and cached on disk) or a demo:SEED placeholder latent."""
+        key = (avatar, emotion)
+        if key not in self._conditions:
+            kind, value = parse_avatar(avatar)
+            if kind == "demo":
+                if emotion:
+                    raise ValueError(f"--emotion {emotion} needs a portrait avatar: {demo_label(avatar)}")
+                h, w = (x // self.models.vae.cfg.spatial_factor for x in self.models.frame_hw)
+                g = torch.Generator().manual_seed(int(value))
+                ref = torch.randn(1, self.models.vae.cfg.z_dim, 1, h, w, generator=g)
+                cond = Conditions(reference=ref.to(self.models.dit.device))
+            else:
+                emotions = {"emotion": Path(emotion)} if emotion else None
+                prepared = self.engine.prepare_avatar(Path(value), emotion_images=emotions,
+                                                      cache_dir=avatar_cache_dir())
+                cond = self.engine.conditions(prepared, "emotion" if emotion else None)
+            self._conditions[key] = cond
+        return self._conditions[key]
+
+
+def avatar_cache_dir() -> Path:
+    """Prepared portraits are cached beside the ONNX exports: $AVATARCAST_CACHE or ~/.cache/avatarcast."""
+    root = os.environ.get("AVATARCAST_CACHE") or Path.home() / ".cache" / "avatarcast"
+    return Path(root) / "avatars"

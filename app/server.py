@@ -1,0 +1,224 @@
+"""`avatarcast serve`: the aiohttp application (page, signaling, health, metrics, admin) and its startup.
+
+Public routes:
+    GET  /                      the page (app/web/index.html; assets under /static/)
+    GET  /config                what the page needs: avatars and emotions, codecs, modes, upload limit, ICE servers
+    POST /offer                 {sdp, type: "offer", avatar?, emotion?, mode?, codec?} -> {sdp, type, session_id, ...}
+    GET  /sessions/{id}         that call's own live stats (the id is an unguessable capability)
+    POST /sessions/{id}/conditions  {avatar?, emotion?}: the page's pickers during a call (see admin.py)
+    POST /sessions/{id}/bye     end that call
+    GET  /healthz               liveness + capacity
+    GET  /metrics               Prometheus text
+Admin routes (bearer token) are in app/admin.py. Every error is JSON: {"error": code, "message": text}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from aiortc import RTCIceServer
+
+from app.admin import create_admin_app
+from app.settings import Settings
+from streaming.metrics import LiveMetrics
+from streaming.pacer import PacerOptions
+from streaming.webrtc.peer import MODES, VIDEO_CODECS, LiveError, Offer, PeerOptions, SessionBackend
+from streaming.webrtc.service import LiveService, ServiceOptions
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+SERVICE = web.AppKey("service", LiveService)
+SETTINGS = web.AppKey("settings", Settings)
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type",
+                 429: "too_many_requests", 501: "not_implemented", 503: "unavailable"}
+
+
+def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def json_errors(request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every 4xx/5xx leaves as JSON, including aiohttp's own (404 route, 405, 413 body too large)."""
+    try:
+        return await handler(request)
+    except LiveError as exc:
+        return json_error(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate", "retry-after")}
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        return json_error(exc.status, _STATUS_CODES.get(exc.status, "http_error"), message, headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(500, "internal_error", "the server failed to handle this request; see its log")
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    """A JSON object body, or a clear 413 / 415 / 400."""
+    if request.content_type != "application/json":
+        raise LiveError(415, "unsupported_media_type",
+                        f"send the body as application/json, not {request.content_type or 'nothing'!r}")
+    if request.content_length is not None and request.content_length > limit:
+        raise LiveError(413, "body_too_large", f"the body is {request.content_length} bytes; the limit is {limit}")
+    try:
+        body = await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        raise LiveError(413, "body_too_large", f"the body exceeds the {limit}-byte limit") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LiveError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise LiveError(400, "bad_json", "the body must be a JSON object")
+    return body
+
+
+def _opt_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise LiveError(400, "bad_field", f"{key!r} must be a string")
+    return value
+
+
+# ---- public handlers ----------------------------------------------------------------------------------
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def config(request: web.Request) -> web.Response:
+    service, settings = request.app[SERVICE], request.app[SETTINGS]
+    backend = service.backend
+    return web.json_response({
+        "avatars": backend.catalog(), "default_avatar": backend.default_avatar,
+        "codecs": list(VIDEO_CODECS), "default_codec": settings.video_codec, "modes": list(MODES),
+        "upload_limit_bytes": settings.upload_limit_bytes,
+        "ice_servers": [s.as_dict() for s in settings.ice_servers],
+    })
+
+
+async def offer(request: web.Request) -> web.Response:
+    service, settings = request.app[SERVICE], request.app[SETTINGS]
+    body = await read_json(request, settings.max_body_bytes)
+    sdp = body.get("sdp")
+    if not isinstance(sdp, str) or not sdp.strip():
+        raise LiveError(400, "missing_sdp", "the body needs 'sdp': the browser's offer SDP (a string)")
+    if body.get("type") != "offer":
+        raise LiveError(400, "bad_type", f"'type' must be 'offer', not {body.get('type')!r}")
+    request_offer = Offer(
+        sdp=sdp,
+        avatar=_opt_str(body, "avatar") or service.backend.default_avatar,
+        emotion=_opt_str(body, "emotion"),
+        mode=_opt_str(body, "mode") or "voice",
+        codec=(_opt_str(body, "codec") or settings.video_codec).lower(),
+    )
+    return web.json_response(await service.offer(request_offer))
+
+
+async def session_stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICE].get(request.match_info["session_id"]).snapshot())
+
+
+async def session_conditions(request: web.Request) -> web.Response:
+    """The page's own emotion/avatar picker during a call (same rules as the admin route)."""
+    body = await read_json(request, request.app[SETTINGS].max_body_bytes)
+    service, sid = request.app[SERVICE], request.match_info["session_id"]
+    peer = service.get(sid)
+    avatar = _opt_str(body, "avatar") or peer.avatar
+    emotion = _opt_str(body, "emotion") if "emotion" in body else peer.emotion
+    result = service.set_conditions(sid, avatar, emotion)
+    return web.json_response(result, status=200 if result["status"] == "applied" else 202)
+
+
+async def bye(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[SERVICE].end(request.match_info["session_id"], "bye"))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return web.json_response({"status": "ok", "sessions": len(service.peers),
+                              "max_sessions": service.options.max_sessions})
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    m = request.app[SERVICE].metrics
+    return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
+
+
+# ---- the application ----------------------------------------------------------------------------------
+def service_options(settings: Settings, pacer: PacerOptions | None = None) -> ServiceOptions:
+    ice = tuple(RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
+                for s in settings.ice_servers)
+    peer = PeerOptions(ice_servers=ice, idle_timeout_s=settings.idle_timeout_s,
+                       connect_timeout_s=settings.connect_timeout_s, pacer=pacer or PacerOptions())
+    return ServiceOptions(max_sessions=settings.max_sessions, peer=peer)
+
+
+def create_app(settings: Settings, backend: SessionBackend, *, metrics: LiveMetrics | None = None,
+               options: ServiceOptions | None = None) -> web.Application:
+    """The whole HTTP surface over one `LiveService`. The engine behind `backend` must be running."""
+    service = LiveService(backend, options or service_options(settings), metrics)
+    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
+    app[SERVICE], app[SETTINGS] = service, settings
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", WEB_DIR, show_index=False)
+    app.router.add_get("/config", config)
+    app.router.add_post("/offer", offer)
+    app.router.add_get("/sessions/{session_id}", session_stats)
+    app.router.add_post("/sessions/{session_id}/conditions", session_conditions)
+    app.router.add_post("/sessions/{session_id}/bye", bye)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_text)
+    app.add_subapp("/admin", create_admin_app(service, settings.admin_token))
+
+    async def on_startup(_: web.Application) -> None:
+        await service.start()
+
+    async def on_shutdown(_: web.Application) -> None:
+        service.events.close()  # ends the SSE streams
+        await service.shutdown()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+# ---- `avatarcast serve` -------------------------------------------------------------------------------
+def load_models():
+    """The models the live service runs: random TINY weights until the embedded demo model is trained
+    (then this loads it; nothing else changes)."""
+    from avatar.engine import ModelBundle
+
+    return ModelBundle.random("tiny", "tiny")
+
+
+def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:
+    """Start the engine, prepare the avatars, serve until interrupted, then free everything."""
+    from app.avatars import EngineBackend, prepare_avatars
+    from avatar.engine import AvatarEngine, EngineOptions
+
+    engine = AvatarEngine(load_models(), EngineOptions(decoder="auto", max_sessions=settings.max_sessions))
+    engine.start()
+    try:
+        avatars, default = prepare_avatars(engine, Path(settings.avatar) if settings.avatar else None)
+        app = create_app(settings, EngineBackend(engine, avatars, default))
+        echo(f"avatarcast: model {engine.models.name} ({engine.decoder_provider} decoder), "
+             f"avatars {sorted(avatars)}, up to {settings.max_sessions} sessions")
+        echo(f"avatarcast: open http://{settings.host}:{settings.port}/")
+        if settings.admin_token_generated:
+            echo(f"avatarcast: admin token (set AVATARCAST_ADMIN_TOKEN to choose one): {settings.admin_token}")
+        web.run_app(app, host=settings.host, port=settings.port, print=None)
+    finally:
+        engine.stop()

@@ -1,0 +1,120 @@
+"""`avatarcast train demo`: the embedded demo model, end to end, resumable stage by stage.
+
+    1. corpus   espeak-ng speech clips (train / held-out split by voice and sentence)
+    2. clips    teacher video rendered from them (procedural faces, audio-driven animation)
+    3. vae      the causal VAE (DEMO preset)
+    4. latents  clips encoded with it, mel features, FAA masks
+    5. base     the DiT on teacher latents with reference injection (no audio)
+    6. audio    LoRA + Audio Pack + FAA + AEM on the frozen base
+    7. export   weights and model card into the shipped model folder
+
+Each stage skips work already on disk; the training stages checkpoint, so rerunning the command (or
+passing a time budget and running it again later) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "demo_model"  # app/demo_model
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    out: Path = Path("runs/demo")
+    clips: int = 400
+    vae_steps: int = 2500
+    base_steps: int = 3000
+    audio_steps: int = 3000
+    seed: int = 0
+    threads: int = 2
+
+
+def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
+    """Run every stage that is not finished; stop (resumable) when the time budget is spent."""
+    from app.train.corpus import build_corpus, ensure_espeak, read_index
+    from app.train.dataset import ClipStore, build_clip_store
+    from app.train.latents import LatentStore, build_latents
+    from app.train.train_dit import DiTTrainConfig, train_dit
+    from app.train.train_vae import VaeTrainConfig, train_vae
+    from audio.features.mel import MelFeatures
+    from models.vae_loading import load_vae
+
+    torch.set_num_threads(plan.threads)
+    t0 = time.monotonic()
+    left = lambda: None if budget_s is None else max(0.0, budget_s - (time.monotonic() - t0))  # noqa: E731
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[str, object] = {}
+
+    # 1. corpus
+    corpus = out / "corpus"
+    if not (corpus / "index.json").exists() or len(read_index(corpus)) < plan.clips:
+        ensure_espeak()
+        build_corpus(corpus, plan.clips, seed=plan.seed)
+    done["corpus"] = len(read_index(corpus))
+    # 2. clips
+    store = ClipStore(out / "clips")
+    plans = build_clip_store(corpus, store, seed=plan.seed)
+    splits = {p.key: p.split for p in plans}
+    done["clips"] = len(store)
+    # 3. vae
+    vae_path = out / "vae.safetensors"
+    if not vae_path.exists():
+        if train_vae(out, VaeTrainConfig(steps=plan.vae_steps, seed=plan.seed), stop_after=left()) != vae_path:
+            return {**done, "stopped_in": "vae"}
+    vae = load_vae(vae_path).eval()
+    # 4. latents
+    latents = LatentStore(out / "latents")
+    done["latents"] = build_latents(store, vae, MelFeatures(), latents, splits)
+    # 5-6. the DiT, base then audio
+    base = out / "dit_base"
+    if not (base / "model.safetensors").exists():
+        if train_dit(latents, out, DiTTrainConfig(stage="base", steps=plan.base_steps, seed=plan.seed),
+                     stop_after=left()) is None:
+            return {**done, "stopped_in": "base"}
+    final = out / "dit_audio"
+    if not (final / "model.safetensors").exists():
+        if train_dit(latents, out, DiTTrainConfig(stage="audio", steps=plan.audio_steps, lr=1e-4, seed=plan.seed),
+                     init=base, stop_after=left()) is None:
+            return {**done, "stopped_in": "audio"}
+    # 7. export
+    export(out)
+    done["exported_to"] = str(SHIPPED)
+    done["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return done
+
+
+def export(out: Path, dest: Path = SHIPPED) -> None:
+    """Copy the trained weights into the shipped folder (VAE, DiT core, LoRA as its own file) + logs."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "vae.safetensors", dest / "vae.safetensors")
+    shutil.copy2(out / "dit_audio" / "model.safetensors", dest / "dit.safetensors")
+    shutil.copy2(out / "dit_audio" / "lora.safetensors", dest / "lora.safetensors")
+    logs = [json.loads(line) for f in ("vae_log.jsonl", "dit_log.jsonl") if (out / f).exists()
+            for line in (out / f).read_text().splitlines()]
+    (dest / "training_log.json").write_text(json.dumps(logs[-200:], indent=0))
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DemoPlan.out)
+    p.add_argument("--budget-min", type=float, default=None)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    print(json.dumps(run(DemoPlan(out=a.out), None if a.budget_min is None else a.budget_min * 60), indent=2))
+
+
+if __name__ == "__main__":
+    main()

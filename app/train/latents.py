@@ -1,0 +1,127 @@
+"""Teacher clips -> what the DiT trains on: VAE latents, per-frame audio features, face masks.
+
+The latent sequence of a clip starts with the reference image, as a live session does: video
+[reference, frame 1, frame 2, ...] is encoded causally, so latent 0 is the reference latent and latent
+j >= 1 covers video frames 4j-3 .. 4j. Audio features are per video frame (the mel front end the demo
+model uses live), one row per face plus what a single microphone hears.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.train.dataset import Clip, ClipStore
+from audio.features.base import AudioFeatures
+from avatar.faces import FaceBox, face_mask_for_grid
+from models.vae import WanVAE
+
+MASK_SCALE = 1.6  # face box enlargement for FAA masks; two-face scenes are also cut at the midline
+
+
+@dataclass(frozen=True, eq=False)
+class LatentClip:
+    latents: np.ndarray  # (16, 1 + K, h, w) float16: latent 0 = the reference
+    emotion: np.ndarray  # (16, 1, h, w) float16: the emotion reference image's latent
+    features: np.ndarray  # (F, 1 + 4K, D) float32: per-face audio features per video frame
+    masks: np.ndarray  # (F, h/2, w/2) float32: FAA masks on the DiT token grid
+    motion: float
+    emotions: tuple[str, ...]
+    split: str = "train"
+
+    @property
+    def num_latents(self) -> int:
+        return self.latents.shape[1]
+
+    @property
+    def faces(self) -> int:
+        return self.features.shape[0]
+
+
+def face_token_masks(clip: Clip, grid_hw: tuple[int, int], scale: float = MASK_SCALE) -> np.ndarray:
+    """(F, gh, gw) masks from the faces' boxes in the reference pose (first frame)."""
+    h, w = clip.reference.shape[:2]
+    masks = []
+    for f in range(clip.num_faces):
+        box = FaceBox(*(float(v) for v in clip.face_boxes[f, 0]))
+        m = face_mask_for_grid(box, (h, w), grid_hw, scale=scale)
+        if clip.num_faces == 2:  # two-face scenes: each face owns its half of the picture
+            half = grid_hw[1] // 2
+            if f == 0:
+                m[:, half:] = 0
+            else:
+                m[:, :half] = 0
+        masks.append(m)
+    return np.stack(masks).astype(np.float32)
+
+
+@torch.no_grad()
+def encode_clip(vae: WanVAE, features: AudioFeatures, clip: Clip, split: str = "train") -> LatentClip:
+    step = vae.cfg.temporal_factor
+    k = (clip.num_frames - 1) // step
+    if k < 1:
+        raise ValueError(f"clip of {clip.num_frames} frames is too short (needs at least {1 + step})")
+    frames = np.concatenate([clip.reference[None], clip.frames[1:1 + step * k]])  # (1 + 4K, H, W, 3)
+    video = torch.from_numpy(frames).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W)
+    latents = vae.encode(video)[0]  # (16, 1 + K, h, w)
+    emo = torch.from_numpy(clip.emotion_reference).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]
+    emotion = vae.encode(emo)[0]
+    n_video = 1 + step * k
+    feats = np.stack([features(clip.audio[f], n_video) for f in range(clip.num_faces)])
+    grid = (latents.shape[2] // 2, latents.shape[3] // 2)
+    return LatentClip(latents=latents.half().numpy(), emotion=emotion.half().numpy(), features=feats,
+                      masks=face_token_masks(clip, grid), motion=clip.motion, emotions=clip.emotions, split=split)
+
+
+class LatentStore:
+    """One .npz per clip, written atomically; small enough to hold in memory for training."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.npz"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def keys(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("*.npz"))
+
+    def write(self, key: str, lc: LatentClip) -> None:
+        tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp.npz"
+        np.savez(tmp, latents=lc.latents, emotion=lc.emotion, features=lc.features, masks=lc.masks,
+                 meta=np.frombuffer(json.dumps({"motion": lc.motion, "emotions": lc.emotions,
+                                                "split": lc.split}).encode(), np.uint8))
+        os.replace(tmp, self.path(key))
+
+    def read(self, key: str) -> LatentClip:
+        with np.load(self.path(key)) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            return LatentClip(latents=z["latents"], emotion=z["emotion"], features=z["features"],
+                              masks=z["masks"], motion=meta["motion"], emotions=tuple(meta["emotions"]),
+                              split=meta["split"])
+
+
+def build_latents(clips: ClipStore, vae: WanVAE, features: AudioFeatures, out: LatentStore,
+                  splits: dict[str, str] | None = None, log=print) -> int:
+    """Encode every clip not yet in `out` (resumable). `splits`: clip key -> 'train' | 'heldout'."""
+    done = 0
+    for key in clips.keys():
+        if key in out:
+            continue
+        clip = clips.read(key)
+        if clip.num_frames < 1 + vae.cfg.temporal_factor * 10:
+            continue  # too short for a training window
+        out.write(key, encode_clip(vae, features, clip, (splits or {}).get(key, "train")))
+        done += 1
+        if done % 20 == 0:
+            log(f"encoded {done} clips")
+    return done

@@ -1,0 +1,205 @@
+"""Stages 2 and 3 of the demo model: the base DiT, then the audio path (LoRA + adapters).
+
+Training sequences have the geometry of a live session once its window is full: latent 0 is the
+reference (clean, t = 0, mask channel 0, also injected through the reference embedding), followed by
+`window_latents` latents of the clip in blocks of `block_latents`, under the block-causal mask. Each
+block gets its own noise level (diffusion forcing); with probability `clean_context` the blocks before
+a randomly chosen target block are nearly clean (t <= `context_noise`), which is what the live KV cache
+holds, so teacher forcing on clean context and a little context noise are both covered.
+
+Stage "base": everything but the audio-side modules, no audio. Stage "audio": OmniAvatar-style, the base
+frozen; trained are a peft LoRA on q,k,v,o,ffn.0,ffn.2 and the Audio Pack, the per-layer audio
+projections, the face-aware audio adapters and the audio emotion module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app.train.latents import LatentClip, LatentStore
+from audio.align import group_by_latent
+from models.attention import block_causal_frame_mask
+from models.config import DEMO, DiTConfig
+from models.dit import WanDiT
+from models.lora import inject_lora, lora_state_dict
+
+log = logging.getLogger(__name__)
+
+AUDIO_MODULES = ("audio_proj.", "audio_cond_projs.", "face_audio_embedding.", "face_adapters.",
+                 "emotion_embedding.", "emotion_adapters.")
+
+
+@dataclass(frozen=True)
+class DiTTrainConfig:
+    stage: str = "base"  # "base" | "audio"
+    steps: int = 3000
+    batch: int = 4
+    window_latents: int = 9  # after the reference: 3 blocks of 3
+    block_latents: int = 3
+    lr: float = 3e-4
+    shift: float = 5.0  # noise levels drawn like the shifted sampler spends its steps (mostly high)
+    clean_context: float = 0.6
+    context_noise: float = 0.03  # sigma ceiling of "clean" context blocks
+    audio_dropout: float = 0.1  # zero audio sometimes (keeps an unconditional branch for CFG)
+    pair_fraction: float = 0.25  # stage audio: batches of two-face scenes for the FAA
+    seed: int = 0
+    log_every: int = 25
+    checkpoint_every: int = 200
+
+
+# ---- batches ------------------------------------------------------------------------------------
+class Batches:
+    """Random training windows from a latent store (held in memory: the demo set is small)."""
+
+    def __init__(self, store: LatentStore, split: str = "train") -> None:
+        clips = [store.read(k) for k in store.keys()]
+        self.singles = [c for c in clips if c.split == split and c.faces == 1]
+        self.pairs = [c for c in clips if c.split == split and c.faces == 2]
+        if not self.singles:
+            raise ValueError(f"no single-face {split} clips in {store.root}")
+
+    def sample(self, rng: np.random.Generator, cfg: DiTTrainConfig, pairs: bool) -> dict[str, torch.Tensor]:
+        pool = self.pairs if pairs and self.pairs else self.singles
+        n = cfg.window_latents
+        items = []
+        for _ in range(cfg.batch):
+            c = pool[int(rng.integers(len(pool)))]
+            s = int(rng.integers(1, c.num_latents - n + 1))  # window start (latent index >= 1)
+            items.append(self._window(c, s, n))
+        return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+    @staticmethod
+    def _window(c: LatentClip, s: int, n: int) -> dict[str, np.ndarray]:
+        lat = np.concatenate([c.latents[:, :1], c.latents[:, s:s + n]], axis=1).astype(np.float32)
+        v0 = 4 * s - 3
+        per_face = np.stack([group_by_latent(c.features[f, v0:v0 + 4 * n], s) for f in range(c.faces)])
+        silent = np.zeros_like(per_face[:, :1])  # the reference frame hears nothing
+        per_face = np.concatenate([silent, per_face], axis=1)  # (F, 1 + n, 4, D)
+        return {"latents": lat, "emotion": c.emotion.astype(np.float32), "face_audio": per_face,
+                "audio": per_face.mean(0), "masks": c.masks, "motion": np.float32(c.motion)}
+
+
+def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def frame_sigmas(b: int, frames: int, cfg: DiTTrainConfig, g: torch.Generator) -> torch.Tensor:
+    """(B, 1 + window) noise levels: 0 for the reference, one level per block, clean context often."""
+    blocks = cfg.window_latents // cfg.block_latents
+    sig = shifted_sigma(torch.rand(b, blocks, generator=g), cfg.shift)
+    target = torch.randint(0, blocks, (b,), generator=g)
+    clean = torch.rand(b, generator=g) < cfg.clean_context
+    low = torch.rand(b, blocks, generator=g) * cfg.context_noise
+    before = torch.arange(blocks)[None] < target[:, None]
+    sig = torch.where(before & clean[:, None], low, sig)
+    per_frame = sig.repeat_interleave(cfg.block_latents, dim=1)
+    return torch.cat([torch.zeros(b, 1), per_frame], dim=1)
+
+
+def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g: torch.Generator) -> torch.Tensor:
+    x0 = batch["latents"]  # (B, 16, 1 + n, h, w)
+    b, _, f = x0.shape[:3]
+    sigma = frame_sigmas(b, f, cfg, g)  # (B, F)
+    eps = torch.randn(x0.shape, generator=g)
+    s = sigma[:, None, :, None, None]
+    xt = (1 - s) * x0 + s * eps
+    ref = x0[:, :, :1]
+    mask = torch.ones_like(x0[:, :1])
+    mask[:, :, 0] = 0
+    y = torch.cat([ref.expand_as(x0), mask], dim=1)
+    kw = {}
+    if cfg.stage == "audio":
+        keep = (torch.rand(b, generator=g) >= cfg.audio_dropout).float()
+        kw = dict(audio=batch["audio"] * keep[:, None, None, None],
+                  face_audio=batch["face_audio"] * keep[:, None, None, None, None],
+                  face_mask=batch["masks"], emotion=batch["emotion"])
+    frame_mask = block_causal_frame_mask(f, cfg.block_latents, first_block_frames=1)
+    v = dit(xt, sigma * 1000, None, y=y, reference=ref, motion=batch["motion"], frame_mask=frame_mask, **kw)
+    target = eps - x0
+    return F.mse_loss(v[:, :, 1:], target[:, :, 1:])
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def trainable_parameters(dit: WanDiT, stage: str) -> list[torch.nn.Parameter]:
+    params = []
+    for name, p in dit.named_parameters():
+        audio_side = name.startswith(AUDIO_MODULES) or ".lora_" in name
+        p.requires_grad_(audio_side if stage == "audio" else not audio_side)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def build_model(cfg: DiTTrainConfig, dit_cfg: DiTConfig, init: Path | None) -> WanDiT:
+    torch.manual_seed(cfg.seed)
+    dit = WanDiT(dit_cfg)
+    if init is not None:
+        from models.loading import load_dit
+
+        base, _ = load_dit(init, config=dit_cfg.replace(lora_rank=0), merge_lora=False)
+        dit.load_state_dict(base.state_dict(), strict=False)
+    if cfg.stage == "audio":
+        inject_lora(dit, dit_cfg.lora_rank, dit_cfg.lora_alpha, dit_cfg.lora_targets)
+    return dit
+
+
+def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainConfig(),
+              dit_cfg: DiTConfig = DEMO, init: Path | None = None, stop_after: float | None = None) -> Path | None:
+    """Train (or resume) one stage. Returns the saved model folder when the stage's steps are done."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dit = build_model(cfg, dit_cfg, init)
+    params = trainable_parameters(dit, cfg.stage)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ckpt = out / f"dit_{cfg.stage}_train.pt"
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        dit.load_state_dict(state["dit"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log.info("resuming DiT %s training at step %d", cfg.stage, step)
+    data = Batches(store)
+    t0 = time.monotonic()
+    logf = (out / "dit_log.jsonl").open("a")
+    dit.train()
+    while step < cfg.steps:
+        rng = np.random.default_rng([cfg.seed, step, 7])
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        pairs = cfg.stage == "audio" and rng.random() < cfg.pair_fraction
+        lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = dit_loss(dit, data.sample(rng, cfg, pairs), cfg, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = {"stage": f"dit_{cfg.stage}", "step": step, "lr": round(lr, 7), "loss": round(float(loss.detach()), 5),
+                   "pairs": bool(pairs), "elapsed_s": round(time.monotonic() - t0, 1)}
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            log.info("%s", rec)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or (
+                stop_after is not None and time.monotonic() - t0 > stop_after):
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"dit": dit.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+            tmp.replace(ckpt)
+            if stop_after is not None and time.monotonic() - t0 > stop_after:
+                return None
+    from models.loading import save_dit
+
+    dit.eval()
+    folder = save_dit(dit, out / f"dit_{cfg.stage}")
+    (folder / "train_config.json").write_text(json.dumps({**cfg.__dict__, "lora": bool(lora_state_dict(dit))}))
+    return folder

@@ -1,0 +1,131 @@
+"""Live-service load benchmark: N concurrent WebRTC calls over loopback, random TINY models.
+
+Each call is a real aiortc client (no ICE servers, 127.0.0.1 only) sending a speech fixture as its mic
+to the live service (engine, pacer, tracks, VP8) and receiving the avatar back. Per call it reports the
+fps the client received, the server's pipeline latency (mic packet in -> the frame carrying it sent,
+p50/p95), the end-to-end audio delay the client measured (cross-correlation of what it sent with what
+came back), and the pacer's repeated (underrun) and dropped frames. `client_fps` is what the pacer
+sends (25 whenever the service is healthy); `new_frame_fps` is how many of those were fresh pictures
+from the engine (the rest repeat the last one): below 25 the engine is not keeping up. Prints JSON.
+
+    python -m benchmarks.bench_live --sessions 4 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "audio" / "speech_en_us_male.wav"
+
+
+def _speech(seconds: float) -> np.ndarray:
+    from audio.resample import PcmFormat, resample_audio
+
+    if FIXTURE.exists():
+        import soundfile as sf
+
+        x, rate = sf.read(FIXTURE, dtype="float32")
+    else:  # a vowel-like tone switched on and off, if the fixture is absent
+        rate = 16_000
+        t = np.arange(int(seconds * rate)) / rate
+        x = (0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 2.5 * t) > 0)).astype(np.float32)
+    x48 = resample_audio(x, PcmFormat(rate), out_rate=48_000)
+    reps = int(np.ceil(seconds * 48_000 / x48.size))
+    return np.tile(x48, reps)[: int(seconds * 48_000)]
+
+
+async def _run(sessions: int, seconds: float, decoder: str, codec: str) -> dict:
+    from app.avatars import EngineBackend, prepare_avatars
+    from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
+    from streaming.webrtc import LiveService, Offer, ServiceOptions
+    from streaming.webrtc.testing import LoopbackClient, audio_lag_by_window, loopback_candidates_only
+
+    t_start = time.perf_counter()
+    engine = AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(decoder=decoder, max_sessions=sessions))
+    engine.start()
+    startup_s = time.perf_counter() - t_start
+    avatars, default = prepare_avatars(engine)
+    service = LiveService(EngineBackend(engine, avatars, default), ServiceOptions(max_sessions=sessions))
+    await service.start()
+    speech = _speech(seconds)
+    clients, ids = [], []
+    try:
+        with loopback_candidates_only():
+            for _ in range(sessions):
+                client = LoopbackClient(speech, keep_video=False)
+                answer = await service.offer(Offer(sdp=await client.offer(), avatar=default, codec=codec))
+                await client.accept(answer)
+                clients.append(client)
+                ids.append(answer["session_id"])
+            await asyncio.sleep(seconds + 1.5)  # the speech, then the pipeline delay
+            per_session = []
+            for client, sid in zip(clients, ids, strict=True):
+                peer = service.get(sid)
+                snap = peer.snapshot()
+                windows = audio_lag_by_window(speech[: int(min(seconds, 6.0) * 48_000)], client.received_audio())
+                lags = [w[1] for w in windows if w[2] > 0.5]
+                per_session.append({
+                    "session": sid,
+                    "client_fps": round(client.fps(skip_s=1.0), 2),
+                    "server_fps": snap["video"]["fps"],
+                    # new pictures per second of call time: below 25 the engine is not keeping up
+                    "new_frame_fps": round(snap["pacer"]["played"] / max(1e-9, snap["pacer"]["slots"]) * 25, 2),
+                    "frames_received": len(client.video_times),
+                    "latency_ms_p50": snap["latency_ms"]["p50"],
+                    "latency_ms_p95": snap["latency_ms"]["p95"],
+                    "audio_round_trip_ms": round(1000 * statistics.median(lags), 1) if lags else None,
+                    "repeated_frames": snap["pacer"]["repeated"],
+                    "dropped_frames": snap["pacer"]["dropped_overflow"] + snap["pacer"]["dropped_late"]
+                    + snap["pacer"]["dropped_trim"],
+                    "skipped_slots": snap["video"]["skipped"],
+                    "restarts": snap["restarts"],
+                    "engine_stage_ms": snap["engine"].get("stage_ms"),
+                })
+            budget = engine.latency_budget()
+            for sid in ids:
+                await service.end(sid)
+    finally:
+        for client in clients:
+            await client.close()
+        await service.shutdown()
+        engine.stop()
+    fps = [s["client_fps"] for s in per_session]
+    fresh = [s["new_frame_fps"] for s in per_session]
+    return {
+        "benchmark": "live", "sessions": sessions, "seconds": seconds, "model": "random tiny/tiny (32x32)",
+        "decoder": engine.decoder_provider, "codec": codec, "cpu_count": os.cpu_count(),
+        "engine_startup_s": round(startup_s, 1),
+        "all_sent_at_25fps": all(22.5 <= f <= 27.5 for f in fps),
+        "all_generated_at_25fps": all(f >= 22.5 for f in fresh),
+        "min_client_fps": min(fps), "mean_client_fps": round(float(np.mean(fps)), 2),
+        "min_new_frame_fps": min(fresh),
+        "latency_budget_ms": budget,
+        "per_session": per_session,
+    }
+
+
+def run(sessions: int = 4, seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8") -> dict:
+    """N concurrent loopback calls for `seconds` each; returns the report (see the module docstring)."""
+    return asyncio.run(_run(sessions, seconds, decoder, codec))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--decoder", default="auto", choices=["auto", "onnx", "torch"])
+    parser.add_argument("--codec", default="vp8", choices=["vp8", "h264"])
+    args = parser.parse_args()
+    print(json.dumps(run(args.sessions, args.seconds, args.decoder, args.codec), indent=2))
+
+
+if __name__ == "__main__":
+    main()

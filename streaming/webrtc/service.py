@@ -1,0 +1,175 @@
+"""The live service: every call (`LivePeer`) of one server, their limits, their control and reporting.
+
+HTTP lives in app/server.py and app/admin.py; this is what they call. Requests that cannot be served
+raise `LiveError` (status, stable code, message) before taking any resource, or after releasing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Coroutine
+
+from streaming.events import EventBus
+from streaming.metrics import LiveMetrics
+from streaming.webrtc.peer import (MODES, CapacityError, LiveError, LivePeer, Offer, PeerOptions, SessionBackend,
+                                   validate_offer)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    max_sessions: int = 4
+    peer: PeerOptions = field(default_factory=PeerOptions)
+    stats_interval_s: float = 1.0  # how often a "stats" event goes to console subscribers (0: never)
+
+
+class LiveService:
+    def __init__(self, backend: SessionBackend, options: ServiceOptions = ServiceOptions(),
+                 metrics: LiveMetrics | None = None, events: EventBus | None = None) -> None:
+        self.backend, self.options = backend, options
+        self.metrics = metrics or LiveMetrics()
+        self.events = events or EventBus()
+        self.peers: dict[str, LivePeer] = {}
+        self.started_at = time.time()
+        self._tasks: set[asyncio.Task] = set()
+        self._shutting_down = False
+
+    # ---- task set ----------------------------------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        """Run a long-lived or fire-and-forget task, referenced until it is done."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def start(self) -> None:
+        if self.options.stats_interval_s > 0:
+            self.spawn(self._stats_ticker(), "stats-ticker")
+
+    async def shutdown(self) -> None:
+        """Close every call and stop the service's tasks."""
+        self._shutting_down = True
+        await asyncio.gather(*(p.close("server_shutdown") for p in list(self.peers.values())),
+                             return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- calls -------------------------------------------------------------------------------------------
+    def _reject(self, status: int, code: str, message: str) -> LiveError:
+        self.metrics.offers_rejected.labels(code).inc()
+        return LiveError(status, code, message)
+
+    def check_offer(self, offer: Offer) -> None:
+        """Everything that can be refused without touching the engine or the network."""
+        if self._shutting_down:
+            raise self._reject(503, "shutting_down", "the server is shutting down")
+        if offer.mode not in MODES:
+            raise self._reject(400, "bad_mode", f"mode must be one of {list(MODES)}, not {offer.mode!r}")
+        catalog = self.backend.catalog()
+        if offer.avatar not in catalog:
+            raise self._reject(400, "unknown_avatar", f"no avatar {offer.avatar!r}; available: {sorted(catalog)}")
+        if offer.emotion is not None and offer.emotion not in catalog[offer.avatar]:
+            raise self._reject(400, "unknown_emotion", f"avatar {offer.avatar!r} has no emotion {offer.emotion!r}; "
+                                                       f"available: {catalog[offer.avatar]}")
+        try:
+            validate_offer(offer.sdp, offer.codec)
+        except LiveError as exc:
+            raise self._reject(exc.status, exc.code, exc.message) from None
+        if len(self.peers) >= self.options.max_sessions:
+            raise self._reject(503, "at_capacity", f"all {self.options.max_sessions} sessions are in use; "
+                                                   "try again later")
+
+    async def offer(self, offer: Offer) -> dict[str, Any]:
+        """Offer -> answer; one engine session and one peer connection per call."""
+        self.check_offer(offer)
+        peer = LivePeer(secrets.token_urlsafe(12), offer, self.backend, self.options.peer, self.metrics,
+                        self.events, on_closed=self._closed, spawn=self.spawn)
+        self.peers[peer.id] = peer  # holds the slot across the awaits below
+        self.metrics.sessions.set(len(self.peers))
+        try:
+            answer = await peer.negotiate()
+        except CapacityError as exc:
+            await peer.close("at_capacity")
+            raise self._reject(503, "at_capacity", str(exc)) from None
+        except LiveError as exc:
+            await peer.close("offer_failed")
+            raise self._reject(exc.status, exc.code, exc.message) from None
+        except BaseException:
+            await asyncio.shield(peer.close("offer_failed"))
+            raise
+        self.metrics.sessions_opened.inc()
+        self.events.publish("session_opened", session=peer.id, avatar=peer.avatar, emotion=peer.emotion,
+                            mode=peer.mode, codec=peer.negotiated_codec)
+        return {"sdp": answer.sdp, "type": answer.type, "session_id": peer.id, "codec": peer.negotiated_codec,
+                "avatar": peer.avatar, "emotion": peer.emotion}
+
+    def _closed(self, peer: LivePeer) -> None:
+        if self.peers.pop(peer.id, None) is None:
+            return
+        self.metrics.sessions.set(len(self.peers))
+        reason = peer.end_reason or "unknown"
+        if reason != "offer_failed" and reason != "at_capacity":
+            self.metrics.sessions_ended.labels(reason).inc()
+            self.events.publish("session_closed", session=peer.id, reason=reason, error=peer.error,
+                                frames_sent=peer.video.sent, age_s=round(time.monotonic() - peer.created_at, 2))
+
+    def get(self, peer_id: str) -> LivePeer:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise LiveError(404, "unknown_session", f"no live session {peer_id!r}")
+        return peer
+
+    async def end(self, peer_id: str, reason: str = "bye") -> dict[str, Any]:
+        peer = self.get(peer_id)
+        await peer.close(reason)
+        return {"session_id": peer_id, "ended": True, "reason": reason, "frames_sent": peer.video.sent}
+
+    def set_conditions(self, peer_id: str, avatar: str | None, emotion: str | None) -> dict[str, Any]:
+        """Store a new avatar and/or emotion; applied at the next pause in the outgoing speech."""
+        peer = self.get(peer_id)
+        avatar = avatar or peer.avatar
+        catalog = self.backend.catalog()
+        if avatar not in catalog:
+            raise LiveError(400, "unknown_avatar", f"no avatar {avatar!r}; available: {sorted(catalog)}")
+        if emotion is not None and emotion not in catalog[avatar]:
+            raise LiveError(400, "unknown_emotion", f"avatar {avatar!r} has no emotion {emotion!r}; "
+                                                    f"available: {catalog[avatar]}")
+        peer.request_conditions(avatar, emotion)
+        applied = peer.pending is None
+        return {"session_id": peer_id, "avatar": avatar, "emotion": emotion,
+                "status": "applied" if applied else "pending",
+                "applies": "now" if applied else "at the next pause in the avatar's speech"}
+
+    # ---- reporting ----------------------------------------------------------------------------------------
+    def sessions(self) -> list[dict[str, Any]]:
+        return [p.snapshot() for p in self.peers.values()]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "sessions": self.sessions(),
+            "max_sessions": self.options.max_sessions,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "engine": self.backend.snapshot(),
+            "subscribers": self.events.subscribers,
+        }
+
+    async def _stats_ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.stats_interval_s)
+            if self.events.subscribers:
+                self.events.publish("stats", sessions=[
+                    {"id": p.id, "state": p.state, "fps": p.fps(), "paused": p.paused, "emotion": p.emotion,
+                     "avatar": p.avatar, "latency_ms": p.snapshot()["latency_ms"]["p50"],
+                     "pacer_level": p.pacer.level, "repeated": p.pacer.stats.repeated}
+                    for p in self.peers.values()])

@@ -1,0 +1,170 @@
+"""Loopback-only WebRTC clients for tests and benchmarks: aiortc peers on 127.0.0.1, no ICE servers.
+
+aioice never offers 127.0.0.1 as a host candidate, so `loopback_candidates_only()` swaps its address
+list for just that one while a test runs: no packet goes to any other address of the machine.
+`LoopbackClient` plays PCM as its microphone in real time and records what comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import time
+from typing import Iterator
+
+import aioice.ice
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+
+from audio.resample import PcmFormat, resample_audio
+
+SAMPLE_RATE = 48_000
+PACKET = 960  # 20 ms
+
+
+@contextlib.contextmanager
+def loopback_candidates_only() -> Iterator[None]:
+    original = aioice.ice.get_host_addresses
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+    try:
+        yield
+    finally:
+        aioice.ice.get_host_addresses = original
+
+
+class PcmMicTrack(MediaStreamTrack):
+    """Plays mono float PCM at 48 kHz as 20 ms s16 packets in real time, then silence."""
+
+    kind = "audio"
+
+    def __init__(self, pcm: np.ndarray | None = None) -> None:
+        super().__init__()
+        pcm = np.zeros(0, np.float32) if pcm is None else np.asarray(pcm, np.float32)
+        self.pcm = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
+        self.sent = 0  # samples
+        self.started_at: float | None = None
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+        else:
+            await asyncio.sleep(max(0.0, self.started_at + self.sent / SAMPLE_RATE - time.monotonic()))
+        chunk = np.zeros(PACKET, np.int16)
+        part = self.pcm[self.sent:self.sent + PACKET]
+        chunk[:part.size] = part
+        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = SAMPLE_RATE, self.sent, fractions.Fraction(1, SAMPLE_RATE)
+        self.sent += PACKET
+        return frame
+
+
+class LoopbackClient:
+    """An aiortc 'browser': sends a mic track (sendrecv audio), receives video (recvonly) and audio."""
+
+    def __init__(self, pcm: np.ndarray | None = None, keep_video: bool = True) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.mic = PcmMicTrack(pcm)
+        self.keep_video = keep_video
+        self.video_times: list[float] = []
+        self.video_pts: list[int] = []
+        self.video: list[np.ndarray] = []  # decoded RGB frames (when keep_video)
+        self.audio: list[np.ndarray] = []  # mono float32 at 48 kHz, as received
+        self.audio_first_at: float | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.pc.on("track", self._on_track)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        reader = self._read_video(track) if track.kind == "video" else self._read_audio(track)
+        task = asyncio.get_running_loop().create_task(reader)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read_video(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.video_times.append(time.monotonic())
+            self.video_pts.append(frame.pts)
+            if self.keep_video:
+                self.video.append(frame.to_ndarray(format="rgb24"))
+
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if self.audio_first_at is None:
+                self.audio_first_at = time.monotonic()
+            x = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).astype(np.float32).mean(axis=1)
+            self.audio.append(x / 32768.0)
+
+    async def offer(self) -> str:
+        self.pc.addTransceiver(self.mic, direction="sendrecv")
+        self.pc.addTransceiver("video", direction="recvonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def accept(self, answer: dict) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+
+    def received_audio(self) -> np.ndarray:
+        return np.concatenate(self.audio) if self.audio else np.zeros(0, np.float32)
+
+    def fps(self, skip_s: float = 0.0) -> float:
+        """Video frames per second of arrival time, ignoring the first `skip_s` seconds."""
+        if len(self.video_times) < 2:
+            return 0.0
+        t = [x for x in self.video_times if x >= self.video_times[0] + skip_s]
+        return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
+
+    async def close(self) -> None:
+        self.mic.stop()
+        await self.pc.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def audio_lag(sent: np.ndarray, received: np.ndarray, rate: int = SAMPLE_RATE, max_lag_s: float = 4.0,
+              analysis_rate: int = 16_000) -> tuple[float, float]:
+    """Where `sent` starts inside `received`: (lag in seconds, normalised correlation at that lag).
+
+    Both are resampled to `analysis_rate` first; the lag is the peak of the FFT cross-correlation over
+    0..max_lag_s, and the correlation is computed over the overlap at that lag (1.0 = identical shape).
+    """
+    a = resample_audio(np.asarray(sent, np.float32), PcmFormat(rate), out_rate=analysis_rate).astype(np.float64)
+    b = resample_audio(np.asarray(received, np.float32), PcmFormat(rate), out_rate=analysis_rate).astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    n = 1 << int(np.ceil(np.log2(a.size + b.size)))
+    corr = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)
+    corr = corr[:max(1, min(b.size, int(max_lag_s * analysis_rate)))]
+    lag = int(np.argmax(corr))
+    seg = b[lag:lag + a.size]
+    denom = np.sqrt(np.sum(a[:seg.size] ** 2) * np.sum(seg ** 2)) or 1.0
+    return lag / analysis_rate, float(np.dot(a[:seg.size], seg) / denom)
+
+
+def audio_lag_by_window(sent: np.ndarray, received: np.ndarray, rate: int = SAMPLE_RATE, window_s: float = 0.5,
+                        min_rms: float = 0.01, max_lag_s: float = 6.0) -> list[tuple[float, float, float]]:
+    """`audio_lag` for each speech window of `sent` (RMS >= min_rms): [(window start s, lag s, corr)].
+
+    Per window, because an underrun (a repeated frame with silence) shifts everything after it by
+    1/fps: one global lag cannot fit a whole call, while each window still matches closely.
+    """
+    out = []
+    n = int(window_s * rate)
+    for start in range(0, sent.size - n + 1, n):
+        seg = sent[start:start + n]
+        if np.sqrt(np.mean(seg.astype(np.float64) ** 2)) < min_rms:
+            continue
+        lag, corr = audio_lag(seg, received, rate, max_lag_s=start / rate + max_lag_s)
+        out.append((start / rate, lag - start / rate, corr))
+    return out

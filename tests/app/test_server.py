@@ -1,0 +1,235 @@
+"""The HTTP surface of `avatarcast serve` over the real engine (random TINY models), loopback only:
+the page and its config, health and Prometheus metrics, a call through POST /offer, the admin API
+(list, metrics snapshot, change emotion, pause, end a session, SSE events, broadcast stubs), and abuse
+(bad SDP, big bodies, wrong content type, unknown sessions, bad tokens, over capacity) answered with
+clear JSON errors while a call keeps going."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from app.avatars import BUILTIN_AVATAR, EMOTIONS, EngineBackend, draw_face, prepare_avatars
+from app.server import create_app
+from app.settings import Settings, parse_ice_servers
+from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
+from streaming.webrtc.testing import LoopbackClient, loopback_candidates_only
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "test-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(max_sessions=2, decoder="torch")) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def backend(engine):
+    avatars, default = prepare_avatars(engine)
+    return EngineBackend(engine, avatars, default)
+
+
+@pytest.fixture
+async def client(backend):
+    settings = Settings(admin_token=TOKEN, max_sessions=2, idle_timeout_s=10, connect_timeout_s=10,
+                        max_body_bytes=64 * 1024)
+    with loopback_candidates_only():
+        async with TestClient(TestServer(create_app(settings, backend))) as c:
+            yield c
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def expect_error(resp, status: int, code: str) -> dict:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert body["error"] == code and body["message"], body
+    return body
+
+
+async def start_call(client: TestClient, **fields) -> tuple[LoopbackClient, dict]:
+    peer = LoopbackClient(keep_video=True)
+    resp = await client.post("/offer", json={"sdp": await peer.offer(), "type": "offer", **fields})
+    assert resp.status == 200, await resp.text()
+    answer = await resp.json()
+    await peer.accept(answer)
+    return peer, answer
+
+
+async def test_page_config_health_and_metrics(client):
+    page = await client.get("/")
+    assert page.status == 200 and "avatarcast" in await page.text()
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert (await client.get(asset)).status == 200
+    cfg = await (await client.get("/config")).json()
+    assert cfg["avatars"] == {BUILTIN_AVATAR: sorted(EMOTIONS)} and cfg["default_avatar"] == BUILTIN_AVATAR
+    assert cfg["codecs"] == ["vp8", "h264"] and cfg["modes"] == ["voice", "file"] and cfg["ice_servers"] == []
+    assert cfg["upload_limit_bytes"] == 20 * 1024 * 1024
+    health = await (await client.get("/healthz")).json()
+    assert health == {"status": "ok", "sessions": 0, "max_sessions": 2}
+    metrics = await client.get("/metrics")
+    text = await metrics.text()
+    assert metrics.headers["Content-Type"].startswith("text/plain")
+    assert "avatarcast_sessions 0.0" in text and 'avatarcast_frames_dropped_total{reason="overflow"}' in text
+
+
+async def test_a_call_with_admin_control_and_events_while_abuse_is_refused(client, engine):
+    # 0. a console listening to the event stream
+    events: list[dict] = []
+    sse = await client.get("/admin/events", headers=AUTH)
+    assert sse.status == 200 and sse.headers["Content-Type"] == "text/event-stream"
+
+    async def read_events():
+        async for line in sse.content:
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+
+    reader = asyncio.ensure_future(read_events())
+    await until(lambda: events and events[0]["type"] == "hello", 5, "the hello event")
+    assert events[0]["snapshot"]["sessions"] == []
+
+    # 1. a call (H.264, an emotion) that must keep going through everything below
+    a, answer = await start_call(client, emotion="neutral", codec="h264", mode="file")
+    sid = answer["session_id"]
+    assert answer["codec"] == "H264" and answer["emotion"] == "neutral" and answer["avatar"] == BUILTIN_AVATAR
+    await until(lambda: len(a.video) >= 10, 20, "the call's first frames")
+
+    # 2. abuse, each refused with a clear JSON error
+    await expect_error(await client.post("/offer", data="v=0", headers={"Content-Type": "text/plain"}),
+                       415, "unsupported_media_type")
+    await expect_error(await client.post("/offer", data=b"{" + b" " * 100_000 + b"}",
+                                         headers={"Content-Type": "application/json"}), 413, "body_too_large")
+    await expect_error(await client.post("/offer", data="{not json", headers={"Content-Type": "application/json"}),
+                       400, "bad_json")
+    await expect_error(await client.post("/offer", json={"type": "offer"}), 400, "missing_sdp")
+    await expect_error(await client.post("/offer", json={"sdp": "v=0\r\nhello", "type": "offer"}), 400, "bad_sdp")
+    probe = LoopbackClient()
+    good_sdp = await probe.offer()
+    await expect_error(await client.post("/offer", json={"sdp": good_sdp, "type": "answer"}), 400, "bad_type")
+    await expect_error(await client.post("/offer", json={"sdp": good_sdp, "type": "offer", "avatar": "nobody"}),
+                       400, "unknown_avatar")
+    await expect_error(await client.post("/offer", json={"sdp": good_sdp, "type": "offer", "emotion": "bored"}),
+                       400, "unknown_emotion")
+    await expect_error(await client.post("/offer", json={"sdp": good_sdp, "type": "offer", "codec": "av1"}),
+                       400, "bad_codec")
+    await expect_error(await client.post("/sessions/no-such-call/bye"), 404, "unknown_session")
+    await expect_error(await client.get("/no/such/page"), 404, "not_found")
+    await expect_error(await client.get("/offer"), 405, "method_not_allowed")
+    missing = await expect_error(await client.get("/admin/sessions"), 401, "missing_token")
+    assert "Bearer" in missing["message"]
+    await expect_error(await client.get("/admin/sessions", headers={"Authorization": "Bearer wrong"}),
+                       401, "invalid_token")
+    await expect_error(await client.post("/admin/broadcast/start", headers=AUTH), 501, "not_available")
+    await expect_error(await client.post("/admin/broadcast/stop", headers=AUTH), 501, "not_available")
+    await probe.close()
+
+    # 3. capacity: a second call fits, a third gets 503, the first never stopped
+    b, answer_b = await start_call(client)
+    extra = LoopbackClient()
+    await expect_error(await client.post("/offer", json={"sdp": await extra.offer(), "type": "offer"}),
+                       503, "at_capacity")
+    await extra.close()
+    before = len(a.video_times)
+    await asyncio.sleep(1.0)
+    assert len(a.video_times) - before >= 20, "the first call stalled while the server refused others"
+
+    # 4. admin: list, snapshot, emotion, pause/resume, end a session
+    listed = await (await client.get("/admin/sessions", headers=AUTH)).json()
+    assert {s["id"] for s in listed["sessions"]} == {sid, answer_b["session_id"]}
+    snap = await (await client.get("/admin/metrics", headers=AUTH)).json()
+    mine = next(s for s in snap["sessions"] if s["id"] == sid)
+    assert mine["codec"] == "H264" and mine["video"]["fps"] > 20 and mine["mode"] == "file"
+    assert mine["engine"]["stage_ms"]["denoise"] > 0 and snap["engine"]["latency_budget"]["total_ms"] > 0
+    changed = await client.post(f"/admin/sessions/{sid}/conditions", json={"emotion": "happy"}, headers=AUTH)
+    assert changed.status in (200, 202) and (await changed.json())["emotion"] == "happy"
+    await expect_error(await client.post(f"/admin/sessions/{sid}/conditions", json={"emotion": "bored"},
+                                         headers=AUTH), 400, "unknown_emotion")
+    assert (await client.post(f"/admin/sessions/{sid}/pause", headers=AUTH)).status == 200
+    assert (await client.post(f"/admin/sessions/{sid}/resume", headers=AUTH)).status == 200
+    ended = await client.delete(f"/admin/sessions/{answer_b['session_id']}", headers=AUTH)
+    assert ended.status == 200 and (await ended.json())["reason"] == "admin"
+    listed = await (await client.get("/admin/sessions", headers=AUTH)).json()
+    assert [s["id"] for s in listed["sessions"]] == [sid]
+    await until(lambda: len(engine.sessions) == 1, 5, "the engine to drop the ended session")
+    await expect_error(await client.delete(f"/admin/sessions/{answer_b['session_id']}", headers=AUTH),
+                       404, "unknown_session")
+
+    # 5. the caller's own stats, then bye
+    own = await (await client.get(f"/sessions/{sid}")).json()
+    assert own["id"] == sid and own["emotion"] == "happy"
+    assert own["video"]["sent"] > 25 and own["mic"]["frames"] > 25
+    bye = await client.post(f"/sessions/{sid}/bye")
+    assert bye.status == 200 and (await bye.json())["ended"]
+    await until(lambda: not engine.sessions, 5, "the engine to drop every session")
+    assert (await (await client.get("/healthz")).json())["sessions"] == 0
+
+    # 6. the console saw it all
+    await until(lambda: sum(e["type"] == "session_closed" for e in events) == 2, 5, "both session_closed events")
+    kinds = [e["type"] for e in events]
+    for kind in ("session_opened", "session_connected", "conditions_requested", "session_paused",
+                 "session_resumed"):
+        assert kind in kinds, kinds
+    assert {e["reason"] for e in events if e["type"] == "session_closed"} == {"admin", "bye"}
+    assert [e["id"] for e in events[1:]] == sorted(e["id"] for e in events[1:])
+    text = await (await client.get("/metrics")).text()
+    assert 'avatarcast_offers_rejected_total{code="at_capacity"} 1.0' in text
+    assert 'avatarcast_sessions_ended_total{reason="bye"} 1.0' in text and "avatarcast_sessions 0.0" in text
+    assert "avatarcast_latency_seconds_count" in text
+    reader.cancel()
+    for peer in (a, b):
+        await peer.close()
+
+
+def test_settings_from_env_and_validation():
+    s = Settings.from_env({"AVATARCAST_PORT": "9000", "AVATARCAST_MAX_SESSIONS": "3",
+                           "AVATARCAST_ICE_SERVERS": "stun:stun.example.org:3478"}, port=9100)
+    assert s.port == 9100 and s.max_sessions == 3 and s.host == "127.0.0.1"  # CLI beats env
+    assert s.ice_servers[0].urls == "stun:stun.example.org:3478" and s.admin_token_generated
+    assert len(s.admin_token) >= 16 and s.admin_token not in repr(s)
+    assert Settings.from_env({"AVATARCAST_ADMIN_TOKEN": TOKEN}).admin_token == TOKEN
+    turn = parse_ice_servers('[{"urls": "turn:t.example.org:3478", "username": "u", "credential": "p"}]')
+    assert turn[0].as_dict() == {"urls": "turn:t.example.org:3478", "username": "u", "credential": "p"}
+    for bad in ({"AVATARCAST_PORT": "http"}, {"AVATARCAST_ICE_SERVERS": "http://x"},
+                {"AVATARCAST_ADMIN_TOKEN": "short"}, {"AVATARCAST_VIDEO_CODEC": "av1"},
+                {"AVATARCAST_ICE_SERVERS": '[{"urls": "turn:t.example.org"}]'}):
+        with pytest.raises(ValueError):
+            Settings.from_env(bad)
+
+
+def test_the_drawn_avatar_differs_by_emotion():
+    import io
+
+    from PIL import Image
+
+    images = {e: np.asarray(Image.open(io.BytesIO(draw_face(e)))) for e in EMOTIONS}
+    assert all(img.shape == (256, 256, 3) for img in images.values())
+    assert len({img.tobytes() for img in images.values()}) == len(EMOTIONS)
+    with pytest.raises(ValueError, match="no drawing"):
+        draw_face("bored")
+
+
+def test_a_portrait_given_with_avatar_becomes_the_default(engine, tmp_path):
+    import cv2
+    from skimage.data import astronaut
+
+    path = tmp_path / "astronaut.png"
+    cv2.imwrite(str(path), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
+    avatars, default = prepare_avatars(engine, path)  # faces found by the Haar cascade
+    backend = EngineBackend(engine, avatars, default)
+    assert default == "astronaut" and backend.catalog() == {BUILTIN_AVATAR: sorted(EMOTIONS), "astronaut": []}
+    assert avatars["astronaut"].size_hw == engine.models.frame_hw
