@@ -175,7 +175,7 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
         rng = np.random.default_rng([cfg.seed, step, 7])
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         pairs = cfg.stage == "audio" and rng.random() < cfg.pair_fraction
-        lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
+        lr = float(cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))))
         for group in opt.param_groups:
             group["lr"] = lr
         loss = dit_loss(dit, data.sample(rng, cfg, pairs), cfg, g)

@@ -41,6 +41,7 @@ class VaeTrainConfig:
     identities: int = 100_000  # identity seeds drawn from [0, identities); held-out seeds live above it
     log_every: int = 25
     checkpoint_every: int = 200
+    stat_clips: int = 64  # teacher clips measured for the latent mean/std at the end
 
 
 # ---- teacher video for the VAE ------------------------------------------------------------------
@@ -146,7 +147,7 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         clips = np.stack([random_crop(teacher_clip(rng, frames, cfg.size, cfg.identities), cfg.crop, rng)
                           for _ in range(cfg.batch)])
-        lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
+        lr = float(cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))))
         for group in opt.param_groups:
             group["lr"] = lr
         losses = vae_loss(vae, to_video_tensor(clips), cfg, noise)
@@ -167,7 +168,7 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
             _checkpoint(out, vae, opt, step)
             return ckpt
     vae = vae.eval()
-    mean, std = latent_statistics(vae, cfg)
+    mean, std = latent_statistics(vae, cfg, cfg.stat_clips)
     final = WanVAE(vae.cfg.replace(latents_mean=tuple(mean), latents_std=tuple(std)))
     final.load_state_dict(vae.state_dict())
     return save_vae(final, out / "vae.safetensors")
@@ -179,7 +180,7 @@ def latent_statistics(vae: WanVAE, cfg: VaeTrainConfig, clips: int = 64) -> tupl
     rng = np.random.default_rng([cfg.seed, 10**9])
     frames = 1 + vae.cfg.temporal_factor * (cfg.latents - 1)
     mus = []
-    for _ in range(clips // cfg.batch):
+    for _ in range(max(1, clips // cfg.batch)):
         video = to_video_tensor(np.stack([teacher_clip(rng, frames, cfg.size, cfg.identities)
                                           for _ in range(cfg.batch)]))
         mus.append(encode_stats(vae, video)[0])

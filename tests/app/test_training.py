@@ -92,3 +92,19 @@ def test_vae_loss_decreases_on_a_fixed_clip():
     losses = _overfit(lambda: vae_loss(vae, video, cfg, torch.Generator().manual_seed(0))["loss"],
                       list(vae.parameters()), 25, 2e-3)
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_vae_training_resumes_from_its_checkpoint_and_measures_latent_stats(tmp_path):
+    import json
+
+    from app.train.train_vae import train_vae
+    from models.vae_loading import load_vae
+
+    cfg = VaeTrainConfig(steps=2, batch=1, crop=32, log_every=1, checkpoint_every=1, stat_clips=1)
+    train_vae(tmp_path, cfg, stop_after=0.0)  # stops (resumably) after the first step
+    assert torch.load(tmp_path / "vae_train.pt", weights_only=True)["step"] == 1
+    path = train_vae(tmp_path, cfg)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "vae_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the second run continued at step 2, it did not start over
+    vae = load_vae(path)
+    assert vae.cfg.latents_std != VAE_DEMO.latents_std and all(s > 0 for s in vae.cfg.latents_std)
