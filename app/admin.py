@@ -13,8 +13,13 @@
     GET    /admin/avatars                     avatars and their emotions
     GET    /admin/events                      server-sent events: hello (snapshot), session_opened/connected/
                                               closed, conditions_*, session_paused/resumed, segment_end, stats
-    GET    /admin/broadcast, POST /admin/broadcast/start, POST /admin/broadcast/stop
-                                              501 until the livestream (streaming/broadcast.py) is wired in
+    GET    /admin/broadcast                   livestreams: target (stream key masked), state, frames, bitrate,
+                                              reconnects, last error (running and recently finished)
+    POST   /admin/broadcast/start             {to: rtmp[s]://HOST/APP/KEY | NAME.m3u8 | DIR (HLS, under the
+                                              server's HLS directory), session_id: a live call, or audio: a file
+                                              path or http(s) URL (+ avatar?, emotion?, loop?), duration_s?,
+                                              video_bitrate_kbps?} -> 201 with the broadcast
+    POST   /admin/broadcast/stop              {id}: finish the stream cleanly -> its final state
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from streaming.broadcasts import BroadcastManager
 from streaming.events import SHUTDOWN
 from streaming.webrtc.peer import LiveError
 from streaming.webrtc.service import LiveService
 
 ADMIN_SERVICE = web.AppKey("admin_service", LiveService)
+ADMIN_BROADCASTS = web.AppKey("admin_broadcasts", BroadcastManager)
 SSE_KEEPALIVE_S = 15.0
 _AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="avatarcast-admin"'}
 
@@ -118,15 +125,65 @@ async def metrics_snapshot(request: web.Request) -> web.Response:
     return web.json_response(request.app[ADMIN_SERVICE].snapshot())
 
 
+async def engine_info(request: web.Request) -> web.Response:
+    """GET /admin/engine: the engine at a glance (for `avatarcast console`): model, checkpoint, mode, device,
+    decoder provider in use, real-time factor (compute per block / audio per block; None before any block)
+    and memory (this process's RSS; CUDA memory when the engine uses CUDA). Per-session detail: /metrics."""
+    import os
+    import sys
+
+    backend = request.app[ADMIN_SERVICE].backend
+    snap = backend.snapshot()
+    budget = snap.get("latency_budget") or {}
+    compute_ms = sum(float(budget.get(k) or 0.0) for k in ("features_ms", "denoise_ms", "decode_ms"))
+    models = getattr(getattr(backend, "engine", None), "models", None)
+    memory: dict[str, int | None] = {"rss_bytes": None}
+    try:
+        with open("/proc/self/statm") as f:
+            memory["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux: RSS unknown
+    torch = sys.modules.get("torch")  # never imported here: only asked when the engine already loaded it
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory.update(cuda_allocated_bytes=torch.cuda.memory_allocated(),
+                      cuda_reserved_bytes=torch.cuda.memory_reserved())
+    return web.json_response({
+        **{k: v for k, v in snap.items() if k != "sessions"},
+        "checkpoint": getattr(models, "checkpoint", None),
+        "sessions": len(snap.get("sessions") or {}),
+        "rtf": round(compute_ms / budget["block_ms"], 3) if compute_ms and budget.get("block_ms") else None,
+        "memory": memory,
+    })
+
+
 async def avatars(request: web.Request) -> web.Response:
     backend = request.app[ADMIN_SERVICE].backend
     return web.json_response({"avatars": backend.catalog(), "default_avatar": backend.default_avatar})
 
 
-async def broadcast_unavailable(request: web.Request) -> web.Response:
-    # The livestream (RTMP/HLS via PyAV, streaming/broadcast.py) is a separate change; it replaces these.
-    raise LiveError(501, "not_available", "broadcasting is not available in this build yet "
-                                          "(the RTMP/HLS livestream is not wired into the server)")
+def _broadcasts(request: web.Request) -> BroadcastManager:
+    manager = request.app.get(ADMIN_BROADCASTS)
+    if manager is None:
+        raise LiveError(501, "not_available", "broadcasting is not configured on this server")
+    return manager
+
+
+async def list_broadcasts(request: web.Request) -> web.Response:
+    manager = _broadcasts(request)
+    return web.json_response({"broadcasts": manager.list(), "max_broadcasts": manager.max_broadcasts})
+
+
+async def start_broadcast(request: web.Request) -> web.Response:
+    manager = _broadcasts(request)
+    return web.json_response(await manager.start(await _body(request)), status=201)
+
+
+async def stop_broadcast(request: web.Request) -> web.Response:
+    manager = _broadcasts(request)
+    body = await _body(request)
+    if "id" not in body:
+        raise LiveError(400, "missing_id", "give 'id': the broadcast to stop (GET /admin/broadcast lists them)")
+    return web.json_response(await manager.stop(body["id"]))
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -156,9 +213,11 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def create_admin_app(service: LiveService, token: str) -> web.Application:
+def create_admin_app(service: LiveService, token: str, broadcasts: BroadcastManager | None = None) -> web.Application:
     admin = web.Application(middlewares=[bearer_auth(token)])
     admin[ADMIN_SERVICE] = service
+    if broadcasts is not None:
+        admin[ADMIN_BROADCASTS] = broadcasts
     r = admin.router
     r.add_get("/sessions", list_sessions)
     r.add_get("/sessions/{session_id}", get_session)
@@ -168,9 +227,10 @@ def create_admin_app(service: LiveService, token: str) -> web.Application:
     r.add_post("/sessions/{session_id}/pause", pause)
     r.add_post("/sessions/{session_id}/resume", resume)
     r.add_get("/metrics", metrics_snapshot)
+    r.add_get("/engine", engine_info)
     r.add_get("/avatars", avatars)
     r.add_get("/events", events)
-    r.add_get("/broadcast", broadcast_unavailable)
-    r.add_post("/broadcast/start", broadcast_unavailable)
-    r.add_post("/broadcast/stop", broadcast_unavailable)
+    r.add_get("/broadcast", list_broadcasts)
+    r.add_post("/broadcast/start", start_broadcast)
+    r.add_post("/broadcast/stop", stop_broadcast)
     return admin

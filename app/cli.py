@@ -152,6 +152,52 @@ def render(
     raise typer.Exit(exit_code(result))
 
 
+@app.command()
+def console(
+    url: Annotated[str, typer.Option(help="the server's address")] = "http://127.0.0.1:8080",
+    token: Annotated[str | None, typer.Option(help="admin token (env AVATARCAST_ADMIN_TOKEN; printed by "
+                                                   "`avatarcast serve` at start)")] = None,
+    poll: Annotated[float, typer.Option(help="seconds between refreshes")] = 1.0,
+) -> None:
+    """Operator console (TUI): live sessions, engine health, broadcast, events; end, pause, change emotion."""
+    import os
+
+    from app.console.app import run_console
+
+    token = token or os.environ.get("AVATARCAST_ADMIN_TOKEN")
+    if not token:
+        raise ValueError("the console needs the admin token: --token or AVATARCAST_ADMIN_TOKEN "
+                         "(`avatarcast serve` prints it at start)")
+    if not url.startswith(("http://", "https://")) or poll <= 0:
+        raise ValueError(f"--url must start with http:// or https:// (got {url!r}) and --poll must be positive")
+    run_console(url, token, poll_s=poll)
+
+
+@app.command()
+def broadcast(
+    audio: Annotated[str, typer.Option(help="audio file or http(s) URL that drives the avatar (any rate; "
+                                            "the session resamples)")],
+    to: Annotated[str, typer.Option(help="rtmp[s]://HOST/APP/KEY, an HLS playlist (.m3u8) or an HLS directory")],
+    avatar: Annotated[Path | None, typer.Option(help="portrait to animate (default: the built-in drawn avatar)")] = None,
+    emotion: Annotated[str | None, typer.Option(help="emotion reference of the avatar (built-in: neutral, happy, "
+                                                     "sad, surprised)")] = None,
+    duration: Annotated[float | None, typer.Option(help="seconds to stream; default: until Ctrl-C (idle frames "
+                                                        "after the audio)")] = None,
+    loop: Annotated[bool, typer.Option("--loop", help="play the audio again at its end")] = False,
+    video_bitrate: Annotated[int, typer.Option(help="H.264 bitrate, kbit/s")] = 2500,
+    max_attempts: Annotated[int, typer.Option(help="failed connection attempts in a row before giving up")] = 6,
+    model: Annotated[str, typer.Option(help="model: tiny (random TINY weights)")] = "tiny",
+) -> None:
+    """Livestream the avatar driven by an audio file or URL to RTMP (FLV) or HLS, in real time."""
+    from app.broadcast import BroadcastRequest, run_broadcast
+
+    if duration is not None and duration <= 0:
+        raise ValueError(f"--duration must be positive, got {duration}")
+    request = BroadcastRequest(audio=audio, to=to, avatar=avatar, emotion=emotion, duration_s=duration, loop=loop,
+                               model=model, video_bitrate_kbps=video_bitrate, max_attempts=max_attempts)
+    raise typer.Exit(run_broadcast(request, echo=typer.echo, status=lambda line: typer.echo(line, err=True)))
+
+
 def main() -> None:
     """Entry point: user errors (missing files, bad checkpoints, bad arguments) print one line, exit 2."""
     try:

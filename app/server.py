@@ -25,6 +25,7 @@ from aiortc import RTCIceServer
 
 from app.admin import create_admin_app
 from app.settings import Settings
+from streaming.broadcasts import BroadcastManager
 from streaming.metrics import LiveMetrics
 from streaming.pacer import PacerOptions
 from streaming.webrtc.peer import MODES, VIDEO_CODECS, LiveError, Offer, PeerOptions, SessionBackend
@@ -170,6 +171,7 @@ def create_app(settings: Settings, backend: SessionBackend, *, metrics: LiveMetr
                options: ServiceOptions | None = None) -> web.Application:
     """The whole HTTP surface over one `LiveService`. The engine behind `backend` must be running."""
     service = LiveService(backend, options or service_options(settings), metrics)
+    broadcasts = BroadcastManager(service, Path(settings.hls_dir))
     app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
     app[SERVICE], app[SETTINGS] = service, settings
     app.router.add_get("/", index)
@@ -181,12 +183,13 @@ def create_app(settings: Settings, backend: SessionBackend, *, metrics: LiveMetr
     app.router.add_post("/sessions/{session_id}/bye", bye)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_text)
-    app.add_subapp("/admin", create_admin_app(service, settings.admin_token))
+    app.add_subapp("/admin", create_admin_app(service, settings.admin_token, broadcasts))
 
     async def on_startup(_: web.Application) -> None:
         await service.start()
 
     async def on_shutdown(_: web.Application) -> None:
+        await broadcasts.shutdown()  # finish the livestreams while their sources still run
         service.events.close()  # ends the SSE streams
         await service.shutdown()
 

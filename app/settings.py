@@ -13,6 +13,7 @@
 | connect_timeout_s | AVATARCAST_CONNECT_TIMEOUT_S | 20 (ICE + DTLS must connect within this) |
 | avatar | AVATARCAST_AVATAR | none: the built-in drawn avatar |
 | video_codec | AVATARCAST_VIDEO_CODEC | vp8 (or h264; the page can choose per call) |
+| hls_dir | AVATARCAST_HLS_DIR | broadcasts (relative to the working directory): admin HLS outputs go only here |
 
 ICE servers: behind NAT (cloud VMs, phones on mobile data) the server needs a STUN server for its public
 address, and clients that block UDP need TURN. Give a JSON list in the RTCIceServer shape,
@@ -83,6 +84,7 @@ class Settings:
     connect_timeout_s: float = 20.0
     avatar: str | None = None
     video_codec: str = "vp8"
+    hls_dir: str = "broadcasts"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -110,7 +112,7 @@ class Settings:
                                 "ice_servers": parse_ice_servers}
         values: dict[str, Any] = {}
         for name in ("host", "port", "max_sessions", "ice_servers", "admin_token", "upload_limit_bytes",
-                     "max_body_bytes", "idle_timeout_s", "connect_timeout_s", "avatar", "video_codec"):
+                     "max_body_bytes", "idle_timeout_s", "connect_timeout_s", "avatar", "video_codec", "hls_dir"):
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is None or raw == "":
                 continue

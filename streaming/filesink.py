@@ -48,14 +48,18 @@ class AvSink:
     which fixes the picture size (padded to even dimensions), the frame rate and the audio rate."""
 
     def __init__(self, target: str | Path, *, format: str, container_options: dict[str, str] | None = None,
-                 video_options: dict[str, str] | None = None, audio_bit_rate: int = DEFAULT_AUDIO_BIT_RATE) -> None:
+                 video_options: dict[str, str] | None = None, audio_bit_rate: int = DEFAULT_AUDIO_BIT_RATE,
+                 video_bit_rate: int | None = None, audio_layout: str = "mono") -> None:
         self.target = str(target)
         self.format = format
         self.container_options = dict(container_options or {})
         self.video_options = dict(DEFAULT_VIDEO_OPTIONS if video_options is None else video_options)
         self.audio_bit_rate = audio_bit_rate
+        self.video_bit_rate = video_bit_rate  # None: quality-driven (crf in video_options); else bits/s
+        self.audio_layout = audio_layout  # of the AAC track; the mono frames are up-mixed by the encoder
         self.frames_written = 0
         self.samples_written = 0
+        self.bytes_written = 0  # muxed packet payload, both streams (bitrate estimates)
         self._container: av.container.OutputContainer | None = None
         self._video: av.VideoStream | None = None
         self._audio: av.AudioStream | None = None
@@ -101,6 +105,7 @@ class AvSink:
 
     def _mux(self, packets) -> None:
         for packet in packets:
+            self.bytes_written += packet.size
             self._container.mux(packet)
 
     def _open(self, frame: AvatarFrame) -> None:
@@ -116,7 +121,9 @@ class AvSink:
             raise OSError(f"cannot open {self.target!r} for writing ({self.format}): {err}") from None
         video = self._container.add_stream("libx264", rate=frame.fps, options=self.video_options)
         video.width, video.height, video.pix_fmt = w + self._pad_hw[1], h + self._pad_hw[0], "yuv420p"
-        audio = self._container.add_stream("aac", rate=frame.sample_rate, layout="mono")
+        if self.video_bit_rate is not None:
+            video.bit_rate = self.video_bit_rate
+        audio = self._container.add_stream("aac", rate=frame.sample_rate, layout=self.audio_layout)
         audio.bit_rate = self.audio_bit_rate
         self._video, self._audio = video, audio
 

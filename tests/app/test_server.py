@@ -1,6 +1,6 @@
 """The HTTP surface of `avatarcast serve` over the real engine (random TINY models), loopback only:
 the page and its config, health and Prometheus metrics, a call through POST /offer, the admin API
-(list, metrics snapshot, change emotion, pause, end a session, SSE events, broadcast stubs), and abuse
+(list, metrics snapshot, change emotion, pause, end a session, SSE events, broadcast requests), and abuse
 (bad SDP, big bodies, wrong content type, unknown sessions, bad tokens, over capacity) answered with
 clear JSON errors while a call keeps going."""
 
@@ -134,8 +134,8 @@ async def test_a_call_with_admin_control_and_events_while_abuse_is_refused(clien
     assert "Bearer" in missing["message"]
     await expect_error(await client.get("/admin/sessions", headers={"Authorization": "Bearer wrong"}),
                        401, "invalid_token")
-    await expect_error(await client.post("/admin/broadcast/start", headers=AUTH), 501, "not_available")
-    await expect_error(await client.post("/admin/broadcast/stop", headers=AUTH), 501, "not_available")
+    await expect_error(await client.post("/admin/broadcast/start", headers=AUTH), 400, "bad_source")
+    await expect_error(await client.post("/admin/broadcast/stop", headers=AUTH), 400, "missing_id")
     await probe.close()
 
     # 3. capacity: a second call fits, a third gets 503, the first never stopped

@@ -1,0 +1,486 @@
+"""Livestream an avatar session: RTMP (FLV) or HLS through the file sink's PyAV muxing, in real time.
+
+    broadcaster = Broadcaster("rtmp://live.example.org/app/STREAM_KEY", BroadcastOptions(duration_s=60))
+    await broadcaster.run(session)      # AvatarFrame / SegmentEnd / SessionError items, e.g. an AvatarSession
+    broadcaster.snapshot()              # state, frames sent, bitrate, reconnects, last error
+
+Output timeline. The broadcaster owns a `MediaClock`: output slot `k` is sent no earlier than
+`t0 + k / fps` (t0: when `start_frames` frames are buffered), so a source that runs ahead (a file
+pushed faster than real time) is never sent faster than real time. Every slot carries a picture and
+exactly its 1/fps of audio, so the audio track never has a gap:
+- BACKPRESSURE: a full buffer (`queue_frames`) stops reading the source; nothing is dropped on the way in
+  (an engine session then pauses generation);
+- REPEAT_LAST: a slot with no frame `underrun_grace_s` after it is due repeats the last picture with
+  silence;
+- SKIP_LATE: output more than `max_lag_frames` behind the clock (a stalled write) jumps to the slot due
+  now and drops the frames of the skipped slots; the sink fills their audio with silence;
+- OFFLINE: while the server is unreachable, slots keep passing and their frames are dropped (counted).
+
+Reconnect. A write that fails (connection reset, refused, `write_timeout_s` without progress) closes
+that connection; the next slot reconnects at once, then failed attempts back off exponentially
+(`retry_initial_s` doubling up to `retry_max_s`). `max_attempts` consecutive failures fail the
+broadcast with the last error. A new connection starts a new stream (pts 0, new SPS/PPS).
+
+Encoding and network writes run on one I/O thread per connection; the event loop only moves frames.
+Sources (streaming/broadcast_sources.py): an engine session itself, a live call's pacer, and an
+engine session driven by an audio file or URL. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+import av
+import numpy as np
+
+from avatar.types import DEFAULT_FPS, AvatarFrame, SessionError, SessionItem, frame_sample_bounds
+from streaming.clock import MediaClock
+from streaming.filesink import AvSink
+
+log = logging.getLogger(__name__)
+
+RTMP_SCHEMES = ("rtmp", "rtmps")
+HLS_PLAYLIST = "index.m3u8"  # the playlist written into a directory target
+HLS_SEGMENT_TYPES = ("mpegts", "fmp4")  # .ts or .m4s segments
+POLL_S = 0.005  # how often an underrun or the pre-roll re-checks the buffer
+BITRATE_WINDOW_S = 2.0
+STATES = ("idle", "starting", "connecting", "live", "reconnecting", "stopped", "failed")
+
+
+class BroadcastError(RuntimeError):
+    """The broadcast cannot go on (every reconnect attempt failed, or the source failed)."""
+
+
+# ---- targets ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "rtmp" (FLV over RTMP/RTMPS) or "hls" (a playlist + segments in a directory)
+    location: str  # the URL, or the playlist path
+
+    @property
+    def display(self) -> str:
+        """Safe to show and log: an RTMP stream key (the last path segment) is masked."""
+        if self.kind != "rtmp":
+            return self.location
+        parts = urlsplit(self.location)
+        app, _, key = parts.path.rpartition("/")
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return f"{parts.scheme}://{netloc}{app}/{'***' if key else ''}"
+
+
+def parse_target(text: str, *, hls_root: Path | None = None) -> Target:
+    """`rtmp[s]://HOST[:PORT]/APP/KEY`, a `.m3u8` playlist path, or a directory (`DIR/index.m3u8`).
+
+    With `hls_root` (the server), an HLS path must be relative to it and stay inside it.
+    """
+    text = (text or "").strip()
+    if not text:
+        raise ValueError("the broadcast target is empty: give rtmp://HOST/APP/KEY or an HLS .m3u8 path or directory")
+    if "://" in text:
+        parts = urlsplit(text)
+        scheme = parts.scheme.lower()
+        if scheme not in RTMP_SCHEMES:
+            raise ValueError(f"unsupported broadcast target {scheme}://...; use rtmp://, rtmps:// or an HLS "
+                             ".m3u8 path or directory")
+        try:
+            parts.port  # noqa: B018  (validates it)
+        except ValueError:
+            raise ValueError(f"{scheme}:// URL has an invalid port: {parts.netloc!r}") from None
+        if not parts.hostname:
+            raise ValueError(f"{scheme}:// URL has no host; expected {scheme}://HOST[:PORT]/APP/KEY")
+        segments = [s for s in parts.path.split("/") if s]
+        if len(segments) < 2:
+            raise ValueError(f"{Target('rtmp', text).display}: an RTMP URL needs an application and a stream "
+                             f"key, {scheme}://HOST[:PORT]/APP/KEY")
+        return Target("rtmp", text)
+    path = Path(text).expanduser()
+    if hls_root is not None:
+        root = hls_root.resolve()
+        path = (root / path).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"HLS output {text!r} must stay inside the broadcast directory {root}")
+    if path.suffix == ".m3u8":
+        return Target("hls", str(path))
+    if path.is_dir() or text.endswith("/") or hls_root is not None:
+        return Target("hls", str(path / HLS_PLAYLIST))
+    raise ValueError(f"{text!r} is neither an rtmp:// URL nor an HLS playlist (.m3u8) or existing directory")
+
+
+# ---- options ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BroadcastOptions:
+    video_bitrate: int = 2_500_000  # bits/s (libx264 ABR, maxrate = bitrate, 2 s VBV buffer)
+    audio_bitrate: int = 128_000  # AAC
+    preset: str = "veryfast"  # libx264 speed/quality
+    gop_s: float = 2.0  # keyframe interval: players can join (and HLS can cut) every gop_s
+    fps: int = DEFAULT_FPS
+    start_frames: int = 3  # frames buffered before the output clock starts (absorbs source jitter)
+    queue_frames: int = 75  # bound of the buffer between the source and the output (3 s)
+    max_lag_frames: int = 25  # output later than this skips forward instead of catching up
+    underrun_grace_s: float = 0.02  # how long past due a slot waits for a frame before repeating
+    retry_initial_s: float = 0.5  # backoff after the first failed attempt; doubles per failure
+    retry_max_s: float = 8.0
+    max_attempts: int = 6  # consecutive failed connection attempts before the broadcast fails
+    write_timeout_s: float = 10.0  # a write (or connect) without progress for this long = connection lost
+    duration_s: float | None = None  # stop after this much output; None: until stop() or the source ends
+    hls_time_s: float = 2.0  # target segment length (cut at keyframes)
+    hls_list_size: int = 6  # segments in the live playlist; 0 keeps every segment (and the files)
+    hls_segment_type: str = "mpegts"  # or "fmp4"
+
+    def __post_init__(self) -> None:
+        if self.video_bitrate < 10_000 or self.audio_bitrate < 8_000:
+            raise ValueError("video_bitrate must be at least 10 kbit/s and audio_bitrate at least 8 kbit/s")
+        if self.start_frames < 1 or self.queue_frames < self.start_frames:
+            raise ValueError("need start_frames >= 1 and queue_frames >= start_frames")
+        if self.max_attempts < 1 or self.retry_initial_s < 0 or self.retry_max_s < self.retry_initial_s:
+            raise ValueError("need max_attempts >= 1 and 0 <= retry_initial_s <= retry_max_s")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise ValueError(f"duration_s must be positive, not {self.duration_s}")
+        if self.hls_segment_type not in HLS_SEGMENT_TYPES:
+            raise ValueError(f"hls_segment_type must be one of {HLS_SEGMENT_TYPES}")
+        if self.gop_s <= 0 or self.hls_time_s <= 0 or self.hls_list_size < 0 or self.write_timeout_s <= 0:
+            raise ValueError("gop_s, hls_time_s and write_timeout_s must be positive, hls_list_size >= 0")
+
+    @property
+    def gop_frames(self) -> int:
+        return max(1, round(self.gop_s * self.fps))
+
+    def backoff_s(self, failures: int) -> float:
+        """Wait before the next attempt after `failures` consecutive failed ones (0: at once)."""
+        return 0.0 if failures <= 0 else min(self.retry_initial_s * 2 ** (failures - 1), self.retry_max_s)
+
+
+def open_sink(target: Target, options: BroadcastOptions, *, resume: bool = False) -> AvSink:
+    """The file sink's muxer on a live target: low-latency H.264 (no B-frames, fixed GOP) + stereo AAC."""
+    g = str(options.gop_frames)
+    video = {"preset": options.preset, "tune": "zerolatency", "g": g, "keyint_min": g, "bf": "0",
+             "sc_threshold": "0",  # keyframes only on the GOP grid: regular HLS segments, joinable streams
+             "maxrate": str(options.video_bitrate), "bufsize": str(2 * options.video_bitrate)}
+    if target.kind == "rtmp":
+        container, fmt = {"flvflags": "no_duration_filesize"}, "flv"  # the output cannot seek back
+    else:
+        Path(target.location).parent.mkdir(parents=True, exist_ok=True)
+        flags = ["independent_segments"]
+        if options.hls_list_size:
+            flags.append("delete_segments")
+        if resume:  # after a write failure: continue the playlist and its numbering
+            flags += ["append_list", "discont_start"]
+        container, fmt = {"hls_time": f"{options.hls_time_s:g}", "hls_list_size": str(options.hls_list_size),
+                          "hls_flags": "+".join(flags), "hls_segment_type": options.hls_segment_type}, "hls"
+    return AvSink(target.location, format=fmt, container_options=container, video_options=video,
+                  audio_bit_rate=options.audio_bitrate, video_bit_rate=options.video_bitrate, audio_layout="stereo")
+
+
+# ---- the broadcaster --------------------------------------------------------------------------------------
+@dataclass
+class BroadcastStats:
+    frames_sent: int = 0  # slots written to a live connection (repeats included)
+    repeated: int = 0  # REPEAT_LAST slots
+    dropped_offline: int = 0  # frames whose slot passed while disconnected
+    dropped_late: int = 0  # frames of slots skipped after a stall
+    skipped_slots: int = 0
+    bytes_sent: int = 0
+    connections: int = 0  # successful connections (the first one included)
+    reconnects: int = 0  # successful connections after the first
+    disconnects: int = 0  # live connections lost
+    failed_attempts: int = 0  # connection attempts that failed (all, not only consecutive)
+
+
+class _Failed(Exception):
+    pass
+
+
+class Broadcaster:
+    """One livestream of one source to one target. `run()` once; `stop()` ends it cleanly."""
+
+    def __init__(self, target: Target | str, options: BroadcastOptions = BroadcastOptions(), *,
+                 clock: MediaClock | None = None,
+                 sink_factory: Callable[..., AvSink] = open_sink,
+                 on_state: Callable[[Broadcaster, str], None] | None = None) -> None:
+        self.target = parse_target(target) if isinstance(target, str) else target
+        self.options = options
+        self.clock = clock or MediaClock(options.fps)
+        if self.clock.fps != options.fps:
+            raise ValueError(f"the clock runs at {self.clock.fps} fps, the options say {options.fps}")
+        self._sink_factory, self._on_state = sink_factory, on_state
+        self.state = "idle"
+        self.end_reason: str | None = None  # stopped | duration | source_ended | failed
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None  # wall clock
+        self.stats = BroadcastStats()
+        self.started_at: float | None = None  # wall clock (time.time) of run()
+        self.live_since: float | None = None  # wall clock of the current connection
+        self._queue: asyncio.Queue[AvatarFrame] = asyncio.Queue(maxsize=options.queue_frames)
+        self._stop = False
+        self._fail_message: str | None = None
+        self._source_done = False
+        self._source_error: str | None = None
+        self._sink: AvSink | None = None
+        self._io: concurrent.futures.ThreadPoolExecutor | None = None
+        self._failures = 0  # consecutive failed attempts
+        self._retry_at = 0.0
+        self._bytes_before = 0  # sent on earlier connections
+        self._rate: deque[tuple[float, int]] = deque(maxlen=int(BITRATE_WINDOW_S * options.fps * 2))
+        self._last_video: np.ndarray | None = None
+        self._sample_rate = 0
+
+    # ---- control ----------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Finish at the next slot: flush the encoders and end the stream (HLS: the playlist's ENDLIST)."""
+        self._stop = True
+
+    def fail(self, message: str) -> None:
+        """End at the next slot as failed with `message` (e.g. the audio feeding the session broke)."""
+        self._fail_message = message
+        self._stop = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
+    async def run(self, source: AsyncIterator[SessionItem]) -> dict[str, Any]:
+        """Stream `source` until stop(), `duration_s`, the source's end, or failure; returns the snapshot."""
+        if self.state != "idle":
+            raise RuntimeError("a Broadcaster runs once; make a new one")
+        self.started_at = time.time()
+        self._set_state("starting")
+        feeder = asyncio.get_running_loop().create_task(self._feed(source), name="broadcast-feed")
+        clean = False
+        try:
+            await self._send_loop()
+            clean = True
+        except _Failed as exc:
+            self.last_error, self.end_reason = str(exc), "failed"
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+            if clean:
+                await self._close_sink()
+            else:  # failed, or cancelled: cut the connection without finishing the stream
+                self._drop_connection()
+                self.end_reason = self.end_reason or "cancelled"
+            self._set_state("failed" if self.end_reason == "failed" else "stopped")
+        return self.snapshot()
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            log.info("broadcast %s: %s%s", self.target.display, state,
+                     f" ({self.last_error})" if state in ("reconnecting", "failed") and self.last_error else "")
+            if self._on_state is not None:
+                self._on_state(self, state)
+
+    # ---- input ------------------------------------------------------------------------------------------
+    async def _feed(self, source: AsyncIterator[SessionItem]) -> None:
+        try:
+            async for item in source:
+                if isinstance(item, AvatarFrame):
+                    await self._queue.put(item)  # BACKPRESSURE when full
+                elif isinstance(item, SessionError):
+                    self._source_error = f"the session failed: {item.message}"
+                    return
+                # SegmentEnd: the output is continuous across speech segments; nothing to do
+        except Exception as exc:  # a source that raises ends the broadcast with its error
+            self._source_error = f"the source failed: {type(exc).__name__}: {exc}"
+        finally:
+            self._source_done = True
+
+    async def _take(self, deadline: float) -> AvatarFrame | None:
+        """The next buffered frame, waiting until `deadline` at most; None: underrun or end of source."""
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+            now = self.clock.now()
+            if self._source_done or self._stop or now >= deadline:
+                return None
+            await self.clock.sleep_until(min(deadline, now + POLL_S))
+
+    # ---- output timeline ------------------------------------------------------------------------------------
+    async def _send_loop(self) -> None:
+        opts, clock = self.options, self.clock
+        # 1. pre-roll: the clock starts once start_frames are in (or the source ended early)
+        while self._queue.qsize() < opts.start_frames and not self._source_done and not self._stop:
+            await clock.sleep_until(clock.now() + POLL_S)
+        if self._queue.empty():
+            self._end_from_source("the source ended before its first frame")
+            return
+        clock.start()
+        limit = None if opts.duration_s is None else round(opts.duration_s * opts.fps)
+        k = 0
+        while not self._stop and (limit is None or k < limit):
+            # 2. slot k: never before it is due; REPEAT_LAST if no frame came in time
+            due = clock.video_due(k)
+            await clock.sleep_until(due)
+            frame = await self._take(due + opts.underrun_grace_s)
+            if frame is None:
+                if self._source_done and self._queue.empty():
+                    self._end_from_source(None)
+                    return
+                self.stats.repeated += 1
+            await self._output(self._slot_frame(frame, k))
+            k += 1
+            # 3. SKIP_LATE: a stalled write must not be followed by a burst
+            behind = clock.video_slot_at(clock.now()) - k
+            if behind > opts.max_lag_frames:
+                for _ in range(min(behind, self._queue.qsize())):
+                    self._queue.get_nowait()
+                    self.stats.dropped_late += 1
+                self.stats.skipped_slots += behind
+                k += behind
+        if self._fail_message is not None:
+            raise _Failed(self._fail_message)
+        self.end_reason = "stopped" if self._stop else "duration"
+
+    def _end_from_source(self, default: str | None) -> None:
+        error = self._fail_message or self._source_error
+        if error is not None:
+            raise _Failed(error)
+        self.end_reason = "stopped" if self._stop else "source_ended"
+        if default is not None and not self._stop:
+            self.last_error = default
+
+    def _slot_frame(self, frame: AvatarFrame | None, k: int) -> AvatarFrame:
+        """The frame for output slot k: re-stamped to k with exactly slot k's samples, or a repeat."""
+        if frame is not None:
+            if frame.fps != self.options.fps:
+                raise _Failed(f"the source runs at {frame.fps} fps; this broadcast at {self.options.fps}")
+            self._last_video, self._sample_rate = frame.video, frame.sample_rate
+        assert self._last_video is not None  # the pre-roll guarantees a first frame
+        a, b = frame_sample_bounds(k, self._sample_rate, self.options.fps)
+        audio = np.zeros(b - a, np.float32)
+        if frame is not None:
+            pcm = np.asarray(frame.audio, np.float32).reshape(-1)[: b - a]
+            audio[: pcm.size] = pcm  # a short frame is padded with silence: the track stays continuous
+        return AvatarFrame(video=self._last_video, audio=audio, sample_rate=self._sample_rate, pts=k,
+                           fps=self.options.fps, idle=frame is None or frame.idle)
+
+    # ---- connection -----------------------------------------------------------------------------------------
+    async def _output(self, frame: AvatarFrame) -> None:
+        now = self.clock.now()
+        if self._sink is None:
+            if now < self._retry_at:
+                self.stats.dropped_offline += 1  # OFFLINE: the slot passes without a connection
+                return
+            self._set_state("connecting" if self.stats.connections == 0 else "reconnecting")
+            try:
+                self._sink = self._sink_factory(self.target, self.options, resume=self.stats.connections > 0)
+            except OSError as exc:  # e.g. the HLS directory cannot be created
+                self._connection_failed(exc, was_live=False)
+                self.stats.dropped_offline += 1
+                return
+            self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="broadcast-io")
+        sink = self._sink
+        try:
+            await self._on_io(sink.write, frame)  # the first write connects
+        except (av.error.FFmpegError, OSError) as exc:
+            self._connection_failed(exc, was_live=sink.frames_written > 0)
+            self.stats.dropped_offline += 1
+            return
+        except ValueError as exc:  # a frame the sink refuses (size or rate changed): not a network problem
+            raise _Failed(f"the source's frames cannot be encoded: {exc}") from None
+        if sink.frames_written == 1:
+            self._connected()
+        self.stats.frames_sent += 1
+        self.stats.bytes_sent = self._bytes_before + sink.bytes_written
+        self._rate.append((self.clock.now(), self.stats.bytes_sent))
+
+    async def _on_io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run on this connection's I/O thread; `write_timeout_s` without an answer counts as a lost link."""
+        assert self._io is not None
+        future = asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+        try:
+            return await asyncio.wait_for(future, self.options.write_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no progress for {self.options.write_timeout_s:g} s") from None
+
+    def _connected(self) -> None:
+        self.stats.connections += 1
+        if self.stats.connections > 1:
+            self.stats.reconnects += 1
+        self._failures = 0
+        self.live_since = time.time()
+        self._set_state("live")
+
+    def _connection_failed(self, exc: BaseException, *, was_live: bool) -> None:
+        self.last_error, self.last_error_at = self._describe(exc), time.time()
+        self._drop_connection()
+        if was_live:  # the link went away: try again at the next slot
+            self.stats.disconnects += 1
+            self._failures, self._retry_at = 0, self.clock.now()
+            self._set_state("reconnecting")
+            return
+        self._failures += 1
+        self.stats.failed_attempts += 1
+        if self._failures >= self.options.max_attempts:
+            raise _Failed(f"gave up on {self.target.display} after {self._failures} failed attempts "
+                          f"in a row: {self.last_error}")
+        self._retry_at = self.clock.now() + self.options.backoff_s(self._failures)
+        self._set_state("reconnecting")
+
+    def _drop_connection(self) -> None:
+        """Abandon the connection: its thread tears it down (after a stuck write, whenever that returns)."""
+        sink, io = self._sink, self._io
+        self._sink, self._io = None, None
+        if sink is not None:
+            self._bytes_before += sink.bytes_written
+            if io is not None:
+                io.submit(sink.abort)
+        if io is not None:
+            io.shutdown(wait=False)
+        self.live_since = None
+
+    async def _close_sink(self) -> None:
+        """Finish the stream: flush both encoders, write the trailer (HLS: the last segment, ENDLIST)."""
+        if self._sink is None:
+            return
+        try:
+            await self._on_io(self._sink.close)
+            self.stats.bytes_sent = self._bytes_before + self._sink.bytes_written
+            self._bytes_before, self._sink = self.stats.bytes_sent, None
+        except (av.error.FFmpegError, OSError, ValueError) as exc:
+            self.last_error = f"finishing the stream: {self._describe(exc)}"
+        finally:
+            self._drop_connection()
+
+    def _describe(self, exc: BaseException) -> str:
+        text = str(exc) or type(exc).__name__
+        return text.replace(self.target.location, self.target.display)
+
+    # ---- reporting ----------------------------------------------------------------------------------------
+    def bitrate_bps(self) -> float:
+        """Bits/s over the last BITRATE_WINDOW_S of writes (0 when not sending)."""
+        if self._sink is None or len(self._rate) < 2:
+            return 0.0
+        t_end, b_end = self._rate[-1]
+        if self.clock.now() - t_end > BITRATE_WINDOW_S:
+            return 0.0
+        t0, b0 = next((t, b) for t, b in self._rate if t >= t_end - BITRATE_WINDOW_S)
+        return (b_end - b0) * 8 / (t_end - t0) if t_end > t0 else 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "target": self.target.display, "kind": self.target.kind, "state": self.state,
+            "end_reason": self.end_reason, "last_error": self.last_error, "last_error_at": self.last_error_at,
+            "frames_sent": s.frames_sent, "seconds_sent": round(s.frames_sent / self.options.fps, 2),
+            "repeated": s.repeated, "skipped_slots": s.skipped_slots,
+            "dropped": {"offline": s.dropped_offline, "late": s.dropped_late},
+            "bytes_sent": s.bytes_sent, "bitrate_kbps": round(self.bitrate_bps() / 1000, 1),
+            "avg_bitrate_kbps": round(s.bytes_sent * 8 * self.options.fps / s.frames_sent / 1000, 1)
+            if s.frames_sent else 0.0,
+            "video_bitrate_kbps": self.options.video_bitrate // 1000,
+            "reconnects": s.reconnects, "disconnects": s.disconnects, "failed_attempts": s.failed_attempts,
+            "connections": s.connections, "buffered": self._queue.qsize(),
+            "started_at": self.started_at, "live_since": self.live_since,
+        }

@@ -1,0 +1,211 @@
+"""What a broadcast streams: a live call's output, or an engine session driven by an audio file or URL.
+
+    frames = pacer_frames(peer.pacer)                        # a live call: what its WebRTC tracks send
+    await broadcaster.run(frames)
+
+    probe_audio(source)                                      # fail early: missing file, not audio, bad URL
+    session = backend.open(avatar, emotion)                  # a realtime engine session (48 kHz out)
+    await broadcast_audio(broadcaster, session, AudioDriver(session, source, loop_audio=False))
+
+`AudioDriver` decodes with PyAV chunk by chunk (files and http(s) streams alike; memory stays bounded)
+and pushes at the source's own rate (the session resamples) at the wall-clock pace, `lead_s` ahead,
+then silence, so the session keeps producing idle frames at 25 fps. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
+from urllib.parse import urlsplit
+
+import av
+import numpy as np
+
+from audio.resample import PcmFormat, pcm_from_av_frame
+from avatar.types import AvatarFrame, SessionItem
+from streaming.broadcast import Broadcaster
+from streaming.pacer import Pacer, PacerClosed
+
+AUDIO_URL_SCHEMES = ("http", "https")
+URL_TIMEOUT_US = 10_000_000  # a stalled audio URL fails after 10 s instead of hanging
+
+
+class AudioSourceError(ValueError):
+    """An audio file or URL that cannot be opened or decoded."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"cannot read audio from {source!r}: {reason}")
+
+
+# ---- a live call ------------------------------------------------------------------------------------------
+async def pacer_frames(pacer: Pacer, delay_frames: int = 2) -> AsyncIterator[AvatarFrame]:
+    """A live call's output as frames: slot k of its pacer, read `delay_frames` after it is due (by then
+    its WebRTC tracks have resolved it, so this reads the same pictures and samples they send). Ends
+    when the call closes. A reader that falls behind jumps to the present."""
+    clock = pacer.clock
+    try:
+        await pacer.wait_started()
+    except PacerClosed:
+        return
+    k = max(0, clock.video_slot_at(clock.now()) - delay_frames)
+    while True:
+        await clock.sleep_until(clock.video_due(k + delay_frames))
+        k = max(k, clock.video_slot_at(clock.now()) - delay_frames - pacer.options.max_lag_frames)
+        try:
+            slot = pacer.slot(k)
+        except PacerClosed:
+            return
+        yield AvatarFrame(video=slot.video, audio=slot.audio.astype(np.float32) / 32768.0,
+                          sample_rate=clock.sample_rate, pts=k, fps=clock.fps, idle=slot.repeated)
+        k += 1
+
+
+# ---- an audio file or URL ---------------------------------------------------------------------------------
+class PushTarget(Protocol):
+    """What the audio driver needs from a session (avatar.session.AvatarSession)."""
+
+    def push_audio(self, pcm: np.ndarray, sample_rate: int, speaker: int = 0, channels: int = 1,
+                   layout: str = "interleaved") -> None: ...
+
+    def end_segment(self) -> None: ...
+
+
+def check_audio_source(source: str) -> str:
+    """An http(s) URL or a readable local file; anything else is refused with the reason."""
+    source = (source or "").strip()
+    if "://" in source:
+        scheme = urlsplit(source).scheme.lower()
+        if scheme not in AUDIO_URL_SCHEMES:
+            raise AudioSourceError(source, f"unsupported URL scheme {scheme!r}; use http(s):// or a local file")
+        return source
+    path = Path(source).expanduser()
+    if not source or not path.exists():
+        raise AudioSourceError(source, "no such file")
+    if not path.is_file():
+        raise AudioSourceError(source, "not a regular file")
+    return str(path)
+
+
+def decode_audio(source: str) -> Iterator[tuple[np.ndarray, PcmFormat, int]]:
+    """Decode a file or URL chunk by chunk at its own rate and layout (the session resamples):
+    (pcm, its format, samples per channel). Blocking: run it on a thread."""
+    is_url = "://" in source
+    try:
+        container = av.open(source, options={"rw_timeout": str(URL_TIMEOUT_US)} if is_url else None)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise AudioSourceError(source, getattr(exc, "strerror", None) or str(exc)) from None
+    with container:
+        if not container.streams.audio:
+            raise AudioSourceError(source, "it has no audio stream")
+        try:
+            for frame in container.decode(container.streams.audio[0]):
+                pcm, fmt = pcm_from_av_frame(frame)
+                yield pcm, fmt, frame.samples
+        except (av.error.FFmpegError, OSError) as exc:
+            raise AudioSourceError(source, f"decoding failed: {getattr(exc, 'strerror', None) or exc}") from None
+        except ValueError as exc:  # a sample rate outside 8-96 kHz
+            raise AudioSourceError(source, str(exc)) from None
+
+
+class AudioDriver:
+    """Feeds an audio file or URL into a session like a microphone: at the wall-clock pace, `lead_s`
+    ahead (so generation has its audio before the frames are due); then silence, at the same pace, so
+    the session keeps making idle frames. `loop_audio` plays the source again at its end."""
+
+    def __init__(self, session: PushTarget, source: str, *, loop_audio: bool = False, lead_s: float = 1.0,
+                 now: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.session, self.source = session, check_audio_source(source)
+        self.loop_audio, self.lead_s = loop_audio, lead_s
+        self._now, self._sleep = now, sleep
+        self.pushed_s = 0.0  # audio (file and silence) pushed into the session
+        self.silence_s = 0.0
+        self.plays = 0  # completed passes over the source
+        self._t0: float | None = None
+
+    def _ahead_s(self) -> float:
+        """How far the pushed audio runs ahead of the wall clock."""
+        assert self._t0 is not None
+        return self.pushed_s - (self._now() - self._t0)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._t0 = self._now()
+        rate = 48_000
+        reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="broadcast-audio")
+        try:
+            while True:
+                chunks, played = decode_audio(self.source), 0
+                try:
+                    while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+                        pcm, fmt, samples = chunk
+                        seconds = samples / fmt.sample_rate  # after this push: at most lead_s ahead
+                        while self._ahead_s() > 0 and self._ahead_s() + seconds > self.lead_s:
+                            await self._sleep(0.01)
+                        if not self._push(pcm, fmt, samples):
+                            return
+                        rate, played = fmt.sample_rate, played + samples
+                finally:
+                    reader.submit(chunks.close)  # on the reader thread: never while it is decoding
+                self.plays += 1
+                self.session.end_segment()
+                if not self.loop_audio or played == 0:
+                    break
+        finally:
+            reader.shutdown(wait=False)  # a cancelled driver does not wait for a slow URL
+        # then silence at the source's rate, topped up every 20 ms to the same lead
+        while True:
+            gap = int((self.lead_s - self._ahead_s()) * rate)
+            if gap > 0 and not self._push(np.zeros(gap, np.float32), PcmFormat(rate), gap, silence=True):
+                return
+            await self._sleep(0.02)
+
+    def _push(self, pcm: np.ndarray, fmt: PcmFormat, samples: int, silence: bool = False) -> bool:
+        try:
+            self.session.push_audio(pcm, fmt.sample_rate, channels=fmt.channels, layout=fmt.layout)
+        except RuntimeError:  # the session closed: nothing left to drive
+            return False
+        self.pushed_s += samples / fmt.sample_rate
+        if silence:
+            self.silence_s += samples / fmt.sample_rate
+        return True
+
+
+def probe_audio(source: str) -> PcmFormat:
+    """Open the source and decode its first chunk (blocking): the format, or AudioSourceError."""
+    chunks = decode_audio(check_audio_source(source))
+    try:
+        first = next(chunks, None)
+    finally:
+        chunks.close()
+    if first is None:
+        raise AudioSourceError(source, "it decodes to no audio")
+    return first[1]
+
+
+class Session(PushTarget, Protocol):
+    def close(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[SessionItem]: ...
+
+
+async def broadcast_audio(broadcaster: Broadcaster, session: Session, driver: AudioDriver) -> dict[str, Any]:
+    """Drive `session` with `driver` while `broadcaster` streams it; a driver failure fails the
+    broadcast. The session is closed at the end. Returns the broadcaster's final snapshot."""
+    drive = asyncio.get_running_loop().create_task(driver.run(), name="broadcast-audio")
+
+    def driver_done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            broadcaster.fail(str(task.exception()))
+
+    drive.add_done_callback(driver_done)
+    try:
+        return await broadcaster.run(session)
+    finally:
+        drive.remove_done_callback(driver_done)
+        drive.cancel()
+        await asyncio.gather(drive, return_exceptions=True)
+        session.close()

@@ -1,0 +1,189 @@
+"""The server's livestreams: start a broadcast of a live call or of an audio file/URL, stop it, list them.
+
+The admin API (app/admin.py) calls this; requests that cannot be served raise `LiveError` with a
+stable code before any resource is taken. A broadcast of a live call streams what its WebRTC tracks
+send (`pacer_frames`) and ends when the call ends; a broadcast of audio opens its own realtime engine
+session (it counts against the engine's capacity) and runs until stopped, `duration_s`, or failure.
+HLS output goes only under `hls_root`; audio may be a local path readable by the server or an http(s)
+URL (the admin is trusted with both). State changes are published as `broadcast_started`,
+`broadcast_state` and `broadcast_ended` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from streaming.broadcast import Broadcaster, BroadcastOptions, Target, parse_target
+from streaming.broadcast_sources import AudioDriver, AudioSourceError, broadcast_audio, pacer_frames, probe_audio
+from streaming.webrtc.peer import CapacityError, LiveError
+from streaming.webrtc.service import LiveService
+
+log = logging.getLogger(__name__)
+
+STOP_WAIT_S = 10.0  # how long stop() waits for the stream to be finished (trailer, last HLS segment)
+
+
+@dataclass
+class BroadcastEntry:
+    id: str
+    broadcaster: Broadcaster
+    source: dict[str, Any]  # what is streamed: {"type": "session", ...} or {"type": "audio", ...}
+    created: float
+    task: asyncio.Task | None = None
+    driver: AudioDriver | None = None
+    session: Any = None  # the engine session an audio broadcast opened (closed when it ends)
+
+    @property
+    def active(self) -> bool:
+        return self.task is None or not self.task.done()
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = {"id": self.id, "source": self.source, "created": self.created, **self.broadcaster.snapshot()}
+        if self.driver is not None:
+            snap["audio"] = {"pushed_s": round(self.driver.pushed_s, 2), "silence_s": round(self.driver.silence_s, 2),
+                             "plays": self.driver.plays}
+        return snap
+
+
+class BroadcastManager:
+    def __init__(self, service: LiveService, hls_root: Path, *, max_broadcasts: int = 2,
+                 options: BroadcastOptions = BroadcastOptions(), keep_finished: int = 10) -> None:
+        self.service, self.hls_root = service, Path(hls_root)
+        self.max_broadcasts, self.options = max_broadcasts, options
+        self.entries: dict[str, BroadcastEntry] = {}
+        self._finished: deque[str] = deque()
+        self._keep_finished = keep_finished
+        self._ids = itertools.count(1)
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    def _options(self, body: dict[str, Any]) -> BroadcastOptions:
+        changes: dict[str, Any] = {}
+        duration = body.get("duration_s")
+        if duration is not None:
+            if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0:
+                raise LiveError(400, "bad_field", "'duration_s' must be a positive number of seconds")
+            changes["duration_s"] = float(duration)
+        kbps = body.get("video_bitrate_kbps")
+        if kbps is not None:
+            if isinstance(kbps, bool) or not isinstance(kbps, int) or not 100 <= kbps <= 50_000:
+                raise LiveError(400, "bad_field", "'video_bitrate_kbps' must be an integer in 100..50000")
+            changes["video_bitrate"] = kbps * 1000
+        return replace(self.options, **changes)
+
+    def _target(self, body: dict[str, Any]) -> Target:
+        to = body.get("to")
+        if not isinstance(to, str) or not to.strip():
+            raise LiveError(400, "missing_target", "give 'to': rtmp[s]://HOST/APP/KEY, or an HLS playlist "
+                                                   f"(NAME.m3u8) or directory under {self.hls_root}")
+        try:
+            target = parse_target(to, hls_root=self.hls_root)
+        except ValueError as exc:
+            raise LiveError(400, "bad_target", str(exc)) from None
+        self._check_free(target)
+        return target
+
+    def _check_free(self, target: Target) -> None:
+        active = [e for e in self.entries.values() if e.active]
+        if any(e.broadcaster.target.location == target.location for e in active):
+            raise LiveError(409, "target_busy", f"a broadcast to {target.display} is already running")
+        if len(active) >= self.max_broadcasts:
+            raise LiveError(503, "at_capacity", f"{self.max_broadcasts} broadcasts are running; stop one first")
+
+    async def start(self, body: dict[str, Any]) -> dict[str, Any]:
+        """{to, session_id} or {to, audio, avatar?, emotion?, loop?}, plus duration_s?, video_bitrate_kbps?"""
+        session_id, audio = body.get("session_id"), body.get("audio")
+        if (session_id is None) == (audio is None):
+            raise LiveError(400, "bad_source", "give exactly one of 'session_id' (a live call to broadcast) "
+                                               "or 'audio' (a file path or http(s) URL to drive the avatar)")
+        for key in ("session_id", "audio", "avatar", "emotion"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise LiveError(400, "bad_field", f"{key!r} must be a string")
+        if not isinstance(body.get("loop", False), bool):
+            raise LiveError(400, "bad_field", "'loop' must be true or false")
+        target, options = self._target(body), self._options(body)
+        bid = f"b{next(self._ids)}"
+        broadcaster = Broadcaster(target, options, on_state=lambda b, state: self._on_state(bid, b, state))
+        if session_id is not None:
+            peer = self.service.get(session_id)  # 404 unknown_session
+            entry = BroadcastEntry(bid, broadcaster, {"type": "session", "session_id": peer.id}, time.time())
+            coro = broadcaster.run(pacer_frames(peer.pacer))
+        else:
+            entry, coro = await self._audio_entry(bid, broadcaster, body)
+            try:
+                self._check_free(target)  # again: another request may have started one meanwhile
+            except LiveError:
+                coro.close()
+                entry.session.close()
+                raise
+        self.entries[bid] = entry
+        entry.task = self.service.spawn(self._run(entry, coro), f"broadcast-{bid}")
+        self.service.events.publish("broadcast_started", broadcast=bid, target=target.display, source=entry.source)
+        return entry.snapshot()
+
+    async def _audio_entry(self, bid: str, broadcaster: Broadcaster, body: dict[str, Any]):
+        backend = self.service.backend
+        catalog = backend.catalog()
+        avatar, emotion = body.get("avatar") or backend.default_avatar, body.get("emotion")
+        if avatar not in catalog:
+            raise LiveError(400, "unknown_avatar", f"no avatar {avatar!r}; available: {sorted(catalog)}")
+        if emotion is not None and emotion not in catalog[avatar]:
+            raise LiveError(400, "unknown_emotion", f"avatar {avatar!r} has no emotion {emotion!r}; "
+                                                    f"available: {catalog[avatar]}")
+        try:  # opening a URL blocks: off the loop
+            await asyncio.get_running_loop().run_in_executor(None, probe_audio, body["audio"])
+        except AudioSourceError as exc:
+            raise LiveError(400, "bad_audio", str(exc)) from None
+        try:
+            session = backend.open(avatar, emotion)
+        except CapacityError as exc:
+            raise LiveError(503, "at_capacity", f"no engine session free for the broadcast: {exc}") from None
+        driver = AudioDriver(session, body["audio"], loop_audio=bool(body.get("loop", False)))
+        source = {"type": "audio", "audio": body["audio"], "avatar": avatar, "emotion": emotion,
+                  "loop": driver.loop_audio, "engine_session": getattr(session, "id", None)}
+        entry = BroadcastEntry(bid, broadcaster, source, time.time(), driver=driver, session=session)
+        return entry, broadcast_audio(broadcaster, session, driver)
+
+    async def _run(self, entry: BroadcastEntry, coro) -> None:
+        try:
+            await coro
+        finally:
+            self._finished.append(entry.id)
+            while len(self._finished) > self._keep_finished:
+                self.entries.pop(self._finished.popleft(), None)
+            b = entry.broadcaster
+            self.service.events.publish("broadcast_ended", broadcast=entry.id, state=b.state, reason=b.end_reason,
+                                        error=b.last_error, frames_sent=b.stats.frames_sent)
+
+    def _on_state(self, bid: str, b: Broadcaster, state: str) -> None:
+        self.service.events.publish("broadcast_state", broadcast=bid, state=state, target=b.target.display,
+                                    reconnects=b.stats.reconnects, error=b.last_error)
+
+    def get(self, bid: Any) -> BroadcastEntry:
+        entry = self.entries.get(bid) if isinstance(bid, str) else None
+        if entry is None:
+            raise LiveError(404, "unknown_broadcast", f"no broadcast {bid!r}")
+        return entry
+
+    async def stop(self, bid: Any) -> dict[str, Any]:
+        """End one broadcast cleanly (the stream is finished, not cut) and return its final state."""
+        entry = self.get(bid)
+        entry.broadcaster.stop()
+        if entry.task is not None and not entry.task.done():
+            done, _ = await asyncio.wait({entry.task}, timeout=STOP_WAIT_S)
+            if not done:
+                entry.task.cancel()
+        return entry.snapshot()
+
+    def list(self) -> list[dict[str, Any]]:
+        return [e.snapshot() for e in self.entries.values()]
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(self.stop(bid) for bid, e in list(self.entries.items()) if e.active),
+                             return_exceptions=True)
