@@ -65,7 +65,9 @@ def gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 
 # ---- attention layers ---------------------------------------------------------------------------
-class SelfAttention(nn.Module):
+class _QKVO(nn.Module):
+    """Wan2.1's attention parameters: q, k, v, o projections and RMS norms on queries and keys."""
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -76,6 +78,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+
+class SelfAttention(_QKVO):
     def forward(self, x, rope, key_mask=None, attn_mask=None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         b, l, _ = x.shape
@@ -88,18 +92,8 @@ class SelfAttention(nn.Module):
         return self.o(attention(q, k, v, key_mask, attn_mask).flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_QKVO):
     """Text (or null-context) cross-attention; K/V of a fixed context can come from the cache."""
-
-    def __init__(self, cfg: DiTConfig) -> None:
-        super().__init__()
-        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, context, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, l, _ = x.shape

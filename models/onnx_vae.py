@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from models.config import VAEConfig
-from models.vae import WanVAE, check_latent_step
+from models.vae import WanVAE, check_latent_step, decode_all
 
 ort.set_default_logger_severity(3)  # CUDA EP load failures on CPU hosts are expected; keep them quiet
 
@@ -262,15 +262,7 @@ class OnnxVaeDecoder:
 
     def decode(self, z: torch.Tensor, clamp: bool = False) -> torch.Tensor:
         """Offline decode through the streaming steps: (B, 16, T, h, w) -> (B, 3, 1 + 4(T-1), 8h, 8w)."""
-        if z.ndim != 5:
-            raise ValueError(f"latents must be (B, C, T, H, W), got shape {tuple(z.shape)}")
-        state = self.init_state(z.shape[0], z.shape[3], z.shape[4])
-        out = []
-        for t in range(z.shape[2]):
-            frames, state = self.decode_step(state, z[:, :, t:t + 1])
-            out.append(frames)
-        video = torch.cat(out, dim=2)
-        return video.clamp(-1.0, 1.0) if clamp else video
+        return decode_all(self, z, clamp)
 
     # ---- execution paths ------------------------------------------------------------------------
     @staticmethod

@@ -411,15 +411,7 @@ class WanVAE(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, clamp: bool = False) -> torch.Tensor:
         """Offline decode, built on the streaming step: (B, z, T, h, w) -> (B, 3, 1 + 4(T-1), 8h, 8w)."""
-        if z.ndim != 5:
-            raise ValueError(f"latents must be (B, C, T, H, W), got shape {tuple(z.shape)}")
-        state = self.init_state(z.shape[0], z.shape[3], z.shape[4])
-        out = []
-        for t in range(z.shape[2]):
-            frames, state = self.decode_step(state, z[:, :, t:t + 1])
-            out.append(frames)
-        video = torch.cat(out, dim=2)
-        return video.clamp(-1.0, 1.0) if clamp else video
+        return decode_all(self, z, clamp)
 
     # ---- streaming encode -----------------------------------------------------------------------
     def init_encode_state(self, batch: int, height: int, width: int) -> VaeEncodeState:
@@ -460,7 +452,20 @@ class WanVAE(nn.Module):
         return torch.cat(latents, dim=2)
 
 
-# ---- input checks (shared with the ONNX runner) -------------------------------------------------
+# ---- shared with the ONNX runner -----------------------------------------------------------------
+
+
+def decode_all(decoder, z: torch.Tensor, clamp: bool = False) -> torch.Tensor:
+    """Offline decode through any streaming decoder's `init_state` / `decode_step`, one latent at a time."""
+    if z.ndim != 5:
+        raise ValueError(f"latents must be (B, C, T, H, W), got shape {tuple(z.shape)}")
+    state = decoder.init_state(z.shape[0], z.shape[3], z.shape[4])
+    out = []
+    for t in range(z.shape[2]):
+        frames, state = decoder.decode_step(state, z[:, :, t:t + 1])
+        out.append(frames)
+    video = torch.cat(out, dim=2)
+    return video.clamp(-1.0, 1.0) if clamp else video
 
 
 def frames_per_latent(cfg: VAEConfig, first: bool) -> int:
