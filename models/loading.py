@@ -36,62 +36,57 @@ class CheckpointError(ValueError):
 
 
 # ---- diffusers <-> Wan2.1 names -----------------------------------------------------------------
-# (ours, diffusers) regex pairs; block-level names are applied under `blocks.N.`.
+# (ours, diffusers) name templates; one table serves both directions. A template ending in "." renames
+# a prefix, others a whole key. {b}: block index, {x}: q/k/v, {n}: norm_q/norm_k.
 _NAME_MAP = [
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
-    (r"^(blocks\.\d+)\.self_attn\.([qkv])\.", r"\1.attn1.to_\2."),
-    (r"^(blocks\.\d+)\.self_attn\.o\.", r"\1.attn1.to_out.0."),
-    (r"^(blocks\.\d+)\.self_attn\.(norm_[qk])\.", r"\1.attn1.\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.([qkv])\.", r"\1.attn2.to_\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.o\.", r"\1.attn2.to_out.0."),
-    (r"^(blocks\.\d+)\.cross_attn\.(norm_[qk])\.", r"\1.attn2.\2."),
-    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
-    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
-    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("blocks.{b}.modulation", "blocks.{b}.scale_shift_table"),
+    ("blocks.{b}.self_attn.{x}.", "blocks.{b}.attn1.to_{x}."),
+    ("blocks.{b}.self_attn.o.", "blocks.{b}.attn1.to_out.0."),
+    ("blocks.{b}.self_attn.{n}.", "blocks.{b}.attn1.{n}."),
+    ("blocks.{b}.cross_attn.{x}.", "blocks.{b}.attn2.to_{x}."),
+    ("blocks.{b}.cross_attn.o.", "blocks.{b}.attn2.to_out.0."),
+    ("blocks.{b}.cross_attn.{n}.", "blocks.{b}.attn2.{n}."),
+    ("blocks.{b}.norm3.", "blocks.{b}.norm2."),
+    ("blocks.{b}.ffn.0.", "blocks.{b}.ffn.net.0.proj."),
+    ("blocks.{b}.ffn.2.", "blocks.{b}.ffn.net.2."),
 ]
+_FIELDS = {"b": r"\d+", "x": "[qkv]", "n": "norm_[qk]"}
+
+
+def _template_regex(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w)\}", template)  # literal, field, literal, ...
+    body = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_FIELDS[p]})" for i, p in enumerate(parts))
+    return re.compile("^" + body + ("" if template.endswith(".") else "$"))
+
+
+_RULES = {  # direction -> [(regex on the source name, template of the target name)]
+    "to_diffusers": [(_template_regex(a), b) for a, b in _NAME_MAP],
+    "from_diffusers": [(_template_regex(b), a) for a, b in _NAME_MAP],
+}
+
+
+def _rename(key: str, direction: str) -> str:
+    for pattern, target in _RULES[direction]:
+        m = pattern.match(key)
+        if m:
+            return target.format(**m.groupdict()) + key[m.end():]
+    return key
 
 
 def to_diffusers_key(key: str) -> str:
-    for pat, rep in _NAME_MAP:
-        new, n = re.subn(pat, rep, key)
-        if n:
-            return new
-    return key
+    return _rename(key, "to_diffusers")
 
 
 def from_diffusers_key(key: str) -> str:
     """Inverse of `to_diffusers_key` (q/k/v names come back from to_q/to_k/to_v)."""
-    rules = [
-        (r"^scale_shift_table$", "head.modulation"),
-        (r"^proj_out\.", "head.head."),
-        (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-        (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-        (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-        (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-        (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-        (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
-        (r"^(blocks\.\d+)\.attn1\.to_([qkv])\.", r"\1.self_attn.\2."),
-        (r"^(blocks\.\d+)\.attn1\.to_out\.0\.", r"\1.self_attn.o."),
-        (r"^(blocks\.\d+)\.attn1\.(norm_[qk])\.", r"\1.self_attn.\2."),
-        (r"^(blocks\.\d+)\.attn2\.to_([qkv])\.", r"\1.cross_attn.\2."),
-        (r"^(blocks\.\d+)\.attn2\.to_out\.0\.", r"\1.cross_attn.o."),
-        (r"^(blocks\.\d+)\.attn2\.(norm_[qk])\.", r"\1.cross_attn.\2."),
-        (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
-        (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
-        (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
-    ]
-    for pat, rep in rules:
-        new, n = re.subn(pat, rep, key)
-        if n:
-            return new
-    return key
+    return _rename(key, "from_diffusers")
 
 
 def is_diffusers_layout(keys) -> bool:
