@@ -56,9 +56,10 @@ def run_broadcast(req: BroadcastRequest, echo: Callable[[str], None] = print,
 
     from app.avatars import EngineBackend, prepare_avatars
     from app.render_worker import load_models
-    from avatar.engine import AvatarEngine, EngineOptions
+    from avatar.engine import AvatarEngine, preset_options
 
-    engine = AvatarEngine(load_models(req.model), EngineOptions(decoder="auto", max_sessions=1))
+    models = load_models(req.model)
+    engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto", max_sessions=1))
     engine.start()
     try:
         avatars, default = prepare_avatars(engine, req.avatar)

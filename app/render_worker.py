@@ -28,10 +28,10 @@ from audio.align import group_by_latent, num_video_frames
 from audio.io import read_audio
 from audio.pcm import MODEL_SAMPLE_RATE
 from audio.resample import PcmFormat, resample_audio
-from avatar.chunking import FusionOptions, OverlapOptions, generate_fused
+from avatar.chunking import FusionOptions, generate_fused
 from avatar.decoder import FrameDecoder
-from avatar.engine import AvatarEngine, EngineOptions, ModelBundle, pick_device
-from avatar.generator import CausalOptions, Conditions
+from avatar.engine import AvatarEngine, ModelBundle, pick_device, preset_options
+from avatar.generator import Conditions
 from avatar.session import SessionOptions
 from avatar.types import DEFAULT_FPS, AvatarFrame, SegmentEnd, SessionError, frame_sample_bounds, frames_for_samples
 from streaming.filesink import Mp4FileSink, remove_stale_partials
@@ -156,15 +156,16 @@ class Renderer:
         if threads:
             torch.set_num_threads(threads)
         self.models = load_models(s.model, s.device)
-        causal, overlap = CausalOptions(), OverlapOptions()
+        defaults = preset_options(self.models.dit.cfg.name)
+        causal, overlap = defaults.causal, defaults.overlap
         if s.steps is not None:  # causal: s evenly spaced timesteps from 1000 (4 -> 1000, 750, 500, 250)
             causal = replace(causal, steps=tuple(round(1000 * (s.steps - i) / s.steps) for i in range(s.steps)))
             overlap = replace(overlap, steps=s.steps)
         self.fusion = FusionOptions() if s.steps is None else FusionOptions(steps=s.steps)
         # fusion is offline (no session), but the engine still prepares avatars and builds the decoder
         streaming = s.mode != "fusion"
-        self.engine = AvatarEngine(self.models, EngineOptions(
-            mode=s.mode if streaming else "causal", causal=causal, overlap=overlap, decoder=s.decoder,
+        self.engine = AvatarEngine(self.models, replace(
+            defaults, mode=s.mode if streaming else "causal", causal=causal, overlap=overlap, decoder=s.decoder,
             max_sessions=1, warmup=streaming)).start()
         self._conditions: dict[tuple[str, str | None], Conditions] = {}
 

@@ -210,9 +210,11 @@ def load_models():
 def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:
     """Start the engine, prepare the avatars, serve until interrupted, then free everything."""
     from app.avatars import EngineBackend, prepare_avatars
-    from avatar.engine import AvatarEngine, EngineOptions
+    from avatar.engine import AvatarEngine, preset_options
 
-    engine = AvatarEngine(load_models(), EngineOptions(decoder="auto", max_sessions=settings.max_sessions))
+    models = load_models()
+    engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto",
+                                                 max_sessions=settings.max_sessions))
     engine.start()
     try:
         avatars, default = prepare_avatars(engine, Path(settings.avatar) if settings.avatar else None)

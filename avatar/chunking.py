@@ -170,3 +170,115 @@ def generate_fused(dit: WanDiT, cond: Conditions, audio: torch.Tensor | None, nu
         return model(x, t, cond, a, face_audio=fa).float()
 
     return position_shift_fusion(fn, noise, flow_sigmas(options.steps, options.shift), window, options.shift_offset)
+
+
+# ---- 3. bounded position-shift fusion, live --------------------------------------------------------
+def window_starts(n: int, window: int, shift: int) -> list[int]:
+    """Windows tiling [0, n) from origin -shift, without wrap-around: an edge window slides back inside."""
+    return sorted({min(max(s, 0), n - window) for s in range(-shift, n, window)})
+
+
+def bounded_position_shift(fn: VelocityFn, noise: torch.Tensor, prefix: torch.Tensor, sigmas: torch.Tensor,
+                           window: int, shift_offset: int, first_frame: int = 0, shift: int = 0) -> tuple[torch.Tensor, int]:
+    """Position-shift fusion over a bounded span (1, C, n, h, w) whose first `p` frames are known.
+
+    The live span is [prefix | new frames | lookahead]: everything the stream may still change. Unlike the
+    offline loop there is no future to wrap onto, so windows that would cross an edge slide back inside
+    (edge frames are averaged over more windows instead). The prefix is re-pinned after every step, as in
+    overlap mode. Returns the denoised span and the origin shift to continue with, so seams keep moving
+    from one unit to the next.
+    """
+    n, p = noise.shape[2], prefix.shape[2]
+    window = min(window, n)
+    x = noise.clone()
+    x[:, :, :p] = prefix
+    for i in range(len(sigmas) - 1):
+        t = (sigmas[i] * 1000).reshape(1).to(x.device)
+        dsigma = (sigmas[i + 1] - sigmas[i]).item()
+        acc = torch.zeros_like(x)
+        count = torch.zeros(n, device=x.device, dtype=x.dtype)
+        for s in window_starts(n, window, shift):
+            xw = x[:, :, s:s + window]
+            acc[:, :, s:s + window] += xw + dsigma * fn(xw, t, list(range(first_frame + s, first_frame + s + window)))
+            count[s:s + window] += 1
+        x = acc / count.view(1, 1, n, 1, 1)
+        x[:, :, :p] = prefix
+        shift = (shift + shift_offset) % window
+    return x, shift
+
+
+@dataclass(frozen=True)
+class LiveFusionOptions:
+    block_frames: int = 2  # new latents per unit (8 video frames = 320 ms at 25 fps)
+    lookahead_frames: int = 2  # latents past the unit denoised with it (their audio is waited for), then dropped
+    prefix_frames: int = 1  # latents of the previous unit held clean at the span start (continuity)
+    window_frames: int = 3  # fusion window; the span is prefix + block + lookahead latents
+    shift_offset: int = 1
+    steps: int = 8
+    shift: float = 5.0
+    guidance: Guidance = field(default_factory=Guidance)
+
+
+@dataclass
+class LiveFusionState:
+    cond: Conditions
+    noise: torch.Generator
+    tail: torch.Tensor | None = None
+    next_frame: int = 0
+    shift: int = 0  # fusion origin, carried across units
+
+
+class LiveFusionGenerator:
+    """Bounded live fusion: each unit denoises [prefix | block | lookahead] with moving windows, emits the
+    block, and drops the lookahead (it is regenerated next unit with more audio behind it). Costs
+    (prefix + block + lookahead) / block latents of compute per emitted latent and lookahead latents of
+    latency; what it buys a bidirectional checkpoint is future audio context at every seam."""
+
+    def __init__(self, dit: WanDiT, options: LiveFusionOptions = LiveFusionOptions()) -> None:
+        if options.block_frames < 1 or options.prefix_frames < 1 or options.lookahead_frames < 0:
+            raise ValueError(f"live fusion needs block >= 1, prefix >= 1, lookahead >= 0: {options}")
+        if not 0 <= options.shift_offset < max(1, options.window_frames):
+            raise ValueError(f"shift_offset {options.shift_offset} must be in 0..window_frames-1")
+        self.dit, self.options = dit, options
+        self.model = GuidedModel(dit, options.guidance)
+        self.sigmas = flow_sigmas(options.steps, options.shift)
+
+    def init_state(self, cond: Conditions, seed: int = 0) -> LiveFusionState:
+        return LiveFusionState(cond=cond, noise=torch.Generator(device=self.dit.device).manual_seed(seed))
+
+    @property
+    def history_latents(self) -> int:
+        return self.options.prefix_frames
+
+    def next_unit(self, state: LiveFusionState) -> Unit:
+        o = self.options
+        if state.tail is None:
+            return Unit(0, 1 + o.block_frames, lookahead=o.lookahead_frames)  # unit 0 outputs the reference too
+        return Unit(state.next_frame, o.block_frames, context=state.tail.shape[2], lookahead=o.lookahead_frames)
+
+    @torch.no_grad()
+    def generate_unit(self, state: LiveFusionState, audio: torch.Tensor | None,
+                      face_audio: torch.Tensor | None = None) -> torch.Tensor:
+        """audio: (1, unit.audio_count, 4, D) from latent unit.audio_first. Returns the unit's new latents."""
+        unit = self.next_unit(state)
+        cond = state.cond
+        prefix = cond.reference if state.tail is None else state.tail
+        p = prefix.shape[2]
+        new = unit.count - (1 if state.tail is None else 0)
+        h, w = cond.latent_hw
+        n = p + new + unit.lookahead
+        first = unit.audio_first
+        noise = torch.randn((1, prefix.shape[1], n, h, w), generator=state.noise, device=prefix.device)
+
+        def fn(x, t, frames):
+            rel = [f - first for f in frames]
+            a = None if audio is None else audio[:, rel]
+            fa = None if face_audio is None else face_audio[:, :, rel]
+            return self.model(x, t, cond, a, face_audio=fa, known_frames=max(0, p - rel[0])).float()
+
+        x, state.shift = bounded_position_shift(fn, noise, prefix, self.sigmas, self.options.window_frames,
+                                                self.options.shift_offset, first, state.shift)
+        emitted = x[:, :, :p + new]
+        state.tail = emitted[:, :, -self.options.prefix_frames:]
+        state.next_frame = unit.first + unit.count
+        return emitted if unit.first == 0 else emitted[:, :, p:]

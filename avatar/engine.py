@@ -15,16 +15,16 @@ import logging
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from audio.features.base import AudioFeatures
-from avatar.chunking import OverlapGenerator, OverlapOptions
+from avatar.chunking import LiveFusionGenerator, LiveFusionOptions, OverlapGenerator, OverlapOptions
 from avatar.decoder import FrameDecoder
 from avatar.faces import make_detector
-from avatar.generator import CausalGenerator, CausalOptions, Conditions
+from avatar.generator import CausalGenerator, CausalOptions, Conditions, Guidance
 from avatar.reference import PreparedAvatar, prepare_avatar
 from avatar.session import AvatarSession, SessionOptions
 from avatar.types import DEFAULT_FPS
@@ -97,13 +97,39 @@ class ModelBundle:
 @dataclass(frozen=True)
 class EngineOptions:
     fps: int = DEFAULT_FPS
-    mode: str = "causal"  # "causal" (KV cache, live default) or "overlap" (bidirectional checkpoints)
+    mode: str = "causal"  # "causal" (KV cache, live default), "overlap" or "fusion" (bidirectional checkpoints)
     causal: CausalOptions = field(default_factory=CausalOptions)
     overlap: OverlapOptions = field(default_factory=OverlapOptions)
+    fusion: LiveFusionOptions = field(default_factory=LiveFusionOptions)
     max_sessions: int = 4
     decoder: str = "auto"  # "onnx" (ONNX Runtime, CUDA EP where present), "torch", or "auto" (onnx, else torch)
     warmup: bool = True  # run the real path once at start, so the first user does not pay for it
     poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
+
+
+# Generation defaults per DiT preset: what each family was trained (or distilled) to do well.
+# Few-step causal for block-causal students (Self-Forcing / LiveTalk layout, our demo); OmniAvatar's
+# bidirectional checkpoints run overlapping chunks with its published sampler (shift 5, 13-frame
+# overlap = 4 latents, 2-pass audio CFG at 4.5) at the low end of its 20-50 step range.
+PRESET_DEFAULTS: dict[str, dict] = {
+    "tiny": dict(mode="causal", causal=CausalOptions()),
+    "demo": dict(mode="causal", causal=CausalOptions(block_frames=3, window_frames=6, steps=(1000, 750, 500, 250))),
+    "wan2.1-t2v-1.3b": dict(mode="causal", causal=CausalOptions(block_frames=3, window_frames=12,
+                                                                 steps=(1000, 750, 500, 250), shift=5.0)),
+    "wan2.1-t2v-14b": dict(mode="causal", causal=CausalOptions(block_frames=3, window_frames=12,
+                                                                steps=(1000, 750, 500, 250), shift=5.0)),
+    "omniavatar-1.3b": dict(mode="overlap", overlap=OverlapOptions(
+        chunk_frames=21, overlap_frames=4, steps=25, shift=5.0, guidance=Guidance(audio_scale=4.5))),
+    "omniavatar-14b": dict(mode="overlap", overlap=OverlapOptions(
+        chunk_frames=21, overlap_frames=4, steps=25, shift=5.0, guidance=Guidance(audio_scale=4.5))),
+}
+
+
+def preset_options(preset: str, **overrides) -> EngineOptions:
+    """EngineOptions with the preset's generation defaults; keyword arguments override any field."""
+    if preset not in PRESET_DEFAULTS:
+        raise KeyError(f"no engine defaults for DiT preset {preset!r}; known: {', '.join(PRESET_DEFAULTS)}")
+    return replace(EngineOptions(), **{**PRESET_DEFAULTS[preset], **overrides})
 
 
 class EngineFull(RuntimeError):
@@ -120,9 +146,11 @@ class AvatarEngine:
             self.generator = CausalGenerator(models.dit, options.causal)
         elif options.mode == "overlap":
             self.generator = OverlapGenerator(models.dit, options.overlap)
+        elif options.mode == "fusion":
+            self.generator = LiveFusionGenerator(models.dit, options.fusion)
         else:
-            raise ValueError(f"unknown generation mode {options.mode!r}; use 'causal' or 'overlap' "
-                             "(position-shift fusion is an offline mode: avatar.chunking.generate_fused)")
+            raise ValueError(f"unknown generation mode {options.mode!r}; use 'causal', 'overlap' or 'fusion' "
+                             "(the exact offline fusion loop is avatar.chunking.generate_fused)")
         self.sessions: dict[str, AvatarSession] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -168,7 +196,7 @@ class AvatarEngine:
         decoder = FrameDecoder(m.decoder_backend or m.vae, h, w)
         for _ in range(2):
             unit = self.generator.next_unit(state)
-            n = unit.count + unit.context
+            n = unit.audio_count
             audio = torch.zeros(1, n, 4, m.dit.cfg.audio_dim, device=m.dit.device) if m.dit.cfg.audio_dim else None
             decoder.decode(self.generator.generate_unit(state, audio))
         self.warmup_ms = (time.perf_counter() - t0) * 1e3
@@ -264,9 +292,11 @@ class AvatarEngine:
     # ---- reporting ----------------------------------------------------------------------------
     def latency_budget(self) -> dict[str, float]:
         """Milliseconds from a sample's arrival to its frame being ready, by stage (worst case)."""
-        unit = (self.options.causal.block_frames if self.options.mode == "causal"
-                else self.options.overlap.chunk_frames - self.options.overlap.overlap_frames)
-        block_ms = 1000 * 4 * unit / self.options.fps
+        o = self.options
+        unit, ahead = {"causal": (o.causal.block_frames, 0),
+                       "overlap": (o.overlap.chunk_frames - o.overlap.overlap_frames, 0),
+                       "fusion": (o.fusion.block_frames, o.fusion.lookahead_frames)}[o.mode]
+        block_ms = 1000 * 4 * (unit + ahead) / o.fps  # the audio a unit waits for, its lookahead included
         timing = self.models.features.timing
         stages = [s.stats.stage_ms for s in self.sessions.values()]
         def med(name):  # noqa: E306

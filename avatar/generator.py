@@ -136,16 +136,22 @@ class Unit:
     """The next latents a generator will produce, and the audio it needs for them.
 
     New latents are [first, first + count); audio features are needed for latents
-    [first - context, first + count) (an overlap prefix re-uses the previous chunk's audio).
+    [first - context, first + count + lookahead) (an overlap prefix re-uses the previous chunk's audio;
+    live fusion also denoises `lookahead` latents past the unit, whose audio must have arrived).
     """
 
     first: int
     count: int
     context: int = 0
+    lookahead: int = 0
 
     @property
     def audio_first(self) -> int:
         return self.first - self.context
+
+    @property
+    def audio_count(self) -> int:
+        return self.context + self.count + self.lookahead
 
 
 # ---- causal streaming ---------------------------------------------------------------------------

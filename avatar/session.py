@@ -177,7 +177,7 @@ class AvatarSession:
         """The generator's next unit, the video frames it outputs, the video frames whose audio it needs."""
         unit: Unit = self.generator.next_unit(self.state)
         out = video_frames_for_block(unit.first, unit.count)
-        need = video_frames_for_block(unit.audio_first, unit.count + unit.context)
+        need = video_frames_for_block(unit.audio_first, unit.audio_count)
         return unit, out, need
 
     def _needed_samples(self, video_end: int) -> int:
@@ -223,11 +223,11 @@ class AvatarSession:
             unit, out, need = self.next_span()
             v0, v_end = out.start, out.stop
             self._busy_until = v_end
-            # 2. make sure the block's features exist (silence pads late live audio / a segment's tail)
+            # 2. make sure the unit's features exist (silence pads late live audio / a segment's tail)
             for _ in range(16):
-                if all(t.features_ready >= v_end for t in self.tracks):
+                if all(t.features_ready >= need.stop for t in self.tracks):
                     break
-                target = self._needed_samples(v_end)
+                target = self._needed_samples(need.stop)
                 for t in self.tracks:  # at least one frame: a resampler may hold small pads back
                     t.pad(max(target - t.timeline.end, self.out_rate // self.fps))
             feats = [t.take_features(need.start, need.stop) for t in self.tracks]

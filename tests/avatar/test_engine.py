@@ -209,6 +209,25 @@ async def test_overlap_mode_streams_chunks_with_the_same_contract(bundle):
         s.close()
 
 
+async def test_live_fusion_mode_waits_for_lookahead_and_keeps_the_contract(bundle):
+    from avatar.chunking import LiveFusionOptions
+
+    opts = EngineOptions(mode="fusion", fusion=LiveFusionOptions(block_frames=2, lookahead_frames=1, steps=2),
+                         decoder="torch")
+    with AvatarEngine(bundle, opts) as eng:
+        budget = eng.latency_budget()
+        assert budget["block_ms"] == 1000 * 4 * 3 / 25  # 2 latents + 1 lookahead latent of audio
+        s = eng.open_session(_cond(), SessionOptions(realtime=False))
+        pcm = _speech(1.5, 16_000, seed=5)
+        s.push_audio(pcm, 16_000)
+        s.end_segment()
+        frames, _ = await _collect(s)
+        assert len(frames) == frames_for_samples(pcm.size, 16_000, 25)
+        assert [f.pts for f in frames] == list(range(len(frames)))
+        np.testing.assert_array_equal(np.concatenate([f.audio for f in frames])[:pcm.size], pcm)
+        s.close()
+
+
 async def test_portrait_to_talking_session_with_two_speakers(engine, tmp_path):
     """A real photo through face detection and the VAE encoder; two faces, two voices (FAA masks)."""
     import cv2
@@ -271,3 +290,16 @@ async def test_idle_realtime_session_at_48k_keeps_going(engine):
     frames, _ = await _collect(s, until_segment_end=False, max_frames=60, timeout=120)
     assert [f.pts for f in frames] == list(range(60)) and all(f.audio.size == 1920 for f in frames)
     s.close()
+
+
+def test_every_dit_preset_has_engine_defaults_and_overrides_win():
+    from avatar.engine import PRESET_DEFAULTS, preset_options
+    from models.config import DIT_PRESETS
+
+    assert set(PRESET_DEFAULTS) == set(DIT_PRESETS)
+    omni = preset_options("omniavatar-14b")
+    assert omni.mode == "overlap" and omni.overlap.guidance.passes == 2 and omni.overlap.overlap_frames == 4
+    demo = preset_options("demo", max_sessions=2, decoder="torch")
+    assert demo.mode == "causal" and len(demo.causal.steps) <= 4 and demo.max_sessions == 2
+    with pytest.raises(KeyError, match="no engine defaults"):
+        preset_options("nope")

@@ -11,7 +11,11 @@ from avatar.chunking import (
     OverlapOptions,
     denoise_with_prefix,
     generate_fused,
+    bounded_position_shift,
     position_shift_fusion,
+    window_starts,
+    LiveFusionGenerator,
+    LiveFusionOptions,
 )
 from avatar.generator import CausalGenerator, CausalOptions, Conditions, Guidance, GuidedModel
 from models.attention import block_causal_frame_mask
@@ -179,3 +183,78 @@ def test_overlap_chunks_carry_the_tail_and_the_reference(dit):
     assert gen.chunk_span(state) == (2, 2, 2)
     c1 = gen.generate_chunk(state, _audio(4, 2))
     assert c1.shape[2] == 2 and torch.equal(tail, c0[:, :, 2:]) and state.next_frame == 6
+
+
+def _plain_bounded_fusion(fn, noise, prefix, sigmas, window, alpha, first):
+    """Reference: the upstream loop with the wrap replaced by sliding edge windows back inside, per frame."""
+    x = noise.clone()
+    n, p = x.shape[2], prefix.shape[2]
+    x[:, :, :p] = prefix
+    shift = 0
+    for i in range(len(sigmas) - 1):
+        t = (sigmas[i] * 1000).reshape(1)
+        sums = {f: [] for f in range(n)}
+        starts = []
+        for s in range(0, n + window, window):
+            s = s - shift
+            if s >= n:
+                break
+            s = min(max(s, 0), n - window)
+            if s in starts:
+                continue
+            starts.append(s)
+            out = x[:, :, s:s + window] + (sigmas[i + 1] - sigmas[i]) * fn(
+                x[:, :, s:s + window], t, [first + s + j for j in range(window)])
+            for j in range(window):
+                sums[s + j].append(out[:, :, j])
+        x = torch.stack([torch.stack(sums[f]).mean(0) for f in range(n)], dim=2)
+        x[:, :, :p] = prefix
+        shift = (shift + alpha) % window
+    return x
+
+
+@pytest.mark.parametrize("n,window,alpha", [(7, 3, 1), (8, 3, 2), (6, 4, 3), (5, 5, 0)])
+def test_bounded_fusion_equals_a_plain_reimplementation(n, window, alpha):
+    noise = torch.randn(1, 2, n, 2, 2, generator=torch.Generator().manual_seed(n + window))
+    prefix = torch.randn(1, 2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    sigmas = flow_sigmas(5, 3.0)
+    fn = _toy_fn(torch.tensor(-0.4))
+    got, next_shift = bounded_position_shift(fn, noise, prefix, sigmas, window, alpha, first_frame=10)
+    torch.testing.assert_close(got, _plain_bounded_fusion(fn, noise, prefix, sigmas, window, alpha, 10),
+                               atol=1e-6, rtol=0)
+    assert next_shift == (5 * alpha) % window
+    assert torch.equal(got[:, :, :1], prefix)
+    assert all(0 <= s <= n - window for s in window_starts(n, window, alpha))
+
+
+def test_bounded_fusion_with_one_window_and_no_shift_is_prefix_sampling():
+    noise = torch.randn(1, 2, 6, 2, 2, generator=torch.Generator().manual_seed(0))
+    prefix = torch.randn(1, 2, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    sigmas = flow_sigmas(4, 2.0)
+    fn = _toy_fn(torch.tensor(-0.5))
+    got, _ = bounded_position_shift(fn, noise, prefix, sigmas, 6, 0)
+    torch.testing.assert_close(got, denoise_with_prefix(fn, noise, prefix, sigmas, list(range(6))), atol=1e-6, rtol=0)
+
+
+def test_live_fusion_units_emit_blocks_and_keep_the_lookahead_out(dit):
+    opts = LiveFusionOptions(block_frames=2, lookahead_frames=2, prefix_frames=1, window_frames=3,
+                             shift_offset=1, steps=3)
+    gen = LiveFusionGenerator(dit, opts)
+    cond = _cond()
+    state = gen.init_state(cond, seed=2)
+    u0 = gen.next_unit(state)
+    assert (u0.first, u0.count, u0.context, u0.lookahead, u0.audio_count) == (0, 3, 0, 2, 5)
+    audio = _audio(12, 4)
+    out0 = gen.generate_unit(state, audio[:, :5])
+    assert out0.shape[2] == 3 and torch.equal(out0[:, :, :1], cond.reference)
+    u1 = gen.next_unit(state)
+    assert (u1.first, u1.count, u1.context, u1.audio_first, u1.audio_count) == (3, 2, 1, 2, 5)
+    out1 = gen.generate_unit(state, audio[:, 2:7])
+    assert out1.shape[2] == 2 and torch.isfinite(out1).all()
+    assert torch.equal(state.tail, out1[:, :, -1:]) and state.next_frame == 5
+    # the lookahead's audio matters (it is context), but the emitted prefix frame does not change
+    other = gen.init_state(cond, seed=2)
+    gen.generate_unit(other, audio[:, :5])
+    changed = audio[:, 2:7].clone()
+    changed[:, 3:] += 1.0  # only the lookahead latents' audio
+    assert not torch.allclose(gen.generate_unit(other, changed), out1)
