@@ -1,18 +1,21 @@
 """Avatars for the live service, and the engine behind the `SessionBackend` that streaming/ talks to.
 
-The built-in avatar is a drawn face (stylised on purpose: it impersonates no one) with one image per
-emotion, so the emotion picker has emotion references to switch between. `--avatar PATH` adds the
-user's portrait (faces found by the OpenCV Haar cascade) and makes it the default.
+The built-in avatar is a drawn face from the demo model's own face renderer (stylised on purpose: it
+impersonates no one; a held-out identity) with one image per emotion, so the emotion picker has emotion
+references to switch between. `--avatar PATH` adds the user's portrait (faces found by the OpenCV Haar
+cascade) or an `avatarcast avatar new` folder, and makes it the default.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from avatar.engine import AvatarEngine, EngineFull
 from avatar.faces import FixedBoxes
@@ -23,56 +26,93 @@ from streaming.webrtc.peer import CapacityError
 log = logging.getLogger(__name__)
 
 BUILTIN_AVATAR = "sketch"
+BUILTIN_SEED = 100_007  # a held-out identity of the demo model's face renderer (never seen in training)
 EMOTIONS = ("neutral", "happy", "sad", "surprised")
 SIZE = 256  # px; prepare_avatar crops and scales it to the model's resolution
-FACE_BOX = (48, 40, 208, 232)  # x0, y0, x1, y1 of the drawn head
+AVATAR_SPEC = "avatar.json"
+
+
+@dataclass(frozen=True)
+class StylisedAvatar:
+    """A drawn identity of the demo renderer: one PNG per emotion and its face box (pixels)."""
+
+    seed: int
+    images: dict[str, bytes]
+    face_box: tuple[int, int, int, int]
+
+
+def stylised_avatar(seed: int, size: int = SIZE) -> StylisedAvatar:
+    """Identity `seed` of the demo model's face renderer, showing each emotion with the mouth at rest."""
+    from app.train.animate import rest_state
+    from app.train.face import Identity, render
+
+    if seed < 0:
+        raise ValueError(f"avatar seed must be >= 0, got {seed}")
+    idt = Identity.from_seed(seed)
+    images, box = {}, None
+    for emotion in EMOTIONS:
+        frame, info = render(idt, rest_state(emotion), (size, size))
+        out = io.BytesIO()
+        Image.fromarray(frame).save(out, format="PNG")
+        images[emotion] = out.getvalue()
+        box = box or tuple(int(v) for v in info.face_box)
+    return StylisedAvatar(seed, images, box)
 
 
 def draw_face(emotion: str = "neutral", size: int = SIZE) -> bytes:
-    """A simple drawn portrait as PNG bytes: head, hair, eyes, brows and a mouth shaped by `emotion`."""
+    """The built-in avatar's portrait for `emotion` as PNG bytes."""
     if emotion not in EMOTIONS:
         raise ValueError(f"no drawing for emotion {emotion!r}; choose from {EMOTIONS}")
-    s = size / SIZE
-    img = Image.new("RGB", (size, size), (214, 228, 240))
-    d = ImageDraw.Draw(img)
+    return stylised_avatar(BUILTIN_SEED, size).images[emotion]
 
-    def box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
-        return x0 * s, y0 * s, x1 * s, y1 * s
 
-    d.rectangle(box(0, 200, 256, 256), fill=(70, 96, 140))  # shoulders
-    d.rectangle(box(104, 180, 152, 215), fill=(226, 180, 150))  # neck
-    d.ellipse(box(*FACE_BOX), fill=(238, 196, 166), outline=(150, 110, 90), width=max(1, int(2 * s)))
-    d.chord(box(44, 28, 212, 150), 180, 360, fill=(84, 56, 40))  # hair
-    for cx in (100, 156):  # eyes
-        d.ellipse(box(cx - 13, 114, cx + 13, 130), fill=(255, 255, 255))
-        d.ellipse(box(cx - 6, 116, cx + 6, 128), fill=(60, 80, 110))
-    brow = {"neutral": 0, "happy": -3, "sad": 6, "surprised": -9}[emotion]
-    d.line([(84 * s, (104 + brow) * s), (116 * s, 100 * s)], fill=(84, 56, 40), width=max(1, int(4 * s)))
-    d.line([(140 * s, 100 * s), (172 * s, (104 + brow) * s)], fill=(84, 56, 40), width=max(1, int(4 * s)))
-    d.polygon([(128 * s, 132 * s), (120 * s, 158 * s), (136 * s, 158 * s)], fill=(220, 170, 140))  # nose
-    lip = (170, 70, 70)
-    if emotion == "happy":
-        d.chord(box(100, 160, 156, 200), 0, 180, fill=lip)
-    elif emotion == "sad":
-        d.arc(box(104, 178, 152, 206), 200, 340, fill=lip, width=max(1, int(5 * s)))
-    elif emotion == "surprised":
-        d.ellipse(box(116, 168, 140, 198), fill=lip)
-    else:
-        d.line([(108 * s, 182 * s), (148 * s, 182 * s)], fill=lip, width=max(1, int(5 * s)))
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
+def write_avatar_dir(seed: int, out: Path, size: int = SIZE) -> Path:
+    """`avatarcast avatar new`: <out>/{neutral,happy,sad,surprised}.png + avatar.json (face box, emotions).
+    Written to a temporary folder first and renamed, so a half-written avatar never exists."""
+    av = stylised_avatar(seed, size)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for emotion, png in av.images.items():
+        (tmp / f"{emotion}.png").write_bytes(png)
+    spec = {"seed": seed, "size": size, "portrait": "neutral.png", "face_box": list(av.face_box),
+            "emotions": {e: f"{e}.png" for e in EMOTIONS if e != "neutral"}}
+    (tmp / AVATAR_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def prepare_avatar_dir(engine: AvatarEngine, folder: Path) -> PreparedAvatar:
+    """An avatar folder (avatar.json + images): the portrait with its stated face box and emotion images."""
+    folder = Path(folder)
+    try:
+        spec = json.loads((folder / AVATAR_SPEC).read_text())
+        portrait, box = folder / spec["portrait"], tuple(spec["face_box"])
+        emotions = {e: (folder / f).read_bytes() for e, f in spec.get("emotions", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{folder}: not an avatar folder ({type(exc).__name__}: {exc})") from None
+    return engine.prepare_avatar(portrait, detector=FixedBoxes([box]), emotion_images=emotions or None)
 
 
 def prepare_avatars(engine: AvatarEngine, portrait: Path | None = None) -> tuple[dict[str, PreparedAvatar], str]:
-    """The built-in drawn avatar (with its emotions) and the user's portrait if given -> (avatars, default)."""
-    boxes = FixedBoxes([FACE_BOX])
+    """The built-in drawn avatar (with its emotions) and the user's avatar if given -> (avatars, default).
+    The user's avatar is a portrait image (faces found by the detector) or an `avatar new` folder."""
+    builtin = stylised_avatar(BUILTIN_SEED)
     avatars = {BUILTIN_AVATAR: engine.prepare_avatar(
-        draw_face("neutral"), detector=boxes, emotion_images={e: draw_face(e) for e in EMOTIONS})}
+        builtin.images["neutral"], detector=FixedBoxes([builtin.face_box]),
+        emotion_images={e: builtin.images[e] for e in EMOTIONS})}
     default = BUILTIN_AVATAR
     if portrait is not None:
-        name = Path(portrait).stem or "portrait"
-        avatars[name] = engine.prepare_avatar(Path(portrait))
+        portrait = Path(portrait)
+        name = portrait.stem or "portrait"
+        if portrait.is_dir():
+            avatars[name] = prepare_avatar_dir(engine, portrait)
+        else:
+            avatars[name] = engine.prepare_avatar(portrait)
         default = name
         log.info("avatar %r prepared from %s", name, portrait)
     return avatars, default

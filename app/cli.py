@@ -46,7 +46,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="checkpoint file or direct
 def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on (env AVATARCAST_HOST; default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (env AVATARCAST_PORT; default 8080)")] = None,
-    avatar: Annotated[Path | None, typer.Option(help="portrait to animate (default: the built-in drawn avatar)")] = None,
+    avatar: Annotated[Path | None, typer.Option(help="portrait image or `avatar new` folder (default: the built-in drawn avatar)")] = None,
     max_sessions: Annotated[int | None, typer.Option(help="concurrent calls (env AVATARCAST_MAX_SESSIONS; default 4)")] = None,
 ) -> None:
     """Start the live service: the call page, POST /offer, the admin API under /admin, /metrics."""
@@ -119,9 +119,10 @@ def render(
     inputs: Annotated[list[str], typer.Argument(help="audio files, directories, globs, or CSV manifests "
                                                      "(columns: audio, avatar, emotion, output)")],
     out: Annotated[Path, typer.Option("--out", help="output directory")],
-    avatar: Annotated[str | None, typer.Option(help="portrait image, or demo:SEED (placeholder: a random "
-                                                    "reference latent until the demo model is trained)")] = None,
-    emotion: Annotated[str | None, typer.Option(help="emotion reference image (portrait avatars only)")] = None,
+    avatar: Annotated[str | None, typer.Option(help="portrait image, or demo:SEED (stylised identity SEED of "
+                                                    "the demo face renderer)")] = None,
+    emotion: Annotated[str | None, typer.Option(help="emotion reference image; for demo:SEED avatars one of "
+                                                     "neutral, happy, sad, surprised")] = None,
     mode: Annotated[str, typer.Option(help="causal | overlap | fusion (position-shift fusion, offline)")] = "causal",
     model: Annotated[str, typer.Option(help="model to render with: tiny (random TINY weights)")] = "tiny",
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: causal 4, overlap/fusion 25)")] = None,
@@ -178,7 +179,7 @@ def broadcast(
     audio: Annotated[str, typer.Option(help="audio file or http(s) URL that drives the avatar (any rate; "
                                             "the session resamples)")],
     to: Annotated[str, typer.Option(help="rtmp[s]://HOST/APP/KEY, an HLS playlist (.m3u8) or an HLS directory")],
-    avatar: Annotated[Path | None, typer.Option(help="portrait to animate (default: the built-in drawn avatar)")] = None,
+    avatar: Annotated[Path | None, typer.Option(help="portrait image or `avatar new` folder (default: the built-in drawn avatar)")] = None,
     emotion: Annotated[str | None, typer.Option(help="emotion reference of the avatar (built-in: neutral, happy, "
                                                      "sad, surprised)")] = None,
     duration: Annotated[float | None, typer.Option(help="seconds to stream; default: until Ctrl-C (idle frames "
@@ -196,6 +197,25 @@ def broadcast(
     request = BroadcastRequest(audio=audio, to=to, avatar=avatar, emotion=emotion, duration_s=duration, loop=loop,
                                model=model, video_bitrate_kbps=video_bitrate, max_attempts=max_attempts)
     raise typer.Exit(run_broadcast(request, echo=typer.echo, status=lambda line: typer.echo(line, err=True)))
+
+
+avatar_app = typer.Typer(help="Avatars: create stylised ones.", no_args_is_help=True)
+app.add_typer(avatar_app, name="avatar")
+
+
+@avatar_app.command("new")
+def avatar_new(
+    seed: Annotated[int, typer.Option(help="identity seed of the demo face renderer (any integer >= 0)")],
+    out: Annotated[Path | None, typer.Option(help="folder to create (default: ./avatar-SEED)")] = None,
+    size: Annotated[int, typer.Option(help="portrait size in pixels (square)")] = 256,
+) -> None:
+    """Create a stylised avatar folder (one portrait per emotion + avatar.json) for `serve --avatar`."""
+    from app.avatars import write_avatar_dir
+
+    if size < 64:
+        raise ValueError(f"--size must be at least 64 pixels, got {size}")
+    folder = write_avatar_dir(seed, out or Path(f"avatar-{seed}"), size)
+    typer.echo(json.dumps({"avatar": str(folder), "seed": seed, "files": sorted(p.name for p in folder.iterdir())}))
 
 
 def main() -> None:

@@ -89,8 +89,11 @@ def expand_inputs(inputs: list[str], out_dir: Path, avatar: str | None = None,
         chosen = row_avatar or avatar
         if not chosen:
             raise ValueError(f"no avatar for {audio}: pass --avatar PORTRAIT|demo:SEED or an avatar column")
+        chosen_emotion = row_emotion or emotion
+        if chosen_emotion and parse_avatar(chosen)[0] == "portrait":  # demo avatars name their emotions
+            chosen_emotion = os.path.abspath(chosen_emotion)
         jobs.append(RenderJob(index=0, audio=audio, output=str(output), avatar=_abs_avatar(chosen),
-                              emotion=os.path.abspath(row_emotion or emotion) if (row_emotion or emotion) else None))
+                              emotion=chosen_emotion or None))
     return jobs, failed
 
 
@@ -112,7 +115,9 @@ def _csv_rows(path: Path, out_dir: Path) -> list[tuple[str, Path, str | None, st
             avatar = row.get("avatar") or None
             if avatar and not avatar.startswith("demo:"):
                 avatar = str(base / avatar)
-            emotion = str(base / row["emotion"]) if row.get("emotion") else None
+            emotion = row.get("emotion") or None
+            if emotion and not (avatar or "").startswith("demo:"):  # demo avatars name their emotions
+                emotion = str(base / emotion)
             rows.append((str(audio), output, avatar, emotion))
     return rows
 
@@ -140,7 +145,7 @@ def job_key(job: RenderJob, settings: RenderSettings) -> str:
     kind, value = parse_avatar(job.avatar)
     parts = {"format": KEY_FORMAT, "audio": _sha256(job.audio), "settings": settings.output_key(),
              "avatar": f"demo:{value}" if kind == "demo" else _sha256(str(value)),
-             "emotion": _sha256(job.emotion) if job.emotion else None}
+             "emotion": (job.emotion if kind == "demo" else _sha256(job.emotion)) if job.emotion else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -30,6 +30,7 @@ from audio.pcm import MODEL_SAMPLE_RATE
 from audio.resample import PcmFormat, resample_audio
 from avatar.chunking import FusionOptions, generate_fused
 from avatar.decoder import FrameDecoder
+from avatar.faces import FixedBoxes
 from avatar.engine import AvatarEngine, ModelBundle, pick_device, preset_options
 from avatar.generator import Conditions
 from avatar.session import SessionOptions
@@ -104,8 +105,7 @@ def parse_avatar(spec: str) -> tuple[str, int | str]:
 
 
 def demo_label(spec: str) -> str:
-    return (f"{spec} is a placeholder: a random reference latent from seed {parse_avatar(spec)[1]} (no face); "
-            "the embedded demo model is not trained yet")
+    return f"{spec}: stylised identity {parse_avatar(spec)[1]} of the demo face renderer"
 
 
 def load_models(name: str, device: str = "auto") -> ModelBundle:
@@ -284,17 +284,20 @@ class Renderer:
             tick()
 
     def conditions(self, avatar: str, emotion: str | None) -> Conditions:
-        """Conditions for a portrait (prepared and cached on disk) or a demo:SEED placeholder latent."""
+        """Conditions for a portrait or a demo:SEED stylised identity (prepared and cached on disk)."""
         key = (avatar, emotion)
         if key not in self._conditions:
             kind, value = parse_avatar(avatar)
-            if kind == "demo":
-                if emotion:
-                    raise ValueError(f"--emotion {emotion} needs a portrait avatar: {demo_label(avatar)}")
-                h, w = (x // self.models.vae.cfg.spatial_factor for x in self.models.frame_hw)
-                g = torch.Generator().manual_seed(int(value))
-                ref = torch.randn(1, self.models.vae.cfg.z_dim, 1, h, w, generator=g)
-                cond = Conditions(reference=ref.to(self.models.dit.device))
+            if kind == "demo":  # identity SEED of the demo model's face renderer, emotions by name
+                from app.avatars import EMOTIONS, stylised_avatar
+
+                if emotion and emotion not in EMOTIONS:
+                    raise ValueError(f"--emotion for {avatar} is one of {', '.join(EMOTIONS)}, not {emotion!r}")
+                av = stylised_avatar(int(value))
+                prepared = self.engine.prepare_avatar(
+                    av.images["neutral"], detector=FixedBoxes([av.face_box]),
+                    emotion_images={e: png for e, png in av.images.items()}, cache_dir=avatar_cache_dir())
+                cond = self.engine.conditions(prepared, emotion or None)
             else:
                 emotions = {"emotion": Path(emotion)} if emotion else None
                 prepared = self.engine.prepare_avatar(Path(value), emotion_images=emotions,

@@ -234,13 +234,14 @@ def test_csv_manifest_with_portraits_emotions_and_outputs(tmp_path, local):
         w.writerows([["audio", "avatar", "emotion", "output"],
                      ["one.wav", "face.png", "smile.png", "lessons/first.mp4"],
                      ["two.wav", "demo:4", "", ""],
-                     ["two.wav", "demo:4", "smile.png", "two-happy.mp4"]])
+                     ["two.wav", "demo:4", "happy", "two-happy.mp4"],
+                     ["two.wav", "demo:4", "smile.png", "two-smile.mp4"]])
     out = tmp_path / "out"
     manifest = render_batch([str(tmp_path / "batch.csv")], out, settings=FAST, backend=local, reporter=QuietReporter())
     rows = manifest["results"]
     assert [(Path(r["output"]).relative_to(out).as_posix(), r["status"]) for r in rows] == [
-        ("lessons/first.mp4", "done"), ("two.mp4", "done"), ("two-happy.mp4", "failed")]
-    assert "needs a portrait avatar" in rows[2]["error"]
+        ("lessons/first.mp4", "done"), ("two.mp4", "done"), ("two-happy.mp4", "done"), ("two-smile.mp4", "failed")]
+    assert "is one of neutral, happy, sad, surprised" in rows[3]["error"]
     _check_mp4(out / "lessons" / "first.mp4", tmp_path / "one.wav")
     assert any((tmp_path / "cache" / "avatars").iterdir())  # the portrait was prepared once and cached
 

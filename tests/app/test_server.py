@@ -233,3 +233,26 @@ def test_a_portrait_given_with_avatar_becomes_the_default(engine, tmp_path):
     backend = EngineBackend(engine, avatars, default)
     assert default == "astronaut" and backend.catalog() == {BUILTIN_AVATAR: sorted(EMOTIONS), "astronaut": []}
     assert avatars["astronaut"].size_hw == engine.models.frame_hw
+
+
+def test_avatar_new_writes_a_folder_that_serve_can_use(engine, tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+
+    folder = tmp_path / "ada"
+    res = CliRunner().invoke(cli, ["avatar", "new", "--seed", "42", "--out", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in folder.iterdir()) == ["avatar.json", "happy.png", "neutral.png", "sad.png",
+                                                        "surprised.png"]
+    again = CliRunner().invoke(cli, ["avatar", "new", "--seed", "43", "--out", str(folder)])
+    assert again.exit_code != 0 and isinstance(again.exception, FileExistsError)  # never overwrites
+    avatars, default = prepare_avatars(engine, folder)
+    assert default == "ada" and sorted(avatars["ada"].emotion_latents) == ["happy", "sad", "surprised"]
+    assert avatars["ada"].size_hw == engine.models.frame_hw
+    other = tmp_path / "other"
+    CliRunner().invoke(cli, ["avatar", "new", "--seed", "43", "--out", str(other)])
+    assert (folder / "neutral.png").read_bytes() != (other / "neutral.png").read_bytes()  # seeds differ
+    (other / "avatar.json").write_text("{")
+    with pytest.raises(ValueError, match="not an avatar folder"):
+        prepare_avatars(engine, other)
