@@ -26,7 +26,7 @@ from streaming.webrtc.peer import CapacityError
 log = logging.getLogger(__name__)
 
 BUILTIN_AVATAR = "sketch"
-BUILTIN_SEED = 100_007  # a held-out identity of the demo model's face renderer (never seen in training)
+BUILTIN_SEED = 1_000_007  # a held-out identity of the demo face renderer (seeds >= 1_000_000 are never trained on)
 EMOTIONS = ("neutral", "happy", "sad", "surprised")
 SIZE = 256  # px; prepare_avatar crops and scales it to the model's resolution
 AVATAR_SPEC = "avatar.json"

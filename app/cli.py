@@ -218,6 +218,38 @@ def avatar_new(
     typer.echo(json.dumps({"avatar": str(folder), "seed": seed, "files": sorted(p.name for p in folder.iterdir())}))
 
 
+eval_app = typer.Typer(help="Measured quality of a model (JSON).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("demo")
+def eval_demo(
+    model: Annotated[str, typer.Option(help="model to measure: tiny (random TINY weights)")] = "tiny",
+    audio: Annotated[list[Path] | None, typer.Option(help="held-out speech files (repeatable)")] = None,
+    corpus: Annotated[Path, typer.Option(help="demo corpus whose held-out clips are used without --audio")] =
+        Path("runs/demo/corpus"),
+    clips: Annotated[int, typer.Option(help="held-out corpus clips to use")] = 2,
+    stream: Annotated[float, typer.Option(help="seconds of the drift stream")] = 300.0,
+    drift_window: Annotated[float, typer.Option(help="seconds compared at the stream's start and end")] = 60.0,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+) -> None:
+    """Lip sync, identity, seams, drift, emotion, FAA leak, speed vs the teacher, on held-out data."""
+    from app.render_worker import load_models
+    from app.train.evaluate import EvalConfig, evaluate, held_out_speech
+    from audio.io import read_audio
+
+    if stream <= 2 * drift_window:
+        raise ValueError(f"--stream ({stream} s) must be longer than twice --drift-window ({drift_window} s)")
+    speech = [read_audio(p) for p in audio] if audio else held_out_speech(corpus, clips)
+    result = evaluate(load_models(model), speech, EvalConfig(stream_s=stream, drift_window_s=drift_window))
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)
+    typer.echo(text)
+
+
 def main() -> None:
     """Entry point: user errors (missing files, bad checkpoints, bad arguments) print one line, exit 2."""
     try:
