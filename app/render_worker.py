@@ -38,7 +38,9 @@ from avatar.types import DEFAULT_FPS, AvatarFrame, SegmentEnd, SessionError, fra
 from streaming.filesink import Mp4FileSink, remove_stale_partials
 
 MODES = ("causal", "overlap", "fusion")
-MODELS = {"tiny": "random TINY weights (32x32; the embedded demo model is not trained yet)"}
+MODELS = {"tiny": "random TINY weights (32x32, no face: for tests and plumbing)",
+          "demo": "the embedded demo model (app/demo_model: stylised faces, 128x128)"}
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 DEMO_PREFIX = "demo:"
 SIDECAR_SUFFIX = ".render.json"
 FEED_AHEAD_S = 10.0  # audio pushed ahead of generation (the session keeps at most 60 s buffered)
@@ -112,7 +114,29 @@ def load_models(name: str, device: str = "auto") -> ModelBundle:
     """The models `render` uses, by name: the one place to plug in the embedded demo model."""
     if name == "tiny":
         return ModelBundle.random("tiny", "tiny", seed=0, device=str(pick_device(device)))
+    if name == "demo":
+        return load_demo_models(DEMO_MODEL_DIR, device)
     raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+
+
+def demo_model_available(folder: Path = DEMO_MODEL_DIR) -> bool:
+    return all((folder / f).exists() for f in ("model.safetensors", "lora.safetensors", "vae.safetensors"))
+
+
+def load_demo_models(folder: Path = DEMO_MODEL_DIR, device: str = "auto") -> ModelBundle:
+    """The shipped demo model: DiT core + its LoRA (merged at load) + the DEMO VAE + mel features."""
+    from audio.features.mel import MelConfig, MelFeatures
+    from models.config import VAE_DEMO_SIZE
+    from models.loading import load_dit
+    from models.vae_loading import load_vae
+
+    if not demo_model_available(folder):
+        raise FileNotFoundError(f"{folder}: the demo model's weights (model/lora/vae .safetensors) are missing")
+    dev = pick_device(device)
+    dit, _ = load_dit(folder, merge_lora=True, device=dev)
+    vae = load_vae(folder / "vae.safetensors").to(dev)
+    features = MelFeatures(MelConfig(n_mels=dit.cfg.audio_dim))
+    return ModelBundle("demo", dit.eval(), vae.eval(), features, frame_hw=VAE_DEMO_SIZE)
 
 
 # ---- resume sidecars ----------------------------------------------------------------------------------

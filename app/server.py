@@ -199,12 +199,13 @@ def create_app(settings: Settings, backend: SessionBackend, *, metrics: LiveMetr
 
 
 # ---- `avatarcast serve` -------------------------------------------------------------------------------
-def load_models():
-    """The models the live service runs: random TINY weights until the embedded demo model is trained
-    (then this loads it; nothing else changes)."""
-    from avatar.engine import ModelBundle
+def load_models(name: str | None = None):
+    """The models the live service runs: the embedded demo model when its weights are in the tree,
+    random TINY weights otherwise (or when asked for by name)."""
+    from app.render_worker import demo_model_available
+    from app.render_worker import load_models as by_name
 
-    return ModelBundle.random("tiny", "tiny")
+    return by_name(name or ("demo" if demo_model_available() else "tiny"))
 
 
 def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:

@@ -111,10 +111,17 @@ class LatentStore:
 
 
 def build_latents(clips: ClipStore, vae: WanVAE, features: AudioFeatures, out: LatentStore,
-                  splits: dict[str, str] | None = None, log=print) -> int:
-    """Encode every clip not yet in `out` (resumable). `splits`: clip key -> 'train' | 'heldout'."""
+                  splits: dict[str, str] | None = None, log=print, *, limit: int | None = None,
+                  shard: tuple[int, int] = (0, 1)) -> int:
+    """Encode every clip not yet in `out` (resumable). `splits`: clip key -> 'train' | 'heldout'.
+    `limit`: only the first `limit` single-face clips and a quarter as many two-face ones (sorted keys);
+    `shard` (i, n): only every n-th of those from i, so n processes can share the work."""
     done = 0
-    for key in clips.keys():
+    keys = clips.keys()
+    if limit is not None:
+        pairs = [k for k in keys if k.startswith("pair_")]
+        keys = [k for k in keys if not k.startswith("pair_")][:limit] + pairs[:max(1, limit // 4)]
+    for key in keys[shard[0]::shard[1]]:
         if key in out:
             continue
         clip = clips.read(key)
@@ -125,3 +132,32 @@ def build_latents(clips: ClipStore, vae: WanVAE, features: AudioFeatures, out: L
         if done % 20 == 0:
             log(f"encoded {done} clips")
     return done
+
+
+def main() -> None:
+    import argparse
+
+    from app.train.dataset import ClipStore
+    from audio.features.mel import MelFeatures
+    from models.vae_loading import load_vae
+
+    p = argparse.ArgumentParser(description="Encode teacher clips into latents (resumable, shardable).")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--shard", default="0/1", help="i/n: this process encodes every n-th clip from i")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    i, n = (int(v) for v in a.shard.split("/"))
+    vae = load_vae(a.out / "vae.safetensors").eval()
+    print(build_latents(ClipStore(a.out / "clips"), vae, MelFeatures(), LatentStore(a.out / "latents"),
+                        _splits(a.out), limit=a.limit, shard=(i, n)))
+
+
+def _splits(out: Path) -> dict[str, str]:
+    """Clip key -> split, from the plans the clip store wrote beside the clips."""
+    return {p["key"]: p["split"] for p in json.loads((out / "clips" / "plans.json").read_text())}
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 import scipy.signal
 import soundfile as sf
 from typer.testing import CliRunner
@@ -381,3 +382,35 @@ def test_reporters_show_frames_rate_rtf_and_eta(tmp_path):
     assert [e["event"] for e in events] == ["start", "progress", "progress", "done", "failed", "summary"]
     assert events[2]["fps"] > 0 and events[2]["rtf"] == round(events[2]["fps"] / 25, 2) and events[2]["eta_s"] > 0
     assert events[4]["error"].startswith("AudioReadError") and events[5]["failed"] == 1
+
+
+def test_the_demo_model_folder_loads_with_its_lora_merged(tmp_path):
+    """The shipped layout: model.safetensors (core) + lora.safetensors (own file) + vae.safetensors."""
+    from app.render_worker import demo_model_available, load_demo_models
+    from models.config import DEMO, VAE_DEMO
+    from models.dit import WanDiT
+    from models.loading import save_dit
+    from models.lora import inject_lora
+    from models.vae import WanVAE
+    from models.vae_loading import save_vae
+
+    torch.manual_seed(0)
+    dit = WanDiT(DEMO)
+    inject_lora(dit, DEMO.lora_rank, DEMO.lora_alpha, DEMO.lora_targets)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained-looking adapter, so merging changes the weights
+    save_dit(dit.eval(), tmp_path)
+    save_vae(WanVAE(VAE_DEMO), tmp_path / "vae.safetensors")
+    assert demo_model_available(tmp_path) and not demo_model_available(tmp_path / "nope")
+    bundle = load_demo_models(tmp_path, device="cpu")
+    assert bundle.name == "demo" and bundle.frame_hw == (128, 128)
+    assert not any(".lora_" in k for k in bundle.dit.state_dict())  # merged, not carried as adapters
+    x = torch.randn(1, 16, 2, 16, 16)
+    y = torch.cat([x[:, :, :1].expand(-1, -1, 2, -1, -1), torch.ones(1, 1, 2, 16, 16)], 1)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.dit(x, t, None, y=y), dit(x, t, None, y=y), atol=1e-4, rtol=1e-4)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_demo_models(tmp_path / "nope")
