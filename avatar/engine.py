@@ -132,6 +132,9 @@ def preset_options(preset: str, **overrides) -> EngineOptions:
     return replace(EngineOptions(), **{**PRESET_DEFAULTS[preset], **overrides})
 
 
+DEFAULT_MOTION = 0.25  # head-motion intensity for models with a motion condition: a little natural movement
+
+
 class EngineFull(RuntimeError):
     pass
 
@@ -253,16 +256,22 @@ class AvatarEngine:
                               encode_image=self.models.encode_image, expected_faces=expected_faces,
                               emotion_images=emotion_images, cache_dir=cache_dir, encoder_id=self.models.encoder_id)
 
-    def conditions(self, avatar: PreparedAvatar, emotion: str | None = None) -> Conditions:
-        """What the DiT conditions on for this avatar (and one of its emotion references)."""
+    def conditions(self, avatar: PreparedAvatar, emotion: str | None = None,
+                   motion: float | None = None) -> Conditions:
+        """What the DiT conditions on for this avatar (and one of its emotion references). `motion`
+        (0 still .. 1) only matters to models trained with a motion condition; they get DEFAULT_MOTION."""
         dev = self.models.dit.device
         if avatar.size_hw != tuple(self.models.frame_hw):
             raise ValueError(f"avatar prepared at {avatar.size_hw}, the model generates {self.models.frame_hw}")
         if emotion is not None and emotion not in avatar.emotion_latents:
             raise ValueError(f"no emotion reference {emotion!r}; this avatar has {sorted(avatar.emotion_latents)}")
+        if motion is not None and not 0.0 <= motion <= 1.0:
+            raise ValueError(f"motion must be in [0, 1], got {motion}")
+        if self.models.dit.cfg.motion_condition and motion is None:
+            motion = DEFAULT_MOTION
         masks = torch.from_numpy(np.array(avatar.masks))[None].to(dev)  # (1, chars, h/2, w/2)
         return Conditions(reference=avatar.reference_latent.to(dev), face_mask=masks,
-                          emotion=avatar.emotion_latents[emotion].to(dev) if emotion else None)
+                          emotion=avatar.emotion_latents[emotion].to(dev) if emotion else None, motion=motion)
 
     def close_session(self, session_id: str) -> None:
         s = self.sessions.get(session_id)

@@ -56,6 +56,7 @@ class Conditions:
     negative_context: torch.Tensor | None = None  # for text guidance; None = null context
     emotion: torch.Tensor | None = None  # (1, 16, 1, h, w) emotion-reference latent (AEM)
     face_mask: torch.Tensor | None = None  # (1, chars, h/2, w/2) token-grid masks (FAA)
+    motion: float | None = None  # head-motion intensity 0 (still) .. 1, for models trained with it
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -100,9 +101,12 @@ class GuidedModel:
             zf = zero_audio_like(face_audio)
             fa = torch.cat([face_audio] + [zf] * (k - 1))
         rep = lambda v: None if v is None else v.expand(k, *v.shape[1:])  # noqa: E731
+        motion = None
+        if cond.motion is not None and self.dit.cfg.motion_condition:
+            motion = torch.full((k,), float(cond.motion), device=x.device)
         v = self.dit(rep(x).to(dt), rep(t), ctx, y=rep(y), audio=a, face_audio=fa,
                      face_mask=rep(cond.face_mask), emotion=rep(cond.emotion), reference=rep(cond.reference),
-                     cache=cache, start_frame=start_frame, frame_mask=frame_mask)
+                     motion=motion, cache=cache, start_frame=start_frame, frame_mask=frame_mask)
         if k == 1:
             return v
         g = self.guidance

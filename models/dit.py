@@ -432,7 +432,7 @@ class WanDiT(nn.Module):
             x = (x.view(b, f, tpf, -1) + self.embed_reference(reference).float()[:, None]).view(b, -1, c.dim)
         audio_h = self.audio_proj(audio.to(self.dtype)) if audio is not None else None  # (B, F, hidden)
         faa = None
-        if c.faa_layers and face_mask is not None:
+        if c.faa_layers and face_mask is not None and (audio is not None or face_audio is not None):
             fa = audio[:, None] if face_audio is None else face_audio  # one character = the main audio
             faa = (self.face_audio_embedding(fa.to(self.dtype)), self._token_masks(face_mask, b, f, tpf))
         emo = self.embed_emotion(emotion) if emotion is not None and c.aem_layers else None

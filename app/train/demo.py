@@ -86,7 +86,8 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
             return {**done, "stopped_in": "base"}
     final = out / "dit_audio"
     if not (final / "model.safetensors").exists():
-        if train_dit(latents, out, DiTTrainConfig(stage="audio", steps=plan.audio_steps, lr=plan.audio_lr, seed=plan.seed),
+        audio_cfg = DiTTrainConfig(stage="audio", steps=plan.audio_steps, lr=plan.audio_lr, seed=plan.seed)
+        if train_dit(latents, out, audio_cfg,
                      init=base, stop_after=left()) is None:
             return {**done, "stopped_in": "audio"}
     # 7. export

@@ -112,7 +112,7 @@ def _conditions(engine, clip: Clip, emotion: str | None = None):
     emotions = {"e": _png(_portrait(clip, rest_state(emotion), scale)[0])} if emotion else None
     prepared = engine.prepare_avatar(_png(image), detector=FixedBoxes(boxes), expected_faces=len(boxes),
                                      emotion_images=emotions)
-    return engine.conditions(prepared, "e" if emotions else None)
+    return engine.conditions(prepared, "e" if emotions else None, motion=0.0)  # the teacher runs motion 0
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -258,3 +260,17 @@ def test_live_fusion_units_emit_blocks_and_keep_the_lookahead_out(dit):
     changed = audio[:, 2:7].clone()
     changed[:, 3:] += 1.0  # only the lookahead latents' audio
     assert not torch.allclose(gen.generate_unit(other, changed), out1)
+
+
+def test_the_motion_condition_reaches_the_dit():
+    torch.manual_seed(0)
+    dit = WanDiT(TINY.replace(motion_condition=True)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking weights (the head and the motion embedding start at zero)
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model = GuidedModel(dit, Guidance())
+    x = torch.randn(1, 16, 2, H, W)
+    t = torch.tensor([500.0])
+    out = {m: model(x, t, replace(_cond(), motion=m), None) for m in (None, 0.0, 1.0)}
+    assert not torch.allclose(out[0.0], out[1.0]) and not torch.allclose(out[None], out[0.0])
