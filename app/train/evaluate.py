@@ -19,7 +19,6 @@ The JSON is the contract; thresholds live in the model card and the issue, not h
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -30,8 +29,6 @@ import numpy as np
 from app.train.dataset import HELD_OUT_IDENTITY_BASE, Clip, make_clip, make_pair_clip
 from app.train.probes import mouth_corner_lift, mouth_opening, psnr
 from audio.pcm import MODEL_SAMPLE_RATE
-
-log = logging.getLogger(__name__)
 
 MAX_LAG = 5  # frames searched either side for the lip-sync lag
 KEYS = ("lipsync_r", "lipsync_lag_frames", "identity_psnr_db", "seam_ratio", "drift_db", "emotion_order_ok",
@@ -81,7 +78,7 @@ def openings(frames: np.ndarray, mouth_boxes: np.ndarray) -> np.ndarray:
 
 
 # ---- generation through the real engine ---------------------------------------------------------
-def _engine(models, fps: int = 25):
+def _engine(models):
     from avatar.engine import AvatarEngine, preset_options
 
     return AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto", max_sessions=1)).start()
@@ -254,18 +251,19 @@ def unit_starts(options, frames: int) -> list[int]:
 
 
 def _drift(engine, wav: np.ndarray, cfg: EvalConfig, size) -> float:
+    spf = MODEL_SAMPLE_RATE // 25
+    wav = wav[: wav.size // spf * spf]  # whole frames, so every loop starts on a frame boundary
     reps = int(math.ceil(cfg.stream_s * MODEL_SAMPLE_RATE / wav.size))
     long = np.tile(wav, reps)[: int(cfg.stream_s * MODEL_SAMPLE_RATE)]
     window = int(cfg.drift_window_s * 25)
     total = int(cfg.stream_s * 25)
-    clip_frames = -(-wav.size // (MODEL_SAMPLE_RATE // 25))
-    # the teacher of a looped clip is the looped teacher only where the loop falls on a frame boundary;
-    # compare frames against the teacher of the clip at the same position within the loop
+    clip_frames = wav.size // spf
+    # the reference for frame p of the looped stream: the teacher frame at the same place in the clip
     clip = make_clip(wav, cfg.identities[0], size=size, seed=cfg.seed, blinks=False)
     keep = lambda pts: pts < window or pts >= total - window  # noqa: E731
     frames, _ = asyncio.run(_run_session(engine, _conditions(engine, clip), long[None], keep=keep))
     pts = list(range(window)) + list(range(total - window, total))
-    scores = [psnr(f, clip.frames[min(p % clip_frames, clip.num_frames - 1)]) for f, p in zip(frames, pts, strict=False)]
+    scores = [psnr(f, clip.frames[p % clip_frames]) for f, p in zip(frames, pts, strict=False)]
     return round(float(np.mean(scores[window:]) - np.mean(scores[:window])), 3)
 
 
