@@ -41,6 +41,13 @@ class StylisedAvatar:
     face_box: tuple[int, int, int, int]
 
 
+def png_bytes(image) -> bytes:
+    """uint8 (H, W, 3) RGB -> PNG bytes (what prepare_avatar reads)."""
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
 def stylised_avatar(seed: int, size: int = SIZE) -> StylisedAvatar:
     """Identity `seed` of the demo model's face renderer, showing each emotion with the mouth at rest."""
     from app.train.animate import rest_state
@@ -52,11 +59,15 @@ def stylised_avatar(seed: int, size: int = SIZE) -> StylisedAvatar:
     images, box = {}, None
     for emotion in EMOTIONS:
         frame, info = render(idt, rest_state(emotion), (size, size))
-        out = io.BytesIO()
-        Image.fromarray(frame).save(out, format="PNG")
-        images[emotion] = out.getvalue()
+        images[emotion] = png_bytes(frame)
         box = box or tuple(int(v) for v in info.face_box)
     return StylisedAvatar(seed, images, box)
+
+
+def prepare_stylised(engine: AvatarEngine, av: StylisedAvatar, cache_dir=None) -> PreparedAvatar:
+    """A stylised avatar prepared for the engine: its neutral portrait, face box and every emotion."""
+    return engine.prepare_avatar(av.images["neutral"], detector=FixedBoxes([av.face_box]),
+                                 emotion_images=dict(av.images), cache_dir=cache_dir)
 
 
 def draw_face(emotion: str = "neutral", size: int = SIZE) -> bytes:
@@ -101,10 +112,7 @@ def prepare_avatar_dir(engine: AvatarEngine, folder: Path) -> PreparedAvatar:
 def prepare_avatars(engine: AvatarEngine, portrait: Path | None = None) -> tuple[dict[str, PreparedAvatar], str]:
     """The built-in drawn avatar (with its emotions) and the user's avatar if given -> (avatars, default).
     The user's avatar is a portrait image (faces found by the detector) or an `avatar new` folder."""
-    builtin = stylised_avatar(BUILTIN_SEED)
-    avatars = {BUILTIN_AVATAR: engine.prepare_avatar(
-        builtin.images["neutral"], detector=FixedBoxes([builtin.face_box]),
-        emotion_images={e: builtin.images[e] for e in EMOTIONS})}
+    avatars = {BUILTIN_AVATAR: prepare_stylised(engine, stylised_avatar(BUILTIN_SEED))}
     default = BUILTIN_AVATAR
     if portrait is not None:
         portrait = Path(portrait)

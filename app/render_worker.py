@@ -30,7 +30,6 @@ from audio.pcm import MODEL_SAMPLE_RATE
 from audio.resample import PcmFormat, resample_audio
 from avatar.chunking import FusionOptions, generate_fused
 from avatar.decoder import FrameDecoder
-from avatar.faces import FixedBoxes
 from avatar.engine import AvatarEngine, ModelBundle, pick_device, preset_options
 from avatar.generator import Conditions
 from avatar.session import SessionOptions
@@ -313,14 +312,11 @@ class Renderer:
         if key not in self._conditions:
             kind, value = parse_avatar(avatar)
             if kind == "demo":  # identity SEED of the demo model's face renderer, emotions by name
-                from app.avatars import EMOTIONS, stylised_avatar
+                from app.avatars import EMOTIONS, prepare_stylised, stylised_avatar
 
                 if emotion and emotion not in EMOTIONS:
                     raise ValueError(f"--emotion for {avatar} is one of {', '.join(EMOTIONS)}, not {emotion!r}")
-                av = stylised_avatar(int(value))
-                prepared = self.engine.prepare_avatar(
-                    av.images["neutral"], detector=FixedBoxes([av.face_box]),
-                    emotion_images={e: png for e, png in av.images.items()}, cache_dir=avatar_cache_dir())
+                prepared = prepare_stylised(self.engine, stylised_avatar(int(value)), cache_dir=avatar_cache_dir())
                 cond = self.engine.conditions(prepared, emotion or None)
             else:
                 emotions = {"emotion": Path(emotion)} if emotion else None

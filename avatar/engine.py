@@ -106,6 +106,13 @@ class EngineOptions:
     warmup: bool = True  # run the real path once at start, so the first user does not pay for it
     poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
 
+    def unit_geometry(self) -> tuple[int, int, int]:
+        """(latents the first unit ends at, new latents per later unit, lookahead latents) of `mode`."""
+        return {"causal": (1, self.causal.block_frames, 0),  # unit 0 is the reference latent alone
+                "overlap": (self.overlap.chunk_frames, self.overlap.chunk_frames - self.overlap.overlap_frames, 0),
+                "fusion": (1 + self.fusion.block_frames, self.fusion.block_frames, self.fusion.lookahead_frames),
+                }[self.mode]
+
 
 # Generation defaults per DiT preset: what each family was trained (or distilled) to do well.
 # Few-step causal for block-causal students (Self-Forcing / LiveTalk layout, our demo); OmniAvatar's
@@ -302,9 +309,7 @@ class AvatarEngine:
     def latency_budget(self) -> dict[str, float]:
         """Milliseconds from a sample's arrival to its frame being ready, by stage (worst case)."""
         o = self.options
-        unit, ahead = {"causal": (o.causal.block_frames, 0),
-                       "overlap": (o.overlap.chunk_frames - o.overlap.overlap_frames, 0),
-                       "fusion": (o.fusion.block_frames, o.fusion.lookahead_frames)}[o.mode]
+        _, unit, ahead = o.unit_geometry()
         block_ms = 1000 * 4 * (unit + ahead) / o.fps  # the audio a unit waits for, its lookahead included
         timing = self.models.features.timing
         stages = [s.stats.stage_ms for s in self.sessions.values()]

@@ -100,26 +100,17 @@ def _portrait(clip: Clip, state, scale: int) -> tuple[np.ndarray, list]:
 def _conditions(engine, clip: Clip, emotion: str | None = None):
     """The avatar as a user would give it: the identities' neutral portrait (rendered at >= 128 px, which
     prepare_avatar scales to the model's size), their face boxes, and the emotion's reference image."""
+    from app.avatars import png_bytes
     from app.train.animate import rest_state
     from app.train.face import NEUTRAL
     from avatar.faces import FixedBoxes
 
     scale = max(1, -(-128 // min(clip.frames.shape[1:3])))
     image, boxes = _portrait(clip, NEUTRAL, scale)
-    emotions = {"e": _png(_portrait(clip, rest_state(emotion), scale)[0])} if emotion else None
-    prepared = engine.prepare_avatar(_png(image), detector=FixedBoxes(boxes), expected_faces=len(boxes),
+    emotions = {"e": png_bytes(_portrait(clip, rest_state(emotion), scale)[0])} if emotion else None
+    prepared = engine.prepare_avatar(png_bytes(image), detector=FixedBoxes(boxes), expected_faces=len(boxes),
                                      emotion_images=emotions)
     return engine.conditions(prepared, "e" if emotions else None, motion=0.0)  # the teacher runs motion 0
-
-
-def _png(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 async def _run_session(engine, cond, audio: np.ndarray, *, chunk_s: float = 1.0,
@@ -243,10 +234,7 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig()) -
 
 def unit_starts(options, frames: int) -> list[int]:
     """Video frames at which a new generation unit starts, for EngineOptions `options`."""
-    o = options
-    unit, second = {"causal": (o.causal.block_frames, 1),  # unit 0 is the reference latent alone
-                    "overlap": (o.overlap.chunk_frames - o.overlap.overlap_frames, o.overlap.chunk_frames),
-                    "fusion": (o.fusion.block_frames, 1 + o.fusion.block_frames)}[o.mode]
+    second, unit, _ = options.unit_geometry()
     return list(range(4 * second - 3, frames, 4 * unit))
 
 
