@@ -145,8 +145,16 @@ def build_model(cfg: DiTTrainConfig, dit_cfg: DiTConfig, init: Path | None) -> W
         from models.loading import load_dit
 
         base, _ = load_dit(init, config=dit_cfg.replace(lora_rank=0), merge_lora=False)
-        dit.load_state_dict(base.state_dict(), strict=False)
+        state = base.state_dict()
+        if cfg.stage == "audio":  # the audio side starts from its own init, whatever the base file holds
+            state = {k: v for k, v in state.items() if not k.startswith(AUDIO_MODULES)}
+        dit.load_state_dict(state, strict=False)
     if cfg.stage == "audio":
+        # The base never heard audio: start the per-layer audio projections at zero so the audio path
+        # begins as a no-op on the trained base instead of adding noise to every token (a resumed
+        # checkpoint overwrites this)
+        for proj in getattr(dit, "audio_cond_projs", ()):
+            torch.nn.init.zeros_(proj.weight)
         inject_lora(dit, dit_cfg.lora_rank, dit_cfg.lora_alpha, dit_cfg.lora_targets)
     return dit
 

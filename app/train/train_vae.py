@@ -33,6 +33,8 @@ class VaeTrainConfig:
     batch: int = 4
     latents: int = 5  # clips of 1 + 4 (latents - 1) frames: long enough that the causal caches learn to stay
     # stable (a VAE trained on 2-latent clips decodes latent 1 at 18 dB and latents >= 3 at 10-11 dB)
+    warmup: int = 0  # up to this many extra latents run first without gradients, so the trained latents
+    # also start from caches deep into a stream (a 5-latent-only VAE still drifts past latent 5)
     size: tuple[int, int] = (128, 128)  # rendered frames
     crop: int = 64  # trained on random crops: the VAE is convolutional, 4x cheaper per step than full frames
     lr: float = 3e-4
@@ -53,9 +55,11 @@ def random_state(rng: np.random.Generator) -> FaceState:
                      dy=float(rng.normal(0, 0.03)), roll=float(rng.normal(0, 5)), scale=float(rng.uniform(0.9, 1.1)))
 
 
-def teacher_clip(rng: np.random.Generator, frames: int, size: tuple[int, int], identities: int) -> np.ndarray:
-    """(frames, H, W, 3) uint8: one identity moving smoothly between two random states."""
-    idt = Identity.from_seed(int(rng.integers(identities)))
+def teacher_clip(rng: np.random.Generator, frames: int, size: tuple[int, int], identities: int,
+                 first_identity: int = 0) -> np.ndarray:
+    """(frames, H, W, 3) uint8: one identity (seed in [first, first + identities)) moving smoothly between
+    two random states."""
+    idt = Identity.from_seed(first_identity + int(rng.integers(identities)))
     a, b = random_state(rng).as_array(), random_state(rng).as_array()
     out = []
     for i in range(frames):
@@ -79,35 +83,56 @@ def to_video_tensor(clips: np.ndarray) -> torch.Tensor:
 
 
 # ---- the streaming forward, differentiable -------------------------------------------------------
-def encode_stats(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 3, 1+4k, H, W) -> mean, log-variance (B, z, 1+k, h, w), through the encoder's causal caches."""
+Caches = tuple[torch.Tensor, ...]
+
+
+def encode_stats(vae: WanVAE, video: torch.Tensor, caches: Caches | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, Caches]:
+    """(B, 3, 1+4k, H, W) -> mean, log-variance (B, z, 1+k, h, w) and the encoder's causal caches after it.
+
+    With `caches` given, the video continues a stream: 4k frames, no leading single frame."""
     b, _, t, h, w = video.shape
-    caches = tuple(torch.zeros(s, dtype=video.dtype) for s in vae.encoder.cache_shapes(b, h, w))
-    stats = []
+    fresh = caches is None
+    if fresh:
+        caches = tuple(torch.zeros(s, dtype=video.dtype) for s in vae.encoder.cache_shapes(b, h, w))
     step = vae.cfg.temporal_factor
-    for i, (a, e) in enumerate([(0, 1)] + [(s, s + step) for s in range(1, t, step)]):
-        feat, caches = vae.encoder(video[:, :, a:e], caches, i == 0)
+    spans = ([(0, 1)] + [(s, s + step) for s in range(1, t, step)]) if fresh else \
+        [(s, s + step) for s in range(0, t, step)]
+    stats = []
+    for i, (a, e) in enumerate(spans):
+        feat, caches = vae.encoder(video[:, :, a:e], caches, fresh and i == 0)
         stats.append(vae.conv1(feat))
     mu, logvar = torch.cat(stats, dim=2).chunk(2, dim=1)
-    return mu, logvar.clamp(-30, 20)
+    return mu, logvar.clamp(-30, 20), caches
 
 
-def decode_raw(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
-    """Un-normalised latents (B, z, T, h, w) -> video (B, 3, 1+4(T-1), H, W), latent by latent."""
+def decode_raw(vae: WanVAE, z: torch.Tensor, caches: Caches | None = None) -> tuple[torch.Tensor, Caches]:
+    """Un-normalised latents (B, z, T, h, w) -> video (B, 3, 1+4(T-1), H, W) (4T frames when continuing
+    a stream from `caches`), latent by latent, and the decoder's caches after it."""
     b, _, t, h, w = z.shape
-    caches = tuple(torch.zeros(s, dtype=z.dtype) for s in vae.decoder.cache_shapes(b, h, w))
+    fresh = caches is None
+    if fresh:
+        caches = tuple(torch.zeros(s, dtype=z.dtype) for s in vae.decoder.cache_shapes(b, h, w))
     x = vae.conv2(z)
     out = []
     for i in range(t):
-        frames, caches = vae.decoder(x[:, :, i:i + 1], caches, i == 0)
+        frames, caches = vae.decoder(x[:, :, i:i + 1], caches, fresh and i == 0)
         out.append(frames)
-    return torch.cat(out, dim=2)
+    return torch.cat(out, dim=2), caches
 
 
-def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch.Generator) -> dict[str, torch.Tensor]:
-    mu, logvar = encode_stats(vae, video)
+def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch.Generator,
+             warm_frames: int = 0) -> dict[str, torch.Tensor]:
+    """Loss on `video[:, :, warm_frames:]`; the first `warm_frames` (0 or 1 + 4k) only fill the caches."""
+    enc = dec = None
+    if warm_frames:
+        with torch.no_grad():
+            mu, logvar, enc = encode_stats(vae, video[:, :, :warm_frames])
+            _, dec = decode_raw(vae, mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise))
+        video = video[:, :, warm_frames:]
+    mu, logvar, _ = encode_stats(vae, video, enc)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise)
-    recon = decode_raw(vae, z)
+    recon, _ = decode_raw(vae, z, dec)
     l1 = (recon - video).abs().mean()
     dx = lambda v: v[..., :, 1:] - v[..., :, :-1]  # noqa: E731
     dy = lambda v: v[..., 1:, :] - v[..., :-1, :]  # noqa: E731
@@ -146,12 +171,16 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, step])  # the batch depends only on (seed, step): resumable
         noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        clips = np.stack([random_crop(teacher_clip(rng, frames, cfg.size, cfg.identities), cfg.crop, rng)
-                          for _ in range(cfg.batch)])
+        warm = int(rng.integers(0, cfg.warmup + 1))
+        warm_frames = 1 + vae_cfg.temporal_factor * (warm - 1) if warm else 0
+        length = warm_frames + vae_cfg.temporal_factor * cfg.latents if warm else frames  # a continuation
+        # is whole 4-frame chunks
+        clips = np.stack([random_crop(teacher_clip(rng, length, cfg.size, cfg.identities),
+                                      cfg.crop, rng) for _ in range(cfg.batch)])
         lr = float(cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))))
         for group in opt.param_groups:
             group["lr"] = lr
-        losses = vae_loss(vae, to_video_tensor(clips), cfg, noise)
+        losses = vae_loss(vae, to_video_tensor(clips), cfg, noise, warm_frames)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -189,6 +218,29 @@ def latent_statistics(vae: WanVAE, cfg: VaeTrainConfig, clips: int = 64) -> tupl
     return [round(float(v), 5) for v in mu.mean(1)], [round(float(v), 5) for v in mu.std(1).clamp_min(1e-3)]
 
 
+@torch.no_grad()
+def psnr_by_latent(vae: WanVAE, clip: np.ndarray) -> list[float]:
+    """Reconstruction PSNR (dB) of a (1+4k, H, W, 3) uint8 clip, one value per latent frame (its 1 or 4
+    video frames), streamed the engine's way. Flat means the causal caches hold; falling means drift."""
+    video = to_video_tensor(clip[None])
+    mu, _, _ = encode_stats(vae, video)
+    recon, _ = decode_raw(vae, mu)
+    err = (recon.clamp(-1, 1) - video).pow(2).mean(dim=(0, 1, 3, 4)) / 4.0  # per frame, on a [0, 1] scale
+    step = vae.cfg.temporal_factor
+    spans = [(0, 1)] + [(s, s + step) for s in range(1, video.shape[2], step)]
+    return [round(float(10 * torch.log10(1 / err[a:e].mean().clamp_min(1e-10))), 2) for a, e in spans]
+
+
+def drift_check(vae: WanVAE, latents: int = 40, seed: int = 1_000_003, size: tuple[int, int] = (128, 128)
+                ) -> dict[str, object]:
+    """PSNR by latent index on a long clip of a held-out identity (seed above the training range)."""
+    rng = np.random.default_rng(seed)
+    clip = teacher_clip(rng, 1 + vae.cfg.temporal_factor * (latents - 1), size, 1, first_identity=seed)
+    per = psnr_by_latent(vae, clip)
+    third = max(1, len(per) // 3)
+    return {"psnr_by_latent": per, "first_third_db": round(float(np.mean(per[1:third + 1])), 2),
+            "last_third_db": round(float(np.mean(per[-third:])), 2)}
+
 
 def main() -> None:
     import argparse
@@ -197,11 +249,25 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps", type=int, default=VaeTrainConfig.steps)
     p.add_argument("--latents", type=int, default=VaeTrainConfig.latents, help="latents per training clip")
+    p.add_argument("--warmup", type=int, default=VaeTrainConfig.warmup,
+                   help="up to this many latents stream first without gradients (steady-state caches)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--check", type=Path, default=None, metavar="VAE",
+                   help="print PSNR by latent index of a saved VAE (or training checkpoint) and exit")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
-    print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents)))
+    if a.check is not None:
+        if a.check.suffix == ".pt":
+            vae = WanVAE(VAE_DEMO)
+            vae.load_state_dict(torch.load(a.check, weights_only=True)["vae"])
+        else:
+            from models.vae_loading import load_vae
+
+            vae = load_vae(a.check)
+        print(json.dumps(drift_check(vae.eval())))
+        return
+    print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents, warmup=a.warmup)))
 
 
 if __name__ == "__main__":

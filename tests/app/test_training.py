@@ -108,3 +108,73 @@ def test_vae_training_resumes_from_its_checkpoint_and_measures_latent_stats(tmp_
     assert steps == [1, 2]  # the second run continued at step 2, it did not start over
     vae = load_vae(path)
     assert vae.cfg.latents_std != VAE_DEMO.latents_std and all(s > 0 for s in vae.cfg.latents_std)
+
+
+def test_vae_stream_continuation_equals_one_pass():
+    """The warm-up split (no-grad prefix, then a continuation from its caches) is the same computation."""
+    from app.train.train_vae import decode_raw, encode_stats, teacher_clip
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAE_DEMO).eval()
+    video = to_video_tensor(teacher_clip(np.random.default_rng(1), 13, (32, 32), 100)[None])
+    with torch.no_grad():
+        mu, logvar, _ = encode_stats(vae, video)
+        mu_a, _, enc = encode_stats(vae, video[:, :, :5])
+        mu_b, logvar_b, _ = encode_stats(vae, video[:, :, 5:], enc)
+        torch.testing.assert_close(torch.cat([mu_a, mu_b], 2), mu, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logvar_b, logvar[:, :, 2:], atol=1e-5, rtol=1e-5)
+        frames, _ = decode_raw(vae, mu)
+        head, dec = decode_raw(vae, mu[:, :, :2])
+        tail, _ = decode_raw(vae, mu[:, :, 2:], dec)
+        assert tail.shape[2] == 8 and head.shape[2] == 5
+        torch.testing.assert_close(torch.cat([head, tail], 2), frames, atol=1e-5, rtol=1e-5)
+    # the training loss accepts such a prefix (whole 4-frame chunks after it)
+    loss = vae_loss(vae, video, VaeTrainConfig(), torch.Generator().manual_seed(0), warm_frames=5)
+    assert torch.isfinite(loss["loss"])
+
+
+def test_audio_stage_starts_as_the_trained_base(tmp_path):
+    """Zeroed audio projections, zero FAA/AEM outputs and zero LoRA B: hearing audio changes nothing yet."""
+    from app.train.train_dit import build_model
+    from models.loading import save_dit
+
+    torch.manual_seed(0)
+    base = WanDiT(TINY)
+    for p in base.parameters():  # a "trained" base: nothing left at its zero init
+        torch.nn.init.normal_(p, std=0.05)
+    folder = save_dit(base, tmp_path / "base")
+    dit = build_model(DiTTrainConfig(stage="audio"), TINY.replace(lora_rank=4, lora_alpha=4.0), folder).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, TINY.out_dim, 3, 4, 4, generator=g)
+    y = torch.randn(1, TINY.in_dim - TINY.out_dim, 3, 4, 4, generator=g)
+    audio = torch.randn(1, 3, 4, TINY.audio_dim, generator=g)
+    t = torch.full((1, 3), 500.0)
+    with torch.no_grad():
+        silent = dit(x, t, None, y=y)
+        heard = dit(x, t, None, y=y, audio=audio)
+        reference = base(x, t, None, y=y)
+    torch.testing.assert_close(heard, silent)
+    torch.testing.assert_close(silent, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_psnr_by_latent_reports_each_latent_of_the_stream():
+    from app.train.train_vae import drift_check, psnr_by_latent, teacher_clip
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAE_DEMO).eval()
+    clip = teacher_clip(np.random.default_rng(0), 9, (32, 32), 10)
+    per = psnr_by_latent(vae, clip)
+    assert len(per) == 3 and all(np.isfinite(per))
+    # latent 1 is video frames 1..4: the same number from an independent PSNR over those frames
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from app.train.train_vae import decode_raw, encode_stats
+
+    with torch.no_grad():
+        video = to_video_tensor(clip[None])
+        recon, _ = decode_raw(vae, encode_stats(vae, video)[0])
+    recon = ((recon.clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 3, 0).numpy()
+    expected = peak_signal_noise_ratio(clip[1:5] / 255.0, recon[1:5], data_range=1.0)
+    assert per[1] == pytest.approx(expected, abs=0.02)
+    report = drift_check(vae, latents=6, size=(32, 32))
+    assert len(report["psnr_by_latent"]) == 6 and report["last_third_db"] == round(np.mean(report["psnr_by_latent"][-2:]), 2)
