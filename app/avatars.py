@@ -130,11 +130,13 @@ class EngineBackend:
     """`streaming.webrtc.peer.SessionBackend` over an `AvatarEngine`: realtime 48 kHz sessions."""
 
     def __init__(self, engine: AvatarEngine, avatars: dict[str, PreparedAvatar], default_avatar: str,
-                 options: SessionOptions | None = None) -> None:
+                 options: SessionOptions | None = None, motion: float | None = None) -> None:
+        """`motion`: head-motion intensity of every session (None: the engine's default)."""
         if default_avatar not in avatars:
             raise ValueError(f"default avatar {default_avatar!r} is not among {sorted(avatars)}")
         self.engine, self.avatars, self.default_avatar = engine, avatars, default_avatar
         self.options = options or SessionOptions(realtime=True, sample_rate=48_000)
+        self.motion = motion
         self._conditions: dict[tuple[str, str | None], Any] = {}
 
     def catalog(self) -> dict[str, list[str]]:
@@ -143,7 +145,7 @@ class EngineBackend:
     def open(self, avatar: str, emotion: str | None) -> AvatarSession:
         key = (avatar, emotion)
         if key not in self._conditions:
-            self._conditions[key] = self.engine.conditions(self.avatars[avatar], emotion)
+            self._conditions[key] = self.engine.conditions(self.avatars[avatar], emotion, motion=self.motion)
         try:
             return self.engine.open_session(self._conditions[key], self.options)
         except EngineFull as exc:

@@ -124,7 +124,8 @@ def render(
     emotion: Annotated[str | None, typer.Option(help="emotion reference image; for demo:SEED avatars one of "
                                                      "neutral, happy, sad, surprised")] = None,
     mode: Annotated[str, typer.Option(help="causal | overlap | fusion (position-shift fusion, offline)")] = "causal",
-    model: Annotated[str, typer.Option(help="model to render with: tiny (random TINY weights)")] = "tiny",
+    model: Annotated[str, typer.Option(help="auto (the demo model when shipped, else tiny) | demo | tiny "
+                                            "(random TINY weights)")] = "auto",
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: causal 4, overlap/fusion 25)")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     fps: Annotated[int, typer.Option(help="video frame rate (the models are built for 25)")] = 25,
@@ -143,9 +144,9 @@ def render(
     """Render audio files to talking-avatar mp4s (H.264 + AAC): resumable, locally or on Ray."""
     from app.render import exit_code, render_batch
     from app.render_progress import make_reporter
-    from app.render_worker import RenderSettings
+    from app.render_worker import RenderSettings, resolve_model
 
-    settings = RenderSettings(model=model, mode=mode, steps=steps, seed=seed, fps=fps, sample_rate=sample_rate,
+    settings = RenderSettings(model=resolve_model(model), mode=mode, steps=steps, seed=seed, fps=fps, sample_rate=sample_rate,
                               crf=crf, decoder=decoder)
     result = render_batch(inputs, out, avatar=avatar, emotion=emotion, settings=settings, jobs=jobs, backend=backend,
                           address=address, threads=threads, force=force, manifest_path=manifest,
@@ -187,7 +188,7 @@ def broadcast(
     loop: Annotated[bool, typer.Option("--loop", help="play the audio again at its end")] = False,
     video_bitrate: Annotated[int, typer.Option(help="H.264 bitrate, kbit/s")] = 2500,
     max_attempts: Annotated[int, typer.Option(help="failed connection attempts in a row before giving up")] = 6,
-    model: Annotated[str, typer.Option(help="model: tiny (random TINY weights)")] = "tiny",
+    model: Annotated[str, typer.Option(help="auto (the demo model when shipped, else tiny) | demo | tiny")] = "auto",
 ) -> None:
     """Livestream the avatar driven by an audio file or URL to RTMP (FLV) or HLS, in real time."""
     from app.broadcast import BroadcastRequest, run_broadcast
@@ -224,7 +225,7 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("demo")
 def eval_demo(
-    model: Annotated[str, typer.Option(help="model to measure: tiny (random TINY weights)")] = "tiny",
+    model: Annotated[str, typer.Option(help="model to measure: auto (the demo model when shipped) | demo | tiny")] = "auto",
     audio: Annotated[list[Path] | None, typer.Option(help="held-out speech files (repeatable)")] = None,
     corpus: Annotated[Path, typer.Option(help="demo corpus whose held-out clips are used without --audio")] =
         Path("runs/demo/corpus"),

@@ -37,7 +37,8 @@ from avatar.types import DEFAULT_FPS, AvatarFrame, SegmentEnd, SessionError, fra
 from streaming.filesink import Mp4FileSink, remove_stale_partials
 
 MODES = ("causal", "overlap", "fusion")
-MODELS = {"tiny": "random TINY weights (32x32, no face: for tests and plumbing)",
+MODELS = {"auto": "the demo model when its weights are in the tree, else tiny",
+          "tiny": "random TINY weights (32x32, no face: for tests and plumbing)",
           "demo": "the embedded demo model (app/demo_model: stylised faces, 128x128)"}
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 DEMO_PREFIX = "demo:"
@@ -109,8 +110,16 @@ def demo_label(spec: str) -> str:
     return f"{spec}: stylised identity {parse_avatar(spec)[1]} of the demo face renderer"
 
 
+def resolve_model(name: str) -> str:
+    """"auto" -> "demo" when the embedded weights are shipped, else "tiny"; other names unchanged."""
+    if name == "auto":
+        return "demo" if demo_model_available() else "tiny"
+    return name
+
+
 def load_models(name: str, device: str = "auto") -> ModelBundle:
     """The models `render` uses, by name: the one place to plug in the embedded demo model."""
+    name = resolve_model(name)
     if name == "tiny":
         return ModelBundle.random("tiny", "tiny", seed=0, device=str(pick_device(device)))
     if name == "demo":

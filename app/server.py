@@ -202,10 +202,9 @@ def create_app(settings: Settings, backend: SessionBackend, *, metrics: LiveMetr
 def load_models(name: str | None = None):
     """The models the live service runs: the embedded demo model when its weights are in the tree,
     random TINY weights otherwise (or when asked for by name)."""
-    from app.render_worker import demo_model_available
     from app.render_worker import load_models as by_name
 
-    return by_name(name or ("demo" if demo_model_available() else "tiny"))
+    return by_name(name or "auto")
 
 
 def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:

@@ -142,7 +142,7 @@ def test_a_killed_render_leaves_no_partial_mp4_and_the_rerun_renders_only_the_re
     long = _speech_like(tmp_path / "second.wav", 8.0, seed=3)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "app.cli", "render", str(short), str(long), "--out", str(out), "--avatar", "demo:0",
-           "--decoder", "torch", "--threads", "1", "--json-lines"]
+           "--model", "tiny", "--decoder", "torch", "--threads", "1", "--json-lines"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     killed_at = None
@@ -195,7 +195,7 @@ def test_a_mixed_batch_renders_the_good_files_and_names_the_bad_ones(tmp_path):
     _video_only(src / "silent_film.m4a")
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["render", str(src), str(tmp_path / "missing.wav"), "--out", str(out),
-                                   "--avatar", "demo:2", "--decoder", "torch", "--jobs", "2", "--quiet"])
+                                   "--avatar", "demo:2", "--model", "tiny", "--decoder", "torch", "--jobs", "2", "--quiet"])
     assert res.exit_code == 1, res.output
     manifest = json.loads((out / "render-manifest.json").read_text())
     by_name = _results(manifest)

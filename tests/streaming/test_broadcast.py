@@ -589,7 +589,8 @@ def test_cli_broadcasts_an_audio_file_to_hls(tmp_path):
     from app.cli import app
 
     out = tmp_path / "cli" / "show.m3u8"
-    res = CliRunner().invoke(app, ["broadcast", "--audio", str(WAV), "--to", str(out), "--duration", "3"])
+    res = CliRunner().invoke(app, ["broadcast", "--audio", str(WAV), "--to", str(out), "--duration", "3",
+                                   "--model", "tiny"])
     assert res.exit_code == 0, res.output
     assert '"state": "stopped"' in res.output and '"frames_sent": 75' in res.output
     info = read_back(out)

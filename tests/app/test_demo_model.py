@@ -1,0 +1,114 @@
+"""The shipped demo model end to end: a held-out identity speaks held-out audio through the real engine
+(ONNX decode, KV-cache streaming), and its mouth follows the teacher's for that audio."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.render_worker import demo_model_available
+
+pytestmark = pytest.mark.skipif(not demo_model_available(), reason="app/demo_model weights are not in the tree")
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "audio" / "speech_en_us_male.wav"
+LIPSYNC_R = 0.7  # the issue's targets
+IDENTITY_DB = 24.0
+
+
+@pytest.fixture(scope="module")
+def generated():
+    from app.render_worker import load_models
+    from app.train.dataset import HELD_OUT_IDENTITY_BASE, make_clip
+    from app.train.evaluate import _conditions, _engine, _run_session
+    from audio.io import read_audio
+
+    speech = read_audio(FIXTURE)[: 16_000 * 4]
+    models = load_models("demo")
+    clip = make_clip(speech, HELD_OUT_IDENTITY_BASE + 37, size=tuple(models.frame_hw), blinks=False)
+    with _engine(models) as engine:
+        frames, _ = asyncio.run(_run_session(engine, _conditions(engine, clip), clip.audio))
+    n = min(len(frames), clip.num_frames)
+    return frames[:n], clip
+
+
+def test_the_demo_model_lip_syncs_a_held_out_face_to_held_out_speech(generated):
+    from app.train.evaluate import lipsync, openings
+
+    frames, clip = generated
+    n = len(frames)
+    r, lag = lipsync(openings(frames, clip.mouth_boxes[0, :n]), clip.states[0, :n, 0])
+    assert r >= LIPSYNC_R and abs(lag) <= 1, (r, lag)
+
+
+def test_the_demo_model_keeps_the_identity(generated):
+    from app.train.evaluate import mean_psnr
+
+    frames, clip = generated
+    assert frames.shape[1:] == clip.frames.shape[1:]
+    assert mean_psnr(frames, clip.frames[: len(frames)]) >= IDENTITY_DB
+
+
+def frame_envelope(audio: np.ndarray, starts_s: np.ndarray, rate: int, window_s: float = 0.04) -> np.ndarray:
+    """RMS of `audio` over [t, t + window) for each start time t (the sound a frame shown at t plays with)."""
+    out = []
+    for t in starts_s:
+        a, b = int(round(t * rate)), int(round((t + window_s) * rate))
+        seg = audio[max(0, a):max(0, b)]
+        out.append(float(np.sqrt(np.mean(seg ** 2))) if seg.size else 0.0)
+    return np.array(out)
+
+
+@pytest.mark.timeout(180)
+async def test_a_webrtc_call_with_the_demo_model_keeps_lips_and_audio_in_sync():
+    """What the client receives: the lag of the mouth-opening probe behind the received audio's envelope
+    equals the teacher's own (opening vs envelope of the same speech) within one frame."""
+    from app.avatars import BUILTIN_SEED, EngineBackend, prepare_avatars
+    from app.render_worker import load_models
+    from app.train.dataset import make_clip
+    from app.train.evaluate import lipsync, openings
+    from app.train.face import NEUTRAL, Identity, render
+    from audio.io import read_audio
+    from audio.resample import PcmFormat, resample_audio
+    from avatar.engine import AvatarEngine, preset_options
+    from streaming.webrtc import LiveService, Offer, ServiceOptions
+    from streaming.webrtc.testing import LoopbackClient, loopback_candidates_only
+
+    seconds = 6.0
+    speech16 = read_audio(FIXTURE)[: int(16_000 * seconds)]
+    speech48 = resample_audio(speech16, PcmFormat(16_000), out_rate=48_000)
+    models = load_models("demo")
+    size = tuple(models.frame_hw)
+    mouth = np.array(render(Identity.from_seed(BUILTIN_SEED), NEUTRAL, size)[1].mouth_box)
+    # the teacher's own lag: its mouth opening against the envelope of the same speech
+    teacher = make_clip(speech16, BUILTIN_SEED, size=size, blinks=False)
+    n = teacher.num_frames
+    t_open = openings(teacher.frames, np.repeat(mouth[None], n, 0))
+    t_env = frame_envelope(speech16, np.arange(n) / 25, 16_000)
+    r_teacher, lag_teacher = lipsync(t_open, t_env)
+    assert r_teacher > 0.5  # the probe and the envelope do see each other on the teacher
+
+    with AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto", max_sessions=1)) as engine:
+        avatars, default = prepare_avatars(engine)
+        service = LiveService(EngineBackend(engine, avatars, default, motion=0.0), ServiceOptions(max_sessions=1))
+        await service.start()
+        client = LoopbackClient(speech48, keep_video=True)
+        try:
+            with loopback_candidates_only():
+                answer = await service.offer(Offer(sdp=await client.offer(), avatar=default))
+                await client.accept(answer)
+                await asyncio.sleep(seconds + 3.0)
+        finally:
+            await client.close()
+            await service.shutdown()
+    audio = client.received_audio()
+    times = np.array(client.video_times) - client.audio_first_at  # arrival, on the received audio's clock
+    keep = (times >= 0) & (times + 0.04 <= audio.size / 48_000)
+    frames = np.stack(client.video)[keep]
+    assert frames.shape[1:3] == size and len(frames) >= 150
+    g_open = openings(frames, np.repeat(mouth[None], len(frames), 0))
+    g_env = frame_envelope(audio, times[keep], 48_000)
+    r, lag = lipsync(g_open, g_env)
+    assert r > 0.3 and abs(lag - lag_teacher) <= 1, {"r": r, "lag": lag, "teacher": (r_teacher, lag_teacher)}
