@@ -213,13 +213,14 @@ def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:
     from avatar.engine import AvatarEngine, preset_options
 
     models = load_models()
-    engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto",
-                                                 max_sessions=settings.max_sessions))
+    engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto", max_sessions=settings.max_sessions,
+                                                 threads=settings.compute_threads()))
     engine.start()
     try:
         avatars, default = prepare_avatars(engine, Path(settings.avatar) if settings.avatar else None)
         app = create_app(settings, EngineBackend(engine, avatars, default))
-        echo(f"avatarcast: model {engine.models.name} ({engine.decoder_provider} decoder), "
+        echo(f"avatarcast: model {engine.models.name} ({engine.decoder_provider} decoder, "
+             f"{settings.compute_threads()} compute threads), "
              f"avatars {sorted(avatars)}, up to {settings.max_sessions} sessions")
         echo(f"avatarcast: open http://{settings.host}:{settings.port}/")
         if settings.admin_token_generated:

@@ -85,6 +85,8 @@ class Settings:
     avatar: str | None = None
     video_codec: str = "vp8"
     hls_dir: str = "broadcasts"
+    engine_threads: int = 0  # compute threads of the engine; 0: half the cores (the rest encode, decode
+    # and move packets for the calls)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -95,6 +97,8 @@ class Settings:
             raise ValueError("upload_limit_bytes must be positive and max_body_bytes at least 1024")
         if self.idle_timeout_s <= 0 or self.connect_timeout_s <= 0:
             raise ValueError("idle_timeout_s and connect_timeout_s must be positive")
+        if self.engine_threads < 0:
+            raise ValueError(f"engine_threads must be 0 (half the cores) or positive, not {self.engine_threads}")
         if self.video_codec not in VIDEO_CODECS:
             raise ValueError(f"video_codec must be one of {VIDEO_CODECS}, not {self.video_codec!r}")
         if not self.admin_token:
@@ -108,11 +112,11 @@ class Settings:
         """Environment first, then the non-None `overrides` (the CLI's options)."""
         env = os.environ if env is None else env
         conv: dict[str, Any] = {"port": int, "max_sessions": int, "upload_limit_bytes": int, "max_body_bytes": int,
-                                "idle_timeout_s": float, "connect_timeout_s": float,
+                                "idle_timeout_s": float, "connect_timeout_s": float, "engine_threads": int,
                                 "ice_servers": parse_ice_servers}
         values: dict[str, Any] = {}
         for name in ("host", "port", "max_sessions", "ice_servers", "admin_token", "upload_limit_bytes",
-                     "max_body_bytes", "idle_timeout_s", "connect_timeout_s", "avatar", "video_codec", "hls_dir"):
+                     "max_body_bytes", "idle_timeout_s", "connect_timeout_s", "avatar", "video_codec", "hls_dir", "engine_threads"):
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is None or raw == "":
                 continue
@@ -122,6 +126,9 @@ class Settings:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def compute_threads(self) -> int:
+        return self.engine_threads or max(1, (os.cpu_count() or 2) // 2)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

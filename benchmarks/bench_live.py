@@ -87,7 +87,7 @@ def _client_process(url: str, sessions: int, seconds: float, codec: str, conn) -
 
 
 # ---- the server: the real HTTP app, engine and live service ------------------------------------------
-async def _run(sessions: int, seconds: float, decoder: str, codec: str) -> dict:
+async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads: int) -> dict:
     import multiprocessing
 
     from aiohttp import web
@@ -99,12 +99,14 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str) -> dict:
     from streaming.webrtc.testing import loopback_candidates_only
 
     t_start = time.perf_counter()
-    engine = AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(decoder=decoder, max_sessions=sessions))
+    settings = Settings(host="127.0.0.1", max_sessions=sessions, admin_token="bench-live-token-000",
+                        engine_threads=threads)
+    engine = AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(
+        decoder=decoder, max_sessions=sessions, threads=settings.compute_threads()))
     engine.start()
     startup_s = time.perf_counter() - t_start
     avatars, default = prepare_avatars(engine)
-    app = create_app(Settings(host="127.0.0.1", max_sessions=sessions, admin_token="bench-live-token-000"),
-                     EngineBackend(engine, avatars, default))
+    app = create_app(settings, EngineBackend(engine, avatars, default))
     runner = web.AppRunner(app, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -151,7 +153,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str) -> dict:
     return {
         "benchmark": "live", "sessions": sessions, "seconds": seconds, "model": "random tiny/tiny (32x32)",
         "decoder": engine.decoder_provider, "codec": codec, "cpu_count": os.cpu_count(),
-        "clients": "separate process, over HTTP /offer",
+        "engine_threads": settings.compute_threads(), "clients": "separate process, over HTTP /offer",
         "engine_startup_s": round(startup_s, 1),
         "all_sent_at_25fps": all(22.5 <= f <= 27.5 for f in fps),
         "all_generated_at_25fps": all(f >= 22.5 for f in fresh),
@@ -162,9 +164,9 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str) -> dict:
     }
 
 
-def run(sessions: int = 4, seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8") -> dict:
+def run(sessions: int = 4, seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8", threads: int = 0) -> dict:
     """N concurrent loopback calls for `seconds` each; returns the report (see the module docstring)."""
-    return asyncio.run(_run(sessions, seconds, decoder, codec))
+    return asyncio.run(_run(sessions, seconds, decoder, codec, threads))
 
 
 def main() -> None:
@@ -173,8 +175,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--decoder", default="auto", choices=["auto", "onnx", "torch"])
     parser.add_argument("--codec", default="vp8", choices=["vp8", "h264"])
+    parser.add_argument("--threads", type=int, default=0, help="engine compute threads (0: half the cores, "
+                        "as `serve` does)")
     args = parser.parse_args()
-    print(json.dumps(run(args.sessions, args.seconds, args.decoder, args.codec), indent=2))
+    print(json.dumps(run(args.sessions, args.seconds, args.decoder, args.codec, args.threads), indent=2))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import numpy as np
@@ -202,11 +203,13 @@ def test_settings_from_env_and_validation():
     assert s.ice_servers[0].urls == "stun:stun.example.org:3478" and s.admin_token_generated
     assert len(s.admin_token) >= 16 and s.admin_token not in repr(s)
     assert Settings.from_env({"AVATARCAST_ADMIN_TOKEN": TOKEN}).admin_token == TOKEN
+    assert Settings.from_env({"AVATARCAST_ENGINE_THREADS": "3"}).compute_threads() == 3
+    assert Settings().compute_threads() == max(1, (os.cpu_count() or 2) // 2)  # half the cores by default
     turn = parse_ice_servers('[{"urls": "turn:t.example.org:3478", "username": "u", "credential": "p"}]')
     assert turn[0].as_dict() == {"urls": "turn:t.example.org:3478", "username": "u", "credential": "p"}
     for bad in ({"AVATARCAST_PORT": "http"}, {"AVATARCAST_ICE_SERVERS": "http://x"},
                 {"AVATARCAST_ADMIN_TOKEN": "short"}, {"AVATARCAST_VIDEO_CODEC": "av1"},
-                {"AVATARCAST_ICE_SERVERS": '[{"urls": "turn:t.example.org"}]'}):
+                {"AVATARCAST_ICE_SERVERS": '[{"urls": "turn:t.example.org"}]'}, {"AVATARCAST_ENGINE_THREADS": "-1"}):
         with pytest.raises(ValueError):
             Settings.from_env(bad)
 

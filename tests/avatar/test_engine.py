@@ -303,3 +303,14 @@ def test_every_dit_preset_has_engine_defaults_and_overrides_win():
     assert demo.mode == "causal" and len(demo.causal.steps) <= 4 and demo.max_sessions == 2
     with pytest.raises(KeyError, match="no engine defaults"):
         preset_options("nope")
+
+
+def test_engine_threads_are_validated_and_applied():
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(ValueError, match="threads"):
+            AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(threads=0, decoder="torch", warmup=False)).start()
+        with AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(threads=1, decoder="torch", warmup=False)):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
