@@ -17,18 +17,26 @@ from audio.resample import PcmFormat, StreamResampler
 
 
 class PcmTimeline:
-    """Mono float32 samples by absolute index; bounded (oldest dropped and counted)."""
+    """Mono float32 samples by absolute index; bounded (oldest dropped and counted).
+
+    Storage is one array with spare room at its end: appending a 20 ms packet copies the packet, not
+    the whole buffer (the live server appends 50 packets a second per call)."""
 
     def __init__(self, max_samples: int) -> None:
         self.max_samples = max_samples
         self.start = 0  # absolute index of buf[0]
-        self.buf = np.zeros(0, np.float32)
+        self._store = np.zeros(0, np.float32)
+        self._lo = self._hi = 0  # the live samples are _store[_lo:_hi]
         self.dropped = 0
         self.padding: list[list[int]] = []  # [start, end) ranges of inserted silence, merged
 
     @property
+    def buf(self) -> np.ndarray:
+        return self._store[self._lo:self._hi]
+
+    @property
     def end(self) -> int:
-        return self.start + self.buf.size
+        return self.start + (self._hi - self._lo)
 
     def append(self, x: np.ndarray, padding: bool = False) -> None:
         if not x.size:
@@ -38,8 +46,14 @@ class PcmTimeline:
                 self.padding[-1][1] += x.size
             else:
                 self.padding.append([self.end, self.end + x.size])
-        self.buf = np.concatenate([self.buf, x.astype(np.float32, copy=False)])
-        over = self.buf.size - self.max_samples
+        n = self._hi - self._lo
+        if self._hi + x.size > self._store.size:  # no room at the end: compact, growing if needed
+            store = np.empty(max(2 * (n + x.size), 4096), np.float32)
+            store[:n] = self._store[self._lo:self._hi]
+            self._store, self._lo, self._hi = store, 0, n
+        self._store[self._hi:self._hi + x.size] = x
+        self._hi += x.size
+        over = self._hi - self._lo - self.max_samples
         if over > 0:  # drop oldest: a consumer this far behind has lost that audio anyway
             self.dropped += over
             self.trim(self.start + over)
@@ -57,17 +71,17 @@ class PcmTimeline:
 
     def trim(self, before: int) -> None:
         """Forget samples before `before` (consumed)."""
-        cut = min(max(0, before - self.start), self.buf.size)
+        cut = min(max(0, before - self.start), self._hi - self._lo)
         if cut:
-            self.buf = self.buf[cut:].copy()
+            self._lo += cut
             self.start += cut
         self.padding = [[max(s, self.start), e] for s, e in self.padding if e > self.start]
 
     def truncate(self, end: int) -> int:
         """Drop samples at and after `end` (barge-in); returns how many were dropped."""
         keep = max(0, end - self.start)
-        dropped = max(0, self.buf.size - keep)
-        self.buf = self.buf[:keep]
+        dropped = max(0, (self._hi - self._lo) - keep)
+        self._hi = min(self._hi, self._lo + keep)
         self.padding = [[s, min(e, end)] for s, e in self.padding if s < end]
         return dropped
 

@@ -33,7 +33,7 @@ class VaeTrainConfig:
     batch: int = 4
     latents: int = 5  # clips of 1 + 4 (latents - 1) frames: long enough that the causal caches learn to stay
     # stable (a VAE trained on 2-latent clips decodes latent 1 at 18 dB and latents >= 3 at 10-11 dB)
-    warmup: int = 0  # up to this many extra latents run first without gradients, so the trained latents
+    warmup: int = 6  # up to this many extra latents run first without gradients, so the trained latents
     # also start from caches deep into a stream (a 5-latent-only VAE still drifts past latent 5)
     size: tuple[int, int] = (128, 128)  # rendered frames
     crop: int = 64  # trained on random crops: the VAE is convolutional, 4x cheaper per step than full frames

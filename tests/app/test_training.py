@@ -100,7 +100,7 @@ def test_vae_training_resumes_from_its_checkpoint_and_measures_latent_stats(tmp_
     from app.train.train_vae import train_vae
     from models.vae_loading import load_vae
 
-    cfg = VaeTrainConfig(steps=2, batch=1, crop=32, log_every=1, checkpoint_every=1, stat_clips=1)
+    cfg = VaeTrainConfig(steps=2, batch=1, crop=32, warmup=1, log_every=1, checkpoint_every=1, stat_clips=1)
     train_vae(tmp_path, cfg, stop_after=0.0)  # stops (resumably) after the first step
     assert torch.load(tmp_path / "vae_train.pt", weights_only=True)["step"] == 1
     path = train_vae(tmp_path, cfg)
