@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DecoderTuneConfig:
-    steps: int = 600
+    steps: int = 300
     batch: int = 4
     chunk: int = 5  # latents decoded (with gradients) per step and stream
     stream_latents: int = 40  # a stream restarts with a new clip after about this many latents
