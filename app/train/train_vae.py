@@ -55,11 +55,9 @@ def random_state(rng: np.random.Generator) -> FaceState:
                      dy=float(rng.normal(0, 0.03)), roll=float(rng.normal(0, 5)), scale=float(rng.uniform(0.9, 1.1)))
 
 
-def teacher_clip(rng: np.random.Generator, frames: int, size: tuple[int, int], identities: int,
-                 first_identity: int = 0) -> np.ndarray:
-    """(frames, H, W, 3) uint8: one identity (seed in [first, first + identities)) moving smoothly between
-    two random states."""
-    idt = Identity.from_seed(first_identity + int(rng.integers(identities)))
+def teacher_clip(rng: np.random.Generator, frames: int, size: tuple[int, int], identities: int) -> np.ndarray:
+    """(frames, H, W, 3) uint8: one identity moving smoothly between two random states."""
+    idt = Identity.from_seed(int(rng.integers(identities)))
     a, b = random_state(rng).as_array(), random_state(rng).as_array()
     out = []
     for i in range(frames):
