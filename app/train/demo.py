@@ -2,7 +2,7 @@
 
     1. corpus   espeak-ng speech clips (train / held-out split by voice and sentence)
     2. clips    teacher video rendered from them (procedural faces, audio-driven animation)
-    3. vae      the causal VAE (DEMO preset), then its decoder on long streams (encoder frozen)
+    3. vae      the causal VAE (DEMO preset)
     4. latents  clips encoded with it, mel features, FAA masks
     5. base     the DiT on teacher latents with reference injection (no audio)
     6. audio    LoRA + Audio Pack + FAA + AEM on the frozen base
@@ -33,7 +33,6 @@ class DemoPlan:
     out: Path = Path("runs/demo")
     clips: int = 400
     vae_steps: int = 6000
-    decoder_steps: int = 300
     base_steps: int = 2400
     audio_steps: int = 2400
     audio_lr: float = 3e-4
@@ -50,7 +49,6 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
     from app.train.latents import LatentStore, build_latents
     from app.train.train_dit import DiTTrainConfig, train_dit
     from app.train.train_vae import VaeTrainConfig, train_vae
-    from app.train.tune_decoder import DecoderTuneConfig, tune_decoder
     from audio.features.mel import MelFeatures
     from models.vae_loading import load_vae
 
@@ -78,9 +76,6 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
         if train_vae(out, VaeTrainConfig(steps=plan.vae_steps, seed=plan.seed), stop_after=left()) != vae_path:
             return {**done, "stopped_in": "vae"}
     vae = load_vae(vae_path).eval()
-    # 3b. the decoder on its own steady state (encoder frozen: the latents below do not depend on it)
-    if not (out / "vae_tuned.safetensors").exists():
-        tune_decoder(vae_path, out / "vae_tuned.safetensors", DecoderTuneConfig(steps=plan.decoder_steps))
     # 4. latents
     latents = LatentStore(out / "latents")
     done["latents"] = build_latents(store, vae, MelFeatures(), latents, splits, limit=plan.latent_clips)
@@ -108,10 +103,10 @@ def export(out: Path, dest: Path = SHIPPED) -> None:
     The DiT keeps our folder layout (model.safetensors + lora.safetensors), so `load_dit(dest)` merges the
     LoRA at load."""
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(out / "vae_tuned.safetensors", dest / "vae.safetensors")
+    shutil.copy2(out / "vae.safetensors", dest / "vae.safetensors")
     shutil.copy2(out / "dit_audio" / "model.safetensors", dest / "model.safetensors")
     shutil.copy2(out / "dit_audio" / "lora.safetensors", dest / "lora.safetensors")
-    logs = [json.loads(line) for f in ("vae_log.jsonl", "vae_tuned.log.jsonl", "dit_log.jsonl") if (out / f).exists()
+    logs = [json.loads(line) for f in ("vae_log.jsonl", "dit_log.jsonl") if (out / f).exists()
             for line in (out / f).read_text().splitlines()]
     (dest / "training_log.json").write_text(json.dumps(logs[-200:], indent=0))
 
