@@ -146,8 +146,8 @@ def render(
     from app.render_progress import make_reporter
     from app.render_worker import RenderSettings, resolve_model
 
-    settings = RenderSettings(model=resolve_model(model), mode=mode, steps=steps, seed=seed, fps=fps, sample_rate=sample_rate,
-                              crf=crf, decoder=decoder)
+    settings = RenderSettings(model=resolve_model(model), mode=mode, steps=steps, seed=seed, fps=fps,
+                              sample_rate=sample_rate, crf=crf, decoder=decoder)
     result = render_batch(inputs, out, avatar=avatar, emotion=emotion, settings=settings, jobs=jobs, backend=backend,
                           address=address, threads=threads, force=force, manifest_path=manifest,
                           reporter=make_reporter(quiet=quiet, json_lines=json_lines))
@@ -225,7 +225,8 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("demo")
 def eval_demo(
-    model: Annotated[str, typer.Option(help="model to measure: auto (the demo model when shipped) | demo | tiny")] = "auto",
+    model: Annotated[str, typer.Option(help="model to measure: auto (the demo model when shipped) | demo | "
+                                            "tiny")] = "auto",
     audio: Annotated[list[Path] | None, typer.Option(help="held-out speech files (repeatable)")] = None,
     corpus: Annotated[Path, typer.Option(help="demo corpus whose held-out clips are used without --audio")] =
         Path("runs/demo/corpus"),

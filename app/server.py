@@ -213,7 +213,8 @@ def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:
     from avatar.engine import AvatarEngine, preset_options
 
     models = load_models()
-    engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto", max_sessions=settings.max_sessions,
+    engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto",
+                                                 max_sessions=settings.max_sessions,
                                                  threads=settings.compute_threads()))
     engine.start()
     try:

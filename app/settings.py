@@ -116,7 +116,8 @@ class Settings:
                                 "ice_servers": parse_ice_servers}
         values: dict[str, Any] = {}
         for name in ("host", "port", "max_sessions", "ice_servers", "admin_token", "upload_limit_bytes",
-                     "max_body_bytes", "idle_timeout_s", "connect_timeout_s", "avatar", "video_codec", "hls_dir", "engine_threads"):
+                     "max_body_bytes", "idle_timeout_s", "connect_timeout_s", "avatar", "video_codec", "hls_dir",
+                     "engine_threads"):
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is None or raw == "":
                 continue

@@ -89,6 +89,11 @@ def _client_process(url: str, sessions: int, seconds: float, codec: str, conn) -
     asyncio.run(_clients(url, sessions, seconds, codec, conn))
 
 
+def _fresh_fps(before: dict, after: dict) -> float:
+    """Fresh (non-repeated) frames per second of call time between two pacer snapshots."""
+    return round((after["played"] - before["played"]) / max(1e-9, after["slots"] - before["slots"]) * 25, 2)
+
+
 # ---- the server: the real HTTP app, engine and live service ------------------------------------------
 async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads: int) -> dict:
     import multiprocessing
@@ -141,9 +146,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
                     "server_fps": snap["video"]["fps"],
                     # new pictures per second of call time: below 25 the engine is not keeping up
                     "new_frame_fps": round(snap["pacer"]["played"] / max(1e-9, snap["pacer"]["slots"]) * 25, 2),
-                    "steady_new_frame_fps": round((snap["pacer"]["played"] - early[client["session"]]["played"])
-                                                  / max(1e-9, snap["pacer"]["slots"] - early[client["session"]]["slots"])
-                                                  * 25, 2),
+                    "steady_new_frame_fps": _fresh_fps(early[client["session"]], snap["pacer"]),
                     "latency_ms_p50": snap["latency_ms"]["p50"],
                     "latency_ms_p95": snap["latency_ms"]["p95"],
                     "repeated_frames": snap["pacer"]["repeated"],

@@ -195,7 +195,8 @@ def test_a_mixed_batch_renders_the_good_files_and_names_the_bad_ones(tmp_path):
     _video_only(src / "silent_film.m4a")
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["render", str(src), str(tmp_path / "missing.wav"), "--out", str(out),
-                                   "--avatar", "demo:2", "--model", "tiny", "--decoder", "torch", "--jobs", "2", "--quiet"])
+                                   "--avatar", "demo:2", "--model", "tiny", "--decoder", "torch", "--jobs", "2",
+                                   "--quiet"])
     assert res.exit_code == 1, res.output
     manifest = json.loads((out / "render-manifest.json").read_text())
     by_name = _results(manifest)

@@ -177,5 +177,6 @@ def test_psnr_by_latent_reports_each_latent_of_the_stream():
     expected = peak_signal_noise_ratio(clip[1:5] / 255.0, recon[1:5], data_range=1.0)
     assert per[1] == pytest.approx(expected, abs=0.02)
     report = drift_check(vae, latents=6, size=(32, 32))
-    assert len(report["psnr_by_latent"]) == 6 and report["last_third_db"] == round(np.mean(report["psnr_by_latent"][-2:]), 2)
+    per = report["psnr_by_latent"]
+    assert len(per) == 6 and report["last_third_db"] == round(np.mean(per[-2:]), 2)
 

@@ -309,7 +309,8 @@ def test_engine_threads_are_validated_and_applied():
     before = torch.get_num_threads()
     try:
         with pytest.raises(ValueError, match="threads"):
-            AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(threads=0, decoder="torch", warmup=False)).start()
+            AvatarEngine(ModelBundle.random("tiny", "tiny"),
+                         EngineOptions(threads=0, decoder="torch", warmup=False)).start()
         with AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(threads=1, decoder="torch", warmup=False)):
             assert torch.get_num_threads() == 1
     finally:
