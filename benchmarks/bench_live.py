@@ -119,7 +119,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     service = app[SERVICE]
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
@@ -145,7 +145,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
                     **client,
                     "server_fps": snap["video"]["fps"],
                     # new pictures per second of call time: below 25 the engine is not keeping up
-                    "new_frame_fps": round(snap["pacer"]["played"] / max(1e-9, snap["pacer"]["slots"]) * 25, 2),
+                    "new_frame_fps": _fresh_fps({"played": 0, "slots": 0}, snap["pacer"]),
                     "steady_new_frame_fps": _fresh_fps(early[client["session"]], snap["pacer"]),
                     "latency_ms_p50": snap["latency_ms"]["p50"],
                     "latency_ms_p95": snap["latency_ms"]["p95"],
