@@ -560,7 +560,7 @@ async def test_admin_api_starts_lists_and_stops_broadcasts(rtmp, backend, tmp_pa
                 status, stopped = await admin("POST", "/stop", json={"id": started["id"]})
                 assert stopped["state"] == "stopped" and stopped["frames_sent"] >= 50, stopped
                 call = await (await client.get(f"/sessions/{answer['session_id']}")).json()
-                assert call["state"] == "connected" and call["video"]["fps"] > 20, call  # the call went on
+                assert call["state"] == "connected" and call["video"]["fps"] > 5, call  # the call went on
                 # 4. a call that ends ends its broadcast (the stream is finished, not cut)
                 status, second = await admin("POST", "/start", json={"session_id": answer["session_id"],
                                                                      "to": "call2/"})
