@@ -180,3 +180,29 @@ def test_psnr_by_latent_reports_each_latent_of_the_stream():
     per = report["psnr_by_latent"]
     assert len(per) == 6 and report["last_third_db"] == round(np.mean(per[-2:]), 2)
 
+
+
+def test_colour_swap_permutes_channels_and_keeps_the_pixels():
+    from app.train.train_vae import swap_colours
+
+    clip = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    assert swap_colours(clip, np.random.default_rng(0), 0.0) is clip
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(60):
+        out = swap_colours(clip, rng, 1.0)
+        order = tuple(int(np.flatnonzero([(out[..., i] == clip[..., j]).all() for j in range(3)])[0]) for i in range(3))
+        assert sorted(order) == [0, 1, 2] and order != (0, 1, 2)  # a real permutation, never the identity
+        seen.add(order)
+    assert len(seen) == 5
+
+
+def test_vae_loss_reports_the_mse_it_adds():
+    torch.manual_seed(0)
+    vae = WanVAE(VAE_DEMO)
+    from app.train.train_vae import teacher_clip
+
+    video = to_video_tensor(teacher_clip(np.random.default_rng(0), 1, (32, 32), 100)[None])
+    with_mse = vae_loss(vae, video, VaeTrainConfig(), torch.Generator().manual_seed(0))
+    without = vae_loss(vae, video, VaeTrainConfig(mse_weight=0.0), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(with_mse["loss"] - without["loss"], with_mse["mse"])
