@@ -14,12 +14,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from app.train.dataset import Clip, ClipStore
 from audio.features.base import AudioFeatures
-from avatar.faces import FaceBox, face_mask_for_grid
+from avatar.faces import FaceBox, face_mask_for_grid, rasterise_box
 from models.vae import WanVAE
 
 MASK_SCALE = 1.6  # face box enlargement for FAA masks; two-face scenes are also cut at the midline
@@ -34,6 +35,7 @@ class LatentClip:
     motion: float
     emotions: tuple[str, ...]
     split: str = "train"
+    mouth: np.ndarray | None = None  # (h, w) float32 in [0, 1]: where any mouth reaches, on the latent grid
 
     @property
     def num_latents(self) -> int:
@@ -61,6 +63,18 @@ def face_token_masks(clip: Clip, grid_hw: tuple[int, int], scale: float = MASK_S
     return np.stack(masks).astype(np.float32)
 
 
+def mouth_latent_mask(clip: Clip, grid_hw: tuple[int, int]) -> np.ndarray:
+    """(h, w) float32: the share of each latent cell inside the box every mouth of the clip stays in
+    (the union over faces and frames), for weighting the DiT loss where lip sync is decided."""
+    h, w = clip.reference.shape[:2]
+    pixels = np.zeros((h, w), np.float32)
+    for b in clip.mouth_boxes:  # (T, 4) x0, y0, x1, y1 per face
+        if len(b):
+            box = FaceBox(float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max()))
+            pixels = np.maximum(pixels, rasterise_box(box, (h, w)))
+    return cv2.resize(pixels, (grid_hw[1], grid_hw[0]), interpolation=cv2.INTER_AREA)  # coverage per cell
+
+
 @torch.no_grad()
 def encode_clip(vae: WanVAE, features: AudioFeatures, clip: Clip, split: str = "train") -> LatentClip:
     step = vae.cfg.temporal_factor
@@ -76,7 +90,8 @@ def encode_clip(vae: WanVAE, features: AudioFeatures, clip: Clip, split: str = "
     feats = np.stack([features(clip.audio[f], n_video) for f in range(clip.num_faces)])
     grid = (latents.shape[2] // 2, latents.shape[3] // 2)
     return LatentClip(latents=latents.half().numpy(), emotion=emotion.half().numpy(), features=feats,
-                      masks=face_token_masks(clip, grid), motion=clip.motion, emotions=clip.emotions, split=split)
+                      masks=face_token_masks(clip, grid), motion=clip.motion, emotions=clip.emotions, split=split,
+                      mouth=mouth_latent_mask(clip, tuple(latents.shape[2:])))
 
 
 class LatentStore:
@@ -97,7 +112,8 @@ class LatentStore:
 
     def write(self, key: str, lc: LatentClip) -> None:
         tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp.npz"
-        np.savez(tmp, latents=lc.latents, emotion=lc.emotion, features=lc.features, masks=lc.masks,
+        extra = {} if lc.mouth is None else {"mouth": lc.mouth}
+        np.savez(tmp, latents=lc.latents, emotion=lc.emotion, features=lc.features, masks=lc.masks, **extra,
                  meta=np.frombuffer(json.dumps({"motion": lc.motion, "emotions": lc.emotions,
                                                 "split": lc.split}).encode(), np.uint8))
         os.replace(tmp, self.path(key))
@@ -107,7 +123,7 @@ class LatentStore:
             meta = json.loads(bytes(z["meta"]).decode())
             return LatentClip(latents=z["latents"], emotion=z["emotion"], features=z["features"],
                               masks=z["masks"], motion=meta["motion"], emotions=tuple(meta["emotions"]),
-                              split=meta["split"])
+                              split=meta["split"], mouth=z["mouth"] if "mouth" in z.files else None)
 
 
 def build_latents(clips: ClipStore, vae: WanVAE, features: AudioFeatures, out: LatentStore,

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app.train.latents import LatentClip, LatentStore
 from audio.align import group_by_latent
@@ -50,6 +49,8 @@ class DiTTrainConfig:
     context_noise: float = 0.03  # sigma ceiling of "clean" context blocks
     audio_dropout: float = 0.1  # zero audio sometimes (keeps an unconditional branch for CFG)
     pair_fraction: float = 0.25  # stage audio: batches of two-face scenes for the FAA
+    mouth_weight: float = 4.0  # loss weight of latent cells where a mouth moves (~2-3% of a frame): lip
+    # motion is a few pixels, and an unweighted loss spends the model on backgrounds and hair
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 200
@@ -83,8 +84,10 @@ class Batches:
         per_face = np.stack([group_by_latent(c.features[f, v0:v0 + 4 * n], s) for f in range(c.faces)])
         silent = np.zeros_like(per_face[:, :1])  # the reference frame hears nothing
         per_face = np.concatenate([silent, per_face], axis=1)  # (F, 1 + n, 4, D)
+        mouth = c.mouth if c.mouth is not None else np.zeros(c.latents.shape[2:], np.float32)
         return {"latents": lat, "emotion": c.emotion.astype(np.float32), "face_audio": per_face,
-                "audio": per_face.mean(0), "masks": c.masks, "motion": np.float32(c.motion)}
+                "audio": per_face.mean(0), "masks": c.masks, "motion": np.float32(c.motion),
+                "mouth": mouth.astype(np.float32)}
 
 
 def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -124,7 +127,11 @@ def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g
     frame_mask = block_causal_frame_mask(f, cfg.block_latents, first_block_frames=1)
     v = dit(xt, sigma * 1000, None, y=y, reference=ref, motion=batch["motion"], frame_mask=frame_mask, **kw)
     target = eps - x0
-    return F.mse_loss(v[:, :, 1:], target[:, :, 1:])
+    err = (v[:, :, 1:] - target[:, :, 1:]).pow(2)  # (B, 16, n, h, w)
+    if "mouth" not in batch or cfg.mouth_weight == 1.0:
+        return err.mean()
+    weight = (1 + (cfg.mouth_weight - 1) * batch["mouth"])[:, None, None]  # (B, 1, 1, h, w)
+    return (err * weight).sum() / (weight.sum() * err.shape[1] * err.shape[2])  # a weighted mean
 
 
 # ---- the loop -----------------------------------------------------------------------------------

@@ -206,3 +206,52 @@ def test_vae_loss_reports_the_mse_it_adds():
     with_mse = vae_loss(vae, video, VaeTrainConfig(), torch.Generator().manual_seed(0))
     without = vae_loss(vae, video, VaeTrainConfig(mse_weight=0.0), torch.Generator().manual_seed(0))
     torch.testing.assert_close(with_mse["loss"] - without["loss"], with_mse["mse"])
+
+
+def test_mouth_mask_covers_the_mouth_boxes_on_the_latent_grid():
+    from app.train.dataset import make_clip
+    from app.train.latents import mouth_latent_mask
+
+    t = np.arange(16_000) / 16_000
+    clip = make_clip((0.3 * np.sin(2 * np.pi * 220 * t) * (t % 0.5 < 0.3)).astype(np.float32), 7, size=(64, 64))
+    m = mouth_latent_mask(clip, (8, 8))
+    assert m.shape == (8, 8) and m.max() > 0.5 and 0 < (m > 0).sum() <= 8  # a few cells, not the face
+    ys, xs = np.nonzero(m)
+    boxes = clip.mouth_boxes[0]
+    assert ys.min() * 8 <= boxes[:, 3].max() and (ys.max() + 1) * 8 >= boxes[:, 1].min()  # the rows of the mouth
+    assert xs.min() * 8 <= boxes[:, 2].max() and (xs.max() + 1) * 8 >= boxes[:, 0].min()
+
+
+def test_mouth_weight_scales_only_the_mouth_cells_of_the_loss():
+    batch = Batches._window(_latent_clip(0), s=1, n=6)
+    batch = {k: torch.as_tensor(v)[None] for k, v in batch.items()}
+    batch["mouth"] = torch.zeros(1, 4, 4)
+    batch["mouth"][0, 2, 1] = 1.0
+
+    class Echo(torch.nn.Module):  # predicts a fixed velocity: the loss only sees the weighting
+        def forward(self, xt, *a, **k):
+            out = torch.zeros_like(xt)
+            out[..., 2, 1] = 10.0  # a large error in the mouth cell only
+            return out
+
+    def loss(weight):
+        return float(dit_loss(Echo(), batch, DiTTrainConfig(window_latents=6, mouth_weight=weight),
+                              torch.Generator().manual_seed(0)))
+
+    plain, weighted = loss(1.0), loss(4.0)
+    without = dict(batch, mouth=torch.zeros(1, 4, 4))
+    same = float(dit_loss(Echo(), without, DiTTrainConfig(window_latents=6, mouth_weight=4.0),
+                          torch.Generator().manual_seed(0)))
+    assert same == pytest.approx(plain, rel=1e-6)  # no mouth: the plain mean
+    assert weighted > 2.0 * plain  # the one cell holding all the error now counts 4x (over a 19/16 larger total)
+
+
+def test_latent_store_keeps_the_mouth_mask(tmp_path):
+    store = LatentStore(tmp_path)
+    c = _latent_clip(3)
+    store.write("old", c)  # written without one: read back as None, trained as "no mouth"
+    assert store.read("old").mouth is None
+    import dataclasses
+
+    store.write("new", dataclasses.replace(c, mouth=np.eye(4, dtype=np.float32)))
+    assert np.array_equal(store.read("new").mouth, np.eye(4, dtype=np.float32))
