@@ -153,6 +153,22 @@ def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch
 
 
 # ---- training loop (seeded, resumable) ----------------------------------------------------------
+def fan_in_init(vae: WanVAE) -> WanVAE:
+    """Kaiming-normal conv weights and zero biases, for a VAE trained from scratch.
+
+    Under PyTorch's default init (uniform weights of gain 1/sqrt(3), random biases) the biases swamp the
+    picture after a dozen narrow convs, so a fresh dim-8 VAE starts out nearly blind to its input: taught
+    flat colours for 200 steps it decoded them all as one grey, where this init learned them. Zero-initialised
+    weights (the attention's output projection: each block starts as the identity) stay zero."""
+    for m in vae.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+            if bool(m.weight.any()):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return vae
+
+
 def _checkpoint(out: Path, vae: WanVAE, opt: torch.optim.Optimizer, step: int) -> None:
     tmp = out / "vae_train.pt.tmp"
     torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
@@ -165,7 +181,7 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    vae = WanVAE(vae_cfg.replace(latents_mean=(0.0,) * vae_cfg.z_dim, latents_std=(1.0,) * vae_cfg.z_dim))
+    vae = fan_in_init(WanVAE(vae_cfg.replace(latents_mean=(0.0,) * vae_cfg.z_dim, latents_std=(1.0,) * vae_cfg.z_dim)))
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = 0
     ckpt = out / "vae_train.pt"
@@ -263,6 +279,8 @@ def main() -> None:
     p.add_argument("--latents", type=int, default=VaeTrainConfig.latents, help="latents per training clip")
     p.add_argument("--warmup", type=int, default=VaeTrainConfig.warmup,
                    help="up to this many latents stream first without gradients (steady-state caches)")
+    p.add_argument("--batch", type=int, default=VaeTrainConfig.batch)
+    p.add_argument("--lr", type=float, default=VaeTrainConfig.lr)
     p.add_argument("--mse-weight", type=float, default=VaeTrainConfig.mse_weight)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", type=Path, default=None, metavar="VAE",
@@ -280,8 +298,8 @@ def main() -> None:
             vae = load_vae(a.check)
         print(json.dumps(drift_check(vae.eval())))
         return
-    print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents, warmup=a.warmup,
-                                                    mse_weight=a.mse_weight)))
+    print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents, warmup=a.warmup, batch=a.batch,
+                                                    lr=a.lr, mse_weight=a.mse_weight)))
 
 
 if __name__ == "__main__":

@@ -255,3 +255,17 @@ def test_latent_store_keeps_the_mouth_mask(tmp_path):
 
     store.write("new", dataclasses.replace(c, mouth=np.eye(4, dtype=np.float32)))
     assert np.array_equal(store.read("new").mouth, np.eye(4, dtype=np.float32))
+
+
+def test_fan_in_init_zeroes_biases_and_keeps_the_attention_an_identity():
+    from app.train.train_vae import fan_in_init
+
+    torch.manual_seed(0)
+    vae = fan_in_init(WanVAE(VAE_DEMO))
+    convs = [m for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert all(not m.bias.any() for m in convs if m.bias is not None)
+    proj = vae.decoder.middle[1].proj.weight
+    assert not proj.any()  # upstream's zero init: the attention block starts as the identity
+    big = max((m for m in convs if m.weight.any()), key=lambda m: m.weight.numel())
+    fan_in = big.weight[0].numel()
+    assert abs(float(big.weight.std()) - (2 / fan_in) ** 0.5) < 0.1 * (2 / fan_in) ** 0.5
