@@ -32,7 +32,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "demo_model"  # app/demo_mode
 class DemoPlan:
     out: Path = Path("runs/demo")
     clips: int = 400
-    vae_steps: int = 6000
+    vae_image_steps: int = 2500  # the VAE first learns pictures on single frames (cheap, many faces)...
+    vae_steps: int = 12000  # ...then, to this step, 5-latent clips after a warm-up (streaming caches)
     base_steps: int = 2400
     audio_steps: int = 2400
     audio_lr: float = 3e-4
@@ -73,6 +74,13 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
     # 3. vae
     vae_path = out / "vae.safetensors"
     if not vae_path.exists():
+        ckpt = out / "vae_train.pt"
+        at = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else 0
+        if at < plan.vae_image_steps:
+            images = VaeTrainConfig(steps=plan.vae_image_steps, latents=1, warmup=0, batch=8, lr=5e-4, seed=plan.seed)
+            train_vae(out, images, stop_after=left(), finish=False)
+            if torch.load(ckpt, weights_only=True)["step"] < plan.vae_image_steps:
+                return {**done, "stopped_in": "vae"}
         if train_vae(out, VaeTrainConfig(steps=plan.vae_steps, seed=plan.seed), stop_after=left()) != vae_path:
             return {**done, "stopped_in": "vae"}
     vae = load_vae(vae_path).eval()

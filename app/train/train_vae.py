@@ -176,8 +176,11 @@ def _checkpoint(out: Path, vae: WanVAE, opt: torch.optim.Optimizer, step: int) -
 
 
 def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VAEConfig = VAE_DEMO,
-              stop_after: float | None = None) -> Path:
-    """Train (or resume) into out_dir; returns the saved VAE (stats measured) when `steps` are done."""
+              stop_after: float | None = None, finish: bool = True) -> Path:
+    """Train (or resume) into out_dir; returns the saved VAE (stats measured) when `steps` are done.
+
+    With `finish=False` (a first stage of a curriculum) it returns the checkpoint instead, and the next
+    stage resumes from it with its own config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -223,6 +226,9 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         if stop_after is not None and time.monotonic() - t_start > stop_after:
             _checkpoint(out, vae, opt, step)
             return ckpt
+    if not finish:
+        _checkpoint(out, vae, opt, step)
+        return ckpt
     vae = vae.eval()
     mean, std = latent_statistics(vae, cfg, cfg.stat_clips)
     final = WanVAE(vae.cfg.replace(latents_mean=tuple(mean), latents_std=tuple(std)))

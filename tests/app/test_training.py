@@ -269,3 +269,15 @@ def test_fan_in_init_zeroes_biases_and_keeps_the_attention_an_identity():
     big = max((m for m in convs if m.weight.any()), key=lambda m: m.weight.numel())
     fan_in = big.weight[0].numel()
     assert abs(float(big.weight.std()) - (2 / fan_in) ** 0.5) < 0.1 * (2 / fan_in) ** 0.5
+
+
+def test_a_first_vae_stage_hands_its_checkpoint_to_the_next(tmp_path):
+    from app.train.train_vae import train_vae
+
+    images = VaeTrainConfig(steps=1, batch=1, crop=32, latents=1, warmup=0, log_every=1, checkpoint_every=1)
+    assert train_vae(tmp_path, images, finish=False) == tmp_path / "vae_train.pt"
+    assert not (tmp_path / "vae.safetensors").exists()  # no stats measured, nothing final yet
+    clips = VaeTrainConfig(steps=2, batch=1, crop=32, latents=2, warmup=1, log_every=1, checkpoint_every=1,
+                           stat_clips=1)
+    assert train_vae(tmp_path, clips) == tmp_path / "vae.safetensors"
+    assert torch.load(tmp_path / "vae_train.pt", weights_only=True)["step"] == 2  # one step each
