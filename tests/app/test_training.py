@@ -281,3 +281,15 @@ def test_a_first_vae_stage_hands_its_checkpoint_to_the_next(tmp_path):
                            stat_clips=1)
     assert train_vae(tmp_path, clips) == tmp_path / "vae.safetensors"
     assert torch.load(tmp_path / "vae_train.pt", weights_only=True)["step"] == 2  # one step each
+
+
+def test_flat_colour_check_scores_a_grey_decoder_badly():
+    from app.train.train_vae import FLAT_COLOURS, flat_colour_check
+
+    vae = WanVAE(VAE_DEMO).eval()
+    for p in vae.decoder.head[2].parameters():  # a decoder that paints everything mid-grey
+        torch.nn.init.zeros_(p)
+    out = flat_colour_check(vae, size=32)
+    grey = np.abs(np.array(FLAT_COLOURS) - 127.5).mean()
+    assert out["flat_colour_mae"] == pytest.approx(grey, abs=0.2)
+    assert out["decoded"][str(FLAT_COLOURS[0])] == [128, 128, 128]
