@@ -32,7 +32,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "demo_model"  # app/demo_mode
 class DemoPlan:
     out: Path = Path("runs/demo")
     clips: int = 400
-    vae_image_steps: int = 2500  # the VAE first learns pictures on single frames (cheap, many faces)...
+    vae_image_steps: int = 6000  # the VAE first learns pictures on single frames (cheap, many faces)...
     vae_steps: int = 12000  # ...then, to this step, 5-latent clips after a warm-up (streaming caches)
     base_steps: int = 2400
     audio_steps: int = 2400
