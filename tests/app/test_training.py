@@ -293,3 +293,15 @@ def test_flat_colour_check_scores_a_grey_decoder_badly():
     grey = np.abs(np.array(FLAT_COLOURS) - 127.5).mean()
     assert out["flat_colour_mae"] == pytest.approx(grey, abs=0.2)
     assert out["decoded"][str(FLAT_COLOURS[0])] == [128, 128, 128]
+
+
+def test_mouth_check_is_perfect_through_a_lossless_codec(monkeypatch):
+    import app.train.train_vae as tv
+
+    monkeypatch.setattr(tv, "encode_stats", lambda vae, video: (video, None, None))
+    monkeypatch.setattr(tv, "decode_raw", lambda vae, z: (z, None))
+    out = tv.mouth_check(None, faces=2, openings=5)
+    assert out == {"mouth_probe_r": 1.0, "mouth_probe_gain": 1.0}
+    monkeypatch.setattr(tv, "decode_raw", lambda vae, z: (z.mean(dim=(3, 4), keepdim=True).expand_as(z), None))
+    flat = tv.mouth_check(None, faces=2, openings=5)  # every frame decoded to its mean colour: no mouth
+    assert flat["mouth_probe_gain"] == 0.0
