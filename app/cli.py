@@ -219,6 +219,34 @@ def avatar_new(
     typer.echo(json.dumps({"avatar": str(folder), "seed": seed, "files": sorted(p.name for p in folder.iterdir())}))
 
 
+train_app = typer.Typer(help="Train models with our own stack (resumable).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("demo")
+def train_demo(
+    out: Annotated[Path, typer.Option(help="working folder: corpus, clips, checkpoints")] = Path("runs/demo"),
+    budget_min: Annotated[float | None, typer.Option(help="stop (resumably) after this many minutes")] = None,
+    vae_image_steps: Annotated[int | None, typer.Option(help="VAE steps on single frames")] = None,
+    vae_steps: Annotated[int | None, typer.Option(help="VAE steps in all (single frames, then clips)")] = None,
+    base_steps: Annotated[int | None, typer.Option(help="DiT base stage steps")] = None,
+    audio_steps: Annotated[int | None, typer.Option(help="DiT audio stage steps")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """The embedded demo model end to end: corpus, teacher clips, VAE, latents, DiT base, audio path,
+    export into app/demo_model. Rerun it to continue where it stopped."""
+    import dataclasses
+    import logging
+
+    from app.train.demo import DemoPlan, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    given = dict(vae_image_steps=vae_image_steps, vae_steps=vae_steps, base_steps=base_steps,
+                 audio_steps=audio_steps, threads=threads)
+    plan = dataclasses.replace(DemoPlan(out=out), **{k: v for k, v in given.items() if v is not None})
+    typer.echo(json.dumps(run(plan, None if budget_min is None else budget_min * 60), indent=2))
+
+
 eval_app = typer.Typer(help="Measured quality of a model (JSON).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 

@@ -33,7 +33,7 @@ class DemoPlan:
     out: Path = Path("runs/demo")
     clips: int = 400
     vae_image_steps: int = 6000  # the VAE first learns pictures on single frames (cheap, many faces)...
-    vae_steps: int = 12000  # ...then, to this step, 5-latent clips after a warm-up (streaming caches)
+    vae_steps: int = 9000  # ...then, to this step, 5-latent clips after a warm-up (streaming caches)
     base_steps: int = 2400
     audio_steps: int = 2400
     audio_lr: float = 3e-4
@@ -180,6 +180,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DemoPlan.out)
     p.add_argument("--budget-min", type=float, default=None)
+    p.add_argument("--vae-image-steps", type=int, default=DemoPlan.vae_image_steps)
     p.add_argument("--vae-steps", type=int, default=DemoPlan.vae_steps)
     p.add_argument("--base-steps", type=int, default=DemoPlan.base_steps)
     p.add_argument("--audio-steps", type=int, default=DemoPlan.audio_steps)
@@ -187,7 +188,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=DemoPlan.threads)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    plan = DemoPlan(out=a.out, vae_steps=a.vae_steps, base_steps=a.base_steps, audio_steps=a.audio_steps,
+    plan = DemoPlan(out=a.out, vae_image_steps=a.vae_image_steps, vae_steps=a.vae_steps, base_steps=a.base_steps, audio_steps=a.audio_steps,
                     latent_clips=a.latent_clips, threads=a.threads)
     print(json.dumps(run(plan, None if a.budget_min is None else a.budget_min * 60), indent=2))
 

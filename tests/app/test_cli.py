@@ -51,3 +51,21 @@ def test_console_script_turns_user_errors_into_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("avatarcast: error:") and "not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_demo_passes_its_options_into_the_plan(monkeypatch, tmp_path):
+    import app.train.demo as demo
+
+    seen = {}
+
+    def fake_run(plan, budget_s):
+        seen.update(plan=plan, budget_s=budget_s)
+        return {"stopped_in": "vae"}
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    result = runner.invoke(app, ["train", "demo", "--out", str(tmp_path), "--budget-min", "2", "--vae-steps", "7"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"stopped_in": "vae"}
+    plan = seen["plan"]
+    assert plan.out == tmp_path and plan.vae_steps == 7 and seen["budget_s"] == 120
+    assert plan.base_steps == demo.DemoPlan.base_steps  # what was not given keeps the plan's default
