@@ -81,7 +81,8 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
             train_vae(out, images, stop_after=left(), finish=False)
             if torch.load(ckpt, weights_only=True)["step"] < plan.vae_image_steps:
                 return {**done, "stopped_in": "vae"}
-        if train_vae(out, VaeTrainConfig(steps=plan.vae_steps, seed=plan.seed), stop_after=left()) != vae_path:
+        clips = VaeTrainConfig(steps=plan.vae_steps, first_step=plan.vae_image_steps, seed=plan.seed)
+        if train_vae(out, clips, stop_after=left()) != vae_path:
             return {**done, "stopped_in": "vae"}
     vae = load_vae(vae_path).eval()
     # 4. latents

@@ -38,6 +38,7 @@ class VaeTrainConfig:
     size: tuple[int, int] = (128, 128)  # rendered frames
     crop: int = 64  # trained on random crops: the VAE is convolutional, 4x cheaper per step than full frames
     lr: float = 3e-4
+    first_step: int = 0  # where this stage of a curriculum begins: its warm-up and cosine start here
     kl_weight: float = 1e-6
     colour_swap: float = 0.5  # share of clips whose RGB channels are permuted: teacher pixels are mostly
     # skin and hair, and without it saturated shirts and backgrounds decode grey ((200, 40, 200) -> (175, 177, 179))
@@ -153,6 +154,12 @@ def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch
 
 
 # ---- training loop (seeded, resumable) ----------------------------------------------------------
+def stage_lr(cfg: VaeTrainConfig, step: int) -> float:
+    """100 steps of linear warm-up, then a cosine down to a tenth, over [first_step, steps)."""
+    done, span = step - cfg.first_step, max(1, cfg.steps - cfg.first_step)
+    return float(cfg.lr * min(1.0, (done + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * done / span))))
+
+
 def fan_in_init(vae: WanVAE) -> WanVAE:
     """Kaiming-normal conv weights and zero biases, for a VAE trained from scratch.
 
@@ -206,7 +213,7 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         # is whole 4-frame chunks
         clips = np.stack([swap_colours(random_crop(teacher_clip(rng, length, cfg.size, cfg.identities), cfg.crop, rng),
                                        rng, cfg.colour_swap) for _ in range(cfg.batch)])
-        lr = float(cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))))
+        lr = stage_lr(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         losses = vae_loss(vae, to_video_tensor(clips), cfg, noise, warm_frames)
@@ -332,6 +339,7 @@ def main() -> None:
                    help="up to this many latents stream first without gradients (steady-state caches)")
     p.add_argument("--batch", type=int, default=VaeTrainConfig.batch)
     p.add_argument("--lr", type=float, default=VaeTrainConfig.lr)
+    p.add_argument("--first-step", type=int, default=0, help="where this stage's learning-rate schedule starts")
     p.add_argument("--mse-weight", type=float, default=VaeTrainConfig.mse_weight)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", type=Path, default=None, metavar="VAE",
@@ -350,7 +358,7 @@ def main() -> None:
         print(json.dumps({**drift_check(vae.eval()), **flat_colour_check(vae), **mouth_check(vae)}))
         return
     print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents, warmup=a.warmup, batch=a.batch,
-                                                    lr=a.lr, mse_weight=a.mse_weight)))
+                                                    lr=a.lr, first_step=a.first_step, mse_weight=a.mse_weight)))
 
 
 if __name__ == "__main__":

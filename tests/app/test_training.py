@@ -305,3 +305,14 @@ def test_mouth_check_is_perfect_through_a_lossless_codec(monkeypatch):
     monkeypatch.setattr(tv, "decode_raw", lambda vae, z: (z.mean(dim=(3, 4), keepdim=True).expand_as(z), None))
     flat = tv.mouth_check(None, faces=2, openings=5)  # every frame decoded to its mean colour: no mouth
     assert flat["mouth_probe_gain"] == 0.0
+
+
+def test_a_later_vae_stage_warms_up_and_decays_over_its_own_steps():
+    from app.train.train_vae import stage_lr
+
+    cfg = VaeTrainConfig(steps=9000, first_step=6000, lr=3e-4)
+    assert stage_lr(cfg, 6000) == pytest.approx(3e-6)  # warm-up restarts at the stage's first step
+    assert stage_lr(cfg, 6099) == pytest.approx(3e-4, rel=1e-2)  # warmed up (the cosine has barely begun)
+    assert stage_lr(cfg, 7500) == pytest.approx(3e-4 * 0.55, rel=1e-3)  # half way: the cosine's middle
+    assert stage_lr(cfg, 8999) == pytest.approx(3e-5, rel=1e-3)
+    assert stage_lr(VaeTrainConfig(steps=100), 0) == stage_lr(cfg, 6000)  # a first stage starts at 0
