@@ -231,6 +231,8 @@ def train_demo(
     vae_steps: Annotated[int | None, typer.Option(help="VAE steps in all (single frames, then clips)")] = None,
     base_steps: Annotated[int | None, typer.Option(help="DiT base stage steps")] = None,
     audio_steps: Annotated[int | None, typer.Option(help="DiT audio stage steps")] = None,
+    latent_clips: Annotated[int | None, typer.Option(help="single-face clips to encode (+ a quarter as many "
+                                                          "two-face ones)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """The embedded demo model end to end: corpus, teacher clips, VAE, latents, DiT base, audio path,
@@ -242,7 +244,7 @@ def train_demo(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     given = dict(vae_image_steps=vae_image_steps, vae_steps=vae_steps, base_steps=base_steps,
-                 audio_steps=audio_steps, threads=threads)
+                 audio_steps=audio_steps, latent_clips=latent_clips, threads=threads)
     plan = dataclasses.replace(DemoPlan(out=out), **{k: v for k, v in given.items() if v is not None})
     typer.echo(json.dumps(run(plan, None if budget_min is None else budget_min * 60), indent=2))
 

@@ -176,22 +176,12 @@ def write_model_card(dest: Path, result: dict, training: dict) -> Path:
 
 
 def main() -> None:
-    import argparse
+    """`python -m app.train.demo ...` = `avatarcast train demo ...` (one set of options)."""
+    import sys
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DemoPlan.out)
-    p.add_argument("--budget-min", type=float, default=None)
-    p.add_argument("--vae-image-steps", type=int, default=DemoPlan.vae_image_steps)
-    p.add_argument("--vae-steps", type=int, default=DemoPlan.vae_steps)
-    p.add_argument("--base-steps", type=int, default=DemoPlan.base_steps)
-    p.add_argument("--audio-steps", type=int, default=DemoPlan.audio_steps)
-    p.add_argument("--latent-clips", type=int, default=DemoPlan.latent_clips)
-    p.add_argument("--threads", type=int, default=DemoPlan.threads)
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    plan = DemoPlan(out=a.out, vae_image_steps=a.vae_image_steps, vae_steps=a.vae_steps, base_steps=a.base_steps, audio_steps=a.audio_steps,
-                    latent_clips=a.latent_clips, threads=a.threads)
-    print(json.dumps(run(plan, None if a.budget_min is None else a.budget_min * 60), indent=2))
+    from app.cli import app
+
+    app(["train", "demo", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 Clips of 1 + 4k frames are encoded chunk by chunk ([1, 4, 4, ...], causal caches carried), a latent
 is sampled, and decoded latent by latent, exactly the streaming path the engine runs, so the trained
 decoder is the one that streams. Loss: L1 + MSE (what PSNR measures) + image-gradient L1 (keeps the
-drawn edges sharp) + a small KL. After training, the per-channel latent mean/std are measured on teacher frames and written into the
-VAE config, so the DiT sees unit-scale latents.
+drawn edges sharp) + a small KL. After training, the per-channel latent mean/std are measured on teacher
+frames and written into the VAE config, so the DiT sees unit-scale latents. A curriculum runs this in
+stages (`finish=False`, `first_step`): single frames first, then streamed clips.
 """
 
 from __future__ import annotations
