@@ -150,9 +150,9 @@ def write_model_card(dest: Path, result: dict, training: dict) -> Path:
         "renderer), so the model impersonates no one.",
         "",
         "## Data",
-        "Teacher video from `app/train/face.py` + `app/train/animate.py`: procedural identities from integer seeds",
-        "(training seeds below 10,000; evaluation uses seeds >= 1,000,000), mouth opening from the speech",
-        "envelope (VAD-gated), blinks, head motion scaled by a motion value, four emotions, two-face scenes.",
+        "Teacher video from `app/train/face.py` + `app/train/animate.py`: procedural identities from integer",
+        "seeds (DiT clips below 10,000, VAE frames below 100,000; evaluation uses seeds >= 1,000,000), mouth",
+        "opening from the speech envelope (VAD-gated), blinks, head motion scaled by a motion value, four emotions, two-face scenes.",
         "Speech: espeak-ng sentences, voices, rates and pitches; train / held-out split by voice and sentence.",
         "",
         "## Training",
@@ -166,7 +166,7 @@ def write_model_card(dest: Path, result: dict, training: dict) -> Path:
         "## Limits",
         "- 128x128 pixels, 25 fps, stylised drawn faces only; photos are out of its domain.",
         "- Trained for minutes on a CPU: blurrier than its teacher (see identity PSNR); the VAE is the main",
-        "  limit. Continue training with `python -m app.train.demo` (every stage resumes).",
+        "  limit. Continue training with `avatarcast train demo` (every stage resumes).",
         "",
     ])
     tmp = dest / "model_card.md.tmp"
