@@ -69,3 +69,15 @@ def test_train_demo_passes_its_options_into_the_plan(monkeypatch, tmp_path):
     plan = seen["plan"]
     assert plan.out == tmp_path and plan.vae_steps == 7 and seen["budget_s"] == 120
     assert plan.base_steps == demo.DemoPlan.base_steps  # what was not given keeps the plan's default
+
+
+def test_model_card_marks_each_target_met_missed_or_unmeasured(tmp_path):
+    from app.train.demo import TARGETS, write_model_card
+
+    result = {"lipsync_r": 0.82, "identity_psnr_db": 21.5, "lipsync_lag_frames": -1, "rtf": None}
+    card = write_model_card(tmp_path, result, {"vae": "9000 steps"}).read_text()
+    rows = {ln.split("`")[1]: ln for ln in card.splitlines() if ln.startswith("| `")}
+    assert set(rows) == set(TARGETS)
+    assert rows["lipsync_r"].endswith("| yes |") and rows["identity_psnr_db"].endswith("| **no** |")
+    assert rows["lipsync_lag_frames"].endswith("| yes |") and rows["rtf"].endswith("| n/a |")
+    assert "- vae: 9000 steps" in card and not (tmp_path / "model_card.md.tmp").exists()
