@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from app.train.face import FaceState, Identity, render
 from models.config import VAE_DEMO, VAEConfig
-from models.vae import WanVAE
+from models.vae import CausalConv3d, Resample, WanVAE
 from models.vae_loading import save_vae
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,32 @@ def fan_in_init(vae: WanVAE) -> WanVAE:
     return vae
 
 
+@torch.no_grad()
+def inflate_to_video(vae: WanVAE) -> WanVAE:
+    """Make a VAE trained on single frames stream every frame the way it coded the first one.
+
+    Single frames only ever reach the current-frame tap of each causal 3x3x3 conv (the cache is zero)
+    and never the time convs of the 3d resamplers, which are still at their init. Here the past taps go
+    to zero, the encoder's time convs keep the later frame of each pair and the decoder's repeat each
+    frame twice: a still clip then streams at the single-frame quality and the clip stage starts from
+    there instead of from noise (its Adam moments for these weights are still zero: no gradient reached
+    them)."""
+    for m in vae.modules():
+        if isinstance(m, Resample) and m.temporal:
+            w = m.time_conv.weight  # (C_out, C_in, 3, 1, 1)
+            w.zero_()
+            m.time_conv.bias.zero_()
+            eye = torch.eye(w.shape[1], dtype=w.dtype)
+            if m.upsample:  # 2C outputs = two frames, both the input frame
+                w[:w.shape[1], :, -1, 0, 0] = eye
+                w[w.shape[1]:, :, -1, 0, 0] = eye
+            else:  # stride 2 over [previous, this chunk]: the later frame of each pair
+                w[:, :, -1, 0, 0] = eye
+        elif isinstance(m, CausalConv3d) and m.stride[0] == 1:
+            m.weight[:, :, :-1] = 0  # only the current frame
+    return vae
+
+
 def _checkpoint(out: Path, vae: WanVAE, opt: torch.optim.Optimizer, step: int) -> None:
     tmp = out / "vae_train.pt.tmp"
     torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
@@ -202,6 +228,9 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log.info("resuming VAE training at step %d", step)
+        if cfg.latents > 1 and 0 < cfg.first_step == step:  # a clip stage after a single-frame one
+            inflate_to_video(vae)
+            log.info("inflated the single-frame VAE to stream frames as it codes the first")
     frames = 1 + vae_cfg.temporal_factor * (cfg.latents - 1)
     t_start = time.monotonic()
     logf = (out / "vae_log.jsonl").open("a")

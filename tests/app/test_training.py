@@ -316,3 +316,26 @@ def test_a_later_vae_stage_warms_up_and_decays_over_its_own_steps():
     assert stage_lr(cfg, 7500) == pytest.approx(3e-4 * 0.55, rel=1e-3)  # half way: the cosine's middle
     assert stage_lr(cfg, 8999) == pytest.approx(3e-5, rel=1e-3)
     assert stage_lr(VaeTrainConfig(steps=100), 0) == stage_lr(cfg, 6000)  # a first stage starts at 0
+
+
+def test_an_inflated_vae_streams_a_still_clip_at_its_first_frame_quality():
+    from app.train.train_vae import decode_raw, encode_stats, inflate_to_video, teacher_clip
+
+    torch.manual_seed(0)
+    vae = inflate_to_video(WanVAE(VAE_DEMO)).eval()
+    frame = teacher_clip(np.random.default_rng(2), 1, (32, 32), 100)
+    still = to_video_tensor(np.repeat(frame, 9, axis=0)[None])  # 1 + 4 + 4 frames
+    with torch.no_grad():
+        mu, _, _ = encode_stats(vae, still)
+        for j in (1, 2):
+            torch.testing.assert_close(mu[:, :, j], mu[:, :, 0], atol=1e-5, rtol=1e-5)
+        video, _ = decode_raw(vae, mu)
+    assert video.shape[2] == 9
+    for t in range(1, 9):
+        torch.testing.assert_close(video[:, :, t], video[:, :, 0], atol=1e-5, rtol=1e-5)
+    # and a moving clip: each latent codes the last frame of its chunk, shown for all four of its frames
+    moving = to_video_tensor(teacher_clip(np.random.default_rng(3), 5, (32, 32), 100)[None])
+    with torch.no_grad():
+        mu, _, _ = encode_stats(vae, moving)
+        last, _, _ = encode_stats(vae, moving[:, :, 4:5])
+    torch.testing.assert_close(mu[:, :, 1], last[:, :, 0], atol=1e-5, rtol=1e-5)
