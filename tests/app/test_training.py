@@ -339,3 +339,14 @@ def test_an_inflated_vae_streams_a_still_clip_at_its_first_frame_quality():
         mu, _, _ = encode_stats(vae, moving)
         last, _, _ = encode_stats(vae, moving[:, :, 4:5])
     torch.testing.assert_close(mu[:, :, 1], last[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_moving_check_through_a_lossless_codec_is_at_the_psnr_ceiling(monkeypatch):
+    import app.train.train_vae as tv
+
+    monkeypatch.setattr(tv, "encode_stats", lambda vae, video: (video, None, None))
+    monkeypatch.setattr(tv, "decode_raw", lambda vae, z: (z, None))
+    assert tv.moving_check(WanVAE(VAE_DEMO), clips=1, latents=3, size=(32, 32)) == {"moving_db": 100.0}
+    # a codec that holds the first frame: the clip moves, so the later latents lose
+    monkeypatch.setattr(tv, "decode_raw", lambda vae, z: (z[:, :, :1].expand_as(z), None))
+    assert tv.moving_check(WanVAE(VAE_DEMO), clips=1, latents=3, size=(32, 32))["moving_db"] < 40
