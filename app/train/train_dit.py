@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from app.train.latents import LatentClip, LatentStore
+from app.train.schedule import warmup_cosine
 from audio.align import group_by_latent
 from models.attention import block_causal_frame_mask
 from models.config import DEMO, DiTConfig
@@ -128,10 +129,8 @@ def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g
     v = dit(xt, sigma * 1000, None, y=y, reference=ref, motion=batch["motion"], frame_mask=frame_mask, **kw)
     target = eps - x0
     err = (v[:, :, 1:] - target[:, :, 1:]).pow(2)  # (B, 16, n, h, w)
-    if "mouth" not in batch or cfg.mouth_weight == 1.0:
-        return err.mean()
-    weight = (1 + (cfg.mouth_weight - 1) * batch["mouth"])[:, None, None]  # (B, 1, 1, h, w)
-    return (err * weight).sum() / (weight.sum() * err.shape[1] * err.shape[2])  # a weighted mean
+    weight = (1 + (cfg.mouth_weight - 1) * batch["mouth"])[:, None, None]  # (B, 1, 1, h, w); all 1: the mean
+    return (err * weight).sum() / (weight.sum() * err.shape[1] * err.shape[2])
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -190,7 +189,7 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
         rng = np.random.default_rng([cfg.seed, step, 7])
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         pairs = cfg.stage == "audio" and rng.random() < cfg.pair_fraction
-        lr = float(cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))))
+        lr = warmup_cosine(cfg.lr, step, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = dit_loss(dit, data.sample(rng, cfg, pairs), cfg, g)

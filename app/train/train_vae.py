@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from app.train.face import FaceState, Identity, render
+from app.train.schedule import warmup_cosine
 from models.config import VAE_DEMO, VAEConfig
 from models.vae import CausalConv3d, Resample, WanVAE
 from models.vae_loading import save_vae
@@ -158,9 +159,8 @@ def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch
 
 # ---- training loop (seeded, resumable) ----------------------------------------------------------
 def stage_lr(cfg: VaeTrainConfig, step: int) -> float:
-    """100 steps of linear warm-up, then a cosine down to a tenth, over [first_step, steps)."""
-    done, span = step - cfg.first_step, max(1, cfg.steps - cfg.first_step)
-    return float(cfg.lr * min(1.0, (done + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * done / span))))
+    """The shared warm-up + cosine schedule over this stage's steps [first_step, steps)."""
+    return warmup_cosine(cfg.lr, step, cfg.steps, cfg.first_step)
 
 
 def fan_in_init(vae: WanVAE) -> WanVAE:
