@@ -33,7 +33,7 @@ class DemoPlan:
     out: Path = Path("runs/demo")
     clips: int = 400
     vae_image_steps: int = 6000  # the VAE first learns pictures on single frames (cheap, many faces)...
-    vae_steps: int = 9000  # ...then, to this step, 5-latent clips after a warm-up (streaming caches)
+    vae_steps: int = 7600  # ...then, to this step, 5-latent clips after a warm-up (streaming caches)
     base_steps: int = 2400
     audio_steps: int = 2400
     audio_lr: float = 3e-4
