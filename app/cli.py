@@ -264,6 +264,7 @@ def eval_demo(
     stream: Annotated[float, typer.Option(help="seconds of the drift stream")] = 300.0,
     drift_window: Annotated[float, typer.Option(help="seconds compared at the stream's start and end")] = 60.0,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    card: Annotated[bool, typer.Option(help="write the shipped model's model_card.md from this result")] = False,
 ) -> None:
     """Lip sync, identity, seams, drift, emotion, FAA leak, speed vs the teacher, on held-out data."""
     from app.render_worker import load_models
@@ -280,6 +281,15 @@ def eval_demo(
         tmp.write_text(text + "\n")
         tmp.replace(out)
     typer.echo(text)
+    if card:
+        from app.render_worker import DEMO_MODEL_DIR
+        from app.train.demo import write_model_card
+
+        if result.get("model") != "demo":
+            raise ValueError(f"--card describes the shipped demo model; this result is for {result.get('model')!r}")
+        summary = DEMO_MODEL_DIR / "training.json"
+        training = json.loads(summary.read_text()) if summary.exists() else {}
+        typer.echo(f"wrote {write_model_card(DEMO_MODEL_DIR, result, training)}")
 
 
 def main() -> None:

@@ -118,6 +118,21 @@ def export(out: Path, dest: Path = SHIPPED) -> None:
     logs = [json.loads(line) for f in ("vae_log.jsonl", "dit_log.jsonl") if (out / f).exists()
             for line in (out / f).read_text().splitlines()]
     (dest / "training_log.json").write_text(json.dumps(logs[-200:], indent=0))
+    (dest / "training.json").write_text(json.dumps(training_summary(logs), indent=2) + "\n")
+
+
+def training_summary(logs: list[dict]) -> dict[str, str]:
+    """One line per stage from its loss log: last step, final logged loss, wall time on this machine.
+    `elapsed_s` restarts at every resume, so a stage's time is the sum of each run's last value."""
+    stages: dict[str, dict] = {}
+    for rec in logs:
+        st = stages.setdefault(rec["stage"], {"step": 0, "loss": None, "runs": [0.0]})
+        if rec["elapsed_s"] < st["runs"][-1]:
+            st["runs"].append(0.0)  # a resumed run
+        st["runs"][-1] = rec["elapsed_s"]
+        st.update(step=rec["step"], loss=rec["loss"])
+    return {name: f"{st['step']} steps, final logged loss {st['loss']}, {sum(st['runs']) / 60:.0f} min on 2 CPU cores"
+            for name, st in stages.items()}
 
 
 TARGETS = {  # the demo model's quality bar: (comparison, threshold)

@@ -155,12 +155,13 @@ def build_model(cfg: DiTTrainConfig, dit_cfg: DiTConfig, init: Path | None) -> W
         if cfg.stage == "audio":  # the audio side starts from its own init, whatever the base file holds
             state = {k: v for k, v in state.items() if not k.startswith(AUDIO_MODULES)}
         dit.load_state_dict(state, strict=False)
+    # The base never hears audio: its per-layer audio projections stay at zero, so the audio path is a
+    # no-op (a base used on its own is not disturbed by untrained adapters, and the audio stage starts
+    # from exactly the base's output); a resumed checkpoint overwrites this
+    for proj in getattr(dit, "audio_cond_projs", ()):
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
     if cfg.stage == "audio":
-        # The base never heard audio: start the per-layer audio projections at zero so the audio path
-        # begins as a no-op on the trained base instead of adding noise to every token (a resumed
-        # checkpoint overwrites this)
-        for proj in getattr(dit, "audio_cond_projs", ()):
-            torch.nn.init.zeros_(proj.weight)
         inject_lora(dit, dit_cfg.lora_rank, dit_cfg.lora_alpha, dit_cfg.lora_targets)
     return dit
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import soundfile as sf
 from typer.testing import CliRunner
 
 from app.cli import app
@@ -81,3 +83,27 @@ def test_model_card_marks_each_target_met_missed_or_unmeasured(tmp_path):
     assert rows["lipsync_r"].endswith("| yes |") and rows["identity_psnr_db"].endswith("| **no** |")
     assert rows["lipsync_lag_frames"].endswith("| yes |") and rows["rtf"].endswith("| n/a |")
     assert "- vae: 9000 steps" in card and not (tmp_path / "model_card.md.tmp").exists()
+
+
+def test_training_summary_adds_up_resumed_runs_per_stage():
+    from app.train.demo import training_summary
+
+    logs = [{"stage": "vae", "step": 25, "loss": 0.5, "elapsed_s": 60.0},
+            {"stage": "vae", "step": 50, "loss": 0.4, "elapsed_s": 120.0},
+            {"stage": "vae", "step": 75, "loss": 0.3, "elapsed_s": 60.0},  # resumed: its clock restarted
+            {"stage": "dit_base", "step": 25, "loss": 1.9, "elapsed_s": 30.0}]
+    summary = training_summary(logs)
+    assert summary["vae"] == "75 steps, final logged loss 0.3, 3 min on 2 CPU cores"
+    assert summary["dit_base"].startswith("25 steps, final logged loss 1.9, 0 min")
+
+
+def test_eval_card_refuses_a_result_that_is_not_the_demo_model(monkeypatch, tmp_path):
+    import app.render_worker as worker
+    import app.train.evaluate as evaluate
+
+    monkeypatch.setattr(worker, "load_models", lambda name: name)
+    monkeypatch.setattr(evaluate, "evaluate", lambda models, speech, cfg: {"model": "tiny", "lipsync_r": 0.1})
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16_000, np.float32), 16_000)
+    result = runner.invoke(app, ["eval", "demo", "--model", "tiny", "--audio", str(wav), "--card"])
+    assert result.exit_code != 0 and "describes the shipped demo model" in str(result.exception)

@@ -157,6 +157,25 @@ def test_audio_stage_starts_as_the_trained_base(tmp_path):
     torch.testing.assert_close(silent, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_a_base_model_is_deaf_so_it_runs_alone_in_the_engine(tmp_path):
+    """The base stage never trains the audio side: it must not turn audio into noise on its own either."""
+    from app.train.train_dit import build_model
+    from models.loading import save_dit
+
+    torch.manual_seed(0)
+    weights = WanDiT(TINY)
+    for p in weights.parameters():  # nothing at a zero init (a zero head would hide everything)
+        torch.nn.init.normal_(p, std=0.05)
+    dit = build_model(DiTTrainConfig(stage="base"), TINY, save_dit(weights, tmp_path / "w")).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, TINY.out_dim, 3, 4, 4, generator=g)
+    y = torch.randn(1, TINY.in_dim - TINY.out_dim, 3, 4, 4, generator=g)
+    audio = torch.randn(1, 3, 4, TINY.audio_dim, generator=g)
+    t = torch.full((1, 3), 500.0)
+    with torch.no_grad():
+        torch.testing.assert_close(dit(x, t, None, y=y, audio=audio), dit(x, t, None, y=y))
+
+
 def test_psnr_by_latent_reports_each_latent_of_the_stream():
     from app.train.train_vae import drift_check, psnr_by_latent, teacher_clip
 
