@@ -1,9 +1,10 @@
-"""The shipped demo model end to end: a held-out identity speaks held-out audio through the real engine
-(ONNX decode, KV-cache streaming), and its mouth follows the teacher's for that audio."""
+"""The shipped demo model end to end: held-out identities speak held-out audio through the real engine
+(ONNX decode, KV-cache streaming), and their mouths follow the teacher's for that audio."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,41 +15,50 @@ from app.render_worker import demo_model_available
 pytestmark = pytest.mark.skipif(not demo_model_available(), reason="app/demo_model weights are not in the tree")
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "audio" / "speech_en_us_male.wav"
+# What the aiortc client's receive jitter buffers add before a frame reaches the test (aiortc's
+# rtcrtpreceiver / jitterbuffer): an audio packet is released once 4 later 20 ms packets have arrived,
+# a video frame once the next frame's first packet has. Arrival times are corrected by these holds.
+AIORTC_AUDIO_HOLD_S = 4 * 0.020
+AIORTC_VIDEO_HOLD_S = 1 / 25
 LIPSYNC_R = 0.7  # the issue's targets
 IDENTITY_DB = 24.0
 
 
 @pytest.fixture(scope="module")
 def generated():
+    """The evaluation's held-out identities, each speaking the fixture (speech no clip was made from)."""
     from app.render_worker import load_models
-    from app.train.dataset import HELD_OUT_IDENTITY_BASE, make_clip
-    from app.train.evaluate import _conditions, _engine, _run_session
+    from app.train.dataset import make_clip
+    from app.train.evaluate import EvalConfig, _conditions, _engine, _run_session
     from audio.io import read_audio
 
     speech = read_audio(FIXTURE)[: 16_000 * 4]
     models = load_models("demo")
-    clip = make_clip(speech, HELD_OUT_IDENTITY_BASE + 37, size=tuple(models.frame_hw), blinks=False)
+    out = []
     with _engine(models) as engine:
-        frames, _ = asyncio.run(_run_session(engine, _conditions(engine, clip), clip.audio))
-    n = min(len(frames), clip.num_frames)
-    return frames[:n], clip
+        for ident in EvalConfig().identities:
+            clip = make_clip(speech, ident, size=tuple(models.frame_hw), blinks=False)
+            frames, _ = asyncio.run(_run_session(engine, _conditions(engine, clip), clip.audio))
+            out.append((frames[: clip.num_frames], clip))
+    return out
 
 
-def test_the_demo_model_lip_syncs_a_held_out_face_to_held_out_speech(generated):
+def test_the_demo_model_lip_syncs_held_out_faces_to_held_out_speech(generated):
+    """The issue's metric: mean Pearson r over the held-out identities, lag within one frame."""
     from app.train.evaluate import lipsync, openings
 
-    frames, clip = generated
-    n = len(frames)
-    r, lag = lipsync(openings(frames, clip.mouth_boxes[0, :n]), clip.states[0, :n, 0])
-    assert r >= LIPSYNC_R and abs(lag) <= 1, (r, lag)
+    scores = [lipsync(openings(frames, clip.mouth_boxes[0, :len(frames)]), clip.states[0, :len(frames), 0])
+              for frames, clip in generated]
+    rs, lags = [r for r, _ in scores], [lag for _, lag in scores]
+    assert np.mean(rs) >= LIPSYNC_R and all(abs(lag) <= 1 for lag in lags), scores
 
 
 def test_the_demo_model_keeps_the_identity(generated):
     from app.train.evaluate import mean_psnr
 
-    frames, clip = generated
-    assert frames.shape[1:] == clip.frames.shape[1:]
-    assert mean_psnr(frames, clip.frames[: len(frames)]) >= IDENTITY_DB
+    for frames, clip in generated:
+        assert frames.shape[1:] == clip.frames.shape[1:]
+    assert np.mean([mean_psnr(frames, clip.frames[: len(frames)]) for frames, clip in generated]) >= IDENTITY_DB
 
 
 def frame_envelope(audio: np.ndarray, starts_s: np.ndarray, rate: int, window_s: float = 0.04) -> np.ndarray:
@@ -73,6 +83,7 @@ async def test_a_webrtc_call_with_the_demo_model_keeps_lips_and_audio_in_sync():
     from audio.io import read_audio
     from audio.resample import PcmFormat, resample_audio
     from avatar.engine import AvatarEngine, preset_options
+    from avatar.generator import Guidance
     from streaming.webrtc import LiveService, Offer, ServiceOptions
     from streaming.webrtc.testing import LoopbackClient, loopback_candidates_only
 
@@ -90,7 +101,11 @@ async def test_a_webrtc_call_with_the_demo_model_keeps_lips_and_audio_in_sync():
     r_teacher, lag_teacher = lipsync(t_open, t_env)
     assert r_teacher > 0.5  # the probe and the envelope do see each other on the teacher
 
-    with AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto", max_sessions=1)) as engine:
+    # One DiT pass per step (no audio CFG): this checks the transport's sync, and two peers plus the
+    # model share the 2 test cores; CFG's second pass leaves no headroom there, and late frames repeat
+    options = preset_options(models.dit.cfg.name, decoder="auto", max_sessions=1)
+    options = replace(options, causal=replace(options.causal, guidance=Guidance()))
+    with AvatarEngine(models, options) as engine:
         avatars, default = prepare_avatars(engine)
         service = LiveService(EngineBackend(engine, avatars, default, motion=0.0), ServiceOptions(max_sessions=1))
         await service.start()
@@ -104,7 +119,8 @@ async def test_a_webrtc_call_with_the_demo_model_keeps_lips_and_audio_in_sync():
             await client.close()
             await service.shutdown()
     audio = client.received_audio()
-    times = np.array(client.video_times) - client.audio_first_at  # arrival, on the received audio's clock
+    # network arrival, on the received audio's clock
+    times = (np.array(client.video_times) - AIORTC_VIDEO_HOLD_S) - (client.audio_first_at - AIORTC_AUDIO_HOLD_S)
     keep = (times >= 0) & (times + 0.04 <= audio.size / 48_000)
     frames = np.stack(client.video)[keep]
     assert frames.shape[1:3] == size and len(frames) >= 150

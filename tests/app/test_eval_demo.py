@@ -90,6 +90,7 @@ def test_eval_demo_runs_end_to_end_on_a_random_tiny_model(tmp_path):
     assert result["faa_leak"] is None or result["faa_leak"] >= 0
     for key in ("identity_psnr_db", "seam_ratio", "drift_db", "rtf", "first_frame_s"):
         assert np.isfinite(result[key]), key
-    assert 0 < result["first_frame_s"] < 30 and result["rtf"] > 0
+    assert 0 < result["first_frame_s"] < 30 and result["rtf"] > 0 and result["rtf_clips"] > 0
+    assert set(result["emotion_lift_teacher"]) == {"happy", "neutral", "sad"}
     bad = CliRunner().invoke(cli, ["eval", "demo", "--stream", "3", "--drift-window", "2"])
     assert bad.exit_code != 0 and "must be longer" in str(bad.exception)
