@@ -75,6 +75,11 @@ def mean_psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([psnr(x, y) for x, y in zip(a, b, strict=False)]))
 
 
+def mean_corner_lift(frames: np.ndarray, mouth_boxes: np.ndarray) -> float:
+    """Mouth-corner lift averaged over the frames (as many as both have)."""
+    return float(np.mean([mouth_corner_lift(f, tuple(b)) for f, b in zip(frames, mouth_boxes, strict=False)]))
+
+
 def openings(frames: np.ndarray, mouth_boxes: np.ndarray) -> np.ndarray:
     return np.array([mouth_opening(f, tuple(b)) for f, b in zip(frames, mouth_boxes, strict=False)])
 
@@ -217,10 +222,8 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig()) -
             clip = make_clip(wav, ident, emotion=emotion, size=size, seed=cfg.seed, blinks=False)
             frames, _ = asyncio.run(_run_session(engine, _conditions(engine, clip, emotion),
                                                  clip.audio))
-            lifts[emotion] = float(np.mean([mouth_corner_lift(f, tuple(b))
-                                            for f, b in zip(frames, clip.mouth_boxes[0], strict=False)]))
-            taught[emotion] = float(np.mean([mouth_corner_lift(f, tuple(b))
-                                             for f, b in zip(clip.frames, clip.mouth_boxes[0], strict=False)]))
+            lifts[emotion] = mean_corner_lift(frames, clip.mouth_boxes[0])
+            taught[emotion] = mean_corner_lift(clip.frames, clip.mouth_boxes[0])
         out["emotion_lift"] = {k: round(v, 4) for k, v in lifts.items()}
         out["emotion_lift_teacher"] = {k: round(v, 4) for k, v in taught.items()}  # the scale to read it on
         out["emotion_order_ok"] = bool(lifts["happy"] > lifts["neutral"] > lifts["sad"])

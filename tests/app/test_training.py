@@ -133,22 +133,33 @@ def test_vae_stream_continuation_equals_one_pass():
     assert torch.isfinite(loss["loss"])
 
 
+def _trained_tiny_dit() -> WanDiT:
+    """TINY weights with nothing left at a zero init (a zero head or adapter would hide everything)."""
+    torch.manual_seed(0)
+    dit = WanDiT(TINY)
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return dit
+
+
+def _tiny_dit_inputs(seed: int) -> tuple[torch.Tensor, ...]:
+    """(x, y, audio, t) for a 3-latent, 4x4 TINY forward pass."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, TINY.out_dim, 3, 4, 4, generator=g)
+    y = torch.randn(1, TINY.in_dim - TINY.out_dim, 3, 4, 4, generator=g)
+    audio = torch.randn(1, 3, 4, TINY.audio_dim, generator=g)
+    return x, y, audio, torch.full((1, 3), 500.0)
+
+
 def test_audio_stage_starts_as_the_trained_base(tmp_path):
     """Zeroed audio projections, zero FAA/AEM outputs and zero LoRA B: hearing audio changes nothing yet."""
     from app.train.train_dit import build_model
     from models.loading import save_dit
 
-    torch.manual_seed(0)
-    base = WanDiT(TINY)
-    for p in base.parameters():  # a "trained" base: nothing left at its zero init
-        torch.nn.init.normal_(p, std=0.05)
+    base = _trained_tiny_dit()
     folder = save_dit(base, tmp_path / "base")
     dit = build_model(DiTTrainConfig(stage="audio"), TINY.replace(lora_rank=4, lora_alpha=4.0), folder).eval()
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, TINY.out_dim, 3, 4, 4, generator=g)
-    y = torch.randn(1, TINY.in_dim - TINY.out_dim, 3, 4, 4, generator=g)
-    audio = torch.randn(1, 3, 4, TINY.audio_dim, generator=g)
-    t = torch.full((1, 3), 500.0)
+    x, y, audio, t = _tiny_dit_inputs(2)
     with torch.no_grad():
         silent = dit(x, t, None, y=y)
         heard = dit(x, t, None, y=y, audio=audio)
@@ -162,16 +173,8 @@ def test_a_base_model_is_deaf_so_it_runs_alone_in_the_engine(tmp_path):
     from app.train.train_dit import build_model
     from models.loading import save_dit
 
-    torch.manual_seed(0)
-    weights = WanDiT(TINY)
-    for p in weights.parameters():  # nothing at a zero init (a zero head would hide everything)
-        torch.nn.init.normal_(p, std=0.05)
-    dit = build_model(DiTTrainConfig(stage="base"), TINY, save_dit(weights, tmp_path / "w")).eval()
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, TINY.out_dim, 3, 4, 4, generator=g)
-    y = torch.randn(1, TINY.in_dim - TINY.out_dim, 3, 4, 4, generator=g)
-    audio = torch.randn(1, 3, 4, TINY.audio_dim, generator=g)
-    t = torch.full((1, 3), 500.0)
+    dit = build_model(DiTTrainConfig(stage="base"), TINY, save_dit(_trained_tiny_dit(), tmp_path / "w")).eval()
+    x, y, audio, t = _tiny_dit_inputs(3)
     with torch.no_grad():
         torch.testing.assert_close(dit(x, t, None, y=y, audio=audio), dit(x, t, None, y=y))
 
