@@ -1,9 +1,10 @@
 """One avatar session: the public contract (event-loop side) and its per-block work (engine side).
 
 Event-loop side, never blocking: `push_audio`, `end_segment`, `interrupt`, `close`, `async for`.
-Engine side (the worker thread): `ready` / `deadline` for scheduling and `step`, which turns the next
-block of audio into frames. The two sides share a lock around the audio timeline and a thread-safe
-hand-off of finished items into an asyncio queue. Bounds, and what happens at them:
+Engine side: `ready` / `deadline` for scheduling, `generate` (the worker thread: the next block of
+audio into latents) and `finish` (the decode thread, or the worker itself: latents into frames, out).
+The sides share a lock around the audio timeline and a thread-safe hand-off of finished items into an
+asyncio queue. Bounds, and what happens at them:
 - input audio: `max_buffered_audio_s` per speaker; beyond it the oldest samples are dropped (counted);
 - output: at `max_pending_frames` unsent frames the session is not scheduled (generation pauses;
   nothing is computed only to be thrown away).
@@ -16,6 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +55,18 @@ class SessionStats:
                                                                 ("features", "denoise", "decode", "block")})
 
 
+class GeneratedUnit(NamedTuple):
+    """Latents on their way to the decoder, with what `finish` needs to emit their frames."""
+
+    session: AvatarSession
+    latents: torch.Tensor
+    first_video: int  # pts of the unit's first frame
+    epoch: int
+    features_ms: float
+    denoise_ms: float
+    started: float  # perf_counter at the start of `generate`
+
+
 class AvatarSession:
     """Audio in, paired video+audio frames out, for as long as the session lives."""
 
@@ -69,7 +83,7 @@ class AvatarSession:
         self._lock = threading.RLock()
         self._pending = 0  # items posted and not yet taken by the consumer
         self._epoch = 0  # bumped by interrupt(): older items are dropped on the way out
-        self._busy_until: int | None = None  # end video frame of the block in flight
+        self._taken_to = 0  # end video frame of the last block whose audio generation took
         self._closed = False
         self._failed: str | None = None
         self.t0 = time.monotonic()  # audio clock anchor: sample k is due at t0 + k / rate
@@ -80,7 +94,7 @@ class AvatarSession:
         self._flush_to = 0  # non-realtime: generate until this output sample is covered
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=512)  # (end sample, wall time) per push
         self.state = generator.init_state(cond, seed=options.seed)  # CausalState or OverlapState
-        self.next_video = 0  # next video frame to generate (its pts)
+        self.next_video = 0  # next video frame to emit (its pts); generation may be one block ahead
 
     # ---- event-loop side ----------------------------------------------------------------------
     def push_audio(self, pcm: np.ndarray, sample_rate: int, speaker: int = 0, channels: int = 1,
@@ -112,9 +126,9 @@ class AvatarSession:
     def interrupt(self) -> None:
         """Barge-in: drop queued audio and every unsent frame now."""
         with self._lock:
-            # cut after the block being generated right now (its frames are dropped by the epoch),
-            # so audio pushed from here on lands exactly where generation resumes
-            cut = self._busy_until if self._busy_until is not None else self.next_video
+            # cut after the blocks already generated or in flight (their frames are dropped by the
+            # epoch), so audio pushed from here on lands exactly where generation resumes
+            cut = self._taken_to
             for t in self.tracks:
                 self.stats.dropped_input_samples += t.truncate_at(cut)
             self._epoch += 1
@@ -197,11 +211,11 @@ class AvatarSession:
             if self.options.realtime:
                 due = self.t0 + self._needed_samples(v_end) / self.out_rate + self.options.jitter_ms / 1000
                 return now >= due
-            return self._flush_to > self.next_video * self.out_rate // self.fps
+            return self._flush_to > self._taken_to * self.out_rate // self.fps
 
     def deadline(self) -> float:
-        """When this session's next frame is due on the wall clock (earliest first)."""
-        return self.t0 + self.next_video / self.fps
+        """When this session's next block to generate is due on the wall clock (earliest first)."""
+        return self.t0 + self._taken_to / self.fps
 
     def fail(self, message: str) -> None:
         self._failed = message
@@ -214,15 +228,19 @@ class AvatarSession:
             item = (self._epoch, payload)
         self._call_in_loop(self._queue.put_nowait, item)
 
-    @torch.no_grad()
     def step(self) -> None:
-        """Generate, decode and emit the next unit. Runs on the engine thread."""
+        """Generate, decode and emit the next unit, in this thread."""
+        self.finish(self.generate())
+
+    @torch.no_grad()
+    def generate(self) -> GeneratedUnit:
+        """Steps 1-4: the next unit's latents. Runs on the engine's worker thread."""
         t_start = time.perf_counter()
         with self._lock:
             # 1. the unit: new latents -> video frames `out`; audio needed for video frames `need`
             unit, out, need = self.next_span()
-            v0, v_end = out.start, out.stop
-            self._busy_until = v_end
+            v0 = out.start
+            self._taken_to = out.stop
             # 2. make sure the unit's features exist (silence pads late live audio / a segment's tail)
             for _ in range(16):
                 if all(t.features_ready >= need.stop for t in self.tracks):
@@ -238,15 +256,22 @@ class AvatarSession:
         # 4. generate the latents
         latents = self.generator.generate_unit(self.state, audio, face_audio)
         t_gen = time.perf_counter()
-        # 5. decode to frames
-        video = self.decoder.decode(latents)
+        return GeneratedUnit(self, latents, v0, epoch, (t_feat - t_start) * 1e3, (t_gen - t_feat) * 1e3, t_start)
+
+    @torch.no_grad()
+    def finish(self, unit: GeneratedUnit) -> None:
+        """Steps 5-6 of a unit from `generate`, units in order: decode, pair frames with audio, emit."""
+        t_dec0 = time.perf_counter()
+        # 5. decode to frames (the decoder's causal caches follow the units in order)
+        video = self.decoder.decode(unit.latents)
         t_dec = time.perf_counter()
+        decode_ms = (t_dec - t_dec0) * 1e3
         # 6. pair every frame with its audio and hand it out
-        self._emit(video, v0, epoch, features_ms=(t_feat - t_start) * 1e3, denoise_ms=(t_gen - t_feat) * 1e3,
-                   decode_ms=(t_dec - t_gen) * 1e3)
-        for name, ms in (("features", t_feat - t_start), ("denoise", t_gen - t_feat), ("decode", t_dec - t_gen),
-                         ("block", t_dec - t_start)):
-            self.stats.stage_ms[name].append(ms * 1e3)
+        self._emit(video, unit.first_video, unit.epoch, features_ms=unit.features_ms, denoise_ms=unit.denoise_ms,
+                   decode_ms=decode_ms)
+        for name, ms in (("features", unit.features_ms), ("denoise", unit.denoise_ms), ("decode", decode_ms),
+                         ("block", (t_dec - unit.started) * 1e3)):
+            self.stats.stage_ms[name].append(ms)
         self.stats.blocks += 1
 
     def _audio_tensors(self, feats: list[np.ndarray], start_latent: int):
@@ -283,7 +308,6 @@ class AvatarSession:
                     if epoch == self._epoch:
                         self._post(SegmentEnd(segment=seg, pts=v))
             self.next_video = v0 + len(video)
-            self._busy_until = None
             keep = self.generator.history_latents  # an overlap prefix needs its audio again
             next_first = self.generator.next_unit(self.state).first
             keep_from = video_frames_for_block(max(0, next_first - keep), 1).start if keep else self.next_video

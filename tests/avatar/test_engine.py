@@ -315,3 +315,48 @@ def test_engine_threads_are_validated_and_applied():
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+async def test_blocks_decode_on_their_own_thread_and_a_decode_failure_stays_in_its_session(engine):
+    """The worker hands latents to the decode thread (the DiT runs on while the VAE decodes); a decoder
+    that raises there ends only its own session, with the error."""
+    import threading
+
+    good = engine.open_session(_cond(), SessionOptions(realtime=False))
+    bad = engine.open_session(_cond(1), SessionOptions(realtime=False))
+    threads = set()
+    decode = good.decoder.decode
+
+    def traced(latents):
+        threads.add(threading.current_thread().name)
+        return decode(latents)
+
+    def broken(latents):
+        raise RuntimeError("decoder exploded")
+
+    good.decoder.decode, bad.decoder.decode = traced, broken
+    for s in (good, bad):
+        s.push_audio(_speech(0.3, 16_000), 16_000)
+        s.end_segment()
+    items = [item async for item in bad]
+    assert isinstance(items[-1], SessionError) and "decoder exploded" in items[-1].message
+    frames, ends = await _collect(good)
+    assert len(frames) == 8 and ends and engine.failures == 1
+    assert threads == {"avatar-decode"}
+    good.close()
+
+
+async def test_without_the_decode_thread_the_frames_are_the_same(bundle):
+    async def run(ahead):
+        with AvatarEngine(bundle, EngineOptions(causal=OPTS, decoder="torch", decode_ahead=ahead)) as eng:
+            s = eng.open_session(_cond(2), SessionOptions(realtime=False, seed=3))
+            s.push_audio(_speech(0.6, 16_000, seed=4), 16_000)
+            s.end_segment()
+            frames, _ = await _collect(s)
+            s.close()
+            return [f.video for f in frames]
+
+    serial, pipelined = await run(0), await run(1)
+    assert len(serial) == len(pipelined) == 15
+    for a, b in zip(serial, pipelined):
+        np.testing.assert_array_equal(a, b)
