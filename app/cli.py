@@ -228,23 +228,26 @@ def train_demo(
     out: Annotated[Path, typer.Option(help="working folder: corpus, clips, checkpoints")] = Path("runs/demo"),
     budget_min: Annotated[float | None, typer.Option(help="stop (resumably) after this many minutes")] = None,
     vae_image_steps: Annotated[int | None, typer.Option(help="VAE steps on single frames")] = None,
-    vae_steps: Annotated[int | None, typer.Option(help="VAE steps in all (single frames, then clips)")] = None,
+    vae_steps: Annotated[int | None, typer.Option(help="VAE steps to the end of the clip stage")] = None,
+    vae_decoder_steps: Annotated[int | None, typer.Option(help="VAE steps in all (then the decoder alone)")] = None,
     base_steps: Annotated[int | None, typer.Option(help="DiT base stage steps")] = None,
     audio_steps: Annotated[int | None, typer.Option(help="DiT audio stage steps")] = None,
+    emotion_steps: Annotated[int | None, typer.Option(help="DiT emotion stage steps (0: none)")] = None,
     latent_clips: Annotated[int | None, typer.Option(help="single-face clips to encode (+ a quarter as many "
                                                           "two-face ones)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """The embedded demo model end to end: corpus, teacher clips, VAE, latents, DiT base, audio path,
-    export into app/demo_model. Rerun it to continue where it stopped."""
+    emotion module, export into app/demo_model. Rerun it to continue where it stopped."""
     import dataclasses
     import logging
 
     from app.train.demo import DemoPlan, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    given = dict(vae_image_steps=vae_image_steps, vae_steps=vae_steps, base_steps=base_steps,
-                 audio_steps=audio_steps, latent_clips=latent_clips, threads=threads)
+    given = dict(vae_image_steps=vae_image_steps, vae_steps=vae_steps, vae_decoder_steps=vae_decoder_steps,
+                 base_steps=base_steps, audio_steps=audio_steps, emotion_steps=emotion_steps,
+                 latent_clips=latent_clips, threads=threads)
     plan = dataclasses.replace(DemoPlan(out=out), **{k: v for k, v in given.items() if v is not None})
     typer.echo(json.dumps(run(plan, None if budget_min is None else budget_min * 60), indent=2))
 

@@ -9,7 +9,9 @@ holds, so teacher forcing on clean context and a little context noise are both c
 
 Stage "base": everything but the audio-side modules, no audio. Stage "audio": OmniAvatar-style, the base
 frozen; trained are a peft LoRA on q,k,v,o,ffn.0,ffn.2 and the Audio Pack, the per-layer audio
-projections, the face-aware audio adapters and the audio emotion module.
+projections, the face-aware audio adapters and the audio emotion module. Stage "emotion": the audio
+stage's model frozen but for the emotion module, trained on more blocks without clean context (the
+first block of a stream has only the neutral reference to go on: its expression must come from the AEM).
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ from models.lora import inject_lora, lora_state_dict
 
 log = logging.getLogger(__name__)
 
-AUDIO_MODULES = ("audio_proj.", "audio_cond_projs.", "face_audio_embedding.", "face_adapters.",
-                 "emotion_embedding.", "emotion_adapters.")
+EMOTION_MODULES = ("emotion_embedding.", "emotion_adapters.")
+AUDIO_MODULES = ("audio_proj.", "audio_cond_projs.", "face_audio_embedding.", "face_adapters.", *EMOTION_MODULES)
 
 
 @dataclass(frozen=True)
 class DiTTrainConfig:
-    stage: str = "base"  # "base" | "audio"
+    stage: str = "base"  # "base" | "audio" | "emotion" (the AEM alone, on the finished audio stage)
     steps: int = 3000
     batch: int = 4
     window_latents: int = 9  # after the reference: 3 blocks of 3
@@ -120,7 +122,7 @@ def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g
     mask[:, :, 0] = 0
     y = torch.cat([ref.expand_as(x0), mask], dim=1)
     kw = {}
-    if cfg.stage == "audio":
+    if cfg.stage != "base":
         keep = (torch.rand(b, generator=g) >= cfg.audio_dropout).float()
         kw = dict(audio=batch["audio"] * keep[:, None, None, None],
                   face_audio=batch["face_audio"] * keep[:, None, None, None, None],
@@ -138,7 +140,8 @@ def trainable_parameters(dit: WanDiT, stage: str) -> list[torch.nn.Parameter]:
     params = []
     for name, p in dit.named_parameters():
         audio_side = name.startswith(AUDIO_MODULES) or ".lora_" in name
-        p.requires_grad_(audio_side if stage == "audio" else not audio_side)
+        p.requires_grad_(name.startswith(EMOTION_MODULES) if stage == "emotion" else
+                         audio_side if stage == "audio" else not audio_side)
         if p.requires_grad:
             params.append(p)
     return params
@@ -146,6 +149,12 @@ def trainable_parameters(dit: WanDiT, stage: str) -> list[torch.nn.Parameter]:
 
 def build_model(cfg: DiTTrainConfig, dit_cfg: DiTConfig, init: Path | None) -> WanDiT:
     torch.manual_seed(cfg.seed)
+    if cfg.stage == "emotion":  # the finished audio stage, its LoRA kept apart (saved as its own file again)
+        from models.loading import load_dit
+
+        if init is None:
+            raise ValueError("the emotion stage starts from a trained audio stage: pass init")
+        return load_dit(init, config=dit_cfg, merge_lora=False)[0]
     dit = WanDiT(dit_cfg)
     if init is not None:
         from models.loading import load_dit
@@ -189,7 +198,7 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, step, 7])
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        pairs = cfg.stage == "audio" and rng.random() < cfg.pair_fraction
+        pairs = cfg.stage != "base" and rng.random() < cfg.pair_fraction
         lr = warmup_cosine(cfg.lr, step, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr

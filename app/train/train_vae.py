@@ -46,6 +46,9 @@ class VaeTrainConfig:
     # skin and hair, and without it saturated shirts and backgrounds decode grey ((200, 40, 200) -> (175, 177, 179))
     mse_weight: float = 1.0  # on [-1, 1] pixels; a small AE on teacher faces gained ~1 dB at 2000 steps with it
     edge_weight: float = 1.0
+    motion_weight: float = 0.0  # L1 between the recon's and the clip's frame-to-frame differences: a decoder
+    # that draws each latent's 4 frames alike and jumps into the next (stair steps: seams) pays for it here
+    decoder_only: bool = False  # train only conv2 + decoder: the latent space (and a DiT trained on it) stays
     seed: int = 0
     identities: int = 100_000  # identity seeds drawn from [0, identities); held-out seeds live above it
     log_every: int = 25
@@ -144,7 +147,8 @@ def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch
             mu, logvar, enc = encode_stats(vae, video[:, :, :warm_frames])
             _, dec = decode_raw(vae, mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise))
         video = video[:, :, warm_frames:]
-    mu, logvar, _ = encode_stats(vae, video, enc)
+    with torch.set_grad_enabled(not cfg.decoder_only and torch.is_grad_enabled()):
+        mu, logvar, _ = encode_stats(vae, video, enc)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise)
     recon, _ = decode_raw(vae, z, dec)
     l1 = (recon - video).abs().mean()
@@ -152,9 +156,11 @@ def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch
     dx = lambda v: v[..., :, 1:] - v[..., :, :-1]  # noqa: E731
     dy = lambda v: v[..., 1:, :] - v[..., :-1, :]  # noqa: E731
     edge = (dx(recon) - dx(video)).abs().mean() + (dy(recon) - dy(video)).abs().mean()
+    dt = lambda v: v[:, :, 1:] - v[:, :, :-1]  # noqa: E731
+    motion = (dt(recon) - dt(video)).abs().mean() if video.shape[2] > 1 else recon.new_zeros(())
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
-    total = l1 + cfg.mse_weight * mse + cfg.edge_weight * edge + cfg.kl_weight * kl
-    return {"loss": total, "l1": l1, "mse": mse, "edge": edge, "kl": kl}
+    total = l1 + cfg.mse_weight * mse + cfg.edge_weight * edge + cfg.motion_weight * motion + cfg.kl_weight * kl
+    return {"loss": total, "l1": l1, "mse": mse, "edge": edge, "motion": motion, "kl": kl}
 
 
 # ---- training loop (seeded, resumable) ----------------------------------------------------------
@@ -205,6 +211,13 @@ def inflate_to_video(vae: WanVAE) -> WanVAE:
     return vae
 
 
+def time_trained(vae: WanVAE, opt: torch.optim.Optimizer) -> bool:
+    """Whether the time convs of the 3d resamplers ever got a gradient (Adam keeps state only for those
+    that did): false after single-frame training, where inflating them is the right start."""
+    return any(len(opt.state.get(m.time_conv.weight, {})) > 0
+               for m in vae.modules() if isinstance(m, Resample) and m.temporal)
+
+
 def _checkpoint(out: Path, vae: WanVAE, opt: torch.optim.Optimizer, step: int) -> None:
     tmp = out / "vae_train.pt.tmp"
     torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
@@ -230,9 +243,13 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log.info("resuming VAE training at step %d", step)
-        if cfg.latents > 1 and 0 < cfg.first_step == step:  # a clip stage after a single-frame one
+        if cfg.latents > 1 and 0 < cfg.first_step == step and not time_trained(vae, opt):
+            # a clip stage right after a single-frame one
             inflate_to_video(vae)
             log.info("inflated the single-frame VAE to stream frames as it codes the first")
+    if cfg.decoder_only:  # the encoder and its latent statistics stay as they are; Adam skips gradless weights
+        for module in (vae.encoder, vae.conv1):
+            module.requires_grad_(False)
     frames = 1 + vae_cfg.temporal_factor * (cfg.latents - 1)
     t_start = time.monotonic()
     logf = (out / "vae_log.jsonl").open("a")
@@ -325,6 +342,25 @@ def moving_check(vae: WanVAE, clips: int = 3, latents: int = 11, seed: int = 123
     return {"moving_db": round(float(np.mean(per)), 2)}
 
 
+@torch.no_grad()
+def seam_check(vae: WanVAE, clips: int = 3, latents: int = 11, seed: int = 12345,
+               size: tuple[int, int] = (128, 128)) -> dict[str, float]:
+    """Seam ratio (|frame diff| where a latent's frames start / elsewhere) of streamed reconstructions of
+    held-out moving clips, next to the teacher clips' own: what a decoder adds at latent boundaries."""
+    from app.train.evaluate import seam_ratio
+
+    rng = np.random.default_rng(seed)
+    starts = list(range(1, 1 + 4 * (latents - 1), vae.cfg.temporal_factor))
+    ours, teacher = [], []
+    for _ in range(clips):
+        clip = teacher_clip(rng, 1 + 4 * (latents - 1), size, 1000, 1_000_000)
+        mu, _, _ = encode_stats(vae, to_video_tensor(clip[None]))
+        recon = ((decode_raw(vae, mu)[0][0].clamp(-1, 1) + 1) * 127.5).permute(1, 2, 3, 0).numpy()
+        ours.append(seam_ratio(recon, starts))
+        teacher.append(seam_ratio(clip, starts))
+    return {"seam_ratio": round(float(np.mean(ours)), 3), "teacher_seam_ratio": round(float(np.mean(teacher)), 3)}
+
+
 FLAT_COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200), (40, 200, 200), (200, 40, 200), (200, 200, 40),
                 (128, 128, 128), (230, 190, 160), (60, 40, 30))
 
@@ -383,6 +419,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=VaeTrainConfig.lr)
     p.add_argument("--first-step", type=int, default=0, help="where this stage's learning-rate schedule starts")
     p.add_argument("--mse-weight", type=float, default=VaeTrainConfig.mse_weight)
+    p.add_argument("--motion-weight", type=float, default=VaeTrainConfig.motion_weight,
+                   help="weight of the frame-difference loss (smooth motion across latent boundaries)")
+    p.add_argument("--decoder-only", action="store_true", help="train only the decoder: the latent space stays")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", type=Path, default=None, metavar="VAE",
                    help="print PSNR by latent index of a saved VAE (or training checkpoint) and exit")
@@ -398,10 +437,12 @@ def main() -> None:
 
             vae = load_vae(a.check)
         vae = vae.eval()
-        print(json.dumps({**drift_check(vae), **moving_check(vae), **flat_colour_check(vae), **mouth_check(vae)}))
+        print(json.dumps({**drift_check(vae), **moving_check(vae), **seam_check(vae), **flat_colour_check(vae),
+                          **mouth_check(vae)}))
         return
     print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents, warmup=a.warmup, batch=a.batch,
-                                                    lr=a.lr, first_step=a.first_step, mse_weight=a.mse_weight)))
+                                          lr=a.lr, first_step=a.first_step, mse_weight=a.mse_weight,
+                                          motion_weight=a.motion_weight, decoder_only=a.decoder_only)))
 
 
 if __name__ == "__main__":

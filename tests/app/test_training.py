@@ -372,3 +372,63 @@ def test_moving_check_through_a_lossless_codec_is_at_the_psnr_ceiling(monkeypatc
     # a codec that holds the first frame: the clip moves, so the later latents lose
     monkeypatch.setattr(tv, "decode_raw", lambda vae, z: (z[:, :, :1].expand_as(z), None))
     assert tv.moving_check(WanVAE(VAE_DEMO), clips=1, latents=3, size=(32, 32))["moving_db"] < 40
+
+
+def test_the_emotion_stage_trains_the_emotion_module_alone_on_the_audio_stage(tmp_path):
+    from app.train.train_dit import build_model
+    from models.loading import save_dit
+
+    cfg = TINY.replace(lora_rank=4, lora_alpha=4.0)
+    torch.manual_seed(0)
+    audio = WanDiT(cfg)
+    inject_lora(audio, 4, 4.0)
+    with torch.no_grad():
+        for p in audio.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a "trained" audio stage, LoRA included
+    folder = save_dit(audio, tmp_path / "dit_audio")
+    dit = build_model(DiTTrainConfig(stage="emotion"), cfg, folder)
+    names = {n for n, p in dit.named_parameters() if p in set(trainable_parameters(dit, "emotion"))}
+    assert names and all(n.startswith(("emotion_embedding.", "emotion_adapters.")) for n in names)
+    assert any(".lora_" in n for n, _ in dit.named_parameters())  # the LoRA stays apart, to be saved on its own
+    start = {n: p.detach().clone() for n, p in audio.state_dict().items()}
+    assert all(torch.equal(start[n], v) for n, v in dit.state_dict().items())  # it starts as the audio stage
+    with pytest.raises(ValueError, match="audio stage"):
+        build_model(DiTTrainConfig(stage="emotion"), cfg, None)
+
+
+def test_a_decoder_stage_keeps_the_encoder_and_adds_the_frame_difference_loss():
+    from app.train.train_vae import teacher_clip
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAE_DEMO)
+    video = to_video_tensor(teacher_clip(np.random.default_rng(2), 9, (32, 32), 100)[None])
+    plain = vae_loss(vae, video, VaeTrainConfig(), torch.Generator().manual_seed(0))
+    losses = vae_loss(vae, video, VaeTrainConfig(motion_weight=3.0, decoder_only=True), torch.Generator().manual_seed(0))
+    assert float(losses["motion"]) > 0
+    torch.testing.assert_close(losses["loss"], plain["loss"] + 3.0 * losses["motion"])
+    losses["loss"].backward()
+    assert all(p.grad is None for p in vae.encoder.parameters()) and vae.decoder.head[-1].weight.grad is not None
+
+
+def test_only_a_single_frame_vae_is_inflated_when_a_clip_stage_begins(tmp_path):
+    """Inflation resets the time convs: right after single frames, ruinous after a clip stage trained them."""
+    from app.train.train_vae import time_trained, train_vae
+
+    def state():
+        ckpt = torch.load(tmp_path / "vae_train.pt", weights_only=True)
+        vae = WanVAE(VAE_DEMO)
+        vae.load_state_dict(ckpt["vae"])
+        opt = torch.optim.AdamW(vae.parameters())
+        opt.load_state_dict(ckpt["opt"])
+        return vae, opt
+
+    small = dict(batch=1, crop=32, log_every=1, checkpoint_every=1)
+    train_vae(tmp_path, VaeTrainConfig(steps=1, latents=1, warmup=0, **small), finish=False)
+    assert not time_trained(*state())
+    train_vae(tmp_path, VaeTrainConfig(steps=2, latents=2, warmup=0, first_step=1, **small), finish=False)
+    vae, opt = state()
+    assert time_trained(vae, opt)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    train_vae(tmp_path, VaeTrainConfig(steps=2, latents=2, warmup=0, first_step=2, decoder_only=True, **small),
+              finish=False)  # a later stage starting here: nothing to train, and nothing reset
+    assert all(torch.equal(before[k], v) for k, v in state()[0].state_dict().items())

@@ -168,3 +168,28 @@ def test_input_errors_are_clear(pair):
         full(inp["x"], inp["t"], inp["context"], y=inp["y"], audio=inp["audio"], face_mask=torch.ones(1, 1, 3, 3))
     with pytest.raises(ValueError, match=r"t must be \(B,\) or \(B, F\)"):
         full(inp["x"], torch.tensor([[1.0, 2.0]]), inp["context"], y=inp["y"])
+
+
+def test_the_emotion_module_reads_the_emotion_image_by_place():
+    """With the spatial RoPE a token attends the emotion image's tokens by where they sit: moving the emotion
+    image's patches around changes the output (cross-attention without positions is exactly invariant to it)."""
+    from models.dit import EmotionAdapter
+    from models.rope import rope_table
+
+    torch.manual_seed(0)
+    aem = EmotionAdapter(TINY).eval()
+    with torch.no_grad():
+        aem.gate.fill_(1.0)
+    g = torch.Generator().manual_seed(3)
+    h = w = 4
+    x = torch.randn(1, 2 * h * w, TINY.dim, generator=g)  # two frames of a 4x4 token grid
+    emo = torch.randn(1, h * w, TINY.dim, generator=g)
+    moved = emo[:, torch.randperm(h * w, generator=g)]
+    rope = rope_table(TINY.rope_split, (1, h, w), 0, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.allclose(aem(x, emo), aem(x, moved), atol=1e-5)  # no positions: a set of tokens
+        assert not torch.allclose(aem(x, emo, rope), aem(x, moved, rope), atol=1e-3)
+        # the two frames sit at the same place of the emotion image: equal tokens, equal outputs
+        same = torch.cat([x[:, :h * w], x[:, :h * w]], dim=1)
+        out = aem(same, emo, rope)
+        assert torch.allclose(out[:, :h * w], out[:, h * w:], atol=1e-5)
