@@ -109,9 +109,9 @@ class EngineOptions:
     warmup: bool = True  # run the real path once at start, so the first user does not pay for it
     decode_ahead: int = 1  # generated blocks waiting for the decode thread (the worker waits beyond);
     # 0: no decode thread, each block is generated and decoded in turn on the worker
-    decode_threads: int | None = 1  # ONNX Runtime intra-op threads of the decoder (None: `threads`, else
-    # every core). With the decode thread, one decode thread that sleeps when idle beside the DiT: demo
-    # model, 2 cores, one run: real-time factor 2.07, vs 1.39 decoding in turn with 2 threads each
+    decode_threads: int | None = None  # ONNX Runtime intra-op threads of the decoder. None: 1 beside the
+    # decode thread (one ONNX thread that sleeps when idle, next to the DiT: demo model, 2 cores, one run:
+    # real-time factor 2.07, vs 1.39 decoding in turn with 2 threads each); in turn, `threads`
     poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
     threads: int | None = None  # compute threads (torch intra-op, ONNX Runtime intra-op); None: the
     # libraries' defaults (every core). A live server wants fewer: on 2 cores, 4 calls' codecs and a
@@ -202,15 +202,15 @@ class AvatarEngine:
 
         h, w = (x // self.models.vae.cfg.spatial_factor for x in self.models.frame_hw)
         kwargs = {}
-        threads = self.options.decode_threads or self.options.threads
-        if threads is not None or self.options.decode_ahead > 0:
+        pipelined = self.options.decode_ahead > 0
+        threads = self.options.decode_threads or (1 if pipelined else self.options.threads)
+        if threads is not None:
             import onnxruntime as ort
 
             so = ort.SessionOptions()
-            if threads is not None:
-                so.intra_op_num_threads = threads
+            so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
-            if self.options.decode_ahead > 0:  # its idle workers must not spin on cores the DiT is using
+            if pipelined:  # its idle workers must not spin on cores the DiT is using
                 so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             kwargs["session_options"] = so
         try:

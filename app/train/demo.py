@@ -82,16 +82,17 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
     vae_path = out / "vae.safetensors"
     if not vae_path.exists():
         ckpt = out / "vae_train.pt"
-        at = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else 0
+        step_of = lambda: torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else 0  # noqa: E731
+        at = step_of()
         if at < plan.vae_image_steps:
             images = VaeTrainConfig(steps=plan.vae_image_steps, latents=1, warmup=0, batch=8, lr=5e-4, seed=plan.seed)
             train_vae(out, images, stop_after=left(), finish=False)
-            if torch.load(ckpt, weights_only=True)["step"] < plan.vae_image_steps:
+            if step_of() < plan.vae_image_steps:
                 return {**done, "stopped_in": "vae"}
         if at < plan.vae_steps:
             clips = VaeTrainConfig(steps=plan.vae_steps, first_step=plan.vae_image_steps, seed=plan.seed)
             train_vae(out, clips, stop_after=left(), finish=False)
-            if torch.load(ckpt, weights_only=True)["step"] < plan.vae_steps:
+            if step_of() < plan.vae_steps:
                 return {**done, "stopped_in": "vae"}
         decoder = VaeTrainConfig(steps=plan.vae_decoder_steps, first_step=plan.vae_steps, lr=plan.vae_decoder_lr,
                                  motion_weight=plan.motion_weight, decoder_only=True, seed=plan.seed)
