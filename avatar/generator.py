@@ -45,6 +45,13 @@ class CausalOptions:
     context_noise: float = 0.0  # timestep of the pass that writes clean K/V (Self-Forcing: 0)
     sink_follows: bool = True  # sink keys kept just before the window: long streams look like training
     guidance: Guidance = field(default_factory=Guidance)
+    # share of every latent's noise variance drawn once per session: latents denoised from partly the same
+    # noise keep the same detail, where independent noise re-rolls it every latent (flicker at 4-frame steps)
+    noise_correlation: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise_correlation <= 1.0:
+            raise ValueError(f"noise_correlation must be in [0, 1], got {self.noise_correlation}")
 
 
 @dataclass
@@ -167,11 +174,13 @@ class CausalState:
     cache: KVCache
     noise: torch.Generator
     next_frame: int = 0  # next latent frame to generate (0 = the reference, prefilled)
+    shared_noise: torch.Tensor | None = None  # (1, 16, 1, h, w) the session's fixed noise component
 
     def reset(self, seed: int) -> None:
         self.cache.reset()
         self.noise.manual_seed(seed)
         self.next_frame = 0
+        self.shared_noise = None
 
 
 class CausalGenerator:
@@ -232,7 +241,7 @@ class CausalGenerator:
         h, w = state.cond.latent_hw
         s = state.next_frame
         # 1. start from noise
-        x = torch.randn((1, ref.shape[1], n, h, w), generator=state.noise, device=ref.device, dtype=torch.float32)
+        x = self._noise(state, (1, ref.shape[1], n, h, w))
         x0 = x
         # 2. few-step denoising against the cache (each pass overwrites this block's K/V)
         for i, t in enumerate(self.timesteps):
@@ -241,8 +250,7 @@ class CausalGenerator:
                            cache=state.cache, start_frame=s).float()
             x0 = x - sigma * v  # 2. predicted clean latents
             if sigma_next > 0:  # 2. re-noise to the next level with fresh noise
-                eps = torch.randn(x.shape, generator=state.noise, device=x.device, dtype=x.dtype)
-                x = (1 - sigma_next) * x0 + sigma_next * eps
+                x = (1 - sigma_next) * x0 + sigma_next * self._noise(state, x.shape)
         # 3. clean pass: the cache keeps K/V of the clean block (committed when the next block begins);
         #    with context_noise > 0 the context is lightly re-noised first, as Self-Forcing allows
         t_ctx = self.options.context_noise
@@ -255,3 +263,14 @@ class CausalGenerator:
         # 4. advance the cursor
         state.next_frame = s + n
         return x0
+
+    def _noise(self, state: CausalState, shape) -> torch.Tensor:
+        """Unit-variance noise for a block; `noise_correlation` of its variance is the session's fixed draw."""
+        dev = state.cond.reference.device
+        eps = torch.randn(shape, generator=state.noise, device=dev, dtype=torch.float32)
+        rho = self.options.noise_correlation
+        if rho == 0.0:
+            return eps
+        if state.shared_noise is None:
+            state.shared_noise = torch.randn((*shape[:2], 1, *shape[3:]), generator=state.noise, device=dev)
+        return rho ** 0.5 * state.shared_noise + (1 - rho) ** 0.5 * eps

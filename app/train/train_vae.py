@@ -49,6 +49,10 @@ class VaeTrainConfig:
     motion_weight: float = 0.0  # L1 between the recon's and the clip's frame-to-frame differences: a decoder
     # that draws each latent's 4 frames alike and jumps into the next (stair steps: seams) pays for it here
     decoder_only: bool = False  # train only conv2 + decoder: the latent space (and a DiT trained on it) stays
+    latent_jitter: float = 0.0  # rms (in normalised latent units) of noise added to the decoded latents: a
+    # generated latent is off by ~0.35 and re-rolls its detail each latent; a decoder taught on exact latents
+    # turns that into flicker, one taught on jittered latents learns to draw the clean clip from them anyway
+    jitter_corr: float = 0.7  # latent-to-latent correlation of that noise (AR(1)), as measured on the demo DiT
     seed: int = 0
     identities: int = 100_000  # identity seeds drawn from [0, identities); held-out seeds live above it
     log_every: int = 25
@@ -138,18 +142,40 @@ def decode_raw(vae: WanVAE, z: torch.Tensor, caches: Caches | None = None) -> tu
     return torch.cat(out, dim=2), caches
 
 
+def jitter_sequence(shape: tuple[int, ...], rms: float, corr: float, noise: torch.Generator) -> torch.Tensor:
+    """AR(1) noise along dim 2 (latents) of `shape`, unit-free rms `rms`, lag-1 correlation `corr`."""
+    e = torch.randn(shape, generator=noise)
+    for k in range(1, shape[2]):
+        e[:, :, k] = corr * e[:, :, k - 1] + (1 - corr ** 2) ** 0.5 * e[:, :, k]
+    return rms * e
+
+
 def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch.Generator,
-             warm_frames: int = 0) -> dict[str, torch.Tensor]:
-    """Loss on `video[:, :, warm_frames:]`; the first `warm_frames` (0 or 1 + 4k) only fill the caches."""
+             warm_frames: int = 0, latent_std: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Loss on `video[:, :, warm_frames:]`; the first `warm_frames` (0 or 1 + 4k) only fill the caches.
+
+    latent_std: (z,) the encoder's per-channel latent std, the unit of `cfg.latent_jitter`."""
     enc = dec = None
+    jitter = None
+    if cfg.latent_jitter > 0:
+        if latent_std is None:
+            raise ValueError("latent_jitter needs the latent std (its unit)")
+        b, _, t, h, w = video.shape
+        latents = 1 + (t - 1) // vae.cfg.temporal_factor
+        jitter = jitter_sequence((b, vae.cfg.z_dim, latents, h // vae.cfg.spatial_factor,
+                                  w // vae.cfg.spatial_factor), cfg.latent_jitter, cfg.jitter_corr, noise)
+        jitter = jitter * latent_std.view(1, -1, 1, 1, 1)
     if warm_frames:
         with torch.no_grad():
             mu, logvar, enc = encode_stats(vae, video[:, :, :warm_frames])
-            _, dec = decode_raw(vae, mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise))
+            z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise)
+            _, dec = decode_raw(vae, z if jitter is None else z + jitter[:, :, :z.shape[2]])
         video = video[:, :, warm_frames:]
     with torch.set_grad_enabled(not cfg.decoder_only and torch.is_grad_enabled()):
         mu, logvar, _ = encode_stats(vae, video, enc)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise)
+    if jitter is not None:
+        z = z + jitter[:, :, jitter.shape[2] - z.shape[2]:]
     recon, _ = decode_raw(vae, z, dec)
     l1 = (recon - video).abs().mean()
     mse = (recon - video).pow(2).mean()
@@ -250,6 +276,10 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
     if cfg.decoder_only:  # the encoder and its latent statistics stay as they are; Adam skips gradless weights
         for module in (vae.encoder, vae.conv1):
             module.requires_grad_(False)
+    latent_std = None
+    if cfg.latent_jitter > 0:  # the jitter's unit: the encoder's per-channel spread (fixed when decoder_only)
+        latent_std = torch.tensor(latent_statistics(vae.eval(), cfg, cfg.stat_clips // 4)[1])
+        vae.train()
     frames = 1 + vae_cfg.temporal_factor * (cfg.latents - 1)
     t_start = time.monotonic()
     logf = (out / "vae_log.jsonl").open("a")
@@ -265,7 +295,7 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         lr = stage_lr(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        losses = vae_loss(vae, to_video_tensor(clips), cfg, noise, warm_frames)
+        losses = vae_loss(vae, to_video_tensor(clips), cfg, noise, warm_frames, latent_std)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -422,6 +452,8 @@ def main() -> None:
     p.add_argument("--motion-weight", type=float, default=VaeTrainConfig.motion_weight,
                    help="weight of the frame-difference loss (smooth motion across latent boundaries)")
     p.add_argument("--decoder-only", action="store_true", help="train only the decoder: the latent space stays")
+    p.add_argument("--latent-jitter", type=float, default=VaeTrainConfig.latent_jitter,
+                   help="rms of AR(1) noise on the decoded latents, in latent std units (a DiT's error)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", type=Path, default=None, metavar="VAE",
                    help="print PSNR by latent index of a saved VAE (or training checkpoint) and exit")
@@ -442,7 +474,8 @@ def main() -> None:
         return
     print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents, warmup=a.warmup, batch=a.batch,
                                           lr=a.lr, first_step=a.first_step, mse_weight=a.mse_weight,
-                                          motion_weight=a.motion_weight, decoder_only=a.decoder_only)))
+                                          motion_weight=a.motion_weight, decoder_only=a.decoder_only,
+                                          latent_jitter=a.latent_jitter)))
 
 
 if __name__ == "__main__":

@@ -432,3 +432,23 @@ def test_only_a_single_frame_vae_is_inflated_when_a_clip_stage_begins(tmp_path):
     train_vae(tmp_path, VaeTrainConfig(steps=2, latents=2, warmup=0, first_step=2, decoder_only=True, **small),
               finish=False)  # a later stage starting here: nothing to train, and nothing reset
     assert all(torch.equal(before[k], v) for k, v in state()[0].state_dict().items())
+
+
+def test_latent_jitter_is_correlated_noise_in_latent_std_units():
+    from app.train.train_vae import jitter_sequence, teacher_clip
+
+    e = jitter_sequence((64, 4, 6, 4, 4), 0.35, 0.7, torch.Generator().manual_seed(0))
+    assert abs(float(e.std()) - 0.35) < 0.02
+    lag1 = torch.corrcoef(torch.stack([e[:, :, :-1].flatten(), e[:, :, 1:].flatten()]))[0, 1]
+    assert abs(float(lag1) - 0.7) < 0.05
+    torch.manual_seed(0)
+    vae = WanVAE(VAE_DEMO)
+    video = to_video_tensor(teacher_clip(np.random.default_rng(2), 9, (32, 32), 100)[None])
+    cfg = VaeTrainConfig(latent_jitter=0.35)
+    with pytest.raises(ValueError, match="latent std"):
+        vae_loss(vae, video, cfg, torch.Generator().manual_seed(0))
+    std = torch.ones(VAE_DEMO.z_dim)
+    plain = vae_loss(vae, video, VaeTrainConfig(), torch.Generator().manual_seed(0))
+    jittered = vae_loss(vae, video, cfg, torch.Generator().manual_seed(0), latent_std=std)
+    assert not torch.equal(plain["l1"], jittered["l1"])  # the decoder saw other latents
+    torch.testing.assert_close(plain["kl"], jittered["kl"])  # the encoder's statistics did not change

@@ -274,3 +274,20 @@ def test_the_motion_condition_reaches_the_dit():
     t = torch.tensor([500.0])
     out = {m: model(x, t, replace(_cond(), motion=m), None) for m in (None, 0.0, 1.0)}
     assert not torch.allclose(out[0.0], out[1.0]) and not torch.allclose(out[None], out[0.0])
+
+
+def test_noise_correlation_shares_a_fixed_draw_across_blocks_until_reset(dit):
+    with pytest.raises(ValueError, match="noise_correlation"):
+        CausalOptions(noise_correlation=1.5)
+    gen = CausalGenerator(dit, CausalOptions(block_frames=2, steps=(1000, 500), noise_correlation=1.0))
+    state = gen.init_state(_cond(), seed=5)
+    a, b = gen._noise(state, (1, 16, 2, H, W)), gen._noise(state, (1, 16, 2, H, W))
+    assert torch.equal(a, b) and torch.equal(a[:, :, 0], a[:, :, 1])  # all of the variance is the shared draw
+    state.reset(seed=6)
+    assert not torch.equal(gen._noise(state, (1, 16, 2, H, W)), a)
+    half = CausalGenerator(dit, CausalOptions(block_frames=2, steps=(1000, 500), noise_correlation=0.5))
+    state = half.init_state(_cond(), seed=5)
+    x = torch.stack([half._noise(state, (1, 16, 2, H, W)) for _ in range(200)])  # (200, 1, 16, 2, H, W)
+    assert abs(float(x.var()) - 1.0) < 0.1  # unit variance either way
+    corr = torch.corrcoef(torch.stack([x[:-1].flatten(), x[1:].flatten()]))[0, 1]
+    assert 0.4 < float(corr) < 0.6  # successive blocks share half their variance
