@@ -229,7 +229,8 @@ def train_demo(
     budget_min: Annotated[float | None, typer.Option(help="stop (resumably) after this many minutes")] = None,
     vae_image_steps: Annotated[int | None, typer.Option(help="VAE steps on single frames")] = None,
     vae_steps: Annotated[int | None, typer.Option(help="VAE steps to the end of the clip stage")] = None,
-    vae_decoder_steps: Annotated[int | None, typer.Option(help="VAE steps in all (then the decoder alone)")] = None,
+    vae_decoder_steps: Annotated[int | None, typer.Option(help="VAE steps to the end of the first decoder "
+                                                               "stage")] = None,
     base_steps: Annotated[int | None, typer.Option(help="DiT base stage steps")] = None,
     audio_steps: Annotated[int | None, typer.Option(help="DiT audio stage steps")] = None,
     emotion_steps: Annotated[int | None, typer.Option(help="DiT emotion stage steps (0: none)")] = None,

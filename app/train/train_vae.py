@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.train.face import FaceState, Identity, render
+from app.train.face import STATE_FIELDS, FaceState, Identity, render
 from app.train.schedule import warmup_cosine
 from models.config import VAE_DEMO, VAEConfig
 from models.vae import CausalConv3d, Resample, WanVAE
@@ -53,6 +53,10 @@ class VaeTrainConfig:
     # generated latent is off by ~0.35 and re-rolls its detail each latent; a decoder taught on exact latents
     # turns that into flicker, one taught on jittered latents learns to draw the clean clip from them anyway
     jitter_corr: float = 0.7  # latent-to-latent correlation of that noise (AR(1)), as measured on the demo DiT
+    fast_motion: float = 0.0  # share of clips whose expression changes at speech speed (`teacher_clip`
+    # waypoints): on two-state clips a frame moves ~1/40 of a state, so what a decoder draws between two
+    # latents costs it almost nothing, and it draws a latent's change as one step at its first frame
+    waypoints: tuple[int, int] = (2, 6)  # frames between the fast clips' random expression states
     seed: int = 0
     identities: int = 100_000  # identity seeds drawn from [0, identities); held-out seeds live above it
     log_every: int = 25
@@ -68,17 +72,40 @@ def random_state(rng: np.random.Generator) -> FaceState:
                      dy=float(rng.normal(0, 0.03)), roll=float(rng.normal(0, 5)), scale=float(rng.uniform(0.9, 1.1)))
 
 
+POSE_FIELDS = ("dx", "dy", "roll", "scale")
+
+
 def teacher_clip(rng: np.random.Generator, frames: int, size: tuple[int, int], identities: int,
-                 first_seed: int = 0) -> np.ndarray:
+                 first_seed: int = 0, waypoints: tuple[int, int] | None = None) -> np.ndarray:
     """(frames, H, W, 3) uint8: one identity (seed in [first_seed, first_seed + identities)) moving
-    smoothly between two random states."""
+    smoothly between two random states (see `clip_states` for `waypoints`)."""
     idt = Identity.from_seed(first_seed + int(rng.integers(identities)))
+    return np.stack([render(idt, FaceState.from_array(s), size)[0] for s in clip_states(rng, frames, waypoints)])
+
+
+def clip_states(rng: np.random.Generator, frames: int, waypoints: tuple[int, int] | None = None) -> np.ndarray:
+    """(frames, len(STATE_FIELDS)) face states moving linearly between two random states.
+
+    waypoints (lo, hi): the expression (everything but the head pose) instead passes through a new
+    random state every lo..hi frames, piecewise linearly: speech-speed change inside a latent's 4 frames,
+    where on the two-state path an expression moves about 1/40 of its range per frame."""
     a, b = random_state(rng).as_array(), random_state(rng).as_array()
-    out = []
-    for i in range(frames):
-        w = i / max(1, frames - 1)
-        out.append(render(idt, FaceState.from_array((1 - w) * a + w * b), size)[0])
-    return np.stack(out)
+    states = np.stack([(1 - w) * a + w * b for w in (i / max(1, frames - 1) for i in range(frames))])
+    if waypoints is not None:
+        at, keys = [0], [a]
+        while at[-1] < frames - 1:
+            at.append(at[-1] + int(rng.integers(waypoints[0], waypoints[1] + 1)))
+            keys.append(random_state(rng).as_array())
+        path = np.stack(keys)
+        for k, name in enumerate(STATE_FIELDS):
+            if name not in POSE_FIELDS:
+                states[:, k] = np.interp(np.arange(frames), at, path[:, k])
+    return states
+
+
+def _training_clip(rng: np.random.Generator, frames: int, cfg: VaeTrainConfig) -> np.ndarray:
+    fast = cfg.fast_motion > 0 and rng.random() < cfg.fast_motion  # no extra draw when off: old runs replay
+    return teacher_clip(rng, frames, cfg.size, cfg.identities, waypoints=cfg.waypoints if fast else None)
 
 
 def random_crop(clip: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
@@ -290,8 +317,8 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         warm_frames = 1 + vae_cfg.temporal_factor * (warm - 1) if warm else 0
         length = warm_frames + vae_cfg.temporal_factor * cfg.latents if warm else frames  # a continuation
         # is whole 4-frame chunks
-        clips = np.stack([swap_colours(random_crop(teacher_clip(rng, length, cfg.size, cfg.identities), cfg.crop, rng),
-                                       rng, cfg.colour_swap) for _ in range(cfg.batch)])
+        clips = np.stack([swap_colours(random_crop(_training_clip(rng, length, cfg), cfg.crop, rng), rng, cfg.colour_swap)
+                          for _ in range(cfg.batch)])
         lr = stage_lr(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -454,6 +481,8 @@ def main() -> None:
     p.add_argument("--decoder-only", action="store_true", help="train only the decoder: the latent space stays")
     p.add_argument("--latent-jitter", type=float, default=VaeTrainConfig.latent_jitter,
                    help="rms of AR(1) noise on the decoded latents, in latent std units (a DiT's error)")
+    p.add_argument("--fast-motion", type=float, default=VaeTrainConfig.fast_motion,
+                   help="share of clips whose expression moves at speech speed (waypoints every 2-6 frames)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", type=Path, default=None, metavar="VAE",
                    help="print PSNR by latent index of a saved VAE (or training checkpoint) and exit")
@@ -475,7 +504,7 @@ def main() -> None:
     print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents, warmup=a.warmup, batch=a.batch,
                                           lr=a.lr, first_step=a.first_step, mse_weight=a.mse_weight,
                                           motion_weight=a.motion_weight, decoder_only=a.decoder_only,
-                                          latent_jitter=a.latent_jitter)))
+                                          latent_jitter=a.latent_jitter, fast_motion=a.fast_motion)))
 
 
 if __name__ == "__main__":

@@ -452,3 +452,61 @@ def test_latent_jitter_is_correlated_noise_in_latent_std_units():
     jittered = vae_loss(vae, video, cfg, torch.Generator().manual_seed(0), latent_std=std)
     assert not torch.equal(plain["l1"], jittered["l1"])  # the decoder saw other latents
     torch.testing.assert_close(plain["kl"], jittered["kl"])  # the encoder's statistics did not change
+
+
+def test_fast_motion_clips_change_expression_inside_a_latent_and_leave_old_clips_alone():
+    from app.train.face import STATE_FIELDS, FaceState, Identity, render
+    from app.train.train_vae import _training_clip, clip_states, random_state, teacher_clip
+
+    # without waypoints the clip is the old two-state one, frame for frame
+    rng = np.random.default_rng(5)
+    idt = Identity.from_seed(int(rng.integers(100)))
+    a, b = random_state(rng).as_array(), random_state(rng).as_array()
+    old = [render(idt, FaceState.from_array((1 - i / 8) * a + i / 8 * b), (32, 32))[0] for i in range(9)]
+    np.testing.assert_array_equal(teacher_clip(np.random.default_rng(5), 9, (32, 32), 100), np.stack(old))
+    plain, fast = (clip_states(np.random.default_rng(5), 17, w) for w in (None, (2, 3)))
+    pose = [STATE_FIELDS.index(f) for f in ("dx", "dy", "roll", "scale")]
+    expression = [k for k in range(len(STATE_FIELDS)) if k not in pose]
+    np.testing.assert_array_equal(fast[:, pose], plain[:, pose])  # the head still moves slowly
+    step = lambda s: np.abs(np.diff(s[:, expression], axis=0)).mean()  # noqa: E731
+    assert step(fast) > 4 * step(plain)  # a new expression every 2-3 frames vs one move over 16
+    assert np.abs(fast[:5, expression] - fast[0, expression]).max() > 0.3  # inside one latent's frames
+    # the share of fast clips is drawn per clip, and a share of 0 draws nothing (old runs replay exactly)
+    cfg = VaeTrainConfig(size=(32, 32), identities=100)
+    np.testing.assert_array_equal(_training_clip(np.random.default_rng(7), 5, cfg),
+                                  teacher_clip(np.random.default_rng(7), 5, (32, 32), 100))
+
+
+def test_vae_curriculum_runs_each_stage_once_in_order_and_resumes_mid_way(tmp_path, monkeypatch):
+    import app.train.train_vae as tv
+    from app.train.demo import DemoPlan, train_vae_curriculum
+
+    calls = []
+
+    def fake_train(out, cfg, stop_after=None, finish=True):  # steps to the stage's end, or halfway if "stopped"
+        step = cfg.steps if stop_after is None else (cfg.first_step + cfg.steps) // 2
+        torch.save({"step": step}, out / "vae_train.pt")
+        calls.append((cfg.first_step, cfg.steps, cfg.decoder_only, cfg.fast_motion, finish))
+        if finish and step == cfg.steps:
+            (out / "vae.safetensors").write_bytes(b"")
+            return out / "vae.safetensors"
+        return out / "vae_train.pt"
+
+    monkeypatch.setattr(tv, "train_vae", fake_train)
+    plan = DemoPlan(out=tmp_path)
+    assert train_vae_curriculum(plan)
+    assert [c[:2] for c in calls] == [(0, 6000), (6000, 7600), (7600, 8600), (8600, 9200), (9200, 9800), (9800, 10400)]
+    assert [c[2] for c in calls] == [False, False, True, True, True, True]  # the latent space is fixed at 7600
+    assert [c[3] for c in calls[3:]] == [0.5, 0.75, 1.0] and [c[4] for c in calls] == [False] * 5 + [True]
+    # resumed from the middle of the motion rounds: only what is left runs
+    calls.clear()
+    (tmp_path / "vae.safetensors").unlink()
+    torch.save({"step": 9200}, tmp_path / "vae_train.pt")
+    assert train_vae_curriculum(plan)
+    assert [c[:2] for c in calls] == [(9200, 9800), (9800, 10400)]
+    # a stage stopped by the budget stops the curriculum (resumable), nothing is saved
+    calls.clear()
+    (tmp_path / "vae.safetensors").unlink()
+    torch.save({"step": 9200}, tmp_path / "vae_train.pt")
+    assert not train_vae_curriculum(plan, left=lambda: 1.0)
+    assert len(calls) == 1 and not (tmp_path / "vae.safetensors").exists()
