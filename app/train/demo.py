@@ -39,7 +39,8 @@ class DemoPlan:
     vae_decoder_steps: int = 8600  # ...then the decoder alone, with the frame-difference loss...
     vae_decoder_lr: float = 2e-4
     motion_weight: float = 8.0
-    vae_motion_rounds: tuple[tuple[int, float], ...] = ((9200, 0.5), (9800, 0.75), (10400, 1.0))  # ...then
+    vae_motion_rounds: tuple[tuple[int, float], ...] = ((9200, 0.5), (9800, 0.75), (10400, 1.0),
+                                                        (11000, 1.0))  # ...then
     # the decoder alone again, in rounds (end step, share of clips moving at speech speed), each with its
     # own warm-up and decay: a latent's change gets drawn across its 4 frames instead of at the first
     vae_motion_lr: float = 1e-3  # at 2-3e-4 (200 steps, with or without the encoder) a latent's frames

@@ -495,15 +495,16 @@ def test_vae_curriculum_runs_each_stage_once_in_order_and_resumes_mid_way(tmp_pa
     monkeypatch.setattr(tv, "train_vae", fake_train)
     plan = DemoPlan(out=tmp_path)
     assert train_vae_curriculum(plan)
-    assert [c[:2] for c in calls] == [(0, 6000), (6000, 7600), (7600, 8600), (8600, 9200), (9200, 9800), (9800, 10400)]
-    assert [c[2] for c in calls] == [False, False, True, True, True, True]  # the latent space is fixed at 7600
-    assert [c[3] for c in calls[3:]] == [0.5, 0.75, 1.0] and [c[4] for c in calls] == [False] * 5 + [True]
+    assert [c[:2] for c in calls] == [(0, 6000), (6000, 7600), (7600, 8600), (8600, 9200), (9200, 9800), (9800, 10400),
+                                     (10400, 11000)]
+    assert [c[2] for c in calls] == [False, False, True, True, True, True, True]  # the latent space is fixed at 7600
+    assert [c[3] for c in calls[3:]] == [0.5, 0.75, 1.0, 1.0] and [c[4] for c in calls] == [False] * 6 + [True]
     # resumed from the middle of the motion rounds: only what is left runs
     calls.clear()
     (tmp_path / "vae.safetensors").unlink()
     torch.save({"step": 9200}, tmp_path / "vae_train.pt")
     assert train_vae_curriculum(plan)
-    assert [c[:2] for c in calls] == [(9200, 9800), (9800, 10400)]
+    assert [c[:2] for c in calls] == [(9200, 9800), (9800, 10400), (10400, 11000)]
     # a stage stopped by the budget stops the curriculum (resumable), nothing is saved
     calls.clear()
     (tmp_path / "vae.safetensors").unlink()
