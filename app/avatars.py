@@ -50,8 +50,8 @@ def png_bytes(image) -> bytes:
 
 def stylised_avatar(seed: int, size: int = SIZE) -> StylisedAvatar:
     """Identity `seed` of the demo model's face renderer, showing each emotion with the mouth at rest."""
-    from app.train.animate import rest_state
-    from app.train.face import Identity, render
+    from avatar.drawn.emotions import rest_state
+    from avatar.drawn.face import Identity, render
 
     if seed < 0:
         raise ValueError(f"avatar seed must be >= 0, got {seed}")

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+log = logging.getLogger(__name__)
+
 app = typer.Typer(help="Real-time, audio-driven avatar streaming.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
+
+# Command groups that live outside the runtime (`avatarcast train`/`eval` in training/, `avatarcast bench`
+# in benchmarks/) register here as entry points, so the runtime never imports them.
+COMMAND_GROUPS = "avatarcast.commands"
 
 
 @app.command()
@@ -58,31 +64,6 @@ def serve(
     settings = Settings.from_env(host=host, port=port, avatar=str(avatar) if avatar else None,
                                  max_sessions=max_sessions)
     run_server(settings, echo=typer.echo)
-
-
-@bench_app.command("dit")
-def bench_dit(
-    blocks: Annotated[int, typer.Option(help="blocks to generate through the KV cache")] = 200,
-    preset: Annotated[str, typer.Option(help="DiT preset")] = "tiny",
-) -> None:
-    """DiT forward throughput and per-block cost with the KV cache vs full recompute."""
-    from benchmarks.bench_dit import run
-
-    typer.echo(json.dumps(run(blocks=blocks, preset=preset), indent=2))
-
-
-@bench_app.command("vae")
-def bench_vae(
-    latents: Annotated[int, typer.Option(help="latent frames in the long RSS stream (3750 = 10 min)")] = 3750,
-    steps: Annotated[int, typer.Option(help="timed decode steps per backend and config")] = 20,
-    cache_dir: Annotated[Path | None, typer.Option(help="ONNX export cache (default ~/.cache/avatarcast)")] = None,
-    threads: Annotated[int | None, typer.Option(help="intra-op threads for both backends")] = None,
-) -> None:
-    """VAE decode ms per video frame, torch eager vs ONNX Runtime, and RSS over a long stream."""
-    from benchmarks.bench_vae import run
-
-    typer.echo(json.dumps(run(stream_latents=latents, steps=steps, cache_dir=cache_dir, threads=threads),
-                          indent=2))
 
 
 @app.command("export-onnx")
@@ -219,90 +200,32 @@ def avatar_new(
     typer.echo(json.dumps({"avatar": str(folder), "seed": seed, "files": sorted(p.name for p in folder.iterdir())}))
 
 
-train_app = typer.Typer(help="Train models with our own stack (resumable).", no_args_is_help=True)
-app.add_typer(train_app, name="train")
+def add_command_groups(target: typer.Typer) -> None:
+    """Add every installed `avatarcast.commands` group; one that fails to import is skipped with a warning
+    (the runtime's own commands must keep working without training or benchmark dependencies)."""
+    present = {group.name for group in target.registered_groups}
+    for ep in entry_points(group=COMMAND_GROUPS):
+        if ep.name in present:
+            continue
+        try:
+            target.add_typer(ep.load(), name=ep.name)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
+            log.warning("avatarcast: command group %r (%s) not available: %s", ep.name, ep.value, exc)
 
 
-@train_app.command("demo")
-def train_demo(
-    out: Annotated[Path, typer.Option(help="working folder: corpus, clips, checkpoints")] = Path("runs/demo"),
-    budget_min: Annotated[float | None, typer.Option(help="stop (resumably) after this many minutes")] = None,
-    vae_image_steps: Annotated[int | None, typer.Option(help="VAE steps on single frames")] = None,
-    vae_steps: Annotated[int | None, typer.Option(help="VAE steps to the end of the clip stage")] = None,
-    vae_decoder_steps: Annotated[int | None, typer.Option(help="VAE steps to the end of the first decoder "
-                                                               "stage")] = None,
-    base_steps: Annotated[int | None, typer.Option(help="DiT base stage steps")] = None,
-    audio_steps: Annotated[int | None, typer.Option(help="DiT audio stage steps")] = None,
-    emotion_steps: Annotated[int | None, typer.Option(help="DiT emotion stage steps (0: none)")] = None,
-    latent_clips: Annotated[int | None, typer.Option(help="single-face clips to encode (+ a quarter as many "
-                                                          "two-face ones)")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
-) -> None:
-    """The embedded demo model end to end: corpus, teacher clips, VAE, latents, DiT base, audio path,
-    emotion module, export into app/demo_model. Rerun it to continue where it stopped."""
-    import dataclasses
-    import logging
-
-    from app.train.demo import DemoPlan, run
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    given = dict(vae_image_steps=vae_image_steps, vae_steps=vae_steps, vae_decoder_steps=vae_decoder_steps,
-                 base_steps=base_steps, audio_steps=audio_steps, emotion_steps=emotion_steps,
-                 latent_clips=latent_clips, threads=threads)
-    plan = dataclasses.replace(DemoPlan(out=out), **{k: v for k, v in given.items() if v is not None})
-    typer.echo(json.dumps(run(plan, None if budget_min is None else budget_min * 60), indent=2))
-
-
-eval_app = typer.Typer(help="Measured quality of a model (JSON).", no_args_is_help=True)
-app.add_typer(eval_app, name="eval")
-
-
-@eval_app.command("demo")
-def eval_demo(
-    model: Annotated[str, typer.Option(help="model to measure: auto (the demo model when shipped) | demo | "
-                                            "tiny")] = "auto",
-    audio: Annotated[list[Path] | None, typer.Option(help="held-out speech files (repeatable)")] = None,
-    corpus: Annotated[Path, typer.Option(help="demo corpus whose held-out clips are used without --audio")] =
-        Path("runs/demo/corpus"),
-    clips: Annotated[int, typer.Option(help="held-out corpus clips to use")] = 2,
-    stream: Annotated[float, typer.Option(help="seconds of the drift stream")] = 300.0,
-    drift_window: Annotated[float, typer.Option(help="seconds compared at the stream's start and end")] = 60.0,
-    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
-    card: Annotated[bool, typer.Option(help="write the shipped model's model_card.md from this result")] = False,
-) -> None:
-    """Lip sync, identity, seams, drift, emotion, FAA leak, speed vs the teacher, on held-out data."""
-    from app.render_worker import load_models
-    from app.train.evaluate import EvalConfig, evaluate, held_out_speech
-    from audio.io import read_audio
-
-    if stream <= 2 * drift_window:
-        raise ValueError(f"--stream ({stream} s) must be longer than twice --drift-window ({drift_window} s)")
-    speech = [read_audio(p) for p in audio] if audio else held_out_speech(corpus, clips)
-    result = evaluate(load_models(model), speech, EvalConfig(stream_s=stream, drift_window_s=drift_window))
-    text = json.dumps(result, indent=2)
-    if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
-    typer.echo(text)
-    if card:
-        from app.render_worker import DEMO_MODEL_DIR
-        from app.train.demo import write_model_card
-
-        if result.get("model") != "demo":
-            raise ValueError(f"--card describes the shipped demo model; this result is for {result.get('model')!r}")
-        summary = DEMO_MODEL_DIR / "training.json"
-        training = json.loads(summary.read_text()) if summary.exists() else {}
-        typer.echo(f"wrote {write_model_card(DEMO_MODEL_DIR, result, training)}")
+def run_app(target: typer.Typer, prog: str = "avatarcast") -> None:
+    """Run a command group; user errors (missing files, bad checkpoints, bad arguments) print one line, exit 2."""
+    try:
+        target(prog_name=prog)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        typer.echo(f"{prog}: error: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 def main() -> None:
-    """Entry point: user errors (missing files, bad checkpoints, bad arguments) print one line, exit 2."""
-    try:
-        app()
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        typer.echo(f"avatarcast: error: {exc}", err=True)
-        raise SystemExit(2) from None
+    """Entry point: the runtime's commands plus the installed command groups."""
+    add_command_groups(app)
+    run_app(app)
 
 
 if __name__ == "__main__":

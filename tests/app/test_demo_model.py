@@ -28,9 +28,9 @@ IDENTITY_DB = 24.0
 def generated():
     """The evaluation's held-out identities, each speaking the fixture (speech no clip was made from)."""
     from app.render_worker import load_models
-    from app.train.dataset import make_clip
-    from app.train.evaluate import EvalConfig, _conditions, _engine, _run_session
     from audio.io import read_audio
+    from training.dataset import make_clip
+    from training.evaluate import EvalConfig, _conditions, _engine, _run_session
 
     speech = read_audio(FIXTURE)[: 16_000 * 4]
     models = load_models("demo")
@@ -45,7 +45,7 @@ def generated():
 
 def test_the_demo_model_lip_syncs_held_out_faces_to_held_out_speech(generated):
     """The issue's metric: mean Pearson r over the held-out identities, lag within one frame."""
-    from app.train.evaluate import lipsync, openings
+    from training.evaluate import lipsync, openings
 
     scores = [lipsync(openings(frames, clip.mouth_boxes[0, :len(frames)]), clip.states[0, :len(frames), 0])
               for frames, clip in generated]
@@ -54,7 +54,7 @@ def test_the_demo_model_lip_syncs_held_out_faces_to_held_out_speech(generated):
 
 
 def test_the_demo_model_keeps_the_identity(generated):
-    from app.train.evaluate import mean_psnr
+    from training.evaluate import mean_psnr
 
     for frames, clip in generated:
         assert frames.shape[1:] == clip.frames.shape[1:]
@@ -77,15 +77,15 @@ async def test_a_webrtc_call_with_the_demo_model_keeps_lips_and_audio_in_sync():
     equals the teacher's own (opening vs envelope of the same speech) within one frame."""
     from app.avatars import BUILTIN_SEED, EngineBackend, prepare_avatars
     from app.render_worker import load_models
-    from app.train.dataset import make_clip
-    from app.train.evaluate import lipsync, openings
-    from app.train.face import NEUTRAL, Identity, render
     from audio.io import read_audio
     from audio.resample import PcmFormat, resample_audio
+    from avatar.drawn.face import NEUTRAL, Identity, render
     from avatar.engine import AvatarEngine, preset_options
     from avatar.generator import Guidance
     from streaming.webrtc import LiveService, Offer, ServiceOptions
     from streaming.webrtc.testing import LoopbackClient, loopback_candidates_only
+    from training.dataset import make_clip
+    from training.evaluate import lipsync, openings
 
     seconds = 6.0
     speech16 = read_audio(FIXTURE)[: int(16_000 * seconds)]

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.train.dataset import HELD_OUT_IDENTITY_BASE, make_clip, make_pair_clip
-from app.train.evaluate import KEYS, lipsync, mean_psnr, openings, seam_ratio, unit_starts
-from app.train.probes import mouth_corner_lift
 from audio.io import read_audio
+from training.dataset import HELD_OUT_IDENTITY_BASE, make_clip, make_pair_clip
+from training.evaluate import KEYS, lipsync, mean_psnr, openings, seam_ratio, unit_starts
+from training.probes import mouth_corner_lift
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "audio" / "speech_en_us_male.wav"
 ID = HELD_OUT_IDENTITY_BASE + 11

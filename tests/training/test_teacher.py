@@ -1,4 +1,4 @@
-"""The demo model's teacher data (app/train): renderer, animation, probes, corpus split, clip storage.
+"""The demo model's teacher data (avatar/drawn, training/): renderer, animation, probes, corpus split, clip storage.
 
 Audio comes from the committed espeak-ng fixtures (tests/fixtures/audio), so only the corpus build
 test needs espeak-ng itself (skipped, with the reason, when it is absent).
@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.train import corpus
-from app.train.animate import EMOTIONS, animate, emotion_reference, frame_dbfs, rest_state, speech_gate
-from app.train.dataset import HELD_OUT_IDENTITY_BASE, ClipStore, make_clip, make_pair_clip, plan_clips
-from app.train.face import HAIR_STYLES, NEUTRAL, STATE_FIELDS, FaceState, Identity, render, render_pair
-from app.train.probes import mouth_corner_lift, mouth_opening, psnr
 from audio.io import read_audio
+from avatar.drawn.emotions import EMOTIONS, emotion_reference, rest_state
+from avatar.drawn.face import HAIR_STYLES, NEUTRAL, STATE_FIELDS, FaceState, Identity, render, render_pair
+from training import corpus
+from training.animate import animate, frame_dbfs, speech_gate
+from training.dataset import HELD_OUT_IDENTITY_BASE, ClipStore, make_clip, make_pair_clip, plan_clips
+from training.probes import mouth_corner_lift, mouth_opening, psnr
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "audio"
 
@@ -47,7 +48,7 @@ def _inside(inner, outer) -> bool:
 
 
 def test_render_is_deterministic_and_caches_change_nothing():
-    from app.train import face
+    from avatar.drawn import face
 
     idt, st = Identity.from_seed(42), FaceState(mouth_open=0.6, smile=0.3, roll=4.0, dx=0.02)
     a, info_a = render(idt, st)

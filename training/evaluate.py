@@ -1,7 +1,7 @@
 """`avatarcast eval demo`: the demo model measured against its teacher, on held-out identities and audio.
 
 Every number compares generated frames with what the teacher renders for the same identity and audio
-(`app.train.dataset.make_clip`, blinks off, motion 0), through the probes the teacher tests validate:
+(`training.dataset.make_clip`, blinks off, motion 0), through the probes the teacher tests validate:
 
 - lipsync_r / lipsync_lag_frames: Pearson r between the mouth-opening probe on generated frames and the
   teacher's opening for the same audio, at the best lag within +-MAX_LAG frames (and that lag);
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.train.dataset import HELD_OUT_IDENTITY_BASE, Clip, make_clip, make_pair_clip
-from app.train.probes import mouth_corner_lift, mouth_opening, psnr
 from audio.pcm import MODEL_SAMPLE_RATE
+from training.dataset import HELD_OUT_IDENTITY_BASE, Clip, make_clip, make_pair_clip
+from training.probes import mouth_corner_lift, mouth_opening, psnr
 
 MAX_LAG = 5  # frames searched either side for the lip-sync lag
 KEYS = ("lipsync_r", "lipsync_lag_frames", "identity_psnr_db", "seam_ratio", "drift_db", "emotion_order_ok",
@@ -93,7 +93,7 @@ def _engine(models):
 
 def _portrait(clip: Clip, state, scale: int) -> tuple[np.ndarray, list]:
     """The clip's identities in `state` at `scale` x the clip's size, and their face boxes."""
-    from app.train.face import Identity, render, render_pair
+    from avatar.drawn.face import Identity, render, render_pair
 
     h, w = clip.frames.shape[1:3]
     ids = [Identity.from_seed(s) for s in clip.identity_seeds]
@@ -108,8 +108,8 @@ def _conditions(engine, clip: Clip, emotion: str | None = None):
     """The avatar as a user would give it: the identities' neutral portrait (rendered at >= 128 px, which
     prepare_avatar scales to the model's size), their face boxes, and the emotion's reference image."""
     from app.avatars import png_bytes
-    from app.train.animate import rest_state
-    from app.train.face import NEUTRAL
+    from avatar.drawn.emotions import rest_state
+    from avatar.drawn.face import NEUTRAL
     from avatar.faces import FixedBoxes
 
     scale = max(1, -(-128 // min(clip.frames.shape[1:3])))
@@ -280,11 +280,11 @@ def _faa_leak(models, wav: np.ndarray, cfg: EvalConfig, size) -> float | None:
 
 def held_out_speech(corpus: Path, clips: int) -> list[np.ndarray]:
     """The first `clips` held-out clips of a demo corpus (voices and sentences never trained on)."""
-    from app.train.corpus import read_index
     from audio.io import read_audio
+    from training.corpus import read_index
 
     chosen = [c for c in read_index(corpus) if c.split == "heldout"][:clips]
     if not chosen:
-        raise ValueError(f"no held-out clips in {corpus}; build the corpus (`python -m app.train.demo`) "
+        raise ValueError(f"no held-out clips in {corpus}; build the corpus (`avatarcast train demo`) "
                          "or pass audio files")
     return [read_audio(corpus / c.path, sample_rate=MODEL_SAMPLE_RATE) for c in chosen]

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.train.latents import LatentClip, LatentStore
-from app.train.schedule import warmup_cosine
 from audio.align import group_by_latent
 from models.attention import block_causal_frame_mask
 from models.config import DEMO, DiTConfig
 from models.dit import WanDiT
 from models.lora import inject_lora, lora_state_dict
+from training.latents import LatentClip, LatentStore
+from training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 

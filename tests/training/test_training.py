@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from app.train.latents import LatentClip, LatentStore
-from app.train.train_dit import Batches, DiTTrainConfig, dit_loss, frame_sigmas, trainable_parameters
-from app.train.train_vae import VaeTrainConfig, to_video_tensor, vae_loss
 from models.config import TINY, VAE_DEMO
 from models.dit import WanDiT
 from models.lora import inject_lora
 from models.vae import WanVAE
+from training.latents import LatentClip, LatentStore
+from training.train_dit import Batches, DiTTrainConfig, dit_loss, frame_sigmas, trainable_parameters
+from training.train_vae import VaeTrainConfig, to_video_tensor, vae_loss
 
 
 def _latent_clip(seed, faces=1, k=14, d=48):
@@ -84,7 +84,7 @@ def test_dit_stage_learns_a_fixed_batch(tmp_path, stage):
 def test_vae_loss_decreases_on_a_fixed_clip():
     torch.manual_seed(0)
     vae = WanVAE(VAE_DEMO)
-    from app.train.train_vae import teacher_clip
+    from training.train_vae import teacher_clip
 
     clip = teacher_clip(np.random.default_rng(0), 5, (32, 32), 100)
     video = to_video_tensor(clip[None])
@@ -97,8 +97,8 @@ def test_vae_loss_decreases_on_a_fixed_clip():
 def test_vae_training_resumes_from_its_checkpoint_and_measures_latent_stats(tmp_path):
     import json
 
-    from app.train.train_vae import train_vae
     from models.vae_loading import load_vae
+    from training.train_vae import train_vae
 
     cfg = VaeTrainConfig(steps=2, batch=1, crop=32, warmup=1, log_every=1, checkpoint_every=1, stat_clips=1)
     train_vae(tmp_path, cfg, stop_after=0.0)  # stops (resumably) after the first step
@@ -112,7 +112,7 @@ def test_vae_training_resumes_from_its_checkpoint_and_measures_latent_stats(tmp_
 
 def test_vae_stream_continuation_equals_one_pass():
     """The warm-up split (no-grad prefix, then a continuation from its caches) is the same computation."""
-    from app.train.train_vae import decode_raw, encode_stats, teacher_clip
+    from training.train_vae import decode_raw, encode_stats, teacher_clip
 
     torch.manual_seed(0)
     vae = WanVAE(VAE_DEMO).eval()
@@ -153,8 +153,8 @@ def _tiny_dit_inputs(seed: int) -> tuple[torch.Tensor, ...]:
 
 def test_audio_stage_starts_as_the_trained_base(tmp_path):
     """Zeroed audio projections, zero FAA/AEM outputs and zero LoRA B: hearing audio changes nothing yet."""
-    from app.train.train_dit import build_model
     from models.loading import save_dit
+    from training.train_dit import build_model
 
     base = _trained_tiny_dit()
     folder = save_dit(base, tmp_path / "base")
@@ -170,8 +170,8 @@ def test_audio_stage_starts_as_the_trained_base(tmp_path):
 
 def test_a_base_model_is_deaf_so_it_runs_alone_in_the_engine(tmp_path):
     """The base stage never trains the audio side: it must not turn audio into noise on its own either."""
-    from app.train.train_dit import build_model
     from models.loading import save_dit
+    from training.train_dit import build_model
 
     dit = build_model(DiTTrainConfig(stage="base"), TINY, save_dit(_trained_tiny_dit(), tmp_path / "w")).eval()
     x, y, audio, t = _tiny_dit_inputs(3)
@@ -180,7 +180,7 @@ def test_a_base_model_is_deaf_so_it_runs_alone_in_the_engine(tmp_path):
 
 
 def test_psnr_by_latent_reports_each_latent_of_the_stream():
-    from app.train.train_vae import drift_check, psnr_by_latent, teacher_clip
+    from training.train_vae import drift_check, psnr_by_latent, teacher_clip
 
     torch.manual_seed(0)
     vae = WanVAE(VAE_DEMO).eval()
@@ -190,7 +190,7 @@ def test_psnr_by_latent_reports_each_latent_of_the_stream():
     # latent 1 is video frames 1..4: the same number from an independent PSNR over those frames
     from skimage.metrics import peak_signal_noise_ratio
 
-    from app.train.train_vae import decode_raw, encode_stats
+    from training.train_vae import decode_raw, encode_stats
 
     with torch.no_grad():
         video = to_video_tensor(clip[None])
@@ -205,7 +205,7 @@ def test_psnr_by_latent_reports_each_latent_of_the_stream():
 
 
 def test_colour_swap_permutes_channels_and_keeps_the_pixels():
-    from app.train.train_vae import swap_colours
+    from training.train_vae import swap_colours
 
     clip = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     assert swap_colours(clip, np.random.default_rng(0), 0.0) is clip
@@ -222,7 +222,7 @@ def test_colour_swap_permutes_channels_and_keeps_the_pixels():
 def test_vae_loss_reports_the_mse_it_adds():
     torch.manual_seed(0)
     vae = WanVAE(VAE_DEMO)
-    from app.train.train_vae import teacher_clip
+    from training.train_vae import teacher_clip
 
     video = to_video_tensor(teacher_clip(np.random.default_rng(0), 1, (32, 32), 100)[None])
     with_mse = vae_loss(vae, video, VaeTrainConfig(), torch.Generator().manual_seed(0))
@@ -231,8 +231,8 @@ def test_vae_loss_reports_the_mse_it_adds():
 
 
 def test_mouth_mask_covers_the_mouth_boxes_on_the_latent_grid():
-    from app.train.dataset import make_clip
-    from app.train.latents import mouth_latent_mask
+    from training.dataset import make_clip
+    from training.latents import mouth_latent_mask
 
     t = np.arange(16_000) / 16_000
     clip = make_clip((0.3 * np.sin(2 * np.pi * 220 * t) * (t % 0.5 < 0.3)).astype(np.float32), 7, size=(64, 64))
@@ -280,7 +280,7 @@ def test_latent_store_keeps_the_mouth_mask(tmp_path):
 
 
 def test_fan_in_init_zeroes_biases_and_keeps_the_attention_an_identity():
-    from app.train.train_vae import fan_in_init
+    from training.train_vae import fan_in_init
 
     torch.manual_seed(0)
     vae = fan_in_init(WanVAE(VAE_DEMO))
@@ -294,7 +294,7 @@ def test_fan_in_init_zeroes_biases_and_keeps_the_attention_an_identity():
 
 
 def test_a_first_vae_stage_hands_its_checkpoint_to_the_next(tmp_path):
-    from app.train.train_vae import train_vae
+    from training.train_vae import train_vae
 
     images = VaeTrainConfig(steps=1, batch=1, crop=32, latents=1, warmup=0, log_every=1, checkpoint_every=1)
     assert train_vae(tmp_path, images, finish=False) == tmp_path / "vae_train.pt"
@@ -306,7 +306,7 @@ def test_a_first_vae_stage_hands_its_checkpoint_to_the_next(tmp_path):
 
 
 def test_flat_colour_check_scores_a_grey_decoder_badly():
-    from app.train.train_vae import FLAT_COLOURS, flat_colour_check
+    from training.train_vae import FLAT_COLOURS, flat_colour_check
 
     vae = WanVAE(VAE_DEMO).eval()
     for p in vae.decoder.head[2].parameters():  # a decoder that paints everything mid-grey
@@ -318,7 +318,7 @@ def test_flat_colour_check_scores_a_grey_decoder_badly():
 
 
 def test_mouth_check_is_perfect_through_a_lossless_codec(monkeypatch):
-    import app.train.train_vae as tv
+    import training.train_vae as tv
 
     monkeypatch.setattr(tv, "encode_stats", lambda vae, video: (video, None, None))
     monkeypatch.setattr(tv, "decode_raw", lambda vae, z: (z, None))
@@ -330,7 +330,7 @@ def test_mouth_check_is_perfect_through_a_lossless_codec(monkeypatch):
 
 
 def test_a_later_vae_stage_warms_up_and_decays_over_its_own_steps():
-    from app.train.train_vae import stage_lr
+    from training.train_vae import stage_lr
 
     cfg = VaeTrainConfig(steps=9000, first_step=6000, lr=3e-4)
     assert stage_lr(cfg, 6000) == pytest.approx(3e-6)  # warm-up restarts at the stage's first step
@@ -341,7 +341,7 @@ def test_a_later_vae_stage_warms_up_and_decays_over_its_own_steps():
 
 
 def test_an_inflated_vae_streams_a_still_clip_at_its_first_frame_quality():
-    from app.train.train_vae import decode_raw, encode_stats, inflate_to_video, teacher_clip
+    from training.train_vae import decode_raw, encode_stats, inflate_to_video, teacher_clip
 
     torch.manual_seed(0)
     vae = inflate_to_video(WanVAE(VAE_DEMO)).eval()
@@ -364,7 +364,7 @@ def test_an_inflated_vae_streams_a_still_clip_at_its_first_frame_quality():
 
 
 def test_moving_check_through_a_lossless_codec_is_at_the_psnr_ceiling(monkeypatch):
-    import app.train.train_vae as tv
+    import training.train_vae as tv
 
     monkeypatch.setattr(tv, "encode_stats", lambda vae, video: (video, None, None))
     monkeypatch.setattr(tv, "decode_raw", lambda vae, z: (z, None))
@@ -375,8 +375,8 @@ def test_moving_check_through_a_lossless_codec_is_at_the_psnr_ceiling(monkeypatc
 
 
 def test_the_emotion_stage_trains_the_emotion_module_alone_on_the_audio_stage(tmp_path):
-    from app.train.train_dit import build_model
     from models.loading import save_dit
+    from training.train_dit import build_model
 
     cfg = TINY.replace(lora_rank=4, lora_alpha=4.0)
     torch.manual_seed(0)
@@ -397,7 +397,7 @@ def test_the_emotion_stage_trains_the_emotion_module_alone_on_the_audio_stage(tm
 
 
 def test_a_decoder_stage_keeps_the_encoder_and_adds_the_frame_difference_loss():
-    from app.train.train_vae import teacher_clip
+    from training.train_vae import teacher_clip
 
     torch.manual_seed(0)
     vae = WanVAE(VAE_DEMO)
@@ -412,7 +412,7 @@ def test_a_decoder_stage_keeps_the_encoder_and_adds_the_frame_difference_loss():
 
 def test_only_a_single_frame_vae_is_inflated_when_a_clip_stage_begins(tmp_path):
     """Inflation resets the time convs: right after single frames, ruinous after a clip stage trained them."""
-    from app.train.train_vae import time_trained, train_vae
+    from training.train_vae import time_trained, train_vae
 
     def state():
         ckpt = torch.load(tmp_path / "vae_train.pt", weights_only=True)
@@ -435,7 +435,7 @@ def test_only_a_single_frame_vae_is_inflated_when_a_clip_stage_begins(tmp_path):
 
 
 def test_latent_jitter_is_correlated_noise_in_latent_std_units():
-    from app.train.train_vae import jitter_sequence, teacher_clip
+    from training.train_vae import jitter_sequence, teacher_clip
 
     e = jitter_sequence((64, 4, 6, 4, 4), 0.35, 0.7, torch.Generator().manual_seed(0))
     assert abs(float(e.std()) - 0.35) < 0.02
@@ -455,8 +455,8 @@ def test_latent_jitter_is_correlated_noise_in_latent_std_units():
 
 
 def test_fast_motion_clips_change_expression_inside_a_latent_and_leave_old_clips_alone():
-    from app.train.face import STATE_FIELDS, FaceState, Identity, render
-    from app.train.train_vae import _training_clip, clip_states, random_state, teacher_clip
+    from avatar.drawn.face import STATE_FIELDS, FaceState, Identity, render
+    from training.train_vae import _training_clip, clip_states, random_state, teacher_clip
 
     # without waypoints the clip is the old two-state one, frame for frame
     rng = np.random.default_rng(5)
@@ -478,8 +478,8 @@ def test_fast_motion_clips_change_expression_inside_a_latent_and_leave_old_clips
 
 
 def test_vae_curriculum_runs_each_stage_once_in_order_and_resumes_mid_way(tmp_path, monkeypatch):
-    import app.train.train_vae as tv
-    from app.train.demo import DemoPlan, train_vae_curriculum
+    import training.train_vae as tv
+    from training.demo import DemoPlan, train_vae_curriculum
 
     calls = []
 

@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import torch
 
-from app.train.dataset import Clip, ClipStore
 from audio.features.base import AudioFeatures
 from avatar.faces import FaceBox, face_mask_for_grid, rasterise_box
 from models.vae import WanVAE
+from training.dataset import Clip, ClipStore
 
 MASK_SCALE = 1.6  # face box enlargement for FAA masks; two-face scenes are also cut at the midline
 
@@ -153,9 +153,9 @@ def build_latents(clips: ClipStore, vae: WanVAE, features: AudioFeatures, out: L
 def main() -> None:
     import argparse
 
-    from app.train.dataset import ClipStore
     from audio.features.mel import MelFeatures
     from models.vae_loading import load_vae
+    from training.dataset import ClipStore
 
     p = argparse.ArgumentParser(description="Encode teacher clips into latents (resumable, shardable).")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

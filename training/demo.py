@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from app.render_worker import DEMO_MODEL_DIR
 
-SHIPPED = Path(__file__).resolve().parent.parent / "demo_model"  # app/demo_model
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,12 @@ class DemoPlan:
 
 def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
     """Run every stage that is not finished; stop (resumable) when the time budget is spent."""
-    from app.train.corpus import build_corpus, ensure_espeak, read_index
-    from app.train.dataset import ClipStore, build_clip_store
-    from app.train.latents import LatentStore, build_latents
-    from app.train.train_dit import DiTTrainConfig, train_dit
     from audio.features.mel import MelFeatures
     from models.vae_loading import load_vae
+    from training.corpus import build_corpus, ensure_espeak, read_index
+    from training.dataset import ClipStore, build_clip_store
+    from training.latents import LatentStore, build_latents
+    from training.train_dit import DiTTrainConfig, train_dit
 
     torch.set_num_threads(plan.threads)
     t0 = time.monotonic()
@@ -112,7 +112,7 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
             return {**done, "stopped_in": "emotion"}
     # 7. export
     export(out)
-    done["exported_to"] = str(SHIPPED)
+    done["exported_to"] = str(DEMO_MODEL_DIR)
     done["elapsed_s"] = round(time.monotonic() - t0, 1)
     return done
 
@@ -120,7 +120,7 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
 def train_vae_curriculum(plan: DemoPlan, left=lambda: None) -> bool:
     """The VAE's stages in order, each resumed where its checkpoint stopped; true once
     `vae.safetensors` is written. `left()`: seconds of budget left (None: no limit)."""
-    from app.train.train_vae import VaeTrainConfig, train_vae
+    from training.train_vae import VaeTrainConfig, train_vae
 
     out, seed = plan.out, plan.seed
     ckpt = out / "vae_train.pt"
@@ -146,7 +146,7 @@ def train_vae_curriculum(plan: DemoPlan, left=lambda: None) -> bool:
     return True
 
 
-def export(out: Path, dest: Path = SHIPPED) -> None:
+def export(out: Path, dest: Path = DEMO_MODEL_DIR) -> None:
     """Copy the trained weights into the shipped folder (VAE, DiT core, LoRA as its own file) + logs.
     The DiT keeps our folder layout (model.safetensors + lora.safetensors), so `load_dit(dest)` merges the
     LoRA at load. The DiT is the emotion stage's where it ran, else the audio stage's."""
@@ -205,7 +205,7 @@ def write_model_card(dest: Path, result: dict, training: dict) -> Path:
         "renderer), so the model impersonates no one.",
         "",
         "## Data",
-        "Teacher video from `app/train/face.py` + `app/train/animate.py`: procedural identities from integer",
+        "Teacher video from `avatar/drawn/face.py` + `training/animate.py`: procedural identities from integer",
         "seeds (DiT clips below 10,000, VAE frames below 100,000; evaluation uses seeds >= 1,000,000), mouth",
         "opening from the speech envelope (VAD-gated), blinks, head motion scaled by a motion value, four",
         "emotions, two-face scenes.",
@@ -241,16 +241,3 @@ def write_model_card(dest: Path, result: dict, training: dict) -> Path:
     tmp.write_text(text)
     tmp.replace(dest / "model_card.md")
     return dest / "model_card.md"
-
-
-def main() -> None:
-    """`python -m app.train.demo ...` = `avatarcast train demo ...` (one set of options)."""
-    import sys
-
-    from app.cli import app
-
-    app(["train", "demo", *sys.argv[1:]])
-
-
-if __name__ == "__main__":
-    main()

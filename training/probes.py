@@ -20,7 +20,7 @@ import math
 import cv2
 import numpy as np
 
-from app.train.face import MOUTH_BOX_ANCHOR, Box
+from avatar.drawn.face import MOUTH_BOX_ANCHOR, Box
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _DARK_FULL, _DARK_NONE = 35.0, 60.0  # luma ramp: fully "interior" at or below 35, not at all above 60

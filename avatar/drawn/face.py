@@ -1,4 +1,4 @@
-"""Parametric stylised face renderer: the teacher of the embedded demo model (DESIGN §5).
+"""Parametric stylised face renderer: the built-in avatars, and the teacher of the embedded demo model (DESIGN §5).
 
 An ``Identity`` (who: face shape, skin, hair, eyes, brows, nose, lips, clothes, background) is drawn
 from an integer seed, so identities are unlimited and unseen seeds are unseen faces. A ``FaceState``
@@ -18,7 +18,6 @@ frame inside it; the mouth's rest line lies at ``MOUTH_BOX_ANCHOR`` of the box h
 
 from __future__ import annotations
 
-import colorsys
 import math
 from dataclasses import astuple, dataclass, fields
 from functools import lru_cache
@@ -26,7 +25,9 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-RGB = tuple[int, int, int]
+from avatar.drawn import shapes
+from avatar.drawn.shapes import RGB
+
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) pixels, exclusive end
 
 FACE_CENTER = (0.5, 0.47)  # face centre as a fraction of the canvas (x of width, y of height)
@@ -109,33 +110,34 @@ class Identity:
         face_rx, face_ry = u(0.195, 0.235), u(0.25, 0.29)
         tone = u(0, len(_SKIN) - 1)
         lo = int(tone)
-        skin = _jitter(_mix(_SKIN[lo], _SKIN[min(lo + 1, len(_SKIN) - 1)], tone - lo), rng, 5)
+        skin = shapes.jitter(shapes.mix(_SKIN[lo], _SKIN[min(lo + 1, len(_SKIN) - 1)], tone - lo), rng, 5)
         hair = _HAIR[rng.choice(len(_HAIR), p=_HAIR_P)]
         style = str(rng.choice(HAIR_STYLES))
-        hair_color = _mix(_jitter(hair, rng, 8), skin, 0.4 if style == "buzz" else 0.0)  # buzz: skin shows
+        hair_color = shapes.mix(shapes.jitter(hair, rng, 8), skin, 0.4 if style == "buzz" else 0.0)  # buzz: skin shows
         eye_w = u(0.03, 0.04)
         mouth_y = u(0.145, min(0.17, face_ry - 0.09))  # the mouth box ends above the chin
         nose_y = u(0.055, 0.08)
         nose_size = min(u(0.018, 0.03), mouth_y - 0.06 - nose_y)  # the nose stays out of the mouth box
         # lips: tinted and darkened more on darker skin (contrast), never as dark as the mouth interior
-        lip = _mix(_mix(skin, (186, 62, 78), u(0.3, 0.5)), (0, 0, 0), u(0.08, 0.2) + 0.15 * (1 - _luma(skin) / 255))
-        lip = _mix(lip, (255, 255, 255), max(0.0, (66 - _luma(lip)) / (255 - _luma(lip))))
+        tint = shapes.mix(skin, (186, 62, 78), u(0.3, 0.5))  # draws before `darken`: the seed's order
+        lip = shapes.mix(tint, (0, 0, 0), u(0.08, 0.2) + 0.15 * (1 - shapes.luma(skin) / 255))
+        lip = shapes.mix(lip, (255, 255, 255), max(0.0, (66 - shapes.luma(lip)) / (255 - shapes.luma(lip))))
         bg_h = u(0, 1)
         return cls(
             seed=int(seed), face_rx=face_rx, face_ry=face_ry, jaw=u(0.05, 0.3), skin=skin, hair_style=style,
             hair_color=hair_color, hair_volume=u(1.0, 1.12), eye_y=u(-0.04, -0.01),
             eye_dx=face_rx * u(0.4, 0.48), eye_w=eye_w, eye_h=eye_w * u(0.5, 0.72), eye_tilt=u(-0.006, 0.01),
-            iris_color=_jitter(_IRIS[rng.integers(len(_IRIS))], rng, 10),
+            iris_color=shapes.jitter(_IRIS[rng.integers(len(_IRIS))], rng, 10),
             brow_gap=u(0.045, 0.06), brow_thick=u(0.008, 0.015), brow_arch=u(0.0, 0.014),
-            brow_color=_mix(hair, (20, 16, 16), u(0.2, 0.6)),
+            brow_color=shapes.mix(hair, (20, 16, 16), u(0.2, 0.6)),
             nose_style=str(rng.choice(NOSES)), nose_y=nose_y, nose_size=nose_size,
             mouth_y=mouth_y, mouth_w=u(0.058, 0.072), lip_upper=u(0.009, 0.016),
             lip_lower=u(0.013, 0.022), lip_color=lip, blush=bool(rng.random() < 0.4),
             glasses=str(rng.choice(GLASSES, p=(0.78, 0.11, 0.11))),
-            glasses_color=_hsv(u(0, 1), u(0, 0.6), u(0.1, 0.45)),
-            shirt_color=_hsv(u(0, 1), u(0.25, 0.75), u(0.3, 0.9)), collar=str(rng.choice(COLLARS)),
-            shoulder_w=u(0.4, 0.48), bg_color=_hsv(bg_h, u(0.1, 0.4), u(0.55, 0.92)),
-            bg_color2=_hsv((bg_h + u(-0.15, 0.15)) % 1.0, u(0.1, 0.4), u(0.5, 0.95)),
+            glasses_color=shapes.hsv(u(0, 1), u(0, 0.6), u(0.1, 0.45)),
+            shirt_color=shapes.hsv(u(0, 1), u(0.25, 0.75), u(0.3, 0.9)), collar=str(rng.choice(COLLARS)),
+            shoulder_w=u(0.4, 0.48), bg_color=shapes.hsv(bg_h, u(0.1, 0.4), u(0.55, 0.92)),
+            bg_color2=shapes.hsv((bg_h + u(-0.15, 0.15)) % 1.0, u(0.1, 0.4), u(0.5, 0.95)),
             bg_pattern=str(rng.choice(BACKGROUNDS)),
         )
 
@@ -287,7 +289,7 @@ def _draw_face(img: np.ndarray, idt: Identity, st: FaceState, pose: _Pose) -> No
     # 1. hair behind the head, neck, shirt
     for poly in g.hair_back:
         _fill(img, pose.head(poly), idt.hair_color)
-    _fill(img, pose.body(g.neck), _mix(skin, (40, 20, 20), 0.18))
+    _fill(img, pose.body(g.neck), shapes.mix(skin, (40, 20, 20), 0.18))
     _fill(img, pose.body(g.shirt), idt.shirt_color)
     for poly, color in g.collar:
         _fill(img, pose.body(poly), color)
@@ -295,13 +297,13 @@ def _draw_face(img: np.ndarray, idt: Identity, st: FaceState, pose: _Pose) -> No
     if g.ears:
         for side in (-1, 1):
             _ellipse(img, pose.head_ellipse((side * idt.face_rx * 0.97, idt.eye_y + 0.03), (0.032, 0.05)),
-                     _mix(skin, (60, 20, 20), 0.1))
+                     shapes.mix(skin, (60, 20, 20), 0.1))
     _fill(img, pose.head(g.face), skin)
-    _line(img, pose.head(g.face), _mix(skin, (60, 30, 30), 0.25), 1, closed=True)
+    _line(img, pose.head(g.face), shapes.mix(skin, (60, 30, 30), 0.25), 1, closed=True)
     if idt.blush:
         for side in (-1, 1):
             _ellipse(img, pose.head_ellipse((side * idt.face_rx * 0.58, idt.mouth_y - 0.045), (0.032, 0.018)),
-                     _mix(skin, (236, 120, 130), 0.22))
+                     shapes.mix(skin, (236, 120, 130), 0.22))
     _draw_nose(img, idt, pose)
     # 3. eyes, brows, mouth
     for side in (-1, 1):
@@ -317,9 +319,9 @@ def _draw_face(img: np.ndarray, idt: Identity, st: FaceState, pose: _Pose) -> No
 
 def _draw_nose(img: np.ndarray, idt: Identity, pose: _Pose) -> None:
     y, s, skin = idt.nose_y, idt.nose_size, idt.skin
-    shade = _mix(skin, (70, 30, 20), 0.28)
+    shade = shapes.mix(skin, (70, 30, 20), 0.28)
     if idt.nose_style == "button":
-        _ellipse(img, pose.head_ellipse((0.0, y), (s * 0.75, s * 0.5)), _mix(skin, (255, 255, 255), 0.12))
+        _ellipse(img, pose.head_ellipse((0.0, y), (s * 0.75, s * 0.5)), shapes.mix(skin, (255, 255, 255), 0.12))
         for side in (-1, 1):
             _ellipse(img, pose.head_ellipse((side * s * 0.45, y + s * 0.35), (s * 0.2, s * 0.13)), shade)
     elif idt.nose_style == "line":
@@ -328,7 +330,8 @@ def _draw_nose(img: np.ndarray, idt: Identity, pose: _Pose) -> None:
         pts = np.vstack([pts, [[s * 0.1, y + s * 0.55], [-s * 0.25, y + s * 0.45]]])
         _line(img, pose.head(pts), shade, pose.px(0.006))
     else:  # soft: a shadow under the tip
-        _ellipse(img, pose.head_ellipse((0.0, y + s * 0.35), (s * 0.85, s * 0.35)), _mix(skin, (70, 30, 20), 0.16))
+        _ellipse(img, pose.head_ellipse((0.0, y + s * 0.35), (s * 0.85, s * 0.35)),
+                 shapes.mix(skin, (70, 30, 20), 0.16))
         _ellipse(img, pose.head_ellipse((0.0, y), (s * 0.55, s * 0.45)), skin)
 
 
@@ -349,7 +352,7 @@ def _draw_eye(img: np.ndarray, idt: Identity, st: FaceState, pose: _Pose, side: 
     ring = (outline - (ex, ey)) * (1.25, 1.9) + (ex, ey)
     _fill(img, [pose.head(ring), pose.head(outline)], skin)
     # 2. lids: the upper lid comes down with blink; a smile pushes the lower lid up
-    lid_color = _mix(skin, (40, 20, 20), 0.08)
+    lid_color = shapes.mix(skin, (40, 20, 20), 0.08)
     if st.smile > 0.05:
         cheek = low.copy()
         cheek[:, 1] -= 0.35 * st.smile * eh * (1 - u * u)
@@ -397,7 +400,7 @@ def _draw_mouth(img: np.ndarray, idt: Identity, st: FaceState, pose: _Pose) -> N
         teeth = curve(upper_in[:, 1] + 0.22 * h * env)
         _fill(img, pose.head(np.vstack([upper_in[2:-2], teeth[2:-2][::-1]])), _TEETH)
     shine = curve(0.4 * lower_in[:, 1] + 0.6 * lower_out[:, 1])[5:-5]
-    _line(img, pose.head(shine), _mix(idt.lip_color, (255, 255, 255), 0.18), pose.px(0.004))
+    _line(img, pose.head(shine), shapes.mix(idt.lip_color, (255, 255, 255), 0.18), pose.px(0.004))
 
 
 def _draw_glasses(img: np.ndarray, idt: Identity, pose: _Pose) -> None:
@@ -455,7 +458,7 @@ class _Geometry:
 @lru_cache(maxsize=4096)
 def _geometry(idt: Identity) -> _Geometry:
     rx, ry = idt.face_rx, idt.face_ry
-    back, front, ears = _hair(idt)
+    back, front, ears = shapes.hair(idt)
     # the mouth box: everything any mouth state can reach, rest line at MOUTH_BOX_ANCHOR
     reach_w = idt.mouth_w * 1.25 * 1.12 + 0.012
     up = max(0.35 * (MAX_MOUTH_OPEN + 0.004) + idt.lip_upper, 0.45 * reach_w) + 0.008
@@ -468,160 +471,14 @@ def _geometry(idt: Identity) -> _Geometry:
                          [ex, idt.eye_y + idt.eye_h * 1.2], [-ex, idt.eye_y + idt.eye_h * 1.2]])
     neck_w = rx * 0.42
     neck = np.array([[-neck_w, ry * 0.5], [neck_w, ry * 0.5], [neck_w * 1.05, 0.45], [-neck_w * 1.05, 0.45]])
-    shirt, collar = _clothes(idt, neck_w)
-    return _Geometry(face=_face_outline(rx, ry, idt.jaw), hair_back=back, hair_front=front, ears=ears,
+    shirt, collar = shapes.clothes(idt, neck_w)
+    return _Geometry(face=shapes.face_outline(rx, ry, idt.jaw), hair_back=back, hair_front=front, ears=ears,
                      neck=neck, shirt=shirt, collar=collar, mouth_box=mouth_box, eyes_box=eyes_box)
 
 
 @lru_cache(maxsize=256)
 def _background(idt: Identity, h: int, w: int) -> np.ndarray:
     """The identity's background at (h, w); cached and read-only (callers copy)."""
-    bg = _paint_background(idt, h, w)
+    bg = shapes.paint_background(idt, h, w)
     bg.setflags(write=False)
     return bg
-
-
-def _mix(a: RGB, b: RGB, t: float) -> RGB:
-    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
-
-
-def _jitter(c: RGB, rng: np.random.Generator, amount: int) -> RGB:
-    return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in c)  # type: ignore[return-value]
-
-
-def _luma(c: RGB) -> float:
-    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
-
-
-def _hsv(h: float, s: float, v: float) -> RGB:
-    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------------------
-# Static shapes (head units; the shirt in body units, same origin)
-
-
-def _ellipse_pts(cx: float, cy: float, ax: float, ay: float, t0: float = 0.0, t1: float = 2 * np.pi,
-                 n: int = 48) -> np.ndarray:
-    t = np.linspace(t0, t1, n, endpoint=(t1 - t0) < 2 * np.pi)
-    return np.stack([cx + ax * np.cos(t), cy + ay * np.sin(t)], axis=1)
-
-
-def _face_outline(rx: float, ry: float, jaw: float) -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, 72, endpoint=False)
-    s = np.sin(t)
-    lower = np.clip(s, 0, None)  # 0 on the upper half, up to 1 at the chin
-    x = rx * np.cos(t) * (1 - jaw * lower ** 2.5)
-    y = ry * s * (1 + 0.04 * lower ** 6)
-    return np.stack([x, y], axis=1)
-
-
-def _hair(idt: Identity) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], bool]:
-    """(polygons behind the face, polygons in front of it, ears visible)."""
-    rx, ry, v, style = idt.face_rx, idt.face_ry, idt.hair_volume, idt.hair_style
-    rng = np.random.default_rng([idt.seed, 0x4A1])
-    tight = style in ("buzz", "bun")
-    cx, cy, ax, ay = 0.0, -0.2 * ry, rx * (1.03 if tight else 1.08 * v), ry * (0.95 if tight else 0.98 * v)
-    back: list[np.ndarray] = [_ellipse_pts(cx, cy, ax, ay, n=64)]  # the crown
-    # hairline across the forehead: y(u) for u = x / ax from +1 (right temple) to -1 (left temple)
-    y_mid, p, tilt, zig = -0.6 * ry, 2.5, 0.0, 0.0
-    ears = style not in ("bob", "long", "afro")
-    if style == "bob":
-        y_mid, p = -0.42 * ry, 8.0
-        back.append(_rounded_rect(-rx * 1.2 * v, cy, rx * 1.2 * v, ry * 0.78, 0.08))
-    elif style == "long":
-        y_mid, p = -0.78 * ry, 0.7
-        back.append(_rounded_rect(-rx * 1.22 * v, cy, rx * 1.22 * v, ry * 1.9, 0.06))
-    elif style == "afro":
-        t = np.linspace(0, 2 * np.pi, 90, endpoint=False)
-        r = rx * 1.5 * v * (1 + 0.035 * np.sin(t * 14 + rng.uniform(0, 6)))
-        back = [np.stack([r * np.cos(t), -0.35 * ry + r * 0.92 * np.sin(t)], axis=1)]
-        y_mid, p = -0.62 * ry, 2.0
-    elif style == "bun":
-        back.append(_ellipse_pts(0.0, -ry * 1.1, rx * 0.36, rx * 0.32))
-        y_mid, p = -0.74 * ry, 2.0
-    elif style == "spiky":
-        t = np.linspace(np.pi, 2 * np.pi, 60)
-        saw = np.abs(((t - np.pi) / np.pi * 7) % 1.0 - 0.5) * 2  # 7 spikes over the top
-        r = 1 + 0.18 * saw * np.sin(t) ** 2  # spikes point outwards, strongest on top
-        back.append(np.stack([cx + ax * r * np.cos(t), cy + ay * r * np.sin(t)], axis=1))
-        y_mid, zig = -0.55 * ry, 0.05 * ry
-    elif style == "side_part":
-        y_mid, tilt = -0.52 * ry, 0.18 * ry * (1 if idt.seed % 2 else -1)
-    elif style == "buzz":
-        y_mid, p = -0.7 * ry, 3.0
-    u = np.linspace(1.0, -1.0, 33)
-    y = y_mid + (cy - y_mid) * np.abs(u) ** p + tilt * u * (1 - np.abs(u) ** p)
-    y += zig * (np.abs((u * 4.5) % 1.0 - 0.5) * 2 - 0.5)
-    hairline = np.stack([ax * u, np.minimum(y, cy)], axis=1)  # meets the crown at the temples
-    arc = _ellipse_pts(cx, cy, ax, ay, np.pi, 2 * np.pi, n=33)  # left temple, over the top, right temple
-    front: list[np.ndarray] = [np.vstack([arc, hairline])]
-    if style in ("bob", "long"):  # locks down the sides of the face
-        bottom = ry * (0.72 if style == "bob" else 1.0)
-        for side in (-1, 1):
-            ys = np.linspace(cy, bottom, 12)
-            inner = rx * (0.9 - 0.1 * ((ys - cy) / (bottom - cy)) ** 2)
-            front.append(np.vstack([np.stack([side * inner, ys], 1), [[side * rx * 1.2 * v, bottom],
-                                                                       [side * rx * 1.2 * v, cy]]]))
-    return tuple(back), tuple(front), ears
-
-
-def _rounded_rect(x0: float, y0: float, x1: float, y1: float, r: float) -> np.ndarray:
-    """A rectangle with its two bottom corners rounded (radius r)."""
-    return np.vstack([[[x0, y0], [x1, y0]], _ellipse_pts(x1 - r, y1 - r, r, r, 0.0, 0.5 * np.pi, n=6),
-                      _ellipse_pts(x0 + r, y1 - r, r, r, 0.5 * np.pi, np.pi, n=6)])
-
-
-def _clothes(idt: Identity, neck_w: float) -> tuple[np.ndarray, tuple[tuple[np.ndarray, RGB], ...]]:
-    """Shirt polygon and collar pieces (polygon, colour), body units."""
-    y0, sw = 0.345, idt.shoulder_w
-    t = np.linspace(0, 1, 10)
-    right = np.stack([neck_w * 1.25 + (sw - neck_w * 1.25) * t, y0 + 0.1 * t ** 2.2], axis=1)
-    shirt = np.vstack([right[::-1] * (-1, 1), right, [[0.9, 0.8], [-0.9, 0.8]]])  # sides run off-canvas
-    neck = _mix(idt.skin, (40, 20, 20), 0.18)
-    band = _mix(idt.shirt_color, (0, 0, 0), 0.25)
-    c = idt.collar
-    if c == "crew":
-        outer = _ellipse_pts(0.0, y0 - 0.004, neck_w * 1.32, 0.05, 0, np.pi, n=16)
-        inner = _ellipse_pts(0.0, y0 - 0.004, neck_w * 1.12, 0.035, 0, np.pi, n=16)
-        return shirt, ((outer, band), (inner, neck))
-    if c in ("v", "shirt"):
-        depth = 0.1 if c == "v" else 0.085
-        outer = np.array([[-neck_w * 1.3, y0 - 0.01], [neck_w * 1.3, y0 - 0.01], [0.0, y0 + depth + 0.02]])
-        inner = np.array([[-neck_w * 1.1, y0 - 0.01], [neck_w * 1.1, y0 - 0.01], [0.0, y0 + depth]])
-        if c == "v":
-            return shirt, ((outer, band), (inner, neck))
-        flap_color = (244, 244, 240) if sum(idt.shirt_color) < 420 else _mix(idt.shirt_color, (0, 0, 0), 0.35)
-        flaps = tuple((np.array([[s * neck_w * 1.15, y0 - 0.02], [s * 0.012, y0 + depth + 0.01],
-                                 [s * neck_w * 2.2, y0 + 0.06]]), flap_color) for s in (-1, 1))
-        return shirt, ((inner, neck), *flaps)
-    tube = _rounded_rect(-neck_w * 1.12, 0.27, neck_w * 1.12, y0 + 0.03, 0.02)[::-1]
-    fold = np.array([[-neck_w * 1.12, y0 - 0.03], [neck_w * 1.12, y0 - 0.03], [neck_w * 1.12, y0 - 0.02],
-                     [-neck_w * 1.12, y0 - 0.02]])
-    return shirt, ((tube, _mix(idt.shirt_color, (255, 255, 255), 0.08)), (fold, band))
-
-
-def _paint_background(idt: Identity, h: int, w: int) -> np.ndarray:
-    a = np.asarray(idt.bg_color, dtype=np.float32)
-    b = np.asarray(idt.bg_color2, dtype=np.float32)
-    s = float(min(h, w))
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    pat = idt.bg_pattern
-    if pat == "flat":
-        t = np.zeros((h, w), np.float32)
-    elif pat == "vgradient":
-        t = yy / max(h - 1, 1)
-    elif pat == "radial":
-        r = np.hypot(xx - w * 0.5, yy - h * 0.4) / (0.75 * s)
-        t = np.clip(r, 0, 1) ** 1.5
-    elif pat == "stripes":
-        period = 0.16 * s
-        t = 0.35 * np.clip((np.sin(2 * np.pi * (xx + yy) / period) - 0.3) * 3, 0, 1)
-    elif pat == "dots":
-        period = 0.14 * s
-        d = np.hypot((xx % period) - period / 2, (yy % period) - period / 2) / period
-        t = 0.6 * np.clip((0.2 - d) * 20, 0, 1)
-    else:  # split: two tones with a soft vertical edge
-        t = np.clip((xx - 0.66 * w) / (0.01 * s) + 0.5, 0, 1)
-    img = a + (b - a) * t[..., None]
-    return np.ascontiguousarray(np.clip(np.round(img), 0, 255).astype(np.uint8))

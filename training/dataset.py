@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from app.train.animate import EMOTIONS, animate, emotion_reference, rest_state
-from app.train.face import NEUTRAL, STATE_FIELDS, FaceState, Identity, render, render_pair
 from audio.pcm import MODEL_SAMPLE_RATE, as_mono_float32
+from avatar.drawn.emotions import EMOTIONS, emotion_reference, rest_state
+from avatar.drawn.face import NEUTRAL, STATE_FIELDS, FaceState, Identity, render, render_pair
+from training.animate import animate
 
 HELD_OUT_IDENTITY_BASE = 1_000_000  # identity seeds >= this are never used for training
 
@@ -244,8 +245,8 @@ def build_clip_store(corpus_dir: str | Path, store: ClipStore, seed: int = 0, *,
     Pairs are rendered at ``(height, 2 * width)``. Returns the plans (the JSON of them is also written
     as ``plans.json`` next to the clips).
     """
-    from app.train.corpus import read_index
     from audio.io import read_audio
+    from training.corpus import read_index
 
     index = {c.clip_id: c for c in read_index(corpus_dir)}
     plans = plan_clips(index.values(), seed, pair_fraction=pair_fraction, train_identities=train_identities)

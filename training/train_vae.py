@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.train.face import STATE_FIELDS, FaceState, Identity, render
-from app.train.schedule import warmup_cosine
+from avatar.drawn.face import STATE_FIELDS, FaceState, Identity, render
 from models.config import VAE_DEMO, VAEConfig
 from models.vae import CausalConv3d, Resample, WanVAE
 from models.vae_loading import save_vae
+from training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +404,7 @@ def seam_check(vae: WanVAE, clips: int = 3, latents: int = 11, seed: int = 12345
                size: tuple[int, int] = (128, 128)) -> dict[str, float]:
     """Seam ratio (|frame diff| where a latent's frames start / elsewhere) of streamed reconstructions of
     held-out moving clips, next to the teacher clips' own: what a decoder adds at latent boundaries."""
-    from app.train.evaluate import seam_ratio
+    from training.evaluate import seam_ratio
 
     rng = np.random.default_rng(seed)
     starts = list(range(1, 1 + 4 * (latents - 1), vae.cfg.temporal_factor))
@@ -443,7 +443,7 @@ def mouth_check(vae: WanVAE, faces: int = 4, openings: int = 9, seed: int = 1_00
     """Whether lip shapes survive the VAE: the mouth-opening probe on decoded single frames vs on the
     teacher frames, held-out identities, openings swept from closed to wide. A VAE that blurs mouths
     away caps any lip sync the DiT can learn."""
-    from app.train.probes import mouth_opening
+    from training.probes import mouth_opening
 
     teacher, decoded = [], []
     for k in range(faces):

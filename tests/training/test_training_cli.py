@@ -1,0 +1,77 @@
+"""`avatarcast train demo` / `avatarcast eval demo` (training/cli.py, reached through the CLI's entry points)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import soundfile as sf
+from typer.testing import CliRunner
+
+from app.cli import add_command_groups, app
+
+runner = CliRunner()
+add_command_groups(app)
+
+
+def test_train_demo_passes_its_options_into_the_plan(monkeypatch, tmp_path):
+    import training.demo as demo
+
+    seen = {}
+
+    def fake_run(plan, budget_s):
+        seen.update(plan=plan, budget_s=budget_s)
+        return {"stopped_in": "vae"}
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    result = runner.invoke(app, ["train", "demo", "--out", str(tmp_path), "--budget-min", "2", "--vae-steps", "7"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"stopped_in": "vae"}
+    plan = seen["plan"]
+    assert plan.out == tmp_path and plan.vae_steps == 7 and seen["budget_s"] == 120
+    assert plan.base_steps == demo.DemoPlan.base_steps  # what was not given keeps the plan's default
+
+
+def test_model_card_marks_each_target_met_missed_or_unmeasured(tmp_path):
+    from training.demo import TARGETS, write_model_card
+
+    result = {"lipsync_r": 0.82, "identity_psnr_db": 21.5, "lipsync_lag_frames": -1, "rtf": None}
+    card = write_model_card(tmp_path, result, {"vae": "9000 steps"}).read_text()
+    rows = {ln.split("`")[1]: ln for ln in card.splitlines() if ln.startswith("| `")}
+    assert set(rows) == set(TARGETS)
+    assert rows["lipsync_r"].endswith("| yes |") and rows["identity_psnr_db"].endswith("| **no** |")
+    assert rows["lipsync_lag_frames"].endswith("| abs(lipsync_lag_frames) <= 1 | yes |")
+    assert rows["rtf"].endswith("| n/a |")
+    assert "- vae: 9000 steps" in card and not (tmp_path / "model_card.md.tmp").exists()
+
+
+def test_training_summary_adds_up_resumed_runs_per_stage():
+    from training.demo import training_summary
+
+    logs = [{"stage": "vae", "step": 25, "loss": 0.5, "elapsed_s": 60.0},
+            {"stage": "vae", "step": 50, "loss": 0.4, "elapsed_s": 120.0},
+            {"stage": "vae", "step": 75, "loss": 0.3, "elapsed_s": 60.0},  # resumed: its clock restarted
+            {"stage": "dit_base", "step": 25, "loss": 1.9, "elapsed_s": 30.0}]
+    summary = training_summary(logs)
+    assert summary["vae"] == "75 steps, final logged loss 0.3, 3 min on 2 CPU cores"
+    assert summary["dit_base"].startswith("25 steps, final logged loss 1.9, 0 min")
+
+
+def test_eval_card_refuses_a_result_that_is_not_the_demo_model(monkeypatch, tmp_path):
+    import app.render_worker as worker
+    import training.evaluate as evaluate
+
+    monkeypatch.setattr(worker, "load_models", lambda name: name)
+    monkeypatch.setattr(evaluate, "evaluate", lambda models, speech, cfg: {"model": "tiny", "lipsync_r": 0.1})
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16_000, np.float32), 16_000)
+    result = runner.invoke(app, ["eval", "demo", "--model", "tiny", "--audio", str(wav), "--card"])
+    assert result.exit_code != 0 and "describes the shipped demo model" in str(result.exception)
+
+
+def test_model_card_shows_the_teachers_emotion_lifts_beside_the_generated_ones(tmp_path):
+    from training.demo import write_model_card
+
+    result = {"emotion_lift": {"happy": 0.1}, "emotion_lift_teacher": {"happy": 0.3}, "rtf_clips": 0.8}
+    card = write_model_card(tmp_path, result, {}).read_text()
+    assert "generated {'happy': 0.1}, teacher {'happy': 0.3}" in card and "start-up included): 0.8" in card
