@@ -144,7 +144,7 @@ def load_demo_models(folder: Path = DEMO_MODEL_DIR, device: str = "auto") -> Mod
     dit, _ = load_dit(folder, merge_lora=True, device=dev)
     vae = load_vae(folder / "vae.safetensors").to(dev)
     features = MelFeatures(MelConfig(n_mels=dit.cfg.audio_dim))
-    return ModelBundle("demo", dit.eval(), vae.eval(), features, frame_hw=VAE_DEMO_SIZE)
+    return ModelBundle("demo", dit.eval(), vae.eval(), features, frame_hw=VAE_DEMO_SIZE, checkpoint=str(folder))
 
 
 # ---- resume sidecars ----------------------------------------------------------------------------------

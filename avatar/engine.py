@@ -53,6 +53,7 @@ class ModelBundle:
     features: AudioFeatures
     frame_hw: tuple[int, int] = (128, 128)  # pixels the model generates
     decoder_backend: object | None = None  # OnnxVaeDecoder when exported; the torch VAE otherwise
+    checkpoint: str | None = None  # where the weights were read from; None: random weights
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
