@@ -5,7 +5,8 @@
     DELETE /admin/sessions/{id}               end it (also POST /admin/sessions/{id}/end)
     POST   /admin/sessions/{id}/conditions    {avatar?, emotion?}: stored now, applied at the next pause in the
                                               avatar's speech (an engine session's conditions are fixed, so the
-                                              call moves to a new session; 202 while pending)
+                                              call moves to a new session; 202 while pending); the page's
+                                              route and rule (`LiveService.set_conditions`)
     POST   /admin/sessions/{id}/pause         stop listening: mic audio dropped, queued speech cut, avatar idles
     POST   /admin/sessions/{id}/resume
     GET    /admin/metrics                     snapshot: calls, engine (per-session frames, per-stage timings,
@@ -20,16 +21,22 @@
                                               path or http(s) URL (+ avatar?, emotion?, loop?), duration_s?,
                                               video_bitrate_kbps?} -> 201 with the broadcast
     POST   /admin/broadcast/stop              {id}: finish the stream cleanly -> its final state
+Bodies are read by the page's reader (app/http_common.py, the server's size limit); answers are typed in
+streaming/api_schema.py.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
+import sys
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from app.http_common import change_conditions, json_error, read_json
+from streaming.api_schema import EngineInfo, Memory
 from streaming.broadcasts import BroadcastManager
 from streaming.events import SHUTDOWN
 from streaming.webrtc.peer import LiveError
@@ -37,12 +44,13 @@ from streaming.webrtc.service import LiveService
 
 ADMIN_SERVICE = web.AppKey("admin_service", LiveService)
 ADMIN_BROADCASTS = web.AppKey("admin_broadcasts", BroadcastManager)
+ADMIN_BODY_LIMIT = web.AppKey("admin_body_limit", int)
 SSE_KEEPALIVE_S = 15.0
 _AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="avatarcast-admin"'}
 
 
 def _unauthorized(code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=401, headers=_AUTH_HEADERS)
+    return json_error(401, code, message, _AUTH_HEADERS)
 
 
 def bearer_auth(token: str) -> Callable:
@@ -64,17 +72,7 @@ def bearer_auth(token: str) -> Callable:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    if request.content_type != "application/json":
-        raise LiveError(415, "unsupported_media_type", "send the body as application/json")
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LiveError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise LiveError(400, "bad_json", "the body must be a JSON object")
-    return body
+    return await read_json(request, request.app[ADMIN_BODY_LIMIT], empty_ok=True)
 
 
 def _sid(request: web.Request) -> str:
@@ -94,19 +92,7 @@ async def end_session(request: web.Request) -> web.Response:
 
 
 async def set_conditions(request: web.Request) -> web.Response:
-    body = await _body(request)
-    avatar, emotion = body.get("avatar"), body.get("emotion")
-    if avatar is None and "emotion" not in body:
-        raise LiveError(400, "bad_request", "give 'avatar' and/or 'emotion' (null for none)")
-    for key, value in (("avatar", avatar), ("emotion", emotion)):
-        if value is not None and not isinstance(value, str):
-            raise LiveError(400, "bad_field", f"{key!r} must be a string or null")
-    service = request.app[ADMIN_SERVICE]
-    peer = service.get(_sid(request))
-    if "emotion" not in body:
-        emotion = peer.emotion if avatar in (None, peer.avatar) else None
-    result = service.set_conditions(_sid(request), avatar, emotion)
-    return web.json_response(result, status=200 if result["status"] == "applied" else 202)
+    return await change_conditions(request, request.app[ADMIN_SERVICE], request.app[ADMIN_BODY_LIMIT])
 
 
 async def pause(request: web.Request) -> web.Response:
@@ -125,19 +111,9 @@ async def metrics_snapshot(request: web.Request) -> web.Response:
     return web.json_response(request.app[ADMIN_SERVICE].snapshot())
 
 
-async def engine_info(request: web.Request) -> web.Response:
-    """GET /admin/engine: the engine at a glance (for `avatarcast console`): model, checkpoint, mode, device,
-    decoder provider in use, real-time factor (compute per block / audio per block; None before any block)
-    and memory (this process's RSS; CUDA memory when the engine uses CUDA). Per-session detail: /metrics."""
-    import os
-    import sys
-
-    backend = request.app[ADMIN_SERVICE].backend
-    snap = backend.snapshot()
-    budget = snap.get("latency_budget") or {}
-    compute_ms = sum(float(budget.get(k) or 0.0) for k in ("features_ms", "denoise_ms", "decode_ms"))
-    models = getattr(getattr(backend, "engine", None), "models", None)
-    memory: dict[str, int | None] = {"rss_bytes": None}
+def _memory() -> Memory:
+    """This process's RSS; CUDA memory when the engine uses CUDA."""
+    memory: Memory = {"rss_bytes": None}
     try:
         with open("/proc/self/statm") as f:
             memory["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -147,13 +123,25 @@ async def engine_info(request: web.Request) -> web.Response:
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         memory.update(cuda_allocated_bytes=torch.cuda.memory_allocated(),
                       cuda_reserved_bytes=torch.cuda.memory_reserved())
-    return web.json_response({
-        **{k: v for k, v in snap.items() if k != "sessions"},
-        "checkpoint": getattr(models, "checkpoint", None),
-        "sessions": len(snap.get("sessions") or {}),
-        "rtf": round(compute_ms / budget["block_ms"], 3) if compute_ms and budget.get("block_ms") else None,
-        "memory": memory,
-    })
+    return memory
+
+
+async def engine_info(request: web.Request) -> web.Response:
+    """GET /admin/engine: the engine at a glance (for `avatarcast console`): model, checkpoint, mode, device,
+    decoder provider in use, real-time factor (compute per block / audio per block; None before any block)
+    and memory. Per-session detail: /metrics."""
+    backend = request.app[ADMIN_SERVICE].backend
+    snap = backend.snapshot()
+    budget = snap["latency_budget"]
+    compute_ms = budget["features_ms"] + budget["denoise_ms"] + budget["decode_ms"]
+    info: EngineInfo = {
+        "model": snap["model"], "checkpoint": backend.checkpoint, "mode": snap["mode"], "device": snap["device"],
+        "decoder": snap["decoder"], "warmup_ms": snap["warmup_ms"], "failures": snap["failures"],
+        "latency_budget": budget, "sessions": len(snap["sessions"]),
+        "rtf": round(compute_ms / budget["block_ms"], 3) if compute_ms and budget["block_ms"] else None,
+        "memory": _memory(),
+    }
+    return web.json_response(info)
 
 
 async def avatars(request: web.Request) -> web.Response:
@@ -213,9 +201,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def create_admin_app(service: LiveService, token: str, broadcasts: BroadcastManager | None = None) -> web.Application:
+def create_admin_app(service: LiveService, token: str, broadcasts: BroadcastManager | None = None, *,
+                     max_body_bytes: int) -> web.Application:
     admin = web.Application(middlewares=[bearer_auth(token)])
-    admin[ADMIN_SERVICE] = service
+    admin[ADMIN_SERVICE], admin[ADMIN_BODY_LIMIT] = service, max_body_bytes
     if broadcasts is not None:
         admin[ADMIN_BROADCASTS] = broadcasts
     r = admin.router

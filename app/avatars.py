@@ -1,4 +1,4 @@
-"""Avatars for the live service, and the engine behind the `SessionBackend` that streaming/ talks to.
+"""Avatars for the live service, and the engine behind the `ServiceBackend` that streaming/ talks to.
 
 The built-in avatar is a drawn face from the demo model's own face renderer (stylised on purpose: it
 impersonates no one; a held-out identity) with one image per emotion, so the emotion picker has emotion
@@ -21,6 +21,7 @@ from avatar.engine import AvatarEngine, EngineFull
 from avatar.faces import FixedBoxes
 from avatar.reference import PreparedAvatar
 from avatar.session import AvatarSession, SessionOptions
+from streaming.api_schema import EngineSnapshot
 from streaming.webrtc.peer import CapacityError
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def prepare_avatars(engine: AvatarEngine, portrait: Path | None = None) -> tuple
 
 
 class EngineBackend:
-    """`streaming.webrtc.peer.SessionBackend` over an `AvatarEngine`: realtime 48 kHz sessions."""
+    """`streaming.webrtc.service.ServiceBackend` over an `AvatarEngine`: realtime 48 kHz sessions."""
 
     def __init__(self, engine: AvatarEngine, avatars: dict[str, PreparedAvatar], default_avatar: str,
                  options: SessionOptions | None = None, motion: float | None = None) -> None:
@@ -138,6 +139,10 @@ class EngineBackend:
         self.options = options or SessionOptions(realtime=True, sample_rate=48_000)
         self.motion = motion
         self._conditions: dict[tuple[str, str | None], Any] = {}
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.engine.models.checkpoint
 
     def catalog(self) -> dict[str, list[str]]:
         return {name: sorted(a.emotion_latents) for name, a in self.avatars.items()}
@@ -151,5 +156,5 @@ class EngineBackend:
         except EngineFull as exc:
             raise CapacityError(str(exc)) from None
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> EngineSnapshot:
         return self.engine.snapshot()

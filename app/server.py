@@ -5,31 +5,32 @@ Public routes:
     GET  /config                what the page needs: avatars and emotions, codecs, modes, upload limit, ICE servers
     POST /offer                 {sdp, type: "offer", avatar?, emotion?, mode?, codec?} -> {sdp, type, session_id, ...}
     GET  /sessions/{id}         that call's own live stats (the id is an unguessable capability)
-    POST /sessions/{id}/conditions  {avatar?, emotion?}: the page's pickers during a call (see admin.py)
+    POST /sessions/{id}/conditions  {avatar?, emotion?}: the page's pickers during a call (the admin API's rule)
     POST /sessions/{id}/bye     end that call
     GET  /healthz               liveness + capacity
     GET  /metrics               Prometheus text
 Admin routes (bearer token) are in app/admin.py. Every error is JSON: {"error": code, "message": text}.
+Answers are typed in streaming/api_schema.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from aiohttp import web
 from aiortc import RTCIceServer
 
 from app.admin import create_admin_app
+from app.http_common import change_conditions, json_error, optional_str, read_json
 from app.settings import Settings
 from streaming.broadcasts import BroadcastManager
 from streaming.metrics import LiveMetrics
 from streaming.pacer import PacerOptions
-from streaming.webrtc.peer import MODES, VIDEO_CODECS, LiveError, Offer, PeerOptions, SessionBackend
-from streaming.webrtc.service import LiveService, ServiceOptions
+from streaming.webrtc.peer import MODES, VIDEO_CODECS, LiveError, Offer, PeerOptions
+from streaming.webrtc.service import LiveService, ServiceBackend, ServiceOptions
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ SETTINGS = web.AppKey("settings", Settings)
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type",
                  429: "too_many_requests", 501: "not_implemented", 503: "unavailable"}
-
-
-def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
 @web.middleware
@@ -65,33 +62,6 @@ async def json_errors(request: web.Request,
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return json_error(500, "internal_error", "the server failed to handle this request; see its log")
-
-
-async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
-    """A JSON object body, or a clear 413 / 415 / 400."""
-    if request.content_type != "application/json":
-        raise LiveError(415, "unsupported_media_type",
-                        f"send the body as application/json, not {request.content_type or 'nothing'!r}")
-    if request.content_length is not None and request.content_length > limit:
-        raise LiveError(413, "body_too_large", f"the body is {request.content_length} bytes; the limit is {limit}")
-    try:
-        body = await request.json()
-    except web.HTTPRequestEntityTooLarge:
-        raise LiveError(413, "body_too_large", f"the body exceeds the {limit}-byte limit") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LiveError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise LiveError(400, "bad_json", "the body must be a JSON object")
-    return body
-
-
-def _opt_str(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise LiveError(400, "bad_field", f"{key!r} must be a string")
-    return value
 
 
 # ---- public handlers ----------------------------------------------------------------------------------
@@ -120,10 +90,10 @@ async def offer(request: web.Request) -> web.Response:
         raise LiveError(400, "bad_type", f"'type' must be 'offer', not {body.get('type')!r}")
     request_offer = Offer(
         sdp=sdp,
-        avatar=_opt_str(body, "avatar") or service.backend.default_avatar,
-        emotion=_opt_str(body, "emotion"),
-        mode=_opt_str(body, "mode") or "voice",
-        codec=(_opt_str(body, "codec") or settings.video_codec).lower(),
+        avatar=optional_str(body, "avatar") or service.backend.default_avatar,
+        emotion=optional_str(body, "emotion"),
+        mode=optional_str(body, "mode") or "voice",
+        codec=(optional_str(body, "codec") or settings.video_codec).lower(),
     )
     return web.json_response(await service.offer(request_offer))
 
@@ -133,14 +103,8 @@ async def session_stats(request: web.Request) -> web.Response:
 
 
 async def session_conditions(request: web.Request) -> web.Response:
-    """The page's own emotion/avatar picker during a call (same rules as the admin route)."""
-    body = await read_json(request, request.app[SETTINGS].max_body_bytes)
-    service, sid = request.app[SERVICE], request.match_info["session_id"]
-    peer = service.get(sid)
-    avatar = _opt_str(body, "avatar") or peer.avatar
-    emotion = _opt_str(body, "emotion") if "emotion" in body else peer.emotion
-    result = service.set_conditions(sid, avatar, emotion)
-    return web.json_response(result, status=200 if result["status"] == "applied" else 202)
+    """The page's own avatar/emotion pickers during a call: the same route and rule as the admin API's."""
+    return await change_conditions(request, request.app[SERVICE], request.app[SETTINGS].max_body_bytes)
 
 
 async def bye(request: web.Request) -> web.Response:
@@ -167,7 +131,7 @@ def service_options(settings: Settings, pacer: PacerOptions | None = None) -> Se
     return ServiceOptions(max_sessions=settings.max_sessions, peer=peer)
 
 
-def create_app(settings: Settings, backend: SessionBackend, *, metrics: LiveMetrics | None = None,
+def create_app(settings: Settings, backend: ServiceBackend, *, metrics: LiveMetrics | None = None,
                options: ServiceOptions | None = None) -> web.Application:
     """The whole HTTP surface over one `LiveService`. The engine behind `backend` must be running."""
     service = LiveService(backend, options or service_options(settings), metrics)
@@ -183,7 +147,8 @@ def create_app(settings: Settings, backend: SessionBackend, *, metrics: LiveMetr
     app.router.add_post("/sessions/{session_id}/bye", bye)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_text)
-    app.add_subapp("/admin", create_admin_app(service, settings.admin_token, broadcasts))
+    app.add_subapp("/admin", create_admin_app(service, settings.admin_token, broadcasts,
+                                              max_body_bytes=settings.max_body_bytes))
 
     async def on_startup(_: web.Application) -> None:
         await service.start()

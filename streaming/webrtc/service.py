@@ -2,23 +2,48 @@
 
 HTTP lives in app/server.py and app/admin.py; this is what they call. Requests that cannot be served
 raise `LiveError` (status, stable code, message) before taking any resource, or after releasing it.
+What it answers is typed in streaming/api_schema.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Coroutine
+from typing import Any, Coroutine, Protocol
 
+from streaming.api_schema import ConditionsAnswer, EngineSnapshot, ServiceSnapshot, SessionEnded, SessionReport
 from streaming.events import EventBus
 from streaming.metrics import LiveMetrics
 from streaming.webrtc.peer import (MODES, CapacityError, LiveError, LivePeer, Offer, PeerOptions, SessionBackend,
                                    validate_offer)
 
 log = logging.getLogger(__name__)
+
+
+class ServiceBackend(SessionBackend, Protocol):
+    """The engine as the service and its HTTP routes see it: sessions to open (`SessionBackend`, what a
+    call needs) plus what the server reports about the engine. The app layer implements it
+    (app/avatars.py `EngineBackend`), so nothing here imports torch."""
+
+    @property
+    def checkpoint(self) -> str | None:
+        """Where the model's weights were read from; None for random weights."""
+        ...
+
+    def snapshot(self) -> EngineSnapshot: ...
+
+
+class Keep(enum.Enum):
+    """A condition a change request leaves as the call has it."""
+
+    CURRENT = "current"
+
+
+KEEP = Keep.CURRENT
 
 
 @dataclass(frozen=True)
@@ -29,7 +54,7 @@ class ServiceOptions:
 
 
 class LiveService:
-    def __init__(self, backend: SessionBackend, options: ServiceOptions = ServiceOptions(),
+    def __init__(self, backend: ServiceBackend, options: ServiceOptions = ServiceOptions(),
                  metrics: LiveMetrics | None = None, events: EventBus | None = None) -> None:
         self.backend, self.options = backend, options
         self.metrics = metrics or LiveMetrics()
@@ -130,32 +155,49 @@ class LiveService:
             raise LiveError(404, "unknown_session", f"no live session {peer_id!r}")
         return peer
 
-    async def end(self, peer_id: str, reason: str = "bye") -> dict[str, Any]:
+    async def end(self, peer_id: str, reason: str = "bye") -> SessionEnded:
         peer = self.get(peer_id)
         await peer.close(reason)
         return {"session_id": peer_id, "ended": True, "reason": reason, "frames_sent": peer.video.sent}
 
-    def set_conditions(self, peer_id: str, avatar: str | None, emotion: str | None) -> dict[str, Any]:
-        """Store a new avatar and/or emotion; applied at the next pause in the outgoing speech."""
+    def set_conditions(self, peer_id: str, avatar: str | None = None,
+                       emotion: str | None | Keep = KEEP) -> ConditionsAnswer:
+        """The one rule for changing a call's avatar and/or emotion (the page's pickers and the admin API):
+        - `avatar` None keeps the call's avatar;
+        - `emotion` KEEP (not given) keeps the call's emotion where the target avatar has it, and is none
+          where it does not: a caller switching avatars expects the mood to follow, not a 400 about an
+          emotion they never named, nor a reset they did not ask for;
+        - `emotion` None means no emotion reference; a name must be one of the avatar's emotions.
+        A change is stored and applied at the next pause in the outgoing speech (the call moves to a
+        new engine session). Asking for what the call already shows changes nothing (and drops a
+        pending change): moving to a fresh session would restart the session's audio cursor and
+        timeline for the same picture."""
         peer = self.get(peer_id)
+        if avatar is None and emotion is KEEP:
+            raise LiveError(400, "bad_request", "give 'avatar' and/or 'emotion' (null for none)")
         avatar = avatar or peer.avatar
         catalog = self.backend.catalog()
         if avatar not in catalog:
             raise LiveError(400, "unknown_avatar", f"no avatar {avatar!r}; available: {sorted(catalog)}")
-        if emotion is not None and emotion not in catalog[avatar]:
+        if isinstance(emotion, Keep):
+            emotion = peer.emotion if peer.emotion in catalog[avatar] else None
+        elif emotion is not None and emotion not in catalog[avatar]:
             raise LiveError(400, "unknown_emotion", f"avatar {avatar!r} has no emotion {emotion!r}; "
                                                     f"available: {catalog[avatar]}")
-        peer.request_conditions(avatar, emotion)
+        if (avatar, emotion) == (peer.avatar, peer.emotion):
+            peer.pending = None
+        else:
+            peer.request_conditions(avatar, emotion)
         applied = peer.pending is None
         return {"session_id": peer_id, "avatar": avatar, "emotion": emotion,
                 "status": "applied" if applied else "pending",
                 "applies": "now" if applied else "at the next pause in the avatar's speech"}
 
     # ---- reporting ----------------------------------------------------------------------------------------
-    def sessions(self) -> list[dict[str, Any]]:
+    def sessions(self) -> list[SessionReport]:
         return [p.snapshot() for p in self.peers.values()]
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ServiceSnapshot:
         return {
             "sessions": self.sessions(),
             "max_sessions": self.options.max_sessions,

@@ -1,0 +1,318 @@
+"""The JSON the live service answers over HTTP (admin API and the page's call routes), as TypedDicts.
+
+One schema for everyone who touches these answers: the code that builds them (service.py, app/admin.py,
+app/server.py), the console that reads them (app/console) and the console's scripted fake (its test
+data), so the fake cannot show what the server never sends; tests/app/test_console.py runs the real
+server's answers and the fake's through it (pydantic validates TypedDicts, strictly).
+
+Closed types (`closed=True`: no other keys) are built by the service and the HTTP handlers themselves.
+Open types pass on another part's own snapshot (the engine, the pacer, the mic reader, a broadcaster,
+events): every key the console reads is required there, and the part may add keys without breaking
+the contract. torch-free, like all of streaming/.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from typing_extensions import NotRequired, TypedDict
+
+
+# ---- the engine -----------------------------------------------------------------------------------------
+class LatencyBudget(TypedDict):
+    """Milliseconds from a sample's arrival to its frame being ready, by stage (avatar/engine.py)."""
+
+    block_ms: float
+    lookahead_ms: float
+    features_ms: float
+    denoise_ms: float
+    decode_ms: float
+    total_ms: float
+
+
+class EngineSessionStats(TypedDict):
+    frames: int
+    idle_frames: int
+    blocks: int
+    next_pts: int
+    dropped_input_samples: int
+    dropped_frames: int
+
+
+class EngineSnapshot(TypedDict):
+    """`AvatarEngine.snapshot()`, as `/admin/metrics` passes it on."""
+
+    model: str
+    mode: str
+    device: str
+    decoder: str
+    warmup_ms: float
+    sessions: dict[str, EngineSessionStats]
+    failures: int
+    latency_budget: LatencyBudget
+
+
+class Memory(TypedDict, closed=True):
+    rss_bytes: int | None  # None where /proc is missing
+    cuda_allocated_bytes: NotRequired[int]  # only when the engine runs on CUDA
+    cuda_reserved_bytes: NotRequired[int]
+
+
+class EngineInfo(TypedDict, closed=True):
+    """GET /admin/engine: the engine at a glance."""
+
+    model: str
+    checkpoint: str | None  # where the weights came from; None for random weights
+    mode: str
+    device: str
+    decoder: str
+    warmup_ms: float
+    failures: int
+    latency_budget: LatencyBudget
+    sessions: int
+    rtf: float | None  # compute per block / audio per block; None before any block
+    memory: Memory
+
+
+# ---- one call -------------------------------------------------------------------------------------------
+class Pending(TypedDict, closed=True):
+    avatar: str
+    emotion: str | None
+
+
+class VideoReport(TypedDict, closed=True):
+    sent: int
+    fps: float
+    skipped: int
+
+
+class AudioReport(TypedDict, closed=True):
+    sent: int
+    skipped_samples: int
+
+
+class MicReport(TypedDict):
+    frames: int
+    seconds: float
+    rejected: int
+    last_packet_s_ago: float | None
+    ignored_while_paused: int
+    silence_pushed_s: float
+
+
+class PacerReport(TypedDict):
+    level: int
+    started: bool
+    repeated: int
+    dropped_overflow: int
+    dropped_late: int
+    dropped_trim: int
+    max_level: int
+
+
+class LatencyReport(TypedDict, closed=True):
+    p50: float | None
+    p95: float | None
+    last: float | None
+
+
+class StageMs(TypedDict):
+    features: float | None
+    denoise: float | None
+    decode: float | None
+    block: float | None
+
+
+class SessionEngineReport(TypedDict):
+    """The call's engine session; its counters are missing while the call moves to a new session."""
+
+    session: str | None
+    frames: NotRequired[int]
+    idle_frames: NotRequired[int]
+    blocks: NotRequired[int]
+    dropped_input_samples: NotRequired[int]
+    dropped_frames: NotRequired[int]
+    stage_ms: NotRequired[StageMs]
+
+
+class SessionReport(TypedDict, closed=True):
+    """One call: GET /admin/sessions/{id}, GET /sessions/{id}, each entry of /admin/sessions."""
+
+    id: str
+    state: str
+    connection: str
+    end_reason: str | None
+    error: str | None
+    avatar: str
+    emotion: str | None
+    mode: str
+    codec: str | None  # None until negotiated
+    paused: bool
+    swaps: int
+    restarts: int
+    pending: Pending | None  # a change waiting for the next pause in the avatar's speech
+    age_s: float
+    created: float
+    video: VideoReport
+    audio: AudioReport
+    mic: MicReport | None  # None until the browser's microphone track arrives
+    pacer: PacerReport
+    latency_ms: LatencyReport
+    speaking: bool
+    engine: SessionEngineReport
+
+
+# ---- the service and its actions ------------------------------------------------------------------------
+class ServiceSnapshot(TypedDict, closed=True):
+    """GET /admin/metrics, and the `hello` event's snapshot."""
+
+    sessions: list[SessionReport]
+    max_sessions: int
+    uptime_s: float
+    engine: EngineSnapshot
+    subscribers: int
+
+
+class SessionList(TypedDict, closed=True):
+    sessions: list[SessionReport]
+
+
+class ConditionsAnswer(TypedDict, closed=True):
+    """POST /sessions/{id}/conditions and /admin/sessions/{id}/conditions (200 applied, 202 pending)."""
+
+    session_id: str
+    avatar: str
+    emotion: str | None
+    status: Literal["applied", "pending"]
+    applies: str
+
+
+class SessionEnded(TypedDict, closed=True):
+    session_id: str
+    ended: bool
+    reason: str
+    frames_sent: int
+
+
+class PauseAnswer(TypedDict, closed=True):
+    session_id: str
+    paused: bool
+
+
+class AvatarCatalog(TypedDict, closed=True):
+    """GET /admin/avatars: avatar name -> its emotion names."""
+
+    avatars: dict[str, list[str]]
+    default_avatar: str
+
+
+# ---- livestreams ----------------------------------------------------------------------------------------
+class BroadcastSource(TypedDict):
+    type: Literal["session", "audio"]
+    session_id: NotRequired[str]  # type "session"
+    audio: NotRequired[str]  # type "audio": the file path or URL
+
+
+class BroadcastReport(TypedDict):
+    """One livestream (streaming/broadcasts.py + the broadcaster's own numbers)."""
+
+    id: str
+    source: BroadcastSource
+    created: float
+    target: str  # the stream key masked
+    kind: str
+    state: str
+    end_reason: str | None
+    last_error: str | None
+    frames_sent: int
+    seconds_sent: float
+    bitrate_kbps: float
+    video_bitrate_kbps: int
+    reconnects: int
+    disconnects: int
+    buffered: int
+
+
+class BroadcastList(TypedDict, closed=True):
+    broadcasts: list[BroadcastReport]
+    max_broadcasts: int
+
+
+# ---- events (GET /admin/events) -------------------------------------------------------------------------
+class Event(TypedDict):
+    id: int
+    type: str
+    time: float
+
+
+class HelloEvent(TypedDict, closed=True):
+    id: int
+    type: Literal["hello"]
+    snapshot: ServiceSnapshot
+
+
+class SessionEvent(Event):
+    session: str
+
+
+class SessionOpenedEvent(SessionEvent):
+    avatar: str
+    emotion: str | None
+    mode: str
+    codec: str | None
+
+
+class SessionConnectedEvent(SessionEvent):
+    connect_ms: float
+
+
+class SessionClosedEvent(SessionEvent):
+    reason: str
+    error: str | None
+    frames_sent: int
+    age_s: float
+
+
+class ConditionsEvent(SessionEvent):
+    avatar: str
+    emotion: str | None
+
+
+class ConditionsChangedEvent(ConditionsEvent):
+    engine_session: str | None
+
+
+class SessionPausedEvent(SessionEvent):
+    dropped_frames: int
+
+
+class StatsRow(TypedDict, closed=True):
+    id: str
+    state: str
+    fps: float
+    paused: bool
+    emotion: str | None
+    avatar: str
+    latency_ms: float | None
+    pacer_level: int
+    repeated: int
+
+
+class StatsEvent(Event):
+    sessions: list[StatsRow]
+
+
+class BroadcastEvent(Event):
+    broadcast: str
+    state: NotRequired[str]
+
+
+EVENTS: dict[str, type[Any]] = {
+    "hello": HelloEvent, "session_opened": SessionOpenedEvent, "session_connected": SessionConnectedEvent,
+    "session_closed": SessionClosedEvent, "conditions_requested": ConditionsEvent,
+    "conditions_changed": ConditionsChangedEvent, "session_paused": SessionPausedEvent,
+    "session_resumed": SessionEvent, "session_restarted": SessionEvent, "segment_end": SessionEvent,
+    "stats": StatsEvent, "broadcast_started": BroadcastEvent, "broadcast_state": BroadcastEvent,
+    "broadcast_ended": BroadcastEvent, "server_shutdown": Event,
+}
+"""Each event type -> its shape (an unknown type is checked as a plain `Event`)."""
