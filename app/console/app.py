@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict, deque
 from datetime import tzinfo
-from typing import Any, Awaitable
+from typing import Any, Awaitable, TypeVar
 
 from rich.text import Text
 from textual import on, work
@@ -30,6 +30,7 @@ from app.console.panels import (COLUMNS, QUIET_EVENTS, Link, active_broadcasts, 
                                 emotion_choices, engine_panel, event_line, find_session, session_rows, status_line,
                                 update_history)
 
+DialogResult = TypeVar("DialogResult")  # what a dialog is dismissed with
 SESSION_EVENTS_KEPT = 6  # recent events shown per session in the detail pane
 LOG_LINES = 1000
 REFRESH_ON = frozenset({"session_opened", "session_connected", "session_closed", "conditions_changed",
@@ -61,21 +62,40 @@ class EventLog(RichLog):
                 self.write(entry)
 
 
-class ConfirmScreen(ModalScreen[bool]):
+class DialogScreen(ModalScreen[DialogResult]):
+    """A modal: its question or title over the widgets of `body()`; Escape dismisses it with None."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.question, id="question")
+            yield from self.body()
+
+    def body(self) -> ComposeResult:
+        yield from ()
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
+class ConfirmScreen(DialogScreen[bool]):
     """Yes / no before anything that cannot be undone."""
 
     BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
 
     def __init__(self, question: str, yes: str = "Yes") -> None:
-        super().__init__()
-        self.question, self.yes = question, yes
+        super().__init__(question)
+        self.yes = yes
 
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(self.question, id="question")
-            with Horizontal(id="buttons"):
-                yield Button(f"{self.yes} (y)", variant="error", id="yes")
-                yield Button("Cancel (n)", variant="primary", id="no")
+    def body(self) -> ComposeResult:
+        with Horizontal(id="buttons"):
+            yield Button(f"{self.yes} (y)", variant="error", id="yes")
+            yield Button("Cancel (n)", variant="primary", id="no")
 
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)
@@ -85,50 +105,36 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(event.button.id == "yes")
 
 
-class PickerScreen(ModalScreen[Any]):
+class PickerScreen(DialogScreen[Any]):
     """Choose one of `choices` [(label, value)]; dismissed with the value, or None on Escape."""
 
-    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
-
     def __init__(self, title: str, choices: list[tuple[str, Any]], current: int = 0) -> None:
-        super().__init__()
-        self.title_text, self.choices, self.current = title, choices, current
+        super().__init__(title)
+        self.choices, self.current = choices, current
 
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(self.title_text, id="question")
-            yield OptionList(*(Option(label, id=str(i)) for i, (label, _) in enumerate(self.choices)), id="choices")
-            yield Label("↑/↓ choose · Enter apply · Esc cancel", classes="hint")
+    def body(self) -> ComposeResult:
+        yield OptionList(*(Option(label, id=str(i)) for i, (label, _) in enumerate(self.choices)), id="choices")
+        yield Label("↑/↓ choose · Enter apply · Esc cancel", classes="hint")
 
     def on_mount(self) -> None:
         self.query_one(OptionList).highlighted = self.current
-
-    def action_dismiss_none(self) -> None:
-        self.dismiss(None)
 
     @on(OptionList.OptionSelected)
     def chosen(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(self.choices[int(event.option.id or 0)][1])
 
 
-class TargetScreen(ModalScreen[str | None]):
+class TargetScreen(DialogScreen[str | None]):
     """Where to livestream a session: an RTMP URL or an HLS playlist under the server's HLS directory."""
 
-    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
-
     def __init__(self, title: str, value: str = "") -> None:
-        super().__init__()
-        self.title_text, self.value = title, value
+        super().__init__(title)
+        self.value = value
 
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(self.title_text, id="question")
-            yield Input(self.value, placeholder="rtmp://HOST/APP/STREAM_KEY  or  NAME.m3u8", id="target")
-            yield Label("Enter start · Esc cancel · the server masks the stream key in everything it reports",
-                        classes="hint")
-
-    def action_dismiss_none(self) -> None:
-        self.dismiss(None)
+    def body(self) -> ComposeResult:
+        yield Input(self.value, placeholder="rtmp://HOST/APP/STREAM_KEY  or  NAME.m3u8", id="target")
+        yield Label("Enter start · Esc cancel · the server masks the stream key in everything it reports",
+                    classes="hint")
 
     @on(Input.Submitted)
     def submitted(self, event: Input.Submitted) -> None:

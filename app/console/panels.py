@@ -289,7 +289,7 @@ def broadcast_source(x: Mapping[str, Any]) -> str:
     if src.get("type") == "session":
         return f"session {src.get('session_id')}"
     if src.get("type") == "audio":
-        return f"audio {src.get('audio') or src.get('path') or ''}".strip()
+        return f"audio {src.get('audio') or ''}".strip()
     return str(src.get("type") or "?")
 
 

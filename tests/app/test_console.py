@@ -7,11 +7,14 @@
    recovers when the server comes back.
 3. Snapshot tests (pytest-textual-snapshot) of every screen and state from fixed fake snapshots, wide
    and narrow; pure panel functions and client error mapping; the console never imports the engine.
+4. The contract: the fake client's answers (and the fake data below) and a real server's answers, over a
+   real call, pass the same schema (streaming/api_schema.py), so the fake cannot drift from the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import subprocess
 import sys
@@ -27,10 +30,14 @@ from textual import events
 from textual.widgets import DataTable, Input, OptionList, Static
 from typer.testing import CliRunner
 
+from pydantic import TypeAdapter, ValidationError
+
 from app.console.app import ConfirmScreen, ConsoleApp, EventLog, PickerScreen, TargetScreen
-from app.console.client import AdminClient, AdminError, FakeAdminClient, error_from_response, parse_sse
+from app.console.client import (AdminClient, AdminError, ConsoleSnapshot, FakeAdminClient, error_from_response,
+                                parse_sse)
 from app.console.panels import (Sparkline, dropped_frames, emotion_choices, real_time_factor, redact_url,
                                 session_cells, update_history)
+from streaming import api_schema as schema
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,12 +105,15 @@ def fake_session(sid: str, *, emotion: str | None = "neutral", paused: bool = Fa
     }
 
 
-ENGINE = {"model": "random-tiny", "mode": "causal", "device": "cuda:0", "decoder": "CUDAExecutionProvider",
-          "warmup_ms": 2299.5, "failures": 0, "checkpoint": "/models/demo/dit.safetensors", "sessions": 2,
-          "latency_budget": {"block_ms": 480.0, "lookahead_ms": 7.5, "features_ms": 1.2, "denoise_ms": 38.4,
-                             "decode_ms": 21.7, "total_ms": 548.8},
-          "rtf": 0.127, "memory": {"rss_bytes": 1_932_735_283, "cuda_allocated_bytes": 3_221_225_472,
-                                   "cuda_reserved_bytes": 4_294_967_296}}
+ENGINE_STATS = {"model": "random-tiny", "mode": "causal", "device": "cuda:0", "decoder": "CUDAExecutionProvider",
+                "warmup_ms": 2299.5, "failures": 0,
+                "latency_budget": {"block_ms": 480.0, "lookahead_ms": 7.5, "features_ms": 1.2, "denoise_ms": 38.4,
+                                   "decode_ms": 21.7, "total_ms": 548.8},
+                "sessions": {"s1": {"frames": 18000, "idle_frames": 200, "blocks": 1500, "next_pts": 18000,
+                                    "dropped_input_samples": 0, "dropped_frames": 0}}}  # /admin/metrics' engine
+ENGINE = {**ENGINE_STATS, "checkpoint": "/models/demo/dit.safetensors", "sessions": 2, "rtf": 0.127,
+          "memory": {"rss_bytes": 1_932_735_283, "cuda_allocated_bytes": 3_221_225_472,
+                     "cuda_reserved_bytes": 4_294_967_296}}  # GET /admin/engine
 NO_BROADCAST = {"available": False, "status": 501, "message": "broadcasting is not configured on this server"}
 LIVE_BROADCAST = {"max_broadcasts": 2, "broadcasts": [
     {"id": "b1", "source": {"type": "session", "session_id": "k3Jd9sPq2LmX7aBc"}, "created": T0 + 20,
@@ -118,7 +128,7 @@ LIVE_BROADCAST = {"max_broadcasts": 2, "broadcasts": [
 
 def fake_snapshot(sessions: list[dict], broadcast: dict = NO_BROADCAST) -> dict:
     return {"metrics": {"sessions": sessions, "max_sessions": 4, "uptime_s": 5421.0, "subscribers": 1,
-                        "engine": {k: ENGINE[k] for k in ("model", "mode", "device", "decoder")}},
+                        "engine": ENGINE_STATS},
             "engine": ENGINE, "broadcast": broadcast}
 
 
@@ -128,7 +138,7 @@ TWO_SESSIONS = [fake_session("k3Jd9sPq2LmX7aBc", emotion="happy", seed=1.0),
                              pending={"avatar": "sketch", "emotion": "sad"})]
 EVENTS = [{"id": 1, "type": "session_opened", "time": T0 + 1, "session": "k3Jd9sPq2LmX7aBc", "avatar": "sketch",
            "emotion": "neutral", "mode": "voice", "codec": "VP8"},
-          {"id": 2, "type": "session_connected", "time": T0 + 2, "session": "k3Jd9sPq2LmX7aBc"},
+          {"id": 2, "type": "session_connected", "time": T0 + 2, "session": "k3Jd9sPq2LmX7aBc", "connect_ms": 412.5},
           {"id": 3, "type": "conditions_requested", "time": T0 + 9, "session": "k3Jd9sPq2LmX7aBc",
            "avatar": "sketch", "emotion": "happy"},
           {"id": 4, "type": "conditions_changed", "time": T0 + 10, "session": "k3Jd9sPq2LmX7aBc",
@@ -472,3 +482,93 @@ def test_the_cli_command(monkeypatch):
     res = runner.invoke(cli, ["console", "--url", "http://10.0.0.2:9000"])
     assert res.exit_code == 0, res.output
     assert started == [("http://10.0.0.2:9000", TOKEN)]
+
+
+# ---- 5. the contract: fake answers and real answers through one schema -----------------------------------
+@functools.cache
+def _adapter(shape) -> TypeAdapter:
+    return TypeAdapter(shape)
+
+
+def conforms(shape, payload) -> None:
+    """Raises ValidationError naming the field unless `payload` has `shape` (strict types; a closed shape
+    admits no other key)."""
+    _adapter(shape).validate_python(payload, strict=True)
+
+
+def conforms_event(event: dict) -> None:
+    conforms(schema.EVENTS.get(event["type"], schema.Event), event)
+
+
+async def test_the_fake_client_answers_in_the_servers_schema():
+    for snap in (fake_snapshot(TWO_SESSIONS, LIVE_BROADCAST), fake_snapshot([])):
+        conforms(ConsoleSnapshot, snap)
+    for event in EVENTS:
+        conforms_event(event)
+    client = FakeAdminClient([fake_snapshot(TWO_SESSIONS, LIVE_BROADCAST)])
+    live = TWO_SESSIONS[0]["id"]
+    conforms(ConsoleSnapshot, await client.snapshot())
+    conforms(schema.AvatarCatalog, await client.avatars())
+    conforms(schema.ConditionsAnswer, await client.set_conditions(live, "sketch", "sad"))
+    conforms(schema.PauseAnswer, await client.pause(live))
+    conforms(schema.PauseAnswer, await client.resume(live))
+    started = await client.start_broadcast("show.m3u8", live)
+    conforms(schema.BroadcastReport, started)
+    for bid in (started["id"], "b1"):  # one it started, one from the scripted snapshot
+        conforms(schema.BroadcastReport, await client.stop_broadcast(bid))
+    conforms(schema.SessionEnded, await client.end_session(live))
+    # the check bites: a field the server never sends, or one it always sends missing, is refused
+    for wrong in ({**ENGINE, "path": "/models/demo"}, {k: v for k, v in ENGINE.items() if k != "checkpoint"}):
+        with pytest.raises(ValidationError):
+            conforms(schema.EngineInfo, wrong)
+    with pytest.raises(ValidationError, match="video.fps"):
+        conforms(schema.SessionReport, {**TWO_SESSIONS[0], "video": {"sent": 1, "fps": "25", "skipped": 0}})
+
+
+async def test_the_real_server_answers_in_the_same_schema(server):
+    client = AdminClient(server.url, TOKEN)
+    events: list[dict] = []
+
+    async def follow() -> None:
+        async for event in client.events():
+            events.append(event)
+
+    follower = asyncio.ensure_future(follow())
+    await until(lambda: events and events[0]["type"] == "hello", 5, "the hello event")
+    peer, sid = await start_call(server.url)
+    try:
+        async def report() -> dict:
+            return next(s for s in (await client.snapshot())["metrics"]["sessions"] if s["id"] == sid)
+
+        for _ in range(200):  # until frames flow, so every number of the call is in
+            s = await report()
+            if s["video"]["sent"] > 10 and s["mic"] and s["latency_ms"]["p50"] is not None:
+                break
+            await asyncio.sleep(0.1)
+        conforms(ConsoleSnapshot, await client.snapshot())
+        conforms(schema.AvatarCatalog, await client.avatars())
+        conforms(schema.ConditionsAnswer, await client.set_conditions(sid, "sketch", "happy"))
+        async with aiohttp.ClientSession() as page:  # the page's own routes answer in the same shapes
+            async with page.post(f"{server.url}/sessions/{sid}/conditions", json={"emotion": "sad"}) as r:
+                conforms(schema.ConditionsAnswer, await r.json())
+            async with page.get(f"{server.url}/sessions/{sid}") as r:
+                conforms(schema.SessionReport, await r.json())
+        conforms(schema.PauseAnswer, await client.pause(sid))
+        conforms(schema.PauseAnswer, await client.resume(sid))
+        started = await client.start_broadcast("contract.m3u8", sid)
+        conforms(schema.BroadcastReport, started)
+        await until(lambda: any(e["type"] == "broadcast_state" for e in events), 20, "the broadcast to start")
+        snap = await client.snapshot()
+        conforms(ConsoleSnapshot, snap)
+        assert snap["broadcast"]["broadcasts"] and snap["engine"]["checkpoint"] is None  # random weights
+        conforms(schema.BroadcastReport, await client.stop_broadcast(started["id"]))
+        conforms(schema.SessionEnded, await client.end_session(sid))
+        seen = lambda: {e["type"] for e in events}  # noqa: E731
+        await until(lambda: {"session_closed", "stats", "broadcast_ended"} <= seen(), 10, "the last events")
+        for event in events:
+            conforms_event(event)
+        assert {e["type"] for e in EVENTS} <= seen()  # every kind of event the fake plays, checked live
+    finally:
+        follower.cancel()
+        await client.close()
+        await peer.close()
