@@ -2,11 +2,14 @@
 the page and its config, health and Prometheus metrics, a call through POST /offer, the admin API
 (list, metrics snapshot, change emotion, pause, end a session, SSE events, broadcast requests), and abuse
 (bad SDP, big bodies, wrong content type, unknown sessions, bad tokens, over capacity) answered with
-clear JSON errors while a call keeps going."""
+clear JSON errors while a call keeps going; the page's and the admin API's avatar/emotion changes follow
+one rule and read bodies the same way."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import os
 import time
@@ -195,6 +198,69 @@ async def test_a_call_with_admin_control_and_events_while_abuse_is_refused(clien
     reader.cancel()
     for peer in (a, b):
         await peer.close()
+
+
+async def applied_change(client: TestClient, path: str, headers: dict, body: dict) -> dict:
+    resp = await client.post(path, json=body, headers=headers)
+    assert resp.status == 200, (path, body, await resp.text())
+    return await resp.json()
+
+
+async def test_the_page_and_the_admin_api_change_conditions_by_one_rule(engine):
+    avatars, _ = prepare_avatars(engine)
+    sketch = avatars[BUILTIN_AVATAR]
+    plain = dataclasses.replace(sketch, emotion_latents={})  # an avatar without emotion references
+    backend = EngineBackend(engine, {BUILTIN_AVATAR: sketch, "plain": plain}, BUILTIN_AVATAR)
+    settings = Settings(admin_token=TOKEN, max_sessions=2, idle_timeout_s=10, connect_timeout_s=10,
+                        max_body_bytes=64 * 1024)
+    with loopback_candidates_only():
+        async with TestClient(TestServer(create_app(settings, backend))) as client:
+            peer, answer = await start_call(client, emotion="sad")
+            sid = answer["session_id"]
+            # paused, a change applies at once (no speech to wait for), so each answer is final
+            assert (await client.post(f"/admin/sessions/{sid}/pause", headers=AUTH)).status == 200
+            routes = {"page": (f"/sessions/{sid}/conditions", {}),
+                      "admin": (f"/admin/sessions/{sid}/conditions", AUTH)}
+
+            async def state() -> tuple:
+                s = await (await client.get(f"/sessions/{sid}")).json()
+                return s["avatar"], s["emotion"], s["swaps"], s["engine"]["session"]
+
+            for path, headers in routes.values():
+                change = functools.partial(applied_change, client, path, headers)
+                await expect_error(await client.post(path, json={}, headers=headers), 400, "bad_request")
+                await expect_error(await client.post(path, json={"avatar": 3}, headers=headers), 400, "bad_field")
+                await expect_error(await client.post(path, json={"avatar": "nobody"}, headers=headers),
+                                   400, "unknown_avatar")
+                await expect_error(await client.post(path, json={"avatar": "plain", "emotion": "happy"},
+                                                     headers=headers), 400, "unknown_emotion")
+                await expect_error(await client.post(path, data="{", headers={**headers, "Content-Type":
+                                                                              "application/json"}), 400, "bad_json")
+                await expect_error(await client.post(path, data=b"{" + b" " * 100_000 + b"}",
+                                                     headers={**headers, "Content-Type": "application/json"}),
+                                   413, "body_too_large")
+                await expect_error(await client.post(path, data="x", headers={**headers, "Content-Type": "text/plain"}),
+                                   415, "unsupported_media_type")
+                # 1. a new emotion on the same avatar
+                assert (await change({"emotion": "happy"}))["status"] == "applied"
+                assert (await state())[:2] == (BUILTIN_AVATAR, "happy")
+                # 2. another avatar without naming an emotion: the mood follows where it can, else none
+                result = await change({"avatar": "plain"})
+                assert (result["avatar"], result["emotion"], result["status"]) == ("plain", None, "applied")
+                result = await change({"avatar": BUILTIN_AVATAR, "emotion": "sad"})
+                assert (result["avatar"], result["emotion"]) == (BUILTIN_AVATAR, "sad")
+                # 3. asking for what the call shows changes nothing: same engine session, no swap
+                before = await state()
+                assert (await change({"avatar": BUILTIN_AVATAR}))["emotion"] == "sad"
+                assert (await change({"emotion": "sad"}))["status"] == "applied"
+                assert await state() == before
+                # 4. null: no emotion
+                assert (await change({"emotion": None}))["emotion"] is None
+                assert (await state())[:2] == (BUILTIN_AVATAR, None)
+                await change({"emotion": "sad"})  # back where the other route starts
+            assert (await state())[2] == 2 * 5  # five real changes per route, no swap for the two no-ops
+            await client.post(f"/sessions/{sid}/bye")
+            await peer.close()
 
 
 def test_settings_from_env_and_validation():
