@@ -10,9 +10,10 @@ in panels.py from the latest snapshot; actions run as workers too, and every ser
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import defaultdict, deque
 from datetime import tzinfo
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from rich.text import Text
 from textual import on, work
@@ -139,6 +140,18 @@ class TargetScreen(DialogScreen[str | None]):
     @on(Input.Submitted)
     def submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
+
+
+def selected_session_action(action: Callable[[ConsoleApp, dict[str, Any]], Awaitable[None]]):
+    """A key action on the selected session, run as a worker (modals wait inside it); with no session
+    selected the operator is told so and nothing is sent."""
+    @functools.wraps(action)
+    async def run(app: ConsoleApp) -> None:
+        session = app.selected_session()
+        if session is not None:
+            await action(app, session)
+
+    return work(group="actions")(run)
 
 
 class ConsoleApp(App[None]):
@@ -320,7 +333,7 @@ class ConsoleApp(App[None]):
         self.query_one("#log", EventLog).add(Text.assemble(("console ", "dim"), (message, style)))
 
     # ---- actions -----------------------------------------------------------------------------------------
-    def _session(self) -> dict[str, Any] | None:
+    def selected_session(self) -> dict[str, Any] | None:
         session = find_session(self.snap.get("metrics"), self.selected)
         if session is None:
             self.notify("no session selected", severity="warning")
@@ -343,11 +356,8 @@ class ConsoleApp(App[None]):
         if self.follow_events and self.link.events != "live":
             self.stream_events()
 
-    @work(group="actions")
-    async def action_end_session(self) -> None:
-        session = self._session()
-        if session is None:
-            return
+    @selected_session_action
+    async def action_end_session(self, session: dict[str, Any]) -> None:
         sid = session["id"]
         if not await self.push_screen_wait(ConfirmScreen(
                 f"End session {sid} ({session.get('avatar')}, {session.get('state')})?\n"
@@ -357,11 +367,8 @@ class ConsoleApp(App[None]):
         if result is not None:
             self.note(f"ended session {sid} ({result.get('frames_sent', '?')} frames sent)")
 
-    @work(group="actions")
-    async def action_conditions(self) -> None:
-        session = self._session()
-        if session is None:
-            return
+    @selected_session_action
+    async def action_conditions(self, session: dict[str, Any]) -> None:
         catalog = await self._call("list avatars", self.client.avatars())
         if catalog is None:
             return
@@ -382,21 +389,15 @@ class ConsoleApp(App[None]):
             when = "applied" if result.get("status") == "applied" else f"pending: applies {result.get('applies')}"
             self.note(f"{session['id']}: {avatar}/{emotion or '(no emotion)'} {when}")
 
-    @work(group="actions")
-    async def action_toggle_pause(self) -> None:
-        session = self._session()
-        if session is None:
-            return
+    @selected_session_action
+    async def action_toggle_pause(self, session: dict[str, Any]) -> None:
         sid, paused = session["id"], bool(session.get("paused"))
         request = self.client.resume(sid) if paused else self.client.pause(sid)
         if await self._call(f"{'resume' if paused else 'pause'} {sid}", request) is not None:
             self.note(f"{sid} {'resumed' if paused else 'paused: not listening'}")
 
-    @work(group="actions")
-    async def action_start_broadcast(self) -> None:
-        session = self._session()
-        if session is None:
-            return
+    @selected_session_action
+    async def action_start_broadcast(self, session: dict[str, Any]) -> None:
         sid = session["id"]
         to = await self.push_screen_wait(TargetScreen(f"Livestream session {sid} to:", self.last_target))
         if to is None:
