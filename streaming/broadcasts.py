@@ -129,13 +129,8 @@ class BroadcastManager:
 
     async def _audio_entry(self, bid: str, broadcaster: Broadcaster, body: dict[str, Any]):
         backend = self.service.backend
-        catalog = backend.catalog()
         avatar, emotion = body.get("avatar") or backend.default_avatar, body.get("emotion")
-        if avatar not in catalog:
-            raise LiveError(400, "unknown_avatar", f"no avatar {avatar!r}; available: {sorted(catalog)}")
-        if emotion is not None and emotion not in catalog[avatar]:
-            raise LiveError(400, "unknown_emotion", f"avatar {avatar!r} has no emotion {emotion!r}; "
-                                                    f"available: {catalog[avatar]}")
+        self.service.check_conditions(avatar, emotion)
         try:  # opening a URL blocks: off the loop
             await asyncio.get_running_loop().run_in_executor(None, probe_audio, body["audio"])
         except AudioSourceError as exc:

@@ -101,13 +101,8 @@ class LiveService:
             raise self._reject(503, "shutting_down", "the server is shutting down")
         if offer.mode not in MODES:
             raise self._reject(400, "bad_mode", f"mode must be one of {list(MODES)}, not {offer.mode!r}")
-        catalog = self.backend.catalog()
-        if offer.avatar not in catalog:
-            raise self._reject(400, "unknown_avatar", f"no avatar {offer.avatar!r}; available: {sorted(catalog)}")
-        if offer.emotion is not None and offer.emotion not in catalog[offer.avatar]:
-            raise self._reject(400, "unknown_emotion", f"avatar {offer.avatar!r} has no emotion {offer.emotion!r}; "
-                                                       f"available: {catalog[offer.avatar]}")
         try:
+            self.check_conditions(offer.avatar, offer.emotion)
             validate_offer(offer.sdp, offer.codec)
         except LiveError as exc:
             raise self._reject(exc.status, exc.code, exc.message) from None
@@ -160,6 +155,17 @@ class LiveService:
         await peer.close(reason)
         return {"session_id": peer_id, "ended": True, "reason": reason, "frames_sent": peer.video.sent}
 
+    def check_conditions(self, avatar: str, emotion: str | None) -> list[str]:
+        """LiveError 400 unless `avatar` is served and `emotion` (None: no emotion) is one of its emotions;
+        returns the avatar's emotions."""
+        catalog = self.backend.catalog()
+        if avatar not in catalog:
+            raise LiveError(400, "unknown_avatar", f"no avatar {avatar!r}; available: {sorted(catalog)}")
+        if emotion is not None and emotion not in catalog[avatar]:
+            raise LiveError(400, "unknown_emotion", f"avatar {avatar!r} has no emotion {emotion!r}; "
+                                                    f"available: {catalog[avatar]}")
+        return catalog[avatar]
+
     def set_conditions(self, peer_id: str, avatar: str | None = None,
                        emotion: str | None | Keep = KEEP) -> ConditionsAnswer:
         """The one rule for changing a call's avatar and/or emotion (the page's pickers and the admin API):
@@ -176,14 +182,10 @@ class LiveService:
         if avatar is None and emotion is KEEP:
             raise LiveError(400, "bad_request", "give 'avatar' and/or 'emotion' (null for none)")
         avatar = avatar or peer.avatar
-        catalog = self.backend.catalog()
-        if avatar not in catalog:
-            raise LiveError(400, "unknown_avatar", f"no avatar {avatar!r}; available: {sorted(catalog)}")
         if isinstance(emotion, Keep):
-            emotion = peer.emotion if peer.emotion in catalog[avatar] else None
-        elif emotion is not None and emotion not in catalog[avatar]:
-            raise LiveError(400, "unknown_emotion", f"avatar {avatar!r} has no emotion {emotion!r}; "
-                                                    f"available: {catalog[avatar]}")
+            emotion = peer.emotion if peer.emotion in self.check_conditions(avatar, None) else None
+        else:
+            self.check_conditions(avatar, emotion)
         if (avatar, emotion) == (peer.avatar, peer.emotion):
             peer.pending = None
         else:
