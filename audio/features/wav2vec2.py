@@ -25,60 +25,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from audio.features.base import AudioFeatures, StreamTiming
-from audio.pcm import (
-    MODEL_SAMPLE_RATE,
-    SAMPLES_PER_VIDEO_FRAME,
-    VIDEO_FRAME_MS,
-    as_mono_float32,
-    check_num_video_frames,
-)
+from audio.features.pretrained import PretrainedFeatures, PretrainedFeaturesConfig
+from audio.pcm import MODEL_SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME, as_mono_float32, check_num_video_frames
 
 _F = SAMPLES_PER_VIDEO_FRAME
-_MS = MODEL_SAMPLE_RATE // 1000  # samples per ms
-
-
-def _check_ms(value: int, name: str, minimum: int = 0) -> None:
-    if value < minimum or value % VIDEO_FRAME_MS:
-        raise ValueError(f"{name}={value} must be a multiple of {VIDEO_FRAME_MS} ms and >= {minimum}")
 
 
 @dataclass(frozen=True)
-class Wav2Vec2FeaturesConfig:
-    model_dir: str | Path  # a facebook/wav2vec2-base-960h style directory (config.json + weights)
-    offline_context: Literal["clip", "window"] = "clip"  # what __call__ computes
+class Wav2Vec2FeaturesConfig(PretrainedFeaturesConfig):
+    """A facebook/wav2vec2-base-960h style directory; OmniAvatar's 2 s of left context."""
+
     left_context_ms: int = 2000
-    lookahead_ms: int = 160
-    chunk_frames: int = 4  # one latent frame
-    device: str = "cpu"
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        _check_ms(self.left_context_ms, "left_context_ms")
-        _check_ms(self.lookahead_ms, "lookahead_ms")
-        if self.chunk_frames < 1:
-            raise ValueError("chunk_frames must be >= 1")
-        if self.offline_context not in ("clip", "window"):
-            raise ValueError(f"offline_context must be 'clip' or 'window', got {self.offline_context!r}")
 
 
-class Wav2Vec2Features(AudioFeatures):
+class Wav2Vec2Features(PretrainedFeatures):
     """OmniAvatar's Wav2Vec2 audio features: ``(T_video, (layers + 2) * hidden)`` float32."""
 
     def __init__(self, config: Wav2Vec2FeaturesConfig):
-        import torch
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-        self.config = config
-        model_dir = Path(config.model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"no Wav2Vec2 model in {model_dir} (config.json missing)")
-        self._torch = torch
-        self._dtype = getattr(torch, config.dtype)
+        super().__init__(config, "Wav2Vec2")
+        model_dir = self.model_dir
         self.model: Any = Wav2Vec2Model.from_pretrained(model_dir, local_files_only=True)
         self.model.eval().to(device=config.device, dtype=self._dtype)
         if (model_dir / "preprocessor_config.json").is_file():
@@ -89,18 +60,12 @@ class Wav2Vec2Features(AudioFeatures):
         mc = self.model.config
         self.num_hidden_states = mc.num_hidden_layers + 1
         self.feature_dim = (mc.num_hidden_layers + 2) * mc.hidden_size
-        self.timing = StreamTiming(config.left_context_ms * _MS, config.lookahead_ms * _MS, config.chunk_frames)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **options: Any) -> Wav2Vec2Features:
         return cls(Wav2Vec2FeaturesConfig(model_dir=model_dir, **options))
 
     # ---- offline -----------------------------------------------------------------------------------
-
-    def __call__(self, wav16k: np.ndarray, num_video_frames: int | None = None) -> np.ndarray:
-        if self.config.offline_context == "window":
-            return self.window_features(wav16k, num_video_frames)
-        return self.clip_features(wav16k, num_video_frames)
 
     def clip_features(self, wav16k: np.ndarray, num_video_frames: int | None = None) -> np.ndarray:
         """Upstream OmniAvatar: the whole clip through the encoder at once (audio beyond

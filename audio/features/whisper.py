@@ -24,67 +24,40 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from audio.features.base import AudioFeatures, StreamTiming
-from audio.pcm import (
-    MODEL_SAMPLE_RATE,
-    SAMPLES_PER_VIDEO_FRAME,
-    VIDEO_FRAME_MS,
-    as_mono_float32,
-    check_num_video_frames,
-)
+from audio.features.pretrained import SAMPLES_PER_MS, PretrainedFeatures, PretrainedFeaturesConfig
+from audio.pcm import MODEL_SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME, as_mono_float32, check_num_video_frames
 
 _F = SAMPLES_PER_VIDEO_FRAME
-_MS = MODEL_SAMPLE_RATE // 1000
 _ENC_HOP = 320  # samples per encoder frame: mel hop 160 x conv2 stride 2 (50 Hz)
 _ENC_PER_VIDEO = _F // _ENC_HOP  # 2
 
 
 @dataclass(frozen=True)
-class WhisperFeaturesConfig:
-    model_dir: str | Path  # an openai/whisper-tiny style directory (config.json + weights)
-    offline_context: Literal["clip", "window"] = "clip"  # what __call__ computes
-    left_context_ms: int = 1000
-    lookahead_ms: int = 160
-    chunk_frames: int = 4
+class WhisperFeaturesConfig(PretrainedFeaturesConfig):
+    """An openai/whisper-tiny style directory, with upstream's per-frame window of encoder frames."""
+
     window_frames: int = 10  # encoder frames per video frame (upstream: 10)
     leading_zero_frames: int = 4  # upstream: 4
-    device: str = "cpu"
-    dtype: str = "float32"
 
-    def __post_init__(self) -> None:
-        need_left = self.leading_zero_frames * 1000 * _ENC_HOP // MODEL_SAMPLE_RATE
-        need_right = (self.window_frames - self.leading_zero_frames - _ENC_PER_VIDEO) * 1000 * _ENC_HOP \
-            // MODEL_SAMPLE_RATE
-        for name, value, minimum in (("left_context_ms", self.left_context_ms, need_left),
-                                     ("lookahead_ms", self.lookahead_ms, need_right)):
-            if value < minimum or value % VIDEO_FRAME_MS:
-                raise ValueError(
-                    f"{name}={value} must be a multiple of {VIDEO_FRAME_MS} ms and >= {minimum} ms "
-                    f"(the {self.window_frames}-frame window reaches that far)"
-                )
-        if self.chunk_frames < 1:
-            raise ValueError("chunk_frames must be >= 1")
-        if self.offline_context not in ("clip", "window"):
-            raise ValueError(f"offline_context must be 'clip' or 'window', got {self.offline_context!r}")
+    def context_minimums_ms(self) -> tuple[dict[str, int], str]:
+        left = self.leading_zero_frames * _ENC_HOP // SAMPLES_PER_MS
+        right = (self.window_frames - self.leading_zero_frames - _ENC_PER_VIDEO) * _ENC_HOP // SAMPLES_PER_MS
+        return ({"left_context_ms": left, "lookahead_ms": right},
+                f"the {self.window_frames}-frame window reaches that far")
 
 
-class WhisperFeatures(AudioFeatures):
+class WhisperFeatures(PretrainedFeatures):
     """HunyuanVideo-Avatar / Sonic whisper features: ``(T_video, window * (layers + 1) * d_model)``."""
 
     def __init__(self, config: WhisperFeaturesConfig):
-        import torch
         from transformers import WhisperFeatureExtractor, WhisperModel
 
-        self.config = config
-        model_dir = Path(config.model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"no Whisper model in {model_dir} (config.json missing)")
-        self._torch = torch
-        self._dtype = getattr(torch, config.dtype)
+        super().__init__(config, "Whisper")
+        model_dir = self.model_dir
         full = WhisperModel.from_pretrained(model_dir, local_files_only=True)
         self.encoder: Any = full.get_encoder().eval().to(device=config.device, dtype=self._dtype)
         del full  # the decoder is not needed
@@ -97,7 +70,6 @@ class WhisperFeatures(AudioFeatures):
             self.extractor = WhisperFeatureExtractor(feature_size=ec.num_mel_bins, sampling_rate=MODEL_SAMPLE_RATE)
         self.feature_shape = (config.window_frames, ec.encoder_layers + 1, ec.d_model)
         self.feature_dim = int(np.prod(self.feature_shape))
-        self.timing = StreamTiming(config.left_context_ms * _MS, config.lookahead_ms * _MS, config.chunk_frames)
         positions = (self.timing.left_context_samples + config.chunk_frames * _F
                      + self.timing.lookahead_samples) // _ENC_HOP
         if positions > ec.max_source_positions:
@@ -129,11 +101,6 @@ class WhisperFeatures(AudioFeatures):
         return short.eval()
 
     # ---- offline -----------------------------------------------------------------------------------
-
-    def __call__(self, wav16k: np.ndarray, num_video_frames: int | None = None) -> np.ndarray:
-        if self.config.offline_context == "window":
-            return self.window_features(wav16k, num_video_frames)
-        return self.clip_features(wav16k, num_video_frames)
 
     def clip_features(self, wav16k: np.ndarray, num_video_frames: int | None = None) -> np.ndarray:
         """Upstream: 30 s segments through the pretrained encoder, then the per-frame windows."""
