@@ -9,19 +9,43 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 # The Wan2.1 / OmniAvatar geometry that everything downstream relies on.
 VIDEO_FRAMES_PER_LATENT = 4  # causal VAE: latent frame 0 -> 1 video frame, every later one -> 4
 WAV2VEC2_BASE_FEATURES = 10752  # 14 x 768: last hidden state + all 13 hidden states (OmniAvatar)
 
 
+class _DictConfig:
+    """`replace`, `to_dict` and `from_dict` of the frozen configs; JSON gives lists where we keep tuples."""
+
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for key in cls.TUPLE_FIELDS:
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(_DictConfig):
     """Architecture of the Wan2.1-layout diffusion transformer and its avatar extensions.
 
     Field names follow Wan2.1's `WanModel` constructor where one exists, so a checkpoint's
     `config.json` maps onto this class with `from_wan_config`.
     """
+
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("patch_size", "faa_layers", "aem_layers", "lora_targets")
 
     name: str
     dim: int
@@ -104,21 +128,6 @@ class DiTConfig:
 
     def tokens_per_frame(self, latent_h: int, latent_w: int) -> int:
         return (latent_h // self.patch_size[1]) * (latent_w // self.patch_size[2])
-
-    def replace(self, **changes) -> DiTConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DiTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for key in ("patch_size", "faa_layers", "aem_layers", "lora_targets"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
 
     @classmethod
     def from_wan_config(cls, d: dict, name: str = "checkpoint") -> DiTConfig:
@@ -206,7 +215,7 @@ WAN_VAE_LATENTS_STD: tuple[float, ...] = (
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(_DictConfig):
     """Architecture of the Wan2.1 causal 3D VAE (upstream `WanVAE_` constructor arguments).
 
     `dim` is the base width; stage i of the encoder has dim * dim_mult[i] channels. Each of the
@@ -214,6 +223,8 @@ class VAEConfig:
     time (causally: 1 + 4k frames -> 1 + k latents). Middle attention is always present; upstream's
     `attn_scales` is empty for every released checkpoint and is not supported.
     """
+
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("dim_mult", "temporal_downsample", "latents_mean", "latents_std")
 
     name: str
     dim: int = 96
@@ -252,21 +263,6 @@ class VAEConfig:
     @property
     def temporal_factor(self) -> int:
         return 2 ** sum(self.temporal_downsample)
-
-    def replace(self, **changes) -> VAEConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for key in ("dim_mult", "temporal_downsample", "latents_mean", "latents_std"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
 
     @classmethod
     def from_diffusers_config(cls, d: dict, name: str = "checkpoint") -> VAEConfig:

@@ -246,7 +246,32 @@ def _stateful_cache_shapes(layers: Sequence[nn.Module], batch: int, h: int, w: i
 # ---- encoder and decoder ------------------------------------------------------------------------
 
 
-class Encoder3d(nn.Module):
+class _CausalStack(nn.Module):
+    """`conv1`, a body of stateful blocks, then `head` (norm, SiLU, conv): the encoder's and decoder's shape.
+    Subclasses build the modules (their names are the checkpoint's) and say which ones form the body."""
+
+    conv1: CausalConv3d
+    head: nn.ModuleList
+
+    def body(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def cache_shapes(self, batch: int, h: int, w: int) -> list[CacheShape]:
+        shapes = [self.conv1.cache_shape(batch, h, w)]
+        more, (h, w) = _stateful_cache_shapes(self.body(), batch, h, w)
+        return shapes + more + [self.head[2].cache_shape(batch, h, w)]
+
+    def forward(self, x: torch.Tensor, caches: Sequence[torch.Tensor], first: bool
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x, one cache per causal conv in call order -> output, the new caches (same order)."""
+        x, c0 = self.conv1(x, caches[0])
+        x, body = _run_stateful(self.body(), x, caches[1:-1], first)
+        norm, act, conv = self.head
+        x, c_head = conv(act(norm(x)), caches[-1])
+        return x, (c0, *body, c_head)
+
+
+class Encoder3d(_CausalStack):
     """Video (B, 3, T, H, W) -> (B, 2 * z_dim, T', H/8, W/8): mean and log-variance, pre `conv1`."""
 
     def __init__(self, cfg: VAEConfig) -> None:
@@ -265,22 +290,12 @@ class Encoder3d(nn.Module):
         self.middle = nn.ModuleList([ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c)])
         self.head = nn.ModuleList([RMSNorm(c), nn.SiLU(), CausalConv3d(c, 2 * cfg.z_dim, 3)])
 
-    def cache_shapes(self, batch: int, h: int, w: int) -> list[CacheShape]:
-        shapes = [self.conv1.cache_shape(batch, h, w)]
-        more, (h, w) = _stateful_cache_shapes([*self.downsamples, *self.middle], batch, h, w)
-        return shapes + more + [self.head[2].cache_shape(batch, h, w)]
-
-    def forward(self, x: torch.Tensor, caches: Sequence[torch.Tensor], first: bool
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """x (B, 3, T, H, W) with T = 1 on the first chunk, 4 after -> (B, 2z, 1, H/8, W/8)."""
-        x, c0 = self.conv1(x, caches[0])  # (B, dim, T, H, W)
-        x, body = _run_stateful([*self.downsamples, *self.middle], x, caches[1:-1], first)
-        norm, act, conv = self.head
-        x, c_head = conv(act(norm(x)), caches[-1])
-        return x, (c0, *body, c_head)
+    def body(self) -> list[nn.Module]:
+        # forward: x (B, 3, T, H, W) with T = 1 on the first chunk, 4 after -> (B, 2z, 1, H/8, W/8)
+        return [*self.downsamples, *self.middle]
 
 
-class Decoder3d(nn.Module):
+class Decoder3d(_CausalStack):
     """(B, z_dim, 1, h, w) latent frame (after `conv2`) -> (B, 3, 1 or 4, 8h, 8w) video frames."""
 
     def __init__(self, cfg: VAEConfig) -> None:
@@ -303,19 +318,9 @@ class Decoder3d(nn.Module):
         c = dims[-1]
         self.head = nn.ModuleList([RMSNorm(c), nn.SiLU(), CausalConv3d(c, cfg.in_channels, 3)])
 
-    def cache_shapes(self, batch: int, h: int, w: int) -> list[CacheShape]:
-        shapes = [self.conv1.cache_shape(batch, h, w)]
-        more, (h, w) = _stateful_cache_shapes([*self.middle, *self.upsamples], batch, h, w)
-        return shapes + more + [self.head[2].cache_shape(batch, h, w)]
-
-    def forward(self, x: torch.Tensor, caches: Sequence[torch.Tensor], first: bool
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """x (B, z, 1, h, w) -> (B, 3, 1 if first else 4, 8h, 8w), new caches."""
-        x, c0 = self.conv1(x, caches[0])  # (B, dim * dim_mult[-1], 1, h, w)
-        x, body = _run_stateful([*self.middle, *self.upsamples], x, caches[1:-1], first)
-        norm, act, conv = self.head
-        x, c_head = conv(act(norm(x)), caches[-1])
-        return x, (c0, *body, c_head)
+    def body(self) -> list[nn.Module]:
+        # forward: x (B, z, 1, h, w) -> (B, 3, 1 if first else 4, 8h, 8w)
+        return [*self.middle, *self.upsamples]
 
 
 # ---- per-stream state ---------------------------------------------------------------------------
