@@ -26,7 +26,13 @@ def info() -> None:
     import onnxruntime as ort
     import torch
 
+    from avatar.engine import PRESET_DEFAULTS, preset_options
     from models.config import DIT_PRESETS
+
+    def generation(preset: str) -> dict:
+        o = preset_options(preset)
+        steps = {"causal": len(o.causal.steps), "overlap": o.overlap.steps, "fusion": o.fusion.steps}[o.mode]
+        return {"mode": o.mode, "steps": steps}
 
     out = {
         "torch": torch.__version__,
@@ -36,6 +42,7 @@ def info() -> None:
         "dit_presets": {k: {"dim": c.dim, "layers": c.num_layers, "heads": c.num_heads,
                             "in_dim": c.in_dim, "audio_dim": c.audio_dim}
                         for k, c in DIT_PRESETS.items()},
+        "generation_defaults": {k: generation(k) for k in PRESET_DEFAULTS},
     }
     typer.echo(json.dumps(out, indent=2))
 
@@ -107,9 +114,10 @@ def render(
     mode: Annotated[str, typer.Option(help="causal | overlap | fusion (position-shift fusion, offline)")] = "causal",
     model: Annotated[str, typer.Option(help="auto (the demo model when shipped, else tiny) | demo | tiny "
                                             "(random TINY weights)")] = "auto",
-    steps: Annotated[int | None, typer.Option(help="denoising steps (default: causal 4, overlap/fusion 25)")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model preset's, listed by "
+                                                   "`avatarcast info`: demo causal 3, tiny causal 4, overlap "
+                                                   "and fusion 25)")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
-    fps: Annotated[int, typer.Option(help="video frame rate (the models are built for 25)")] = 25,
     sample_rate: Annotated[int, typer.Option(help="audio track sample rate")] = 48_000,
     crf: Annotated[int, typer.Option(help="H.264 quality (libx264 CRF, lower is better)")] = 18,
     decoder: Annotated[str, typer.Option(help="VAE decoder: auto | onnx | torch")] = "auto",
@@ -127,7 +135,7 @@ def render(
     from app.render_progress import make_reporter
     from app.render_worker import RenderSettings, resolve_model
 
-    settings = RenderSettings(model=resolve_model(model), mode=mode, steps=steps, seed=seed, fps=fps,
+    settings = RenderSettings(model=resolve_model(model), mode=mode, steps=steps, seed=seed,
                               sample_rate=sample_rate, crf=crf, decoder=decoder)
     result = render_batch(inputs, out, avatar=avatar, emotion=emotion, settings=settings, jobs=jobs, backend=backend,
                           address=address, threads=threads, force=force, manifest_path=manifest,

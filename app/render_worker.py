@@ -55,9 +55,9 @@ class RenderSettings:
 
     model: str = "tiny"
     mode: str = "causal"  # causal | overlap | fusion
-    steps: int | None = None  # denoising steps; None: the mode's default (causal 4, overlap/fusion 25)
+    steps: int | None = None  # denoising steps; None: the preset's (avatar/engine.py PRESET_DEFAULTS; fusion 25)
     seed: int = 0
-    fps: int = DEFAULT_FPS
+    fps: int = DEFAULT_FPS  # the audio front ends and the VAE geometry are built for 25 fps; not a user option
     sample_rate: int = 48_000  # of the AAC track
     crf: int = 18  # libx264 quality
     decoder: str = "auto"  # VAE decoder backend: auto | onnx | torch (how, not what: not in the key)
