@@ -1,0 +1,18 @@
+"""The DiT trainer's noise levels, noising and timesteps reproduce their stored goldens bit for bit."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "fixtures" / "sampling" / "make_goldens.py"
+_spec = importlib.util.spec_from_file_location("make_goldens", _SCRIPT)
+goldens = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(goldens)
+
+
+@pytest.mark.parametrize("case", sorted(goldens.TRAINER_CASES))
+def test_trainer_noising_reproduces_its_golden_bit_for_bit(case):
+    assert goldens.mismatches(case) == []
