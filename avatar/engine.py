@@ -380,9 +380,10 @@ class AvatarEngine:
         _, unit, ahead = o.unit_geometry()
         block_ms = 1000 * 4 * (unit + ahead) / o.fps  # the audio a unit waits for, its lookahead included
         timing = self.models.features.timing
-        stages = [s.stats.stage_ms for s in self.sessions.values()]
+        with self._lock:  # the worker thread deletes closed sessions
+            stages = [s.stats.stage_ms for s in self.sessions.values()]
         def med(name):  # noqa: E306
-            vals = [v for st in stages for v in st[name]]
+            vals = [v for st in stages for v in list(st[name])]  # list(): one atomic copy of a growing deque
             return statistics.median(vals) if vals else 0.0
         budget = {
             "block_ms": block_ms,
@@ -395,6 +396,8 @@ class AvatarEngine:
         return {k: round(v, 2) for k, v in budget.items()}
 
     def snapshot(self) -> dict:
+        with self._lock:  # the worker thread deletes closed sessions
+            sessions = list(self.sessions.items())
         return {
             "model": self.models.name,
             "mode": self.options.mode,
@@ -405,7 +408,7 @@ class AvatarEngine:
                                "blocks": s.stats.blocks, "next_pts": s.next_video,
                                "dropped_input_samples": s.stats.dropped_input_samples,
                                "dropped_frames": s.stats.dropped_frames}
-                         for sid, s in self.sessions.items()},
+                         for sid, s in sessions},
             "failures": self.failures,
             "latency_budget": self.latency_budget(),
         }
