@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models.attention import attention, expand_frame_mask, lengths_to_key_mask
 from models.rope import apply_rope, rope_table
@@ -35,10 +36,13 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back (Wan2.1 `WanLayerNorm`)."""
+    """LayerNorm computed in float32 and cast back (Wan2.1 `WanLayerNorm`); the affine parameters are
+    promoted too, so a model held in bfloat16 normalises in float32 as well."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
