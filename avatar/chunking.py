@@ -2,7 +2,9 @@
 
 Both are written against a velocity function `fn(x, t, frames) -> v` (x: (1, C, n, h, w) latents,
 t: (1,) timestep, frames: the absolute latent indices of x's frames, so the caller can slice audio),
-which keeps the loops testable with a toy denoiser and reusable with any guided DiT.
+which keeps the loops testable with a toy denoiser and reusable with any guided DiT. Schedules and
+Euler steps come from the shared sampler (`models.sampling.FlowMatchSampler`); what lives here is
+only which frames are held, windowed and averaged.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import torch
 
 from avatar.generator import Conditions, Guidance, GuidedModel, Unit
 from models.dit import WanDiT
-from models.sampling import flow_sigmas
+from models.sampling import FlowMatchSampler
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 
 
 # ---- 1. overlapping chunks (OmniAvatar) ---------------------------------------------------------
-def denoise_with_prefix(fn: VelocityFn, noise: torch.Tensor, prefix: torch.Tensor, sigmas: torch.Tensor,
+def denoise_with_prefix(fn: VelocityFn, noise: torch.Tensor, prefix: torch.Tensor, sampler: FlowMatchSampler,
                         frames: list[int]) -> torch.Tensor:
-    """Euler flow matching over a chunk whose first `p` frames are known and held clean.
+    """Flow matching (the sampler's steps, Euler for OmniAvatar) over a chunk whose first `p` frames are
+    known and held clean.
 
     The prefix is written over x before every model call and after the last step, as OmniAvatar does,
     so it leaves the loop exactly as it came in. Returns (1, C, L, h, w).
@@ -30,10 +33,9 @@ def denoise_with_prefix(fn: VelocityFn, noise: torch.Tensor, prefix: torch.Tenso
     p = prefix.shape[2]
     x = noise.clone()
     x[:, :, :p] = prefix
-    for i in range(len(sigmas) - 1):
-        t = (sigmas[i] * 1000).reshape(1).to(x.device)
-        v = fn(x, t, frames)
-        x = x + (sigmas[i + 1] - sigmas[i]).item() * v  # host scalar from the schedule, not the device
+    for i in range(len(sampler)):
+        v = fn(x, sampler.timestep(i, x.device), frames)
+        x = sampler.step(x, v, i)
         x[:, :, :p] = prefix  # 1. re-pin the known frames
     return x
 
@@ -63,7 +65,7 @@ class OverlapGenerator:
             raise ValueError(f"overlap {options.overlap_frames} must be in 1..chunk_frames-1 ({options.chunk_frames})")
         self.dit, self.options = dit, options
         self.model = GuidedModel(dit, options.guidance)
-        self.sigmas = flow_sigmas(options.steps, options.shift)
+        self.sampler = FlowMatchSampler.flow(options.steps, options.shift)
 
     def init_state(self, cond: Conditions, seed: int = 0) -> OverlapState:
         return OverlapState(cond=cond, noise=torch.Generator(device=self.dit.device).manual_seed(seed))
@@ -103,7 +105,7 @@ class OverlapGenerator:
         def fn(x, t, frames):
             return self.model(x, t, cond, audio, face_audio=face_audio, known_frames=p).float()
 
-        x = denoise_with_prefix(fn, noise, prefix, self.sigmas, list(range(start, start + p + new)))
+        x = denoise_with_prefix(fn, noise, prefix, self.sampler, list(range(start, start + p + new)))
         state.tail = x[:, :, -self.options.overlap_frames:]
         first_new = state.next_frame
         state.next_frame = start + p + new
@@ -111,11 +113,11 @@ class OverlapGenerator:
 
 
 # ---- 2. time-aware position-shift fusion (Sonic / HunyuanVideo-Avatar) -------------------------
-def position_shift_fusion(fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, window: int,
+def position_shift_fusion(fn: VelocityFn, noise: torch.Tensor, sampler: FlowMatchSampler, window: int,
                           shift_offset: int) -> torch.Tensor:
     """Offline exact loop. The whole clip (1, C, N, h, w) is denoised in lockstep: at each step windows of
     `window` frames tile it (the last one wrapping around to the start), every window takes the same
-    Euler step with window-relative positions, overlapping results are averaged, and the tiling origin
+    sampler step with window-relative positions, overlapping results are averaged, and the tiling origin
     moves by `shift_offset` frames (mod window) before the next step, so seams never stay in one place.
     """
     n = noise.shape[2]
@@ -123,9 +125,8 @@ def position_shift_fusion(fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Ten
         raise ValueError(f"window {window} is longer than the clip ({n} latent frames); use one window = the clip")
     x = noise.clone()
     shift = 0
-    for i in range(len(sigmas) - 1):
-        t = (sigmas[i] * 1000).reshape(1).to(x.device)
-        dsigma = (sigmas[i + 1] - sigmas[i]).item()
+    for i in range(len(sampler)):
+        t = sampler.timestep(i, x.device)
         acc = torch.zeros_like(x)
         count = torch.zeros(n, device=x.device, dtype=x.dtype)
         for s0 in range(0, n, window):
@@ -133,7 +134,7 @@ def position_shift_fusion(fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Ten
             frames = [(s + j) % n for j in range(window)]  # circular: the clip is a ring
             idx = torch.tensor(frames, device=x.device)
             xw = x[:, :, idx]
-            xw = xw + dsigma * fn(xw, t, frames)  # every window takes the same t -> t_next step
+            xw = sampler.step(xw, fn(xw, t, frames), i)  # every window takes the same t -> t_next step
             acc.index_add_(2, idx, xw)
             count.index_add_(0, idx, torch.ones(window, device=x.device, dtype=x.dtype))
         x = acc / count.view(1, 1, n, 1, 1)
@@ -169,7 +170,8 @@ def generate_fused(dit: WanDiT, cond: Conditions, audio: torch.Tensor | None, nu
         fa = None if face_audio is None else face_audio[:, :, frames]
         return model(x, t, cond, a, face_audio=fa).float()
 
-    return position_shift_fusion(fn, noise, flow_sigmas(options.steps, options.shift), window, options.shift_offset)
+    return position_shift_fusion(fn, noise, FlowMatchSampler.flow(options.steps, options.shift), window,
+                                 options.shift_offset)
 
 
 # ---- 3. bounded position-shift fusion, live --------------------------------------------------------
@@ -178,7 +180,7 @@ def window_starts(n: int, window: int, shift: int) -> list[int]:
     return sorted({min(max(s, 0), n - window) for s in range(-shift, n, window)})
 
 
-def bounded_position_shift(fn: VelocityFn, noise: torch.Tensor, prefix: torch.Tensor, sigmas: torch.Tensor,
+def bounded_position_shift(fn: VelocityFn, noise: torch.Tensor, prefix: torch.Tensor, sampler: FlowMatchSampler,
                            window: int, shift_offset: int, first_frame: int = 0, shift: int = 0) -> tuple[torch.Tensor, int]:
     """Position-shift fusion over a bounded span (1, C, n, h, w) whose first `p` frames are known.
 
@@ -192,14 +194,14 @@ def bounded_position_shift(fn: VelocityFn, noise: torch.Tensor, prefix: torch.Te
     window = min(window, n)
     x = noise.clone()
     x[:, :, :p] = prefix
-    for i in range(len(sigmas) - 1):
-        t = (sigmas[i] * 1000).reshape(1).to(x.device)
-        dsigma = (sigmas[i + 1] - sigmas[i]).item()
+    for i in range(len(sampler)):
+        t = sampler.timestep(i, x.device)
         acc = torch.zeros_like(x)
         count = torch.zeros(n, device=x.device, dtype=x.dtype)
         for s in window_starts(n, window, shift):
             xw = x[:, :, s:s + window]
-            acc[:, :, s:s + window] += xw + dsigma * fn(xw, t, list(range(first_frame + s, first_frame + s + window)))
+            frames = list(range(first_frame + s, first_frame + s + window))
+            acc[:, :, s:s + window] += sampler.step(xw, fn(xw, t, frames), i)
             count[s:s + window] += 1
         x = acc / count.view(1, 1, n, 1, 1)
         x[:, :, :p] = prefix
@@ -241,7 +243,7 @@ class LiveFusionGenerator:
             raise ValueError(f"shift_offset {options.shift_offset} must be in 0..window_frames-1")
         self.dit, self.options = dit, options
         self.model = GuidedModel(dit, options.guidance)
-        self.sigmas = flow_sigmas(options.steps, options.shift)
+        self.sampler = FlowMatchSampler.flow(options.steps, options.shift)
 
     def init_state(self, cond: Conditions, seed: int = 0) -> LiveFusionState:
         return LiveFusionState(cond=cond, noise=torch.Generator(device=self.dit.device).manual_seed(seed))
@@ -276,7 +278,7 @@ class LiveFusionGenerator:
             fa = None if face_audio is None else face_audio[:, :, rel]
             return self.model(x, t, cond, a, face_audio=fa, known_frames=max(0, p - rel[0])).float()
 
-        x, state.shift = bounded_position_shift(fn, noise, prefix, self.sigmas, self.options.window_frames,
+        x, state.shift = bounded_position_shift(fn, noise, prefix, self.sampler, self.options.window_frames,
                                                 self.options.shift_offset, first, state.shift)
         emitted = x[:, :, :p + new]
         state.tail = emitted[:, :, -self.options.prefix_frames:]

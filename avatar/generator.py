@@ -14,7 +14,7 @@ import torch
 
 from models.dit import WanDiT
 from models.kv_cache import KVCache
-from models.sampling import warped_schedule
+from models.sampling import FlowMatchSampler, add_noise, cfg2, cfg3, sigma_to_timestep
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,9 @@ class CausalOptions:
     block_frames: int = 3  # latent frames per block (12 video frames = 480 ms at 25 fps)
     sink_frames: int = 1  # the reference latent stays visible forever
     window_frames: int = 6  # recent latent frames kept in the cache
-    steps: tuple[int, ...] = (1000, 750, 500, 250)  # warped through the shifted schedule
+    steps: tuple[int, ...] = (1000, 750, 500, 250)  # timesteps, warped through the shifted schedule
     shift: float = 5.0
-    context_noise: float = 0.0  # timestep of the pass that writes clean K/V (Self-Forcing: 0)
+    context_sigma: float = 0.0  # noise level σ of the pass that writes clean K/V (Self-Forcing: 0)
     sink_follows: bool = True  # sink keys kept just before the window: long streams look like training
     guidance: Guidance = field(default_factory=Guidance)
     # share of every latent's noise variance drawn once per session: latents denoised from partly the same
@@ -52,6 +52,8 @@ class CausalOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise_correlation <= 1.0:
             raise ValueError(f"noise_correlation must be in [0, 1], got {self.noise_correlation}")
+        if not 0.0 <= self.context_sigma < 1.0:
+            raise ValueError(f"context_sigma is a noise level in [0, 1) (σ, not a timestep), got {self.context_sigma}")
 
 
 @dataclass
@@ -118,9 +120,8 @@ class GuidedModel:
             return v
         g = self.guidance
         if k == 2:
-            return v[1:] + g.audio_scale * (v[:1] - v[1:])
-        full, no_audio, no_text = v[:1], v[1:2], v[2:]
-        return no_text + g.text_scale * (no_audio - no_text) + g.audio_scale * (full - no_audio)
+            return cfg2(v[:1], v[1:], g.audio_scale)
+        return cfg3(v[:1], v[1:2], v[2:], g.text_scale, g.audio_scale)
 
     def _contexts(self, cond: Conditions, k: int) -> torch.Tensor | None:
         """(k, L, text_dim) branch contexts: positive for the first, negative for the text-free branch."""
@@ -189,7 +190,7 @@ class CausalGenerator:
     def __init__(self, dit: WanDiT, options: CausalOptions = CausalOptions()) -> None:
         self.dit, self.options = dit, options
         self.model = GuidedModel(dit, options.guidance)
-        self.timesteps, self.sigmas = warped_schedule(options.steps, options.shift)
+        self.sampler = FlowMatchSampler.few_step(options.steps, options.shift)
 
     def init_state(self, cond: Conditions, seed: int = 0) -> CausalState:
         o = self.options
@@ -224,7 +225,7 @@ class CausalGenerator:
         if state.next_frame != 0:
             raise RuntimeError("the reference is prefilled once, at the start of a stream")
         ref = state.cond.reference
-        t0 = torch.full((1,), self.options.context_noise, device=ref.device)
+        t0 = torch.full((1,), sigma_to_timestep(self.options.context_sigma), device=ref.device)
         self.model(ref, t0, state.cond, audio, face_audio=face_audio, known_frames=1, cache=state.cache,
                    start_frame=0)
         state.next_frame = 1
@@ -240,25 +241,25 @@ class CausalGenerator:
         n = audio.shape[1] if audio is not None else self.options.block_frames
         h, w = state.cond.latent_hw
         s = state.next_frame
+        sampler = self.sampler
         # 1. start from noise
         x = self._noise(state, (1, ref.shape[1], n, h, w))
-        x0 = x
-        # 2. few-step denoising against the cache (each pass overwrites this block's K/V)
-        for i, t in enumerate(self.timesteps):
-            sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-            v = self.model(x, t.reshape(1).to(ref.device), state.cond, audio, face_audio=face_audio,
+        # 2. few-step denoising against the cache (each pass overwrites this block's K/V): predict x0,
+        #    re-noise it to the next level with the session's noise; the last step lands on x0 itself
+        for i in range(len(sampler)):
+            v = self.model(x, sampler.timestep(i, ref.device), state.cond, audio, face_audio=face_audio,
                            cache=state.cache, start_frame=s).float()
-            x0 = x - sigma * v  # 2. predicted clean latents
-            if sigma_next > 0:  # 2. re-noise to the next level with fresh noise
-                x = (1 - sigma_next) * x0 + sigma_next * self._noise(state, x.shape)
+            noise = self._noise(state, x.shape) if i + 1 < len(sampler) else None
+            x = sampler.step(x, v, i, noise=noise)
+        x0 = x
         # 3. clean pass: the cache keeps K/V of the clean block (committed when the next block begins);
-        #    with context_noise > 0 the context is lightly re-noised first, as Self-Forcing allows
-        t_ctx = self.options.context_noise
+        #    with context_sigma > 0 the context is lightly re-noised first, as Self-Forcing allows
+        sigma_ctx = self.options.context_sigma
         x_ctx = x0
-        if t_ctx > 0:
+        if sigma_ctx > 0:
             eps = torch.randn(x0.shape, generator=state.noise, device=x0.device, dtype=x0.dtype)
-            x_ctx = (1 - t_ctx / 1000) * x0 + (t_ctx / 1000) * eps
-        t_clean = torch.full((1,), t_ctx, device=ref.device)
+            x_ctx = add_noise(x0, eps, sigma_ctx)
+        t_clean = torch.full((1,), sigma_to_timestep(sigma_ctx), device=ref.device)
         self.model(x_ctx, t_clean, state.cond, audio, face_audio=face_audio, cache=state.cache, start_frame=s)
         # 4. advance the cursor
         state.next_frame = s + n

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 # The Wan2.1 / OmniAvatar geometry that everything downstream relies on.
 VIDEO_FRAMES_PER_LATENT = 4  # causal VAE: latent frame 0 -> 1 video frame, every later one -> 4
+NUM_TRAIN_TIMESTEPS = 1000  # the DiT's timestep scale: noise level σ in [0, 1] is timestep 1000·σ
 WAV2VEC2_BASE_FEATURES = 10752  # 14 x 768: last hidden state + all 13 hidden states (OmniAvatar)
 
 

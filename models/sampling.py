@@ -9,6 +9,11 @@ that ends at 0; step i takes σ_i to σ_{i+1} and the model sees timestep 1000·
 
 Latents are (B, C, F, H, W). A sigma is a Python float, a 0-d tensor, one value per sample (B,) or one per
 latent frame (B, F). Step and conversion math runs in at least float32 and returns the input's dtype.
+
+This is the one sampler: the causal block loop (avatar/generator.py), overlapping chunks and both
+position-shift fusions (avatar/chunking.py) and the DiT trainer's noising all step, re-noise and guide
+through it. Noise levels are sigmas everywhere outside the model call; `sigma_to_timestep` is the one
+place they become the DiT's timesteps.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-NUM_TRAIN_TIMESTEPS = 1000
+from models.config import NUM_TRAIN_TIMESTEPS
+
 SigmaLike = float | Tensor
 
 
@@ -102,6 +108,11 @@ def warped_schedule(
 
 
 # ---- conversions ---------------------------------------------------------------------------------
+def sigma_to_timestep(sigma: SigmaLike) -> SigmaLike:
+    """The timestep the model sees at noise level σ: 1000·σ (a float, or a tensor of any shape)."""
+    return sigma * NUM_TRAIN_TIMESTEPS
+
+
 def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -178,10 +189,13 @@ def renoise_step(
     x_next = (1 - σ_next)·x0 + σ_next·ε. Returns exactly x0 where σ_next = 0.
 
     ε is `noise` if given, else drawn (in the working dtype) on the generator's device, or x's device
-    without a generator, and moved to x's device. It is drawn even where σ_next = 0, so a generator
-    advances by the same amount every step.
+    without a generator, and moved to x's device. Where σ_next is 0 everywhere (a schedule's last step)
+    nothing is drawn and x0 is returned as is: a noise stream advances only by the noise that is used,
+    which is what keeps a causal session's later blocks independent of how its last step is written.
     """
     x0 = x0_from_velocity(x, v, sigma)
+    if not bool(torch.as_tensor(sigma_next).any()):
+        return x0
     if noise is None:
         device = generator.device if generator is not None else x.device
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=_work_dtype(x)).to(x.device)
@@ -190,10 +204,11 @@ def renoise_step(
 
 @dataclass(frozen=True, eq=False)
 class FlowMatchSampler:
-    """A fixed schedule and a stepping rule.
+    """A fixed schedule and a stepping rule: what every generator and the trainer share.
 
     sigmas: (N + 1,) strictly decreasing within [0, 1]; timesteps: (N,) what the model sees at step i
-    (normally 1000·sigmas[:-1]); mode: 'euler' (ODE, deterministic) or 'renoise' (x0 then fresh noise).
+    (normally 1000·sigmas[:-1]); mode: 'euler' (ODE, deterministic: bidirectional chunks and fusion) or
+    'renoise' (x0 then fresh noise: the causal few-step student).
     """
 
     sigmas: Tensor
@@ -226,20 +241,40 @@ class FlowMatchSampler:
             raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
         return cls(s, s[:-1] * num_train_timesteps, mode)
 
+    @classmethod
+    def flow(cls, num_steps: int, shift: float) -> FlowMatchSampler:
+        """Euler over `flow_sigmas(num_steps, shift)`: OmniAvatar's overlap chunks, position-shift fusion."""
+        return cls.from_sigmas(flow_sigmas(num_steps, shift), mode="euler")
+
+    @classmethod
+    def few_step(cls, step_list: Sequence[int], shift: float) -> FlowMatchSampler:
+        """Re-noising over a causal student's warped step list (`warped_schedule`): Self-Forcing / LiveTalk."""
+        timesteps, sigmas = warped_schedule(step_list, shift)
+        return cls(sigmas, timesteps, mode="renoise")
+
     def __len__(self) -> int:
         return self.timesteps.shape[0]
 
     def to(self, device: torch.device | str) -> FlowMatchSampler:
         return dataclasses.replace(self, sigmas=self.sigmas.to(device), timesteps=self.timesteps.to(device))
 
-    def step(self, x: Tensor, v: Tensor, i: int, generator: torch.Generator | None = None) -> Tensor:
-        """Step i: x at σ_i, velocity v -> x at σ_{i+1}. x, v: (B, C, F, H, W)."""
+    def timestep(self, i: int, device: torch.device | str) -> Tensor:
+        """(1,) timestep the model sees at step i, on `device`."""
+        return self.timesteps[i].reshape(1).to(device)
+
+    def step(self, x: Tensor, v: Tensor, i: int, generator: torch.Generator | None = None,
+             noise: Tensor | None = None) -> Tensor:
+        """Step i: x at σ_i, velocity v -> x at σ_{i+1}. x, v: (B, C, F, H, W).
+
+        'renoise' takes its fresh noise from `noise` (same shape as x) when given, else from `generator`;
+        the last step (σ_{i+1} = 0) uses none and returns the predicted x0. 'euler' uses neither.
+        """
         if not 0 <= i < len(self):
             raise IndexError(f"step {i} outside 0..{len(self) - 1}")
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         if self.mode == "euler":
             return euler_step(x, v, sigma, sigma_next)
-        return renoise_step(x, v, sigma, sigma_next, generator=generator)
+        return renoise_step(x, v, sigma, sigma_next, generator=generator, noise=noise)
 
 
 def denoise(

@@ -4,8 +4,9 @@ Training sequences have the geometry of a live session once its window is full: 
 reference (clean, t = 0, mask channel 0, also injected through the reference embedding), followed by
 `window_latents` latents of the clip in blocks of `block_latents`, under the block-causal mask. Each
 block gets its own noise level (diffusion forcing); with probability `clean_context` the blocks before
-a randomly chosen target block are nearly clean (t <= `context_noise`), which is what the live KV cache
-holds, so teacher forcing on clean context and a little context noise are both covered.
+a randomly chosen target block are nearly clean (σ <= `context_sigma`), which is what the live KV cache
+holds, so teacher forcing on clean context and a little context noise are both covered. Noise levels,
+noising and the velocity target come from the shared sampler (`models.sampling`).
 
 Stage "base": everything but the audio-side modules, no audio. Stage "audio": OmniAvatar-style, the base
 frozen; trained are a peft LoRA on q,k,v,o,ffn.0,ffn.2 and the Audio Pack, the per-layer audio
@@ -30,6 +31,7 @@ from models.attention import block_causal_frame_mask
 from models.config import DEMO, DiTConfig
 from models.dit import WanDiT
 from models.lora import inject_lora, lora_state_dict
+from models.sampling import add_noise, shift_sigmas, sigma_to_timestep, velocity_target
 from training.latents import LatentClip, LatentStore
 from training.schedule import warmup_cosine
 
@@ -49,7 +51,7 @@ class DiTTrainConfig:
     lr: float = 3e-4
     shift: float = 5.0  # noise levels drawn like the shifted sampler spends its steps (mostly high)
     clean_context: float = 0.6
-    context_noise: float = 0.03  # sigma ceiling of "clean" context blocks
+    context_sigma: float = 0.03  # noise level ceiling of "clean" context blocks (CausalOptions.context_sigma's unit)
     audio_dropout: float = 0.1  # zero audio sometimes (keeps an unconditional branch for CFG)
     pair_fraction: float = 0.25  # stage audio: batches of two-face scenes for the FAA
     mouth_weight: float = 4.0  # loss weight of latent cells where a mouth moves (~2-3% of a frame): lip
@@ -93,17 +95,13 @@ class Batches:
                 "mouth": mouth.astype(np.float32)}
 
 
-def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
-    return shift * u / (1 + (shift - 1) * u)
-
-
 def frame_sigmas(b: int, frames: int, cfg: DiTTrainConfig, g: torch.Generator) -> torch.Tensor:
     """(B, 1 + window) noise levels: 0 for the reference, one level per block, clean context often."""
     blocks = cfg.window_latents // cfg.block_latents
-    sig = shifted_sigma(torch.rand(b, blocks, generator=g), cfg.shift)
+    sig = shift_sigmas(torch.rand(b, blocks, generator=g), cfg.shift)
     target = torch.randint(0, blocks, (b,), generator=g)
     clean = torch.rand(b, generator=g) < cfg.clean_context
-    low = torch.rand(b, blocks, generator=g) * cfg.context_noise
+    low = torch.rand(b, blocks, generator=g) * cfg.context_sigma
     before = torch.arange(blocks)[None] < target[:, None]
     sig = torch.where(before & clean[:, None], low, sig)
     per_frame = sig.repeat_interleave(cfg.block_latents, dim=1)
@@ -115,8 +113,7 @@ def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g
     b, _, f = x0.shape[:3]
     sigma = frame_sigmas(b, f, cfg, g)  # (B, F)
     eps = torch.randn(x0.shape, generator=g)
-    s = sigma[:, None, :, None, None]
-    xt = (1 - s) * x0 + s * eps
+    xt = add_noise(x0, eps, sigma)
     ref = x0[:, :, :1]
     mask = torch.ones_like(x0[:, :1])
     mask[:, :, 0] = 0
@@ -128,8 +125,9 @@ def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g
                   face_audio=batch["face_audio"] * keep[:, None, None, None, None],
                   face_mask=batch["masks"], emotion=batch["emotion"])
     frame_mask = block_causal_frame_mask(f, cfg.block_latents, first_block_frames=1)
-    v = dit(xt, sigma * 1000, None, y=y, reference=ref, motion=batch["motion"], frame_mask=frame_mask, **kw)
-    target = eps - x0
+    v = dit(xt, sigma_to_timestep(sigma), None, y=y, reference=ref, motion=batch["motion"], frame_mask=frame_mask,
+            **kw)
+    target = velocity_target(x0, eps)
     err = (v[:, :, 1:] - target[:, :, 1:]).pow(2)  # (B, 16, n, h, w)
     weight = (1 + (cfg.mouth_weight - 1) * batch["mouth"])[:, None, None]  # (B, 1, 1, h, w); all 1: the mean
     return (err * weight).sum() / (weight.sum() * err.shape[1] * err.shape[2])

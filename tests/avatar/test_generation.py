@@ -23,20 +23,15 @@ from avatar.generator import CausalGenerator, CausalOptions, Conditions, Guidanc
 from models.attention import block_causal_frame_mask
 from models.config import TINY
 from models.dit import WanDiT
-from models.sampling import flow_sigmas
+from models.sampling import FlowMatchSampler, flow_sigmas
 
 H = W = 4
 
 
 @pytest.fixture(scope="module")
-def dit():
+def dit(randomize):
     torch.manual_seed(0)
-    m = WanDiT(TINY).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return m
+    return randomize(WanDiT(TINY).eval())
 
 
 def _cond(seed=0, chars=1):
@@ -64,9 +59,9 @@ def _offline_block_causal(dit, cond, audio, opts, seed):
         frames = s + n
         mask = block_causal_frame_mask(frames, n, sink_frames=opts.sink_frames, window_frames=opts.window_frames,
                                        first_block_frames=1)
-        for i, t in enumerate(gen.timesteps):
-            sig, sig_next = float(gen.sigmas[i]), float(gen.sigmas[i + 1])
-            t_frames = torch.tensor([[opts.context_noise] * s + [float(t)] * n])
+        for i, t in enumerate(gen.sampler.timesteps):
+            sig, sig_next = float(gen.sampler.sigmas[i]), float(gen.sampler.sigmas[i + 1])
+            t_frames = torch.tensor([[1000 * opts.context_sigma] * s + [float(t)] * n])
             v = model(torch.cat([clean, x], 2), t_frames, cond, audio[:, :frames], known_frames=1,
                       frame_mask=mask)[:, :, s:]
             x0 = x - sig * v
@@ -90,6 +85,14 @@ def test_causal_stream_equals_offline_block_causal(dit, guidance):
     offline = _offline_block_causal(dit, cond, audio, opts, seed=11)
     torch.testing.assert_close(stream, offline, atol=2e-5, rtol=0)
     assert state.next_frame == 7 and state.cache.history_frames == [0, 3, 4]
+
+
+def test_context_sigma_is_a_noise_level_not_a_timestep():
+    with pytest.raises(ValueError, match="context_sigma"):
+        CausalOptions(context_sigma=30.0)  # the old timestep unit is refused, not silently clamped
+    with pytest.raises(ValueError, match="context_sigma"):
+        CausalOptions(context_sigma=-0.01)
+    assert CausalOptions(context_sigma=0.03).context_sigma == 0.03
 
 
 def test_causal_state_reset_replays_the_same_stream(dit):
@@ -139,11 +142,11 @@ def test_fusion_equals_the_upstream_loop(n, window, alpha):
     noise = torch.randn(1, 2, n, 2, 2, generator=torch.Generator().manual_seed(n))
     sigmas = flow_sigmas(6, 3.0)
     fn = _toy_fn(torch.tensor(-0.3))
-    got = position_shift_fusion(fn, noise, sigmas, window, alpha)
+    got = position_shift_fusion(fn, noise, FlowMatchSampler.from_sigmas(sigmas), window, alpha)
     want = _upstream_fusion(fn, noise, sigmas, window, alpha)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     if n % window:  # the wrapped window overlaps the first one: averaging happened and mattered
-        no_shift = position_shift_fusion(fn, noise, sigmas, window, 0)
+        no_shift = position_shift_fusion(fn, noise, FlowMatchSampler.from_sigmas(sigmas), window, 0)
         assert not torch.allclose(got, no_shift) or alpha % window == 0
 
 
@@ -154,7 +157,8 @@ def test_fusion_with_one_window_and_no_shift_is_plain_sampling():
     x = noise.clone()
     for i in range(5):
         x = x + (sigmas[i + 1] - sigmas[i]) * fn(x, (sigmas[i] * 1000).reshape(1), list(range(6)))
-    torch.testing.assert_close(position_shift_fusion(fn, noise, sigmas, 6, 0), x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(position_shift_fusion(fn, noise, FlowMatchSampler.from_sigmas(sigmas), 6, 0), x,
+                               atol=1e-6, rtol=0)
 
 
 def test_generate_fused_runs_the_dit_over_a_long_clip(dit):
@@ -170,7 +174,7 @@ def test_prefix_stays_exactly_clean():
         return torch.ones_like(x)
 
     prefix = torch.randn(1, 2, 2, 2, 2)
-    out = denoise_with_prefix(fn, torch.randn(1, 2, 5, 2, 2), prefix, flow_sigmas(4, 1.0), list(range(5)))
+    out = denoise_with_prefix(fn, torch.randn(1, 2, 5, 2, 2), prefix, FlowMatchSampler.flow(4, 1.0), list(range(5)))
     assert torch.equal(out[:, :, :2], prefix) and all(torch.equal(s, prefix) for s in seen)
 
 
@@ -221,7 +225,8 @@ def test_bounded_fusion_equals_a_plain_reimplementation(n, window, alpha):
     prefix = torch.randn(1, 2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
     sigmas = flow_sigmas(5, 3.0)
     fn = _toy_fn(torch.tensor(-0.4))
-    got, next_shift = bounded_position_shift(fn, noise, prefix, sigmas, window, alpha, first_frame=10)
+    got, next_shift = bounded_position_shift(fn, noise, prefix, FlowMatchSampler.from_sigmas(sigmas), window, alpha,
+                                             first_frame=10)
     torch.testing.assert_close(got, _plain_bounded_fusion(fn, noise, prefix, sigmas, window, alpha, 10),
                                atol=1e-6, rtol=0)
     assert next_shift == (5 * alpha) % window
@@ -232,10 +237,10 @@ def test_bounded_fusion_equals_a_plain_reimplementation(n, window, alpha):
 def test_bounded_fusion_with_one_window_and_no_shift_is_prefix_sampling():
     noise = torch.randn(1, 2, 6, 2, 2, generator=torch.Generator().manual_seed(0))
     prefix = torch.randn(1, 2, 2, 2, 2, generator=torch.Generator().manual_seed(1))
-    sigmas = flow_sigmas(4, 2.0)
+    sampler = FlowMatchSampler.flow(4, 2.0)
     fn = _toy_fn(torch.tensor(-0.5))
-    got, _ = bounded_position_shift(fn, noise, prefix, sigmas, 6, 0)
-    torch.testing.assert_close(got, denoise_with_prefix(fn, noise, prefix, sigmas, list(range(6))), atol=1e-6, rtol=0)
+    got, _ = bounded_position_shift(fn, noise, prefix, sampler, 6, 0)
+    torch.testing.assert_close(got, denoise_with_prefix(fn, noise, prefix, sampler, list(range(6))), atol=1e-6, rtol=0)
 
 
 def test_live_fusion_units_emit_blocks_and_keep_the_lookahead_out(dit):

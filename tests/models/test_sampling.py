@@ -20,6 +20,7 @@ from models.sampling import (
     noise_from_velocity,
     renoise_step,
     shift_sigmas,
+    sigma_to_timestep,
     velocity_from_noise,
     velocity_from_x0,
     velocity_target,
@@ -172,6 +173,35 @@ def test_renoise_sampler_last_step_returns_x0():
     x, v = _randn(*SHAPE, seed=5), _randn(*SHAPE, seed=6)
     out = sampler.step(x, v, len(sampler) - 1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, x0_from_velocity(x, v, sampler.sigmas[-2]))
+
+
+def test_renoise_draws_only_the_noise_it_uses():
+    """Steps to σ_next > 0 draw one tensor of x's shape; the last step (σ_next = 0) draws nothing, so a
+    session's noise stream is where the next block expects it."""
+    x, v = _randn(*SHAPE, seed=5), _randn(*SHAPE, seed=6)
+    g, fresh = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    renoise_step(x, v, 0.8, 0.5, generator=g)
+    torch.randn(SHAPE, generator=fresh)
+    assert torch.equal(g.get_state(), fresh.get_state())
+    renoise_step(x, v, 0.5, 0.0, generator=g)
+    renoise_step(x, v, torch.tensor([0.5, 0.4]), torch.zeros(2), generator=g)
+    assert torch.equal(g.get_state(), fresh.get_state())
+    # given noise is used as is: the step is add_noise of the predicted x0
+    eps = _randn(*SHAPE, seed=7)
+    sampler = FlowMatchSampler.few_step([1000, 500], 3.0)
+    assert torch.equal(sampler.step(x, v, 0, noise=eps), add_noise(x0_from_velocity(x, v, sampler.sigmas[0]), eps,
+                                                                   sampler.sigmas[1]))
+
+
+def test_sampler_constructors_and_timesteps():
+    few = FlowMatchSampler.few_step([1000, 750, 500, 250], 5.0)
+    timesteps, sigmas = warped_schedule([1000, 750, 500, 250], 5.0)
+    assert few.mode == "renoise" and torch.equal(few.timesteps, timesteps) and torch.equal(few.sigmas, sigmas)
+    flow = FlowMatchSampler.flow(8, 3.0)
+    assert flow.mode == "euler" and torch.equal(flow.sigmas, flow_sigmas(8, 3.0))
+    assert torch.equal(flow.timesteps, sigma_to_timestep(flow.sigmas[:-1]))
+    assert flow.timestep(2, "cpu").shape == (1,) and torch.equal(flow.timestep(2, "cpu"), flow.timesteps[2:3])
+    assert sigma_to_timestep(0.03) == pytest.approx(30.0) and sigma_to_timestep(1.0) == 1000.0
 
 
 # ---- conversions ---------------------------------------------------------------------------------

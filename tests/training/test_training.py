@@ -41,9 +41,9 @@ def test_noise_levels_per_block_with_clean_context():
     assert torch.all(blocks == blocks[:, :, :1])  # one level per block
     first = blocks[:, :, 0]
     # some block is noisy and every block before it is nearly clean
-    target = (first > cfg.context_noise).float().argmax(1)
+    target = (first > cfg.context_sigma).float().argmax(1)
     for row, j in zip(first, target):
-        assert torch.all(row[:j] <= cfg.context_noise)
+        assert torch.all(row[:j] <= cfg.context_sigma)
 
 
 def _overfit(loss_fn, params, steps, lr):
