@@ -46,3 +46,24 @@ def _randomize(module: torch.nn.Module, scale: float = 0.05, seed: int = 1, skip
 @pytest.fixture(scope="session")
 def randomize():
     return _randomize
+
+
+# ---- the live engine the server, WebRTC, broadcast and console tests share -----------------------------------
+@pytest.fixture(scope="module")
+def engine():
+    """Random TINY models behind the live defaults (12-frame causal blocks), two sessions, the torch VAE
+    decoder (no ONNX export in tests); one per test module. A module that needs other options defines
+    its own `engine`."""
+    from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
+
+    with AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(max_sessions=2, decoder="torch")) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def backend(engine):
+    """What the server serves from `engine`: the built-in avatars prepared on it."""
+    from app.avatars import EngineBackend, prepare_avatars
+
+    avatars, default = prepare_avatars(engine)
+    return EngineBackend(engine, avatars, default)

@@ -18,7 +18,6 @@ import functools
 import socket
 import subprocess
 import sys
-import time
 from datetime import timezone
 from pathlib import Path
 
@@ -39,6 +38,8 @@ from app.console.panels import (Sparkline, dropped_frames, emotion_choices, real
                                 session_cells, update_history)
 from streaming import api_schema as schema
 
+from helpers import until
+
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-admin-token-0123456789"
@@ -48,14 +49,6 @@ WIDE, NARROW = (160, 45), (80, 30)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def text_of(widget: Static) -> str:
     console = Console(width=200, record=True, file=open("/dev/null", "w"))
     console.print(widget.content)
@@ -172,17 +165,7 @@ async def settle(pilot) -> None:
     await pilot.pause(0.05)
 
 
-# ---- 1. a real server, a real call ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def backend():
-    from app.avatars import EngineBackend, prepare_avatars
-    from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
-
-    with AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(max_sessions=2, decoder="torch")) as eng:
-        avatars, default = prepare_avatars(eng)
-        yield EngineBackend(eng, avatars, default)
-
-
+# ---- 1. a real server, a real call (engine and backend: tests/conftest.py) ----------------------------
 class Server:
     """`avatarcast serve`'s app on a fixed loopback port that can be stopped and started again."""
 

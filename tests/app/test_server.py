@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -21,24 +20,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from app.avatars import BUILTIN_AVATAR, EMOTIONS, EngineBackend, draw_face, prepare_avatars
 from app.server import create_app
 from app.settings import Settings, parse_ice_servers
-from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
 from streaming.webrtc.testing import LoopbackClient, loopback_candidates_only
+
+from helpers import until
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(max_sessions=2, decoder="torch")) as eng:
-        yield eng
-
-
-@pytest.fixture(scope="module")
-def backend(engine):
-    avatars, default = prepare_avatars(engine)
-    return EngineBackend(engine, avatars, default)
 
 
 @pytest.fixture
@@ -48,14 +36,6 @@ async def client(backend):
     with loopback_candidates_only():
         async with TestClient(TestServer(create_app(settings, backend))) as c:
             yield c
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def expect_error(resp, status: int, code: str) -> dict:

@@ -1,5 +1,5 @@
-"""Tiny random Wav2Vec2 / Whisper checkpoints (upstream directory layouts, nothing downloaded) and the
-espeak-ng speech fixtures."""
+"""Tiny random Wav2Vec2 / Whisper checkpoints (upstream directory layouts, nothing downloaded), the front
+ends on them, and the espeak-ng speech fixtures."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audio.features import Wav2Vec2Features, WhisperFeatures
 from audio.features.tiny import save_tiny_wav2vec2, save_tiny_whisper
 
 AUDIO_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "audio"
@@ -71,3 +72,14 @@ def random_chunks(x: np.ndarray, rng: np.random.Generator, max_chunk: int = 2000
         n = 0 if kind == 0 else 1 if kind == 1 else int(rng.integers(2, max_chunk))
         yield x[i:i + n]
         i += n
+
+
+# ---- the pretrained front ends on those checkpoints, as the streaming tests configure them --------------
+@pytest.fixture(scope="module")
+def w2v(wav2vec2_dir) -> Wav2Vec2Features:
+    return Wav2Vec2Features.from_pretrained(wav2vec2_dir, left_context_ms=400, lookahead_ms=120, chunk_frames=4)
+
+
+@pytest.fixture(scope="module")
+def wh(whisper_dir) -> WhisperFeatures:
+    return WhisperFeatures.from_pretrained(whisper_dir, left_context_ms=400, lookahead_ms=160, chunk_frames=4)

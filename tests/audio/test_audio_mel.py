@@ -9,14 +9,12 @@ from hypothesis import strategies as st
 
 from audio.features import MelConfig, MelFeatures
 
+from helpers import noise
+
 
 @pytest.fixture(scope="module")
 def mel() -> MelFeatures:
     return MelFeatures()
-
-
-def noise(n: int, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal(n) * 0.1).astype(np.float32)
 
 
 @settings(max_examples=40, deadline=None)

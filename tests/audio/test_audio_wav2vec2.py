@@ -5,24 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from audio.features import Wav2Vec2Features, Wav2Vec2FeaturesConfig
 from audio.features.tiny import save_tiny_wav2vec2
 
-
-@pytest.fixture(scope="module")
-def w2v(wav2vec2_dir) -> Wav2Vec2Features:
-    return Wav2Vec2Features.from_pretrained(wav2vec2_dir, left_context_ms=400, lookahead_ms=120, chunk_frames=4)
-
-
-def noise(n: int, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal(n) * 0.1).astype(np.float32)
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
+from helpers import noise
 
 
 def test_dimensions(w2v):
@@ -60,27 +47,6 @@ def test_video_rate_interpolation_takes_every_second_cnn_frame(w2v):
                                atol=1e-6)
     with torch.no_grad():
         assert w2v.model.feature_extractor(torch.zeros(1, 640 * t)).shape[-1] == 2 * t - 1
-
-
-@settings(max_examples=8, deadline=None)
-@given(n=st.integers(1, 30_000), frames=st.one_of(st.none(), st.integers(0, 60)))
-def test_frame_counts(w2v, n, frames):
-    x = noise(n)
-    expected = -(-n // 640) if frames is None else frames
-    for feats in (w2v.clip_features(x, frames), w2v.window_features(x, frames)):
-        assert feats.shape == (expected, 128) and feats.dtype == np.float32 and np.isfinite(feats).all()
-
-
-@pytest.mark.parametrize("n, flush_frames", [(16000 * 3 + 457, None), (640 * 20, 26), (300, None)])
-def test_streaming_equals_window_features(w2v, speech, n, flush_frames, chunker):
-    wav = speech["speech_en_us_male.wav"][4000:4000 + n]
-    offline = w2v.window_features(wav, flush_frames)
-    stream = w2v.stream()
-    parts = [stream.push(c) for c in chunker(wav, np.random.default_rng(n))]
-    parts.append(stream.flush(flush_frames))
-    streamed = np.concatenate(parts)
-    assert streamed.shape == offline.shape
-    assert rel_err(streamed, offline) <= 1e-3
 
 
 def test_stream_emits_whole_chunks_after_the_lookahead(w2v):

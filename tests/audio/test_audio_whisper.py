@@ -5,20 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from audio.features import WhisperFeatures, WhisperFeaturesConfig
 from audio.features.tiny import save_tiny_whisper
 
-
-@pytest.fixture(scope="module")
-def wh(whisper_dir) -> WhisperFeatures:
-    return WhisperFeatures.from_pretrained(whisper_dir, left_context_ms=400, lookahead_ms=160, chunk_frames=4)
-
-
-def noise(n: int, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal(n) * 0.1).astype(np.float32)
+from helpers import noise
 
 
 def upstream_encode_audio(model_dir, wav: np.ndarray, num_frames: int) -> np.ndarray:
@@ -89,27 +80,6 @@ def test_window_equals_clip_when_the_model_is_local(tmp_path):
     # frames 0-2 see the first encoder frames, whose mel the clip reflect-pads at the audio start while
     # the window sees zeros before it; the last frames see the end of the audio
     np.testing.assert_allclose(win[3:-4], clip[3:-4], rtol=1e-4, atol=1e-4)
-
-
-@settings(max_examples=6, deadline=None)
-@given(n=st.integers(1, 30_000), frames=st.one_of(st.none(), st.integers(0, 60)))
-def test_frame_counts(wh, n, frames):
-    x = noise(n)
-    expected = -(-n // 640) if frames is None else frames
-    for feats in (wh.clip_features(x, frames), wh.window_features(x, frames)):
-        assert feats.shape == (expected, 960) and feats.dtype == np.float32 and np.isfinite(feats).all()
-
-
-@pytest.mark.parametrize("n, flush_frames", [(16000 * 3 + 457, None), (640 * 9, 15), (1, None)])
-def test_streaming_equals_window_features(wh, speech, n, flush_frames, chunker):
-    wav = speech["speech_en_us_male.wav"][2000:2000 + n]
-    offline = wh.window_features(wav, flush_frames)
-    stream = wh.stream()
-    parts = [stream.push(c) for c in chunker(wav, np.random.default_rng(n))]
-    parts.append(stream.flush(flush_frames))
-    streamed = np.concatenate(parts)
-    assert streamed.shape == offline.shape
-    assert np.abs(streamed - offline).max() <= 1e-3 * (np.abs(offline).max() + 1e-12)
 
 
 def test_stream_timing(wh):

@@ -63,6 +63,20 @@ async def _collect(session, until_segment_end=True, max_frames=None, timeout=120
     return frames, ends
 
 
+async def _speak_one_turn(eng: AvatarEngine, seconds: float, seed: int):
+    """One utterance through an offline-paced session, checked against the contract every generation
+    mode keeps: a frame per 1/25 s of audio, pts 0..n-1, the audio that came in sample for sample."""
+    s = eng.open_session(_cond(), SessionOptions(realtime=False))
+    pcm = _speech(seconds, 16_000, seed=seed)
+    s.push_audio(pcm, 16_000)
+    s.end_segment()
+    frames, _ = await _collect(s)
+    assert len(frames) == frames_for_samples(pcm.size, 16_000, 25)
+    assert [f.pts for f in frames] == list(range(len(frames)))
+    np.testing.assert_array_equal(np.concatenate([f.audio for f in frames])[:pcm.size], pcm)
+    return s
+
+
 async def test_frames_cover_the_audio_and_carry_it_sample_exact(engine):
     rate = 48_000
     pcm = _speech(0.93, rate)  # not a whole number of frames
@@ -197,14 +211,7 @@ async def test_overlap_mode_streams_chunks_with_the_same_contract(bundle):
     opts = EngineOptions(mode="overlap", overlap=OverlapOptions(chunk_frames=4, overlap_frames=2, steps=2),
                          decoder="torch")
     with AvatarEngine(bundle, opts) as eng:
-        s = eng.open_session(_cond(), SessionOptions(realtime=False))
-        pcm = _speech(1.3, 16_000, seed=4)
-        s.push_audio(pcm, 16_000)
-        s.end_segment()
-        frames, ends = await _collect(s)
-        assert len(frames) == frames_for_samples(pcm.size, 16_000, 25)
-        assert [f.pts for f in frames] == list(range(len(frames)))
-        np.testing.assert_array_equal(np.concatenate([f.audio for f in frames])[:pcm.size], pcm)
+        s = await _speak_one_turn(eng, 1.3, seed=4)
         assert s.state.next_frame >= 9  # chunks of 2 new latents after the first
         s.close()
 
@@ -217,14 +224,7 @@ async def test_live_fusion_mode_waits_for_lookahead_and_keeps_the_contract(bundl
     with AvatarEngine(bundle, opts) as eng:
         budget = eng.latency_budget()
         assert budget["block_ms"] == 1000 * 4 * 3 / 25  # 2 latents + 1 lookahead latent of audio
-        s = eng.open_session(_cond(), SessionOptions(realtime=False))
-        pcm = _speech(1.5, 16_000, seed=5)
-        s.push_audio(pcm, 16_000)
-        s.end_segment()
-        frames, _ = await _collect(s)
-        assert len(frames) == frames_for_samples(pcm.size, 16_000, 25)
-        assert [f.pts for f in frames] == list(range(len(frames)))
-        np.testing.assert_array_equal(np.concatenate([f.audio for f in frames])[:pcm.size], pcm)
+        s = await _speak_one_turn(eng, 1.5, seed=5)
         s.close()
 
 

@@ -20,6 +20,8 @@ from models.onnx_vae import (
 )
 from models.vae import WanVAE
 
+from helpers import decode_interleaved
+
 LATENT = 4  # 4x4 latents -> 32x32 video: small enough for a 2-core CPU
 
 
@@ -140,14 +142,8 @@ def test_onnx_state_isolation(vae, decoder):
     za, zb = latents(2, 3), latents(3, 3)
     alone_a, alone_b = decoder.decode(za), decoder.decode(zb)
     other = OnnxVaeDecoder(decoder.paths[0])  # a second decoder instance on the same files
-    sa, sb = decoder.init_state(1, LATENT, LATENT), other.init_state(1, LATENT, LATENT)
-    out_a, out_b = [], []
-    for t in range(3):
-        fa, sa = decoder.decode_step(sa, za[:, :, t:t + 1])
-        fb, sb = other.decode_step(sb, zb[:, :, t:t + 1])
-        out_a.append(fa)
-        out_b.append(fb)
-    assert torch.equal(torch.cat(out_a, 2), alone_a) and torch.equal(torch.cat(out_b, 2), alone_b)
+    out_a, out_b = decode_interleaved([(decoder, za), (other, zb)])
+    assert torch.equal(out_a, alone_a) and torch.equal(out_b, alone_b)
 
 
 def test_onnx_bad_inputs(decoder):

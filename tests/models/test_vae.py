@@ -27,6 +27,8 @@ from models.vae_loading import (
     wan_to_diffusers,
 )
 
+from helpers import decode_interleaved
+
 IDENTITY = dict(latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16)  # the oracle's scale: no (de)normalisation
 
 
@@ -193,14 +195,8 @@ def test_encode_is_causal(vae):
 def test_state_isolation_interleaved_streams(vae):
     za, zb = small_latents(4, 3), small_latents(5, 3)
     alone_a, alone_b = vae.decode(za), vae.decode(zb)
-    sa, sb = vae.init_state(1, 4, 4), vae.init_state(1, 4, 4)
-    out_a, out_b = [], []
-    for t in range(3):
-        fa, sa = vae.decode_step(sa, za[:, :, t:t + 1])
-        fb, sb = vae.decode_step(sb, zb[:, :, t:t + 1])
-        out_a.append(fa)
-        out_b.append(fb)
-    assert torch.equal(torch.cat(out_a, 2), alone_a) and torch.equal(torch.cat(out_b, 2), alone_b)
+    out_a, out_b = decode_interleaved([(vae, za), (vae, zb)])
+    assert torch.equal(out_a, alone_a) and torch.equal(out_b, alone_b)
 
 
 def test_state_is_functional_bounded_and_resettable(vae):

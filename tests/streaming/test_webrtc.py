@@ -6,7 +6,6 @@ choice, changing emotion mid-call, pause, and that every way a call ends frees i
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,15 @@ import soundfile as sf
 import torch
 
 from audio.resample import PcmFormat, resample_audio
-from avatar.engine import AvatarEngine, EngineFull, EngineOptions, ModelBundle
+from avatar.engine import AvatarEngine, EngineFull
 from avatar.generator import Conditions
 from avatar.session import SessionOptions
 from avatar.types import AvatarFrame, SessionError
 from streaming.pacer import PacerOptions
 from streaming.webrtc import CapacityError, LiveService, Offer, PeerOptions, ServiceOptions
 from streaming.webrtc.testing import LoopbackClient, audio_lag_by_window, loopback_candidates_only
+
+from helpers import until
 
 pytestmark = pytest.mark.timeout(120)
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "audio"
@@ -52,13 +53,6 @@ class EngineBackend:
         return self.engine.snapshot()
 
 
-@pytest.fixture(scope="module")
-def engine():
-    opts = EngineOptions(max_sessions=2, decoder="torch")  # the live defaults (12-frame blocks)
-    with AvatarEngine(ModelBundle.random("tiny", "tiny"), opts) as eng:
-        yield eng
-
-
 @pytest.fixture
 async def service(engine):
     opts = ServiceOptions(max_sessions=2, stats_interval_s=0,
@@ -82,14 +76,6 @@ def speech() -> np.ndarray:
         t = np.arange(int(4.5 * rate)) / rate
         x = (0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 2.5 * t) > 0)).astype(np.float32)
     return resample_audio(x, PcmFormat(rate), out_rate=48_000)[: int(4.5 * 48_000)]
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def call(service: LiveService, pcm=None, **offer) -> tuple[LoopbackClient, str]:

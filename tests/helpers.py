@@ -1,0 +1,43 @@
+"""Helpers shared by test modules (`from helpers import ...`: pytest puts tests/ on sys.path for its
+conftest.py). Fixtures live in conftest.py; plain functions live here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll `predicate` every 50 ms on the running loop; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def decode_interleaved(streams: list[tuple[object, torch.Tensor]]) -> list[torch.Tensor]:
+    """Decode several latent streams one latent frame at a time, round robin, each with its own state.
+
+    streams: [(decoder with init_state / decode_step, latents (B, 16, T, h, w))], every T the same
+    -> [video (B, 3, 4T - 3, 8h, 8w)] per stream. Equal to decoding each stream alone unless the
+    decoders' states leak into each other."""
+    frames = {z.shape[2] for _, z in streams}
+    if len(frames) != 1:
+        raise ValueError(f"the streams must have the same number of latent frames, got {sorted(frames)}")
+    states = [decoder.init_state(z.shape[0], z.shape[-2], z.shape[-1]) for decoder, z in streams]
+    out: list[list[torch.Tensor]] = [[] for _ in streams]
+    for t in range(frames.pop()):
+        for i, (decoder, z) in enumerate(streams):
+            video, states[i] = decoder.decode_step(states[i], z[:, :, t:t + 1])
+            out[i].append(video)
+    return [torch.cat(parts, 2) for parts in out]
+
+
+def noise(n: int, seed: int = 0) -> np.ndarray:
+    """n samples of seeded white noise at -20 dBFS-ish (std 0.1), float32: audio with no structure."""
+    return (np.random.default_rng(seed).standard_normal(n) * 0.1).astype(np.float32)
