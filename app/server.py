@@ -29,6 +29,7 @@ from app.settings import Settings
 from streaming.broadcasts import BroadcastManager
 from streaming.metrics import LiveMetrics
 from streaming.pacer import PacerOptions
+from streaming.source_policy import SourcePolicy
 from streaming.webrtc.peer import MODES, VIDEO_CODECS, LiveError, Offer, PeerOptions
 from streaming.webrtc.service import LiveService, ServiceBackend, ServiceOptions
 
@@ -135,7 +136,9 @@ def create_app(settings: Settings, backend: ServiceBackend, *, metrics: LiveMetr
                options: ServiceOptions | None = None) -> web.Application:
     """The whole HTTP surface over one `LiveService`. The engine behind `backend` must be running."""
     service = LiveService(backend, options or service_options(settings), metrics)
-    broadcasts = BroadcastManager(service, Path(settings.hls_dir))
+    sources = SourcePolicy(media_dir=Path(settings.media_dir) if settings.media_dir else None,
+                           urls=settings.audio_urls)  # what the admin API may broadcast
+    broadcasts = BroadcastManager(service, Path(settings.hls_dir), sources=sources)
     app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
     app[SERVICE], app[SETTINGS] = service, settings
     app.router.add_get("/", index)

@@ -14,6 +14,8 @@
 | avatar | AVATARCAST_AVATAR | none: the built-in drawn avatar |
 | video_codec | AVATARCAST_VIDEO_CODEC | vp8 (or h264; the page can choose per call) |
 | hls_dir | AVATARCAST_HLS_DIR | broadcasts (relative to the working directory): admin HLS outputs go only here |
+| media_dir | AVATARCAST_MEDIA_DIR | none: the admin API broadcasts audio files only from this folder |
+| audio_urls | AVATARCAST_AUDIO_URLS | off: audio URLs the admin API may broadcast (off, public, or all: private addresses too) |
 
 ICE servers: behind NAT (cloud VMs, phones on mobile data) the server needs a STUN server for its public
 address, and clients that block UDP need TURN. Give a JSON list in the RTCIceServer shape,
@@ -32,6 +34,7 @@ from typing import Any, Mapping
 
 ENV_PREFIX = "AVATARCAST_"
 VIDEO_CODECS = ("vp8", "h264")
+AUDIO_URL_POLICIES = ("off", "public", "all")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class Settings:
     avatar: str | None = None
     video_codec: str = "vp8"
     hls_dir: str = "broadcasts"
+    media_dir: str | None = None
+    audio_urls: str = "off"  # off | public (no loopback, link-local or private address) | all
     engine_threads: int = 0  # compute threads of the engine; 0: half the cores (the rest encode, decode
     # and move packets for the calls)
 
@@ -99,6 +104,8 @@ class Settings:
             raise ValueError("idle_timeout_s and connect_timeout_s must be positive")
         if self.engine_threads < 0:
             raise ValueError(f"engine_threads must be 0 (half the cores) or positive, not {self.engine_threads}")
+        if self.audio_urls not in AUDIO_URL_POLICIES:
+            raise ValueError(f"audio_urls must be one of {AUDIO_URL_POLICIES}, not {self.audio_urls!r}")
         if self.video_codec not in VIDEO_CODECS:
             raise ValueError(f"video_codec must be one of {VIDEO_CODECS}, not {self.video_codec!r}")
         if not self.admin_token:
@@ -117,7 +124,7 @@ class Settings:
         values: dict[str, Any] = {}
         for name in ("host", "port", "max_sessions", "ice_servers", "admin_token", "upload_limit_bytes",
                      "max_body_bytes", "idle_timeout_s", "connect_timeout_s", "avatar", "video_codec", "hls_dir",
-                     "engine_threads"):
+                     "media_dir", "audio_urls", "engine_threads"):
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is None or raw == "":
                 continue

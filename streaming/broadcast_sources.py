@@ -3,13 +3,15 @@
     frames = pacer_frames(peer.pacer)                        # a live call: what its WebRTC tracks send
     await broadcaster.run(frames)
 
-    probe_audio(source)                                      # fail early: missing file, not audio, bad URL
+    probe_audio(source, policy)                              # fail early: refused, missing, not audio, bad URL
     session = backend.open(avatar, emotion)                  # a realtime engine session (48 kHz out)
-    await broadcast_audio(broadcaster, session, AudioDriver(session, source, loop_audio=False))
+    await broadcast_audio(broadcaster, session, AudioDriver(session, source, policy=policy))
 
 `AudioDriver` decodes with PyAV chunk by chunk (files and http(s) streams alike; memory stays bounded)
 and pushes at the source's own rate (the session resamples) at the wall-clock pace, `lead_s` ahead,
-then silence, so the session keeps producing idle frames at 25 fps. This module never imports torch.
+then silence, so the session keeps producing idle frames at 25 fps. What may be read is the policy's
+call (streaming/source_policy.py): the command line reads anything, the admin API only its media
+folder and the URLs its settings allow. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
-from urllib.parse import urlsplit
 
 import av
 import numpy as np
@@ -28,16 +28,19 @@ from audio.resample import PcmFormat, pcm_from_av_frame
 from avatar.types import AvatarFrame, SessionItem
 from streaming.broadcast import Broadcaster
 from streaming.pacer import Pacer, PacerClosed
+from streaming.source_policy import TRUSTED, AudioSource, AudioSourceError, SourcePolicy
 
-AUDIO_URL_SCHEMES = ("http", "https")
-URL_TIMEOUT_US = 10_000_000  # a stalled audio URL fails after 10 s instead of hanging
-
-
-class AudioSourceError(ValueError):
-    """An audio file or URL that cannot be opened or decoded."""
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"cannot read audio from {source!r}: {reason}")
+__all__ = [
+    "TRUSTED",
+    "AudioDriver",
+    "AudioSourceError",
+    "SourcePolicy",
+    "broadcast_audio",
+    "check_audio_source",
+    "decode_audio",
+    "pacer_frames",
+    "probe_audio",
+]
 
 
 # ---- a live call ------------------------------------------------------------------------------------------
@@ -73,52 +76,42 @@ class PushTarget(Protocol):
     def end_segment(self) -> None: ...
 
 
-def check_audio_source(source: str) -> str:
-    """An http(s) URL or a readable local file; anything else is refused with the reason."""
-    source = (source or "").strip()
-    if "://" in source:
-        scheme = urlsplit(source).scheme.lower()
-        if scheme not in AUDIO_URL_SCHEMES:
-            raise AudioSourceError(source, f"unsupported URL scheme {scheme!r}; use http(s):// or a local file")
-        return source
-    path = Path(source).expanduser()
-    if not source or not path.exists():
-        raise AudioSourceError(source, "no such file")
-    if not path.is_file():
-        raise AudioSourceError(source, "not a regular file")
-    return str(path)
+def check_audio_source(source: str | AudioSource, policy: SourcePolicy = TRUSTED) -> AudioSource:
+    """The source if `policy` may read it (opens nothing, looks no name up); AudioSourceError otherwise."""
+    return source if isinstance(source, AudioSource) else policy.check(source)
 
 
-def decode_audio(source: str) -> Iterator[tuple[np.ndarray, PcmFormat, int]]:
+def decode_audio(source: AudioSource, policy: SourcePolicy = TRUSTED) -> Iterator[tuple[np.ndarray, PcmFormat, int]]:
     """Decode a file or URL chunk by chunk at its own rate and layout (the session resamples):
     (pcm, its format, samples per channel). Blocking: run it on a thread."""
-    is_url = "://" in source
-    try:
-        container = av.open(source, options={"rw_timeout": str(URL_TIMEOUT_US)} if is_url else None)
-    except (av.error.FFmpegError, OSError) as exc:
-        raise AudioSourceError(source, getattr(exc, "strerror", None) or str(exc)) from None
-    with container:
-        if not container.streams.audio:
-            raise AudioSourceError(source, "it has no audio stream")
+    with policy.open(source) as media:
         try:
-            for frame in container.decode(container.streams.audio[0]):
-                pcm, fmt = pcm_from_av_frame(frame)
-                yield pcm, fmt, frame.samples
-        except (av.error.FFmpegError, OSError) as exc:
-            raise AudioSourceError(source, f"decoding failed: {getattr(exc, 'strerror', None) or exc}") from None
-        except ValueError as exc:  # a sample rate outside 8-96 kHz
-            raise AudioSourceError(source, str(exc)) from None
+            container = av.open(media.target, options=media.options)
+        except (av.error.FFmpegError, OSError, EOFError) as exc:
+            raise policy.media_error(source, "", exc) from None
+        with container:
+            if not container.streams.audio:
+                raise AudioSourceError(source.given, "it has no audio stream")
+            try:
+                for frame in container.decode(container.streams.audio[0]):
+                    pcm, fmt = pcm_from_av_frame(frame)
+                    yield pcm, fmt, frame.samples
+            except (av.error.FFmpegError, OSError, EOFError) as exc:
+                raise policy.media_error(source, "decoding failed: ", exc) from None
+            except ValueError as exc:  # a sample rate outside 8-96 kHz
+                raise AudioSourceError(source.given, str(exc)) from None
 
 
 class AudioDriver:
     """Feeds an audio file or URL into a session like a microphone: at the wall-clock pace, `lead_s`
     ahead (so generation has its audio before the frames are due); then silence, at the same pace, so
-    the session keeps making idle frames. `loop_audio` plays the source again at its end."""
+    the session keeps making idle frames. `loop_audio` plays the source again at its end. Every
+    play opens the source again under `policy`."""
 
-    def __init__(self, session: PushTarget, source: str, *, loop_audio: bool = False, lead_s: float = 1.0,
-                 now: Callable[[], float] = time.monotonic,
+    def __init__(self, session: PushTarget, source: str | AudioSource, *, policy: SourcePolicy = TRUSTED,
+                 loop_audio: bool = False, lead_s: float = 1.0, now: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self.session, self.source = session, check_audio_source(source)
+        self.session, self.policy, self.source = session, policy, check_audio_source(source, policy)
         self.loop_audio, self.lead_s = loop_audio, lead_s
         self._now, self._sleep = now, sleep
         self.pushed_s = 0.0  # audio (file and silence) pushed into the session
@@ -138,7 +131,7 @@ class AudioDriver:
         reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="broadcast-audio")
         try:
             while True:
-                chunks, played = decode_audio(self.source), 0
+                chunks, played = decode_audio(self.source, self.policy), 0
                 try:
                     while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
                         pcm, fmt, samples = chunk
@@ -174,15 +167,16 @@ class AudioDriver:
         return True
 
 
-def probe_audio(source: str) -> PcmFormat:
+def probe_audio(source: str | AudioSource, policy: SourcePolicy = TRUSTED) -> PcmFormat:
     """Open the source and decode its first chunk (blocking): the format, or AudioSourceError."""
-    chunks = decode_audio(check_audio_source(source))
+    checked = check_audio_source(source, policy)
+    chunks = decode_audio(checked, policy)
     try:
         first = next(chunks, None)
     finally:
         chunks.close()
     if first is None:
-        raise AudioSourceError(source, "it decodes to no audio")
+        raise AudioSourceError(checked.given, "it decodes to no audio")
     return first[1]
 
 

@@ -4,8 +4,8 @@ The admin API (app/admin.py) calls this; requests that cannot be served raise `L
 stable code before any resource is taken. A broadcast of a live call streams what its WebRTC tracks
 send (`pacer_frames`) and ends when the call ends; a broadcast of audio opens its own realtime engine
 session (it counts against the engine's capacity) and runs until stopped, `duration_s`, or failure.
-HLS output goes only under `hls_root`; audio may be a local path readable by the server or an http(s)
-URL (the admin is trusted with both). State changes are published as `broadcast_started`,
+HLS output goes only under `hls_root`; audio only from what `sources` allows (its media folder, and
+http(s) URLs when enabled: streaming/source_policy.py). State changes are published as `broadcast_started`,
 `broadcast_state` and `broadcast_ended` events.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 
 from streaming.broadcast import Broadcaster, BroadcastOptions, Target, parse_target
 from streaming.broadcast_sources import AudioDriver, AudioSourceError, broadcast_audio, pacer_frames, probe_audio
+from streaming.source_policy import SourcePolicy
 from streaming.webrtc.peer import CapacityError, LiveError
 from streaming.webrtc.service import LiveService
 
@@ -54,8 +55,9 @@ class BroadcastEntry:
 
 class BroadcastManager:
     def __init__(self, service: LiveService, hls_root: Path, *, max_broadcasts: int = 2,
-                 options: BroadcastOptions = BroadcastOptions(), keep_finished: int = 10) -> None:
-        self.service, self.hls_root = service, Path(hls_root)
+                 options: BroadcastOptions = BroadcastOptions(), keep_finished: int = 10,
+                 sources: SourcePolicy = SourcePolicy()) -> None:
+        self.service, self.hls_root, self.sources = service, Path(hls_root), sources
         self.max_broadcasts, self.options = max_broadcasts, options
         self.entries: dict[str, BroadcastEntry] = {}
         self._finished: deque[str] = deque()
@@ -124,6 +126,8 @@ class BroadcastManager:
                 raise
         self.entries[bid] = entry
         entry.task = self.service.spawn(self._run(entry, coro), f"broadcast-{bid}")
+        if entry.session is not None:  # closed even when the task is cancelled before it first runs
+            entry.task.add_done_callback(lambda _task, session=entry.session: session.close())
         self.service.events.publish("broadcast_started", broadcast=bid, target=target.display, source=entry.source)
         return entry.snapshot()
 
@@ -132,18 +136,25 @@ class BroadcastManager:
         avatar, emotion = body.get("avatar") or backend.default_avatar, body.get("emotion")
         self.service.check_conditions(avatar, emotion)
         try:  # opening a URL blocks: off the loop
-            await asyncio.get_running_loop().run_in_executor(None, probe_audio, body["audio"])
+            await asyncio.get_running_loop().run_in_executor(None, probe_audio, body["audio"], self.sources)
         except AudioSourceError as exc:
             raise LiveError(400, "bad_audio", str(exc)) from None
         try:
             session = backend.open(avatar, emotion)
         except CapacityError as exc:
             raise LiveError(503, "at_capacity", f"no engine session free for the broadcast: {exc}") from None
-        driver = AudioDriver(session, body["audio"], loop_audio=bool(body.get("loop", False)))
-        source = {"type": "audio", "audio": body["audio"], "avatar": avatar, "emotion": emotion,
-                  "loop": driver.loop_audio, "engine_session": getattr(session, "id", None)}
-        entry = BroadcastEntry(bid, broadcaster, source, time.time(), driver=driver, session=session)
-        return entry, broadcast_audio(broadcaster, session, driver)
+        try:  # the session is closed on every way out but a started broadcast (which closes it at its end)
+            driver = AudioDriver(session, body["audio"], policy=self.sources, loop_audio=bool(body.get("loop", False)))
+            source = {"type": "audio", "audio": body["audio"], "avatar": avatar, "emotion": emotion,
+                      "loop": driver.loop_audio, "engine_session": getattr(session, "id", None)}
+            entry = BroadcastEntry(bid, broadcaster, source, time.time(), driver=driver, session=session)
+            return entry, broadcast_audio(broadcaster, session, driver)
+        except AudioSourceError as exc:  # the file went away since the probe
+            session.close()
+            raise LiveError(400, "bad_audio", str(exc)) from None
+        except BaseException:
+            session.close()
+            raise
 
     async def _run(self, entry: BroadcastEntry, coro) -> None:
         try:
