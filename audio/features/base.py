@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from audio.buffer import OverflowPolicy, SampleRing
+from audio.buffer import OverflowPolicy, PcmBuffer
 from audio.pcm import (
     MODEL_SAMPLE_RATE,
     SAMPLES_PER_VIDEO_FRAME,
@@ -84,9 +84,9 @@ class AudioFeatures(ABC):
         """Exactly what ``stream()`` emits for this audio, computed in one pass."""
         wav = as_mono_float32(wav16k, name="wav16k")
         t = check_num_video_frames(num_video_frames, wav.size)
-        ring = SampleRing(max(wav.size, 1))
-        ring.append(wav)
-        return _run_chunks(self, ring, 0, t, stream_end=wav.size)
+        pcm = PcmBuffer(max(wav.size, 1))
+        pcm.append(wav)
+        return _run_chunks(self, pcm, 0, t, stream_end=wav.size)
 
     def stream(self) -> FeatureStream:
         """A new streaming state (weights are shared; each stream holds only its own audio)."""
@@ -106,7 +106,7 @@ class AudioFeatures(ABC):
         ``num_frames == timing.chunk_frames`` always."""
 
 
-def _run_chunks(fe: AudioFeatures, ring: SampleRing, first_frame: int, stop_frame: int,
+def _run_chunks(fe: AudioFeatures, pcm: PcmBuffer, first_frame: int, stop_frame: int,
                 stream_end: int) -> np.ndarray:
     """Encode frames ``[first_frame, stop_frame)`` on the chunk grid (``first_frame`` on it)."""
     timing = fe.timing
@@ -115,7 +115,7 @@ def _run_chunks(fe: AudioFeatures, ring: SampleRing, first_frame: int, stop_fram
     while f0 < stop_frame:
         n = min(stop_frame - f0, _MAX_BATCH_FRAMES) if fe.frames_independent else timing.chunk_frames
         start, stop = timing.window_bounds(f0, n)
-        window = ring.window(f0 * _F, n * _F, timing.left_context_samples, timing.lookahead_samples)
+        window = pcm.read(start, stop)
         valid = (max(0, -start), min(stop, stream_end) - start)
         feats = fe._encode_window(window, f0, n, valid)
         out.append(feats[: stop_frame - f0])
@@ -130,8 +130,7 @@ class FeatureStream:
 
     ``push`` accepts any number of samples (0 and 1 included) and returns the features of every frame
     whose window is now complete; memory stays bounded (left context + one chunk + lookahead + one
-    piece of input). A stream is driven by one thread at a time (the engine's); a producer on another
-    thread hands it audio through a ``SampleRing``.
+    piece of input). A stream is driven by one thread at a time (the engine's).
     """
 
     def __init__(self, fe: AudioFeatures, *, piece_samples: int = 4 * _F):
@@ -140,13 +139,13 @@ class FeatureStream:
         self._piece = max(piece_samples, self.timing.chunk_frames * _F)
         capacity = self.timing.left_context_samples + self.timing.chunk_frames * _F \
             + self.timing.lookahead_samples + self._piece + _F
-        self._ring = SampleRing(capacity, policy=OverflowPolicy.RAISE)  # sized so it never overflows
+        self._pcm = PcmBuffer(capacity, policy=OverflowPolicy.RAISE)  # sized so it never overflows
         self.frames_emitted = 0
         self._flushed = False
 
     @property
     def samples_received(self) -> int:
-        return self._ring.end_sample
+        return self._pcm.end
 
     @property
     def lookahead_ms(self) -> float:
@@ -159,7 +158,7 @@ class FeatureStream:
         x = as_mono_float32(samples, name="FeatureStream.push")
         out = []
         for i in range(0, x.size, self._piece):
-            self._ring.append(x[i:i + self._piece])
+            self._pcm.append(x[i:i + self._piece])
             out.append(self._emit_ready())
         if not out:
             return np.zeros((0, self.fe.feature_dim), dtype=np.float32)
@@ -167,24 +166,24 @@ class FeatureStream:
 
     def _emit_ready(self) -> np.ndarray:
         t = self.timing
-        end = self._ring.end_sample
+        end = self._pcm.end
         ready = (end - t.lookahead_samples) // _F  # frames whose lookahead has fully arrived
         stop = self.frames_emitted + max(0, ready - self.frames_emitted) // t.chunk_frames * t.chunk_frames
         if stop <= self.frames_emitted:
             return np.zeros((0, self.fe.feature_dim), dtype=np.float32)
-        feats = _run_chunks(self.fe, self._ring, self.frames_emitted, stop, stream_end=end)
+        feats = _run_chunks(self.fe, self._pcm, self.frames_emitted, stop, stream_end=end)
         self.frames_emitted = stop
-        self._ring.trim(stop * _F - t.left_context_samples)
+        self._pcm.trim(stop * _F - t.left_context_samples)
         return feats
 
     def flush(self, num_video_frames: int | None = None) -> np.ndarray:
         """End of audio: emit the remaining frames (default: up to ceil(samples / 640)), their lookahead
         zero-filled. Frames beyond ``num_video_frames`` already emitted are not taken back."""
         self._flushed = True
-        end = self._ring.end_sample
+        end = self._pcm.end
         t_total = check_num_video_frames(num_video_frames, end)
         if t_total <= self.frames_emitted:
             return np.zeros((0, self.fe.feature_dim), dtype=np.float32)
-        feats = _run_chunks(self.fe, self._ring, self.frames_emitted, t_total, stream_end=end)
+        feats = _run_chunks(self.fe, self._pcm, self.frames_emitted, t_total, stream_end=end)
         self.frames_emitted = t_total
         return feats
