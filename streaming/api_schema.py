@@ -74,6 +74,63 @@ class EngineInfo(TypedDict, closed=True):
     memory: Memory
 
 
+# ---- engine workers ---------------------------------------------------------------------------------------
+WorkerState = Literal["starting", "ready", "dead"]
+
+
+class WorkerStatus(TypedDict):
+    """One engine worker as the backend reports it (app/workers/pool.py; the in-process engine is one)."""
+
+    id: str
+    pid: int | None  # None until the worker said hello (a Ray actor: its process on its node)
+    host: str  # the machine: a host name, or a Ray node's address
+    state: WorkerState
+    sessions: int
+    restarts: int
+    max_sessions: int
+    fps: float | None  # frames made per second over its last heartbeat (all its sessions)
+    block_ms: float | None  # median time to make one block (features + denoise + decode)
+    load: float | None  # busy share of its engine (1.0: no room for more work)
+    last_error: str | None  # why it last stopped
+
+
+class WorkerReport(TypedDict, closed=True):
+    """One entry of GET /admin/workers."""
+
+    id: str
+    pid: int | None
+    host: str
+    state: WorkerState
+    sessions: int
+    restarts: int
+
+
+class WorkerList(TypedDict, closed=True):
+    """GET /admin/workers."""
+
+    workers: list[WorkerReport]
+
+
+class WorkerHealth(TypedDict, closed=True):
+    """One worker in GET /healthz."""
+
+    id: str
+    state: WorkerState
+    sessions: int
+    fps: float | None
+    block_ms: float | None
+    restarts: int
+
+
+class Health(TypedDict, closed=True):
+    """GET /healthz: "ok" when every worker is ready, "degraded" when some are, "down" (503) when none is."""
+
+    status: Literal["ok", "degraded", "down"]
+    sessions: int
+    max_sessions: int
+    workers: list[WorkerHealth]
+
+
 # ---- one call -------------------------------------------------------------------------------------------
 class Pending(TypedDict, closed=True):
     avatar: str

@@ -1,0 +1,1 @@
+"""Engine workers: the gateway's pool (placement, admission, supervision) and the workers it runs."""

@@ -1,0 +1,152 @@
+"""The gateway <-> worker messages and the gateway's session proxy, without processes: frames and audio
+survive the encoding bit for bit, bad messages are refused by name, the per-session queue drops the
+oldest frame (never a marker), and interrupts drop what was queued and what is still in flight."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from app.workers.protocol import (FRAME, HEARTBEAT, HELLO, SESSION_CLOSED, SESSION_ERROR, Close, EndSegment, Interrupt,
+                                  Open, Output, ProtocolError, Push, Stop, decode_command, decode_output,
+                                  encode_closed, encode_command, encode_info, encode_item)
+from app.workers.session import WORKER_STOPPED, ItemQueue, WorkerSession
+from avatar.types import AvatarFrame, SegmentEnd, SessionError, Timing
+
+
+def frame(pts: int, hw=(32, 32), samples: int = 1920, seed: int = 0) -> AvatarFrame:
+    rng = np.random.default_rng(seed + pts)
+    return AvatarFrame(video=rng.integers(0, 256, (*hw, 3), dtype=np.uint8),
+                       audio=rng.uniform(-1, 1, samples).astype(np.float32), sample_rate=48_000, pts=pts,
+                       segment=3, idle=bool(pts % 2), timing=Timing(1.5, 2.0, 110.25, 70.5, 333.0))
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (128, 96), (512, 512)])
+def test_frames_cross_bit_exact(hw):
+    f = frame(41, hw)
+    out = decode_output(encode_item(7, 2, f, 123.5))
+    assert (out.kind, out.key, out.epoch, out.sent_at) == (FRAME, 7, 2, 123.5)
+    got = out.item
+    assert isinstance(got, AvatarFrame)
+    np.testing.assert_array_equal(got.video, f.video)
+    np.testing.assert_array_equal(got.audio, f.audio)
+    assert (got.pts, got.sample_rate, got.fps, got.segment, got.idle) == (41, 48_000, 25, 3, True)
+    assert got.timing == f.timing
+
+
+def test_markers_info_and_commands_round_trip():
+    seg = decode_output(encode_item(3, 1, SegmentEnd(segment=4, pts=99), 0.0))
+    assert seg.item == SegmentEnd(segment=4, pts=99) and seg.epoch == 1
+    err = decode_output(encode_item(3, 0, SessionError("bad — thing"), 0.0))
+    assert err.kind == SESSION_ERROR and err.item == SessionError("bad — thing")
+    assert decode_output(encode_closed(5)) == Output(SESSION_CLOSED, 5)
+    for kind in (HELLO, HEARTBEAT):
+        assert decode_output(encode_info(kind, {"pid": 12, "catalog": {"a": ["x"]}})).info == {"pid": 12,
+                                                                                              "catalog": {"a": ["x"]}}
+    pcm = np.linspace(-1, 1, 960, dtype=np.float32)
+    push = decode_command(encode_command(Push(9, pcm, 44_100, 17.25)))
+    assert (push.key, push.sample_rate, push.sent_at) == (9, 44_100, 17.25)
+    np.testing.assert_array_equal(push.pcm, pcm)
+    for cmd in (Open(1, "sketch", None, True), Open(2, "sketch", "happy"), EndSegment(3), Interrupt(4, 7), Close(5),
+                Stop()):
+        assert decode_command(encode_command(cmd)) == cmd
+
+
+def test_bad_messages_are_refused_by_name():
+    with pytest.raises(ProtocolError, match="no header"):
+        decode_output(b"\x03")
+    with pytest.raises(ProtocolError, match="unknown output kind"):
+        decode_output(bytes([99, 0, 0, 0, 0]))
+    with pytest.raises(ProtocolError, match="does not hold"):
+        decode_output(encode_item(1, 0, frame(0), 0.0)[:-4])
+    with pytest.raises(ProtocolError, match="unknown command kind"):
+        decode_command(bytes([3, 0, 0, 0, 0]))
+    with pytest.raises(ProtocolError, match="bad JSON"):
+        decode_output(bytes([1, 0, 0, 0, 0]) + b"{nope")
+    with pytest.raises(ProtocolError, match=r"\(H, W, 3\)"):
+        encode_item(1, 0, AvatarFrame(video=np.zeros((4, 4), np.uint8), audio=np.zeros(3, np.float32),
+                                      sample_rate=48_000, pts=0), 0.0)
+
+
+async def test_the_item_queue_drops_the_oldest_frame_and_never_a_marker():
+    q = ItemQueue(max_frames=3)
+    q.put(frame(0))
+    q.put(SegmentEnd(0, 0))
+    for pts in range(1, 5):
+        q.put(frame(pts))
+    assert q.dropped == 2  # frames 0 and 1 made room
+    got = [await q.get() for _ in range(4)]
+    assert [type(i).__name__ for i in got] == ["SegmentEnd", "AvatarFrame", "AvatarFrame", "AvatarFrame"]
+    assert [i.pts for i in got[1:]] == [2, 3, 4]
+    q.put(frame(5))
+    q.put(SessionError("x"))
+    assert q.clear() == 1  # the frame goes, the error stays
+    q.close()
+    assert await q.get() == SessionError("x") and await q.get() is None
+
+
+class FakeHandle:
+    """The part of WorkerHandle a session uses: it records what would go to the worker."""
+
+    id = "w9"
+
+    def __init__(self, accept: bool = True) -> None:
+        self.sent, self.released, self.accept = [], [], accept
+
+    def send(self, cmd) -> bool:
+        self.sent.append(cmd)
+        return self.accept
+
+    def release(self, session, tell_worker: bool) -> None:
+        self.released.append((session.key, tell_worker))
+
+
+async def test_a_worker_session_keeps_the_contract():
+    handle = FakeHandle()
+    s = WorkerSession(handle, key=4, max_frames=10)
+    assert s.id == "w9-s4"
+    # audio: checked and down-mixed here (packed stereo s16 from aiortc -> mono float32 at its rate)
+    stereo = np.stack([np.full(960, 16384, np.int16), np.zeros(960, np.int16)], axis=1).reshape(1, -1)
+    s.push_audio(stereo, 48_000, channels=2)
+    push = handle.sent[-1]
+    assert isinstance(push, Push) and push.sample_rate == 48_000 and push.pcm.shape == (960,)
+    np.testing.assert_allclose(push.pcm, 0.25, atol=1e-4)
+    with pytest.raises(ValueError, match="sample_rate 1000 Hz"):
+        s.push_audio(np.zeros(10, np.float32), 1000)
+    with pytest.raises(ValueError, match="speaker"):
+        s.push_audio(np.zeros(10, np.float32), 48_000, speaker=1)
+    with pytest.raises(ValueError, match="2-channel"):
+        s.push_audio(np.zeros(3, np.float32), 48_000, channels=2)
+    # frames of the current epoch arrive; an interrupt drops the queued ones and those still in flight
+    s.deliver(Output(FRAME, 4, 0, frame(0)), same_clock=False)
+    s.deliver(Output(FRAME, 4, 0, frame(1)), same_clock=False)
+    s.interrupt()
+    assert handle.sent[-1] == Interrupt(4, 1) and s.stats.dropped_frames == 2
+    s.deliver(Output(FRAME, 4, 0, frame(2)), same_clock=False)  # made before the worker saw the interrupt
+    s.deliver(Output(FRAME, 4, 1, frame(3)), same_clock=False)
+    assert s.stats.dropped_frames == 3
+    got = await s.__anext__()
+    assert got.pts == 3 and s.next_video == 4 and s.stats.frames == 3  # frames that reached the gateway
+    # the worker dies: the reader gets the reason, then the end; the slot is released without a Close
+    s.fail(WORKER_STOPPED)
+    assert await s.__anext__() == SessionError(WORKER_STOPPED)
+    with pytest.raises(StopAsyncIteration):
+        await s.__anext__()
+    assert handle.released == [(4, False)] and s.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        s.push_audio(np.zeros(10, np.float32), 48_000)
+
+
+async def test_audio_a_stalled_worker_cannot_take_is_counted_and_close_tells_the_worker():
+    handle = FakeHandle(accept=False)
+    s = WorkerSession(handle, key=1, max_frames=5)
+    s.push_audio(np.zeros(480, np.float32), 24_000)
+    assert s.stats.dropped_input_samples == 480
+    handle.accept = True
+    s.close()
+    s.close()
+    assert handle.released == [(1, True)]
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(s.__anext__(), 1)
