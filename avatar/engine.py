@@ -31,6 +31,7 @@ from avatar.generator import CausalGenerator, CausalOptions, Conditions, Guidanc
 from avatar.reference import PreparedAvatar, prepare_avatar
 from avatar.session import AvatarSession, GeneratedUnit, SessionOptions
 from avatar.types import DEFAULT_FPS
+from models.config import VIDEO_FRAMES_PER_LATENT
 from models.dit import WanDiT
 from models.vae import WanVAE
 
@@ -236,7 +237,8 @@ class AvatarEngine:
         for _ in range(2):
             unit = self.generator.next_unit(state)
             n = unit.audio_count
-            audio = torch.zeros(1, n, 4, m.dit.cfg.audio_dim, device=m.dit.device) if m.dit.cfg.audio_dim else None
+            audio = (torch.zeros(1, n, VIDEO_FRAMES_PER_LATENT, m.dit.cfg.audio_dim, device=m.dit.device)
+                     if m.dit.cfg.audio_dim else None)
             decoder.decode(self.generator.generate_unit(state, audio))
         self.warmup_ms = (time.perf_counter() - t0) * 1e3
         return self.warmup_ms
@@ -378,7 +380,8 @@ class AvatarEngine:
         """Milliseconds from a sample's arrival to its frame being ready, by stage (worst case)."""
         o = self.options
         _, unit, ahead = o.unit_geometry()
-        block_ms = 1000 * 4 * (unit + ahead) / o.fps  # the audio a unit waits for, its lookahead included
+        # the audio a unit waits for, its lookahead included
+        block_ms = 1000 * VIDEO_FRAMES_PER_LATENT * (unit + ahead) / o.fps
         timing = self.models.features.timing
         with self._lock:  # the worker thread deletes closed sessions
             stages = [s.stats.stage_ms for s in self.sessions.values()]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from models.attention import attention, expand_frame_mask, lengths_to_key_mask
 from models.rope import apply_rope, rope_table
-from models.config import VIDEO_FRAMES_PER_LATENT, DiTConfig
+from models.config import NUM_TRAIN_TIMESTEPS, VIDEO_FRAMES_PER_LATENT, DiTConfig
 from models.kv_cache import CacheGeometry, KVCache
 
 
@@ -430,7 +430,9 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoidal_embedding(c.freq_dim, t).to(self.dtype)).float()
         e = e[:, None] if t.dim() == 1 else e  # (B, Fe, dim)
         if motion is not None and c.motion_condition:
-            m = self.motion_embedding(sinusoidal_embedding(c.freq_dim, motion * 1000).to(self.dtype)).float()
+            # intensity 0..1 is embedded on the timestep scale
+            m = sinusoidal_embedding(c.freq_dim, motion * NUM_TRAIN_TIMESTEPS)
+            m = self.motion_embedding(m.to(self.dtype)).float()
             e = e + m[:, None]  # the motion condition steers every AdaLN modulation, like the timestep
         e0 = self.time_projection(e.to(self.dtype)).float().unflatten(-1, (6, c.dim))  # (B, Fe, 6, dim)
 

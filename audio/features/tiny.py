@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from audio.pcm import MODEL_SAMPLE_RATE
+
 TINY_WAV2VEC2: dict[str, Any] = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7,
     num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, vocab_size=32,
@@ -32,8 +34,8 @@ def save_tiny_wav2vec2(path: str | Path, *, seed: int = 0, do_normalize: bool = 
     torch.manual_seed(seed)
     path = Path(path)
     Wav2Vec2ForCTC(Wav2Vec2Config(**{**TINY_WAV2VEC2, **overrides})).save_pretrained(path)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=do_normalize,
-                             return_attention_mask=False).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=MODEL_SAMPLE_RATE, padding_value=0.0,
+                             do_normalize=do_normalize, return_attention_mask=False).save_pretrained(path)
     return path
 
 
@@ -46,5 +48,5 @@ def save_tiny_whisper(path: str | Path, *, seed: int = 0, **overrides: Any) -> P
     path = Path(path)
     cfg = WhisperConfig(**{**TINY_WHISPER, **overrides})
     WhisperForConditionalGeneration(cfg).save_pretrained(path)
-    WhisperFeatureExtractor(feature_size=cfg.num_mel_bins, sampling_rate=16000).save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=cfg.num_mel_bins, sampling_rate=MODEL_SAMPLE_RATE).save_pretrained(path)
     return path
