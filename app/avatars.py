@@ -98,7 +98,7 @@ def write_avatar_dir(seed: int, out: Path, size: int = SIZE) -> Path:
     return out
 
 
-def prepare_avatar_dir(engine: AvatarEngine, folder: Path) -> PreparedAvatar:
+def prepare_avatar_dir(engine: AvatarEngine, folder: Path, cache_dir=None) -> PreparedAvatar:
     """An avatar folder (avatar.json + images): the portrait with its stated face box and emotion images."""
     folder = Path(folder)
     try:
@@ -107,7 +107,8 @@ def prepare_avatar_dir(engine: AvatarEngine, folder: Path) -> PreparedAvatar:
         emotions = {e: (folder / f).read_bytes() for e, f in spec.get("emotions", {}).items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{folder}: not an avatar folder ({type(exc).__name__}: {exc})") from None
-    return engine.prepare_avatar(portrait, detector=FixedBoxes([box]), emotion_images=emotions or None)
+    return engine.prepare_avatar(portrait, detector=FixedBoxes([box]), emotion_images=emotions or None,
+                                 cache_dir=cache_dir)
 
 
 def prepare_avatars(engine: AvatarEngine, portrait: Path | None = None) -> tuple[dict[str, PreparedAvatar], str]:

@@ -27,7 +27,7 @@ STATUS_INTERVAL_S = 5.0
 class BroadcastRequest:
     audio: str
     to: str
-    avatar: Path | None = None  # portrait; None: the built-in drawn avatar
+    avatar: Path | None = None  # portrait or `avatar new` folder; None: the built-in drawn avatar
     emotion: str | None = None
     duration_s: float | None = None
     loop: bool = False
@@ -51,8 +51,8 @@ def run_broadcast(req: BroadcastRequest, echo: Callable[[str], None] = print,
     if target.kind == "hls" and not Path(target.location).parent.exists():
         Path(target.location).parent.mkdir(parents=True)
     probe_audio(req.audio)  # AudioSourceError (a ValueError): missing, not audio, unreachable URL
-    if req.avatar is not None and not req.avatar.is_file():
-        raise FileNotFoundError(f"{req.avatar}: no such portrait file")
+    if req.avatar is not None and not req.avatar.exists():  # a portrait image or an `avatar new` folder
+        raise FileNotFoundError(f"{req.avatar}: no such portrait file or avatar folder")
 
     from app.avatars import EngineBackend, prepare_avatars
     from app.render_worker import load_models

@@ -66,8 +66,8 @@ def serve(
     from app.server import run_server
     from app.settings import Settings
 
-    if avatar is not None and not avatar.is_file():
-        raise FileNotFoundError(f"{avatar}: no such portrait file")
+    if avatar is not None and not avatar.exists():
+        raise FileNotFoundError(f"{avatar}: no such portrait file or avatar folder")
     settings = Settings.from_env(host=host, port=port, avatar=str(avatar) if avatar else None,
                                  max_sessions=max_sessions)
     run_server(settings, echo=typer.echo)
@@ -107,10 +107,12 @@ def render(
     inputs: Annotated[list[str], typer.Argument(help="audio files, directories, globs, or CSV manifests "
                                                      "(columns: audio, avatar, emotion, output)")],
     out: Annotated[Path, typer.Option("--out", help="output directory")],
-    avatar: Annotated[str | None, typer.Option(help="portrait image, or demo:SEED (stylised identity SEED of "
-                                                    "the demo face renderer)")] = None,
+    avatar: Annotated[str | None, typer.Option(help="portrait image, `avatar new` folder, or demo:SEED (stylised "
+                                                    "identity SEED of the demo face renderer); default: the "
+                                                    "built-in drawn avatar `serve` uses")] = None,
     emotion: Annotated[str | None, typer.Option(help="emotion reference image; for demo:SEED avatars one of "
-                                                     "neutral, happy, sad, surprised")] = None,
+                                                     "neutral, happy, sad, surprised; for a folder one of its "
+                                                     "emotions")] = None,
     mode: Annotated[str, typer.Option(help="causal | overlap | fusion (position-shift fusion, offline)")] = "causal",
     model: Annotated[str, typer.Option(help="auto (the demo model when shipped, else tiny) | demo | tiny "
                                             "(random TINY weights)")] = "auto",

@@ -34,7 +34,9 @@ from app.render_worker import (
     MODELS,
     RenderJob,
     RenderSettings,
+    default_avatar,
     demo_label,
+    names_emotions,
     parse_avatar,
     read_sidecar,
     write_json_atomic,
@@ -86,11 +88,9 @@ def expand_inputs(inputs: list[str], out_dir: Path, avatar: str | None = None,
                                    "name outputs in a CSV manifest's output column"))
             continue
         owner[output] = audio
-        chosen = row_avatar or avatar
-        if not chosen:
-            raise ValueError(f"no avatar for {audio}: pass --avatar PORTRAIT|demo:SEED or an avatar column")
+        chosen = row_avatar or avatar or default_avatar()  # none given: the built-in avatar `serve` uses
         chosen_emotion = row_emotion or emotion
-        if chosen_emotion and parse_avatar(chosen)[0] == "portrait":  # demo avatars name their emotions
+        if chosen_emotion and not names_emotions(chosen):  # demo and folder avatars name their emotions
             chosen_emotion = os.path.abspath(chosen_emotion)
         jobs.append(RenderJob(index=0, audio=audio, output=str(output), avatar=_abs_avatar(chosen),
                               emotion=chosen_emotion or None))
@@ -116,7 +116,8 @@ def _csv_rows(path: Path, out_dir: Path) -> list[tuple[str, Path, str | None, st
             if avatar and not avatar.startswith("demo:"):
                 avatar = str(base / avatar)
             emotion = row.get("emotion") or None
-            if emotion and not (avatar or "").startswith("demo:"):  # demo avatars name their emotions
+            # demo and folder avatars name their emotions; an image is read from the CSV's directory
+            if emotion and not (names_emotions(avatar) if avatar else not (base / emotion).exists()):
                 emotion = str(base / emotion)
             rows.append((str(audio), output, avatar, emotion))
     return rows
@@ -124,6 +125,12 @@ def _csv_rows(path: Path, out_dir: Path) -> list[tuple[str, Path, str | None, st
 
 def _abs_avatar(spec: str) -> str:
     return spec if parse_avatar(spec)[0] == "demo" else os.path.abspath(spec)
+
+
+def _folder_sha256(folder: str) -> str:
+    """An `avatar new` folder's files (avatar.json and its images), by name and content."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    return hashlib.sha256(json.dumps([[p.name, _sha256(str(p))] for p in files]).encode()).hexdigest()
 
 
 def _failure(audio: str, output: str | None, error: str) -> dict:
@@ -143,9 +150,12 @@ def _sha256(path: str) -> str:
 def job_key(job: RenderJob, settings: RenderSettings) -> str:
     """Hash of the audio, portrait and emotion bytes and the settings that change the output."""
     kind, value = parse_avatar(job.avatar)
-    parts = {"format": KEY_FORMAT, "audio": _sha256(job.audio), "settings": settings.output_key(),
-             "avatar": f"demo:{value}" if kind == "demo" else _sha256(str(value)),
-             "emotion": (job.emotion if kind == "demo" else _sha256(job.emotion)) if job.emotion else None}
+    if kind == "demo":
+        avatar = f"demo:{value}"
+    else:
+        avatar = _folder_sha256(str(value)) if kind == "folder" else _sha256(str(value))
+    parts = {"format": KEY_FORMAT, "audio": _sha256(job.audio), "settings": settings.output_key(), "avatar": avatar,
+             "emotion": (job.emotion if kind != "portrait" else _sha256(job.emotion)) if job.emotion else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

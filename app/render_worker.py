@@ -91,23 +91,37 @@ class RenderJob:
     index: int  # position in the batch (progress and results refer to it)
     audio: str
     output: str
-    avatar: str  # portrait path or demo:SEED
-    emotion: str | None = None  # emotion reference image
+    avatar: str  # portrait path, `avatar new` folder or demo:SEED
+    emotion: str | None = None  # emotion reference image (a name for demo:SEED and folder avatars)
     key: str = ""  # hash of the inputs' bytes + settings: a sidecar with the same key means done
 
 
 def parse_avatar(spec: str) -> tuple[str, int | str]:
-    """'demo:SEED' -> ('demo', SEED); anything else -> ('portrait', path)."""
+    """'demo:SEED' -> ('demo', SEED); a folder (`avatarcast avatar new`) -> ('folder', path); anything
+    else -> ('portrait', path)."""
     if spec.startswith(DEMO_PREFIX):
         seed = spec[len(DEMO_PREFIX):]
         if not seed.isdigit():
             raise ValueError(f"--avatar {spec!r}: expected demo:SEED with an integer seed")
         return "demo", int(seed)
-    return "portrait", spec
+    return ("folder" if os.path.isdir(spec) else "portrait"), spec
+
+
+def names_emotions(spec: str) -> bool:
+    """Whether the avatar's emotions are given by name (demo:SEED, a folder) rather than as an image."""
+    return parse_avatar(spec)[0] != "portrait"
+
+
+def default_avatar() -> str:
+    """The built-in drawn avatar `avatarcast serve` uses, as a demo:SEED spec."""
+    from app.avatars import BUILTIN_SEED
+
+    return f"{DEMO_PREFIX}{BUILTIN_SEED}"
 
 
 def demo_label(spec: str) -> str:
-    return f"{spec}: stylised identity {parse_avatar(spec)[1]} of the demo face renderer"
+    label = f"{spec}: stylised identity {parse_avatar(spec)[1]} of the demo face renderer"
+    return label + (" (the built-in avatar)" if spec == default_avatar() else "")
 
 
 def resolve_model(name: str) -> str:
@@ -320,13 +334,15 @@ class Renderer:
         key = (avatar, emotion)
         if key not in self._conditions:
             kind, value = parse_avatar(avatar)
-            if kind == "demo":  # identity SEED of the demo model's face renderer, emotions by name
-                from app.avatars import EMOTIONS, prepare_stylised, stylised_avatar
+            if kind in ("demo", "folder"):  # a stylised identity or an `avatar new` folder: emotions by name
+                from app.avatars import prepare_avatar_dir, prepare_stylised, stylised_avatar
 
-                if emotion and emotion not in EMOTIONS:
-                    raise ValueError(f"--emotion for {avatar} is one of {', '.join(EMOTIONS)}, not {emotion!r}")
-                prepared = prepare_stylised(self.engine, stylised_avatar(int(value)), cache_dir=avatar_cache_dir())
-                cond = self.engine.conditions(prepared, emotion or None)
+                prepared = (prepare_stylised(self.engine, stylised_avatar(int(value)), cache_dir=avatar_cache_dir())
+                            if kind == "demo" else prepare_avatar_dir(self.engine, Path(value), avatar_cache_dir()))
+                names = ("neutral", *sorted(prepared.emotion_latents)) if kind == "folder" else prepared.emotion_latents
+                if emotion and emotion not in names:
+                    raise ValueError(f"--emotion for {avatar} is one of {', '.join(names)}, not {emotion!r}")
+                cond = self.engine.conditions(prepared, emotion if emotion in prepared.emotion_latents else None)
             else:
                 emotions = {"emotion": Path(emotion)} if emotion else None
                 prepared = self.engine.prepare_avatar(Path(value), emotion_images=emotions,

@@ -260,8 +260,7 @@ def test_inputs_expand_from_directories_globs_and_report_collisions(tmp_path):
     assert [(Path(f["input"]).name, f["error"].split(";")[0]) for f in failed] == [
         ("nothing*.ogg", "the pattern matched no files"),
         ("b.wav", f"{out / 'b.mp4'} is already the output of {tmp_path / 'b.wav'}")]
-    with pytest.raises(ValueError, match="no avatar for"):
-        expand_inputs([str(tmp_path / "b.wav")], out)
+    assert expand_inputs([str(tmp_path / "b.wav")], out)[0][0].avatar == "demo:1000007"  # the built-in avatar
     (tmp_path / "bad.csv").write_text("file,face\nb.wav,demo:1\n")
     with pytest.raises(ValueError, match="needs an 'audio' column"):
         expand_inputs([str(tmp_path / "bad.csv")], out, "demo:0")
