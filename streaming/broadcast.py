@@ -4,11 +4,12 @@
     await broadcaster.run(session)      # AvatarFrame / SegmentEnd / SessionError items, e.g. an AvatarSession
     broadcaster.snapshot()              # state, frames sent, bitrate, reconnects, last error
 
-Output timeline. The broadcaster owns a `MediaClock`: output slot `k` is sent no earlier than
-`t0 + k / fps` (t0: when `start_frames` frames are buffered), so a source that runs ahead (a file
+Output timeline. The broadcaster owns a `MediaClock` and reads its output slots from a `Pacer` on it,
+under the pacer's rules (the ones a call's WebRTC tracks follow): output slot `k` is sent no earlier
+than `t0 + k / fps` (t0: when `start_frames` frames are buffered), so a source that runs ahead (a file
 pushed faster than real time) is never sent faster than real time. Every slot carries a picture and
 exactly its 1/fps of audio, so the audio track never has a gap:
-- BACKPRESSURE: a full buffer (`queue_frames`) stops reading the source; nothing is dropped on the way in
+- BACKPRESSURE: a full pacer (`queue_frames`) stops reading the source; nothing is dropped on the way in
   (an engine session then pauses generation);
 - REPEAT_LAST: a slot with no frame `underrun_grace_s` after it is due repeats the last picture with
   silence;
@@ -39,11 +40,12 @@ from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import av
-import numpy as np
 
-from avatar.types import DEFAULT_FPS, AvatarFrame, SessionError, SessionItem, frame_sample_bounds
+from audio.buffer import OverflowPolicy
+from avatar.types import DEFAULT_FPS, AvatarFrame, SessionError, SessionItem
 from streaming.clock import MediaClock
 from streaming.filesink import AvSink
+from streaming.pacer import Pacer, PacerOptions, Slot
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ class BroadcastOptions:
     gop_s: float = 2.0  # keyframe interval: players can join (and HLS can cut) every gop_s
     fps: int = DEFAULT_FPS
     start_frames: int = 3  # frames buffered before the output clock starts (absorbs source jitter)
-    queue_frames: int = 75  # bound of the buffer between the source and the output (3 s)
+    queue_frames: int = 75  # bound of the pacer between the source and the output (3 s)
     max_lag_frames: int = 25  # output later than this skips forward instead of catching up
     underrun_grace_s: float = 0.02  # how long past due a slot waits for a frame before repeating
     retry_initial_s: float = 0.5  # backoff after the first failed attempt; doubles per failure
@@ -149,6 +151,7 @@ class BroadcastOptions:
             raise ValueError(f"hls_segment_type must be one of {HLS_SEGMENT_TYPES}")
         if self.gop_s <= 0 or self.hls_time_s <= 0 or self.hls_list_size < 0 or self.write_timeout_s <= 0:
             raise ValueError("gop_s, hls_time_s and write_timeout_s must be positive, hls_list_size >= 0")
+        self.pacer  # noqa: B018  (validates the output timeline's rules: max_lag_frames >= 1)
 
     @property
     def gop_frames(self) -> int:
@@ -157,6 +160,14 @@ class BroadcastOptions:
     def backoff_s(self, failures: int) -> float:
         """Wait before the next attempt after `failures` consecutive failed ones (0: at once)."""
         return 0.0 if failures <= 0 else min(self.retry_initial_s * 2 ** (failures - 1), self.retry_max_s)
+
+    @property
+    def pacer(self) -> PacerOptions:
+        """The output timeline's rules: the feeder waits for room (so RAISE never fires), and nothing is
+        trimmed (a broadcast keeps its latency; nobody is talking to it)."""
+        return PacerOptions(max_frames=self.queue_frames, overflow=OverflowPolicy.RAISE,
+                            start_frames=self.start_frames, max_lag_frames=self.max_lag_frames,
+                            trim_above_frames=None, history_slots=self.max_lag_frames + 2)
 
 
 def open_sink(target: Target, options: BroadcastOptions, *, resume: bool = False) -> AvSink:
@@ -186,8 +197,7 @@ class BroadcastStats:
     frames_sent: int = 0  # slots written to a live connection (repeats included)
     repeated: int = 0  # REPEAT_LAST slots
     dropped_offline: int = 0  # frames whose slot passed while disconnected
-    dropped_late: int = 0  # frames of slots skipped after a stall
-    skipped_slots: int = 0
+    skipped_slots: int = 0  # their frames are the pacer's dropped_late
     bytes_sent: int = 0
     connections: int = 0  # successful connections (the first one included)
     reconnects: int = 0  # successful connections after the first
@@ -219,7 +229,8 @@ class Broadcaster:
         self.stats = BroadcastStats()
         self.started_at: float | None = None  # wall clock (time.time) of run()
         self.live_since: float | None = None  # wall clock of the current connection
-        self._queue: asyncio.Queue[AvatarFrame] = asyncio.Queue(maxsize=options.queue_frames)
+        self.pacer = Pacer(self.clock, options.pacer)
+        self._room = asyncio.Event()  # set whenever a slot is taken from the pacer (BACKPRESSURE)
         self._stop = False
         self._fail_message: str | None = None
         self._source_done = False
@@ -230,8 +241,6 @@ class Broadcaster:
         self._retry_at = 0.0
         self._bytes_before = 0  # sent on earlier connections
         self._rate: deque[tuple[float, int]] = deque(maxlen=int(BITRATE_WINDOW_S * options.fps * 2))
-        self._last_video: np.ndarray | None = None
-        self._sample_rate = 0
 
     # ---- control ----------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -263,6 +272,7 @@ class Broadcaster:
         finally:
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
+            self.pacer.close()
             if clean:
                 await self._close_sink()
             else:  # failed, or cancelled: cut the connection without finishing the stream
@@ -284,7 +294,14 @@ class Broadcaster:
         try:
             async for item in source:
                 if isinstance(item, AvatarFrame):
-                    await self._queue.put(item)  # BACKPRESSURE when full
+                    while self.pacer.level >= self.options.queue_frames:  # BACKPRESSURE
+                        self._room.clear()
+                        await self._room.wait()
+                    try:
+                        self.pacer.push(item)
+                    except ValueError as exc:  # a frame the output timeline cannot carry
+                        self._source_error = f"the source's frames cannot be broadcast: {exc}"
+                        return
                 elif isinstance(item, SessionError):
                     self._source_error = f"the session failed: {item.message}"
                     return
@@ -294,25 +311,21 @@ class Broadcaster:
         finally:
             self._source_done = True
 
-    async def _take(self, deadline: float) -> AvatarFrame | None:
-        """The next buffered frame, waiting until `deadline` at most; None: underrun or end of source."""
-        while True:
-            try:
-                return self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                pass
+    async def _wait_for_frame(self, deadline: float) -> None:
+        """Until a frame is buffered, the source is done or stopped, or `deadline`."""
+        while not self.pacer.level and not self._source_done and not self._stop:
             now = self.clock.now()
-            if self._source_done or self._stop or now >= deadline:
-                return None
+            if now >= deadline:
+                return
             await self.clock.sleep_until(min(deadline, now + POLL_S))
 
     # ---- output timeline ------------------------------------------------------------------------------------
     async def _send_loop(self) -> None:
-        opts, clock = self.options, self.clock
-        # 1. pre-roll: the clock starts once start_frames are in (or the source ended early)
-        while self._queue.qsize() < opts.start_frames and not self._source_done and not self._stop:
+        opts, clock, pacer = self.options, self.clock, self.pacer
+        # 1. pre-roll: the pacer starts the clock once start_frames are in (here: the source ended early)
+        while pacer.level < opts.start_frames and not self._source_done and not self._stop:
             await clock.sleep_until(clock.now() + POLL_S)
-        if self._queue.empty():
+        if not pacer.level:
             self._end_from_source("the source ended before its first frame")
             return
         clock.start()
@@ -322,22 +335,21 @@ class Broadcaster:
             # 2. slot k: never before it is due; REPEAT_LAST if no frame came in time
             due = clock.video_due(k)
             await clock.sleep_until(due)
-            frame = await self._take(due + opts.underrun_grace_s)
-            if frame is None:
-                if self._source_done and self._queue.empty():
-                    self._end_from_source(None)
-                    return
-                self.stats.repeated += 1
-            await self._output(self._slot_frame(frame, k))
+            await self._wait_for_frame(due + opts.underrun_grace_s)
+            if not pacer.level and self._source_done:
+                self._end_from_source(None)
+                return
+            slot = pacer.slot(k)
+            self._room.set()
+            self.stats.repeated += slot.repeated
+            await self._output(self._slot_frame(slot))
             k += 1
             # 3. SKIP_LATE: a stalled write must not be followed by a burst
-            behind = clock.video_slot_at(clock.now()) - k
-            if behind > opts.max_lag_frames:
-                for _ in range(min(behind, self._queue.qsize())):
-                    self._queue.get_nowait()
-                    self.stats.dropped_late += 1
-                self.stats.skipped_slots += behind
-                k += behind
+            late = pacer.catch_up(k)
+            if late > k:
+                self._room.set()
+                self.stats.skipped_slots += late - k
+                k = late
         if self._fail_message is not None:
             raise _Failed(self._fail_message)
         self.end_reason = "stopped" if self._stop else "duration"
@@ -350,20 +362,10 @@ class Broadcaster:
         if default is not None and not self._stop:
             self.last_error = default
 
-    def _slot_frame(self, frame: AvatarFrame | None, k: int) -> AvatarFrame:
-        """The frame for output slot k: re-stamped to k with exactly slot k's samples, or a repeat."""
-        if frame is not None:
-            if frame.fps != self.options.fps:
-                raise _Failed(f"the source runs at {frame.fps} fps; this broadcast at {self.options.fps}")
-            self._last_video, self._sample_rate = frame.video, frame.sample_rate
-        assert self._last_video is not None  # the pre-roll guarantees a first frame
-        a, b = frame_sample_bounds(k, self._sample_rate, self.options.fps)
-        audio = np.zeros(b - a, np.float32)
-        if frame is not None:
-            pcm = np.asarray(frame.audio, np.float32).reshape(-1)[: b - a]
-            audio[: pcm.size] = pcm  # a short frame is padded with silence: the track stays continuous
-        return AvatarFrame(video=self._last_video, audio=audio, sample_rate=self._sample_rate, pts=k,
-                           fps=self.options.fps, idle=frame is None or frame.idle)
+    def _slot_frame(self, slot: Slot) -> AvatarFrame:
+        """Output slot k as a frame stamped k: its picture and exactly its samples (a repeat: silence)."""
+        return AvatarFrame(video=slot.video, audio=slot.pcm, sample_rate=self.clock.sample_rate, pts=slot.index,
+                           fps=self.options.fps, idle=slot.idle)
 
     # ---- connection -----------------------------------------------------------------------------------------
     async def _output(self, frame: AvatarFrame) -> None:
@@ -475,12 +477,12 @@ class Broadcaster:
             "end_reason": self.end_reason, "last_error": self.last_error, "last_error_at": self.last_error_at,
             "frames_sent": s.frames_sent, "seconds_sent": round(s.frames_sent / self.options.fps, 2),
             "repeated": s.repeated, "skipped_slots": s.skipped_slots,
-            "dropped": {"offline": s.dropped_offline, "late": s.dropped_late},
+            "dropped": {"offline": s.dropped_offline, "late": self.pacer.stats.dropped_late},
             "bytes_sent": s.bytes_sent, "bitrate_kbps": round(self.bitrate_bps() / 1000, 1),
             "avg_bitrate_kbps": round(s.bytes_sent * 8 * self.options.fps / s.frames_sent / 1000, 1)
             if s.frames_sent else 0.0,
             "video_bitrate_kbps": self.options.video_bitrate // 1000,
             "reconnects": s.reconnects, "disconnects": s.disconnects, "failed_attempts": s.failed_attempts,
-            "connections": s.connections, "buffered": self._queue.qsize(),
+            "connections": s.connections, "buffered": self.pacer.level,
             "started_at": self.started_at, "live_since": self.live_since,
         }

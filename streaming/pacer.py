@@ -1,4 +1,5 @@
-"""The bounded buffer between a session's paired frames and the two outgoing tracks.
+"""The bounded buffer between a session's paired frames and what sends them: a call's two WebRTC
+tracks, or a broadcaster.
 
 The engine hands out `AvatarFrame`s (one video frame + exactly its 1/fps of audio) in bursts, one
 generation block at a time. The pacer holds them and assigns them to output *slots*: slot `k` is the
@@ -9,9 +10,10 @@ Rules (the named policies):
 - start: the clock starts when the first `start_frames` frames are in; both tracks wait for it.
 - underrun (REPEAT_LAST): a slot that comes due with nothing buffered repeats the last picture with
   silence; time keeps moving, nothing bursts later.
-- overflow (`OverflowPolicy`): at `max_frames` buffered, DROP_OLDEST discards the oldest unplayed frame
-  (latency stays bounded) or DROP_NEWEST discards the arriving one (continuity, latency grows).
-- stall (SKIP_LATE): a track more than `max_lag_frames` behind jumps to the slot due now; the slots
+- overflow (`audio.buffer.OverflowPolicy`): at `max_frames` buffered, DROP_OLDEST discards the oldest
+  unplayed frame (latency stays bounded), DROP_NEWEST the arriving one (continuity, latency grows), and
+  RAISE refuses it (a feeder that waits for room, as the broadcaster does, never gets there).
+- stall (SKIP_LATE): a reader more than `max_lag_frames` behind jumps to the slot due now; the slots
   in between are resolved (their frames are dropped and counted) instead of being sent in a burst.
 - trim (TRIM_EXCESS): if the buffer never fell below `trim_above_frames` for `trim_window_frames`
   slots, the excess is dropped so the latency that a hiccup added comes back down.
@@ -21,20 +23,15 @@ Everything runs on the event loop; the pacer only moves arrays.
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from audio.buffer import BufferOverflowError, OverflowPolicy
 from avatar.types import AvatarFrame
 from streaming.clock import MediaClock
-
-
-class OverflowPolicy(enum.Enum):
-    DROP_OLDEST = "drop_oldest"  # keep latency bounded: the oldest unplayed frame is discarded
-    DROP_NEWEST = "drop_newest"  # keep continuity: the arriving frame is discarded
 
 
 class PacerClosed(Exception):
@@ -64,8 +61,10 @@ class Slot:
 
     index: int
     video: np.ndarray  # (H, W, 3) uint8 RGB, C-contiguous
-    audio: np.ndarray  # (samples_per_frame,) int16 mono
+    audio: np.ndarray  # (samples_per_frame,) int16 mono, as the WebRTC tracks send it
+    pcm: np.ndarray  # (samples_per_frame,) float32 mono: the frame's own samples (a broadcast encodes these)
     repeated: bool  # underrun: last picture again, silence
+    idle: bool  # made without speech (a repeated slot too)
     pts: int | None = None  # the engine's frame index; None on underrun
     arrived_at: float | None = None  # wall time the frame entered the pacer; None on underrun
     audio_at: float | None = None  # wall time the frame's newest input audio arrived; None for idle frames
@@ -96,6 +95,8 @@ class PacerListener(Protocol):
 class _Queued:
     video: np.ndarray
     audio: np.ndarray
+    pcm: np.ndarray
+    idle: bool
     pts: int
     arrived_at: float
     audio_at: float | None
@@ -113,6 +114,7 @@ class Pacer:
         self._next_slot = 0  # first slot not yet resolved
         self._last_video: np.ndarray | None = None
         self._silence = np.zeros(clock.samples_per_frame, np.int16)
+        self._silence_pcm = np.zeros(clock.samples_per_frame, np.float32)
         self._started = asyncio.Event()
         self._closed = False
         self._window_min: int | None = None  # lowest buffer level seen in the current trim window
@@ -135,16 +137,24 @@ class Pacer:
         if frame.sample_rate != self.clock.sample_rate or frame.audio.size != spf:
             raise ValueError(f"frame audio is {frame.audio.size} samples at {frame.sample_rate} Hz; the pacer "
                              f"needs {spf} at {self.clock.sample_rate} Hz (open the session at that rate)")
-        audio = (np.clip(frame.audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+        if frame.fps != self.clock.fps:
+            raise ValueError(f"the frame is at {frame.fps} fps; the pacer runs at {self.clock.fps} fps")
+        full = len(self._frames) >= self.options.max_frames
+        if full and self.options.overflow is OverflowPolicy.RAISE:
+            raise BufferOverflowError(f"the pacer already holds {self.options.max_frames} frames; wait for "
+                                      "room before pushing")
+        pcm = np.asarray(frame.audio, np.float32)
+        audio = (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype(np.int16)
         now = self.clock.now()
         audio_at = None
         if not frame.idle and frame.timing.emit_ms > 0:
             audio_at = now - frame.timing.emit_ms / 1000.0
-        item = _Queued(np.ascontiguousarray(frame.video, dtype=np.uint8), audio, frame.pts, now, audio_at)
+        item = _Queued(np.ascontiguousarray(frame.video, dtype=np.uint8), audio, pcm, frame.idle, frame.pts, now,
+                       audio_at)
         self.stats.pushed += 1
         if self._last_video is None:
             self._last_video = np.zeros_like(item.video)  # black until the first slot plays
-        if len(self._frames) >= self.options.max_frames:
+        if full:
             self._drop("overflow", 1)
             if self.options.overflow is OverflowPolicy.DROP_NEWEST:
                 return
@@ -181,12 +191,28 @@ class Pacer:
             if got is not None:
                 return got
             # older than the history: a track this far behind only needs something of the right shape
-            return Slot(k, self._last_picture(), self._silence, repeated=True)
-        slot = None
-        while self._next_slot <= k:
-            slot = self._resolve(self._next_slot, skipped=self._next_slot < k)
-        assert slot is not None
-        return slot
+            return self._repeat(k)
+        self.skip_to(k)
+        return self._resolve(k, skipped=False)
+
+    def catch_up(self, k: int) -> int:
+        """SKIP_LATE for a reader about to read slot k: k itself, or the slot due now when k is more than
+        `max_lag_frames` late (the slots in between are resolved as skipped, see `skip_to`)."""
+        clock = self.clock
+        now = clock.now()
+        if now - clock.video_due(k) <= self.options.max_lag_frames / clock.fps:
+            return k
+        due = clock.video_slot_at(now)
+        self.skip_to(due)
+        return due
+
+    def skip_to(self, k: int) -> None:
+        """SKIP_LATE: resolve every slot before k not resolved yet as skipped (its frame, if one was
+        buffered, is dropped as late), so that reading resumes at slot k without a burst."""
+        if self._closed:
+            raise PacerClosed
+        while self._next_slot < k:
+            self._resolve(self._next_slot, skipped=True)
 
     def audio(self, start_sample: int, num_samples: int) -> np.ndarray:
         """int16 mono samples [start, start + n) of the output timeline (spanning slots as needed)."""
@@ -205,13 +231,14 @@ class Pacer:
         if self._frames:
             q = self._frames.popleft()
             self._last_video = q.video
-            slot = Slot(k, q.video, q.audio, repeated=False, pts=q.pts, arrived_at=q.arrived_at, audio_at=q.audio_at)
+            slot = Slot(k, q.video, q.audio, q.pcm, repeated=False, idle=q.idle, pts=q.pts, arrived_at=q.arrived_at,
+                        audio_at=q.audio_at)
             if skipped:
                 self._drop("late", 1)
             else:
                 self.stats.played += 1
         else:
-            slot = Slot(k, self._last_picture(), self._silence, repeated=True)
+            slot = self._repeat(k)
             self.stats.repeated += 1
             if self.listener is not None:
                 self.listener.on_repeat()
@@ -243,10 +270,11 @@ class Pacer:
         if self.listener is not None:
             self.listener.on_drop(reason, count)
 
-    def _last_picture(self) -> np.ndarray:
-        if self._last_video is None:  # tracks only read after wait_started, i.e. after a push
+    def _repeat(self, k: int) -> Slot:
+        """Underrun: the last picture again, with silence."""
+        if self._last_video is None:  # readers only read after a push (tracks: after wait_started)
             raise RuntimeError("the pacer has not received a frame yet")
-        return self._last_video
+        return Slot(k, self._last_video, self._silence, self._silence_pcm, repeated=True, idle=True)
 
     def snapshot(self) -> dict:
         return {"level": self.level, "started": self.clock.started, **self.stats.as_dict()}

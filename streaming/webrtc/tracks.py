@@ -48,10 +48,8 @@ class AvatarVideoTrack(MediaStreamTrack):
         clock = self._clock
         try:
             await self._pacer.wait_started()
-            k = self._next
-            if clock.now() - clock.video_due(k) > self._pacer.options.max_lag_frames / clock.fps:
-                k = clock.video_slot_at(clock.now())  # SKIP_LATE: no burst after a stall
-                self.skipped += k - self._next
+            k = self._pacer.catch_up(self._next)  # SKIP_LATE: no burst after a stall
+            self.skipped += k - self._next
             await clock.sleep_until(clock.video_due(k))
             slot = self._pacer.slot(k)
         except PacerClosed:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamError
 
+from audio.buffer import BufferOverflowError, OverflowPolicy
 from avatar.types import AvatarFrame, Timing
 from streaming.clock import FakeClock, MediaClock
-from streaming.pacer import OverflowPolicy, Pacer, PacerOptions
+from streaming.pacer import Pacer, PacerOptions
 from streaming.webrtc.tracks import AvatarAudioTrack, AvatarVideoTrack
 
 pytestmark = pytest.mark.timeout(30)
@@ -128,7 +129,7 @@ async def test_after_a_stall_the_tracks_skip_forward_together_and_count_the_drop
     assert fake.t == pytest.approx(t + 1 / 25, abs=1e-6)  # back to one frame per 40 ms
 
 
-@pytest.mark.parametrize("policy", list(OverflowPolicy))
+@pytest.mark.parametrize("policy", [OverflowPolicy.DROP_OLDEST, OverflowPolicy.DROP_NEWEST])
 async def test_overflow_policy(policy):
     _, _, pacer = setup(PacerOptions(max_frames=5, overflow=policy, trim_above_frames=None))
     for i in range(8):
@@ -136,6 +137,35 @@ async def test_overflow_policy(policy):
     kept = [pacer.slot(k).pts for k in range(5)]
     assert pacer.stats.dropped_overflow == 3 and pacer.stats.max_level == 5
     assert kept == ([3, 4, 5, 6, 7] if policy is OverflowPolicy.DROP_OLDEST else [0, 1, 2, 3, 4])
+
+
+async def test_raise_policy_refuses_a_frame_without_room_and_keeps_the_rest():
+    _, _, pacer = setup(PacerOptions(max_frames=5, overflow=OverflowPolicy.RAISE, trim_above_frames=None))
+    for i in range(5):
+        pacer.push(frame(i))
+    with pytest.raises(BufferOverflowError, match="holds 5 frames"):
+        pacer.push(frame(5))
+    assert pacer.stats.pushed == 5 and pacer.stats.dropped_overflow == 0 and pacer.level == 5
+    assert pacer.slot(0).pts == 0
+    pacer.push(frame(5))  # a slot made room
+    assert [pacer.slot(k).pts for k in range(1, 6)] == [1, 2, 3, 4, 5]
+
+
+async def test_skip_to_drops_the_skipped_slots_frames_as_late():
+    _, _, pacer = setup(PacerOptions(trim_above_frames=None))
+    for i in range(6):
+        pacer.push(frame(i))
+    assert pacer.slot(0).pts == 0
+    pacer.skip_to(4)  # slots 1-3 pass without being read: frames 1-3 are late
+    assert pacer.stats.dropped_late == 3 and pacer.level == 2
+    slot = pacer.slot(4)
+    assert (slot.pts, slot.repeated, slot.idle) == (4, False, True)
+    np.testing.assert_array_equal(slot.pcm, frame(4).audio)  # the frame's own float samples ...
+    np.testing.assert_array_equal(slot.audio, as_int16(frame(4)))  # ... and the int16 the tracks send
+    pacer.skip_to(7)  # nothing buffered for slot 6: it is a repeat, nothing is dropped
+    assert pacer.stats.dropped_late == 4 and pacer.stats.repeated == 1
+    empty = pacer.slot(7)
+    assert empty.repeated and empty.idle and not empty.pcm.any() and not empty.audio.any()
 
 
 async def test_latency_trim_drops_only_what_never_drained():
@@ -188,6 +218,11 @@ def test_frames_at_another_rate_are_refused_with_a_reason():
     bad = AvatarFrame(video=np.zeros((4, 4, 3), np.uint8), audio=np.zeros(640, np.float32), sample_rate=16_000, pts=0)
     with pytest.raises(ValueError, match="48000 Hz"):
         pacer.push(bad)
+    bad = AvatarFrame(video=np.zeros((4, 4, 3), np.uint8), audio=np.zeros(SPF, np.float32), sample_rate=48_000,
+                      pts=0, fps=30)
+    with pytest.raises(ValueError, match="at 30 fps; the pacer runs at 25 fps"):
+        pacer.push(bad)
+    assert pacer.stats.pushed == 0 and not pacer.clock.started
 
 
 def test_clock_arithmetic():
