@@ -4,7 +4,10 @@ Event-loop side, never blocking: `push_audio`, `end_segment`, `interrupt`, `clos
 Engine side: `ready` / `deadline` for scheduling, `generate` (the worker thread: the next block of
 audio into latents) and `finish` (the decode thread, or the worker itself: latents into frames, out).
 The sides share a lock around the audio timeline and a thread-safe hand-off of finished items into an
-asyncio queue. Bounds, and what happens at them:
+asyncio queue. Silence is inserted here and nowhere else: a live (`realtime`) session tops its input
+up whenever it lags the wall clock by more than `jitter_ms`, so idle frames keep coming without audio
+(before the first push, while a caller is paused, across network stalls) and speech that resumes lands
+at its own time; a segment's last block is completed with silence. Bounds, and what happens at them:
 - input audio: `max_buffered_audio_s` per speaker; beyond it the oldest samples are dropped (counted);
 - output: at `max_pending_frames` unsent frames the session is not scheduled (generation pauses;
   nothing is computed only to be thrown away).
@@ -16,7 +19,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -27,7 +30,8 @@ from audio.resample import PcmFormat
 from avatar.decoder import FrameDecoder
 from avatar.generator import Conditions, Unit
 from avatar.timeline import SpeakerTrack
-from avatar.types import AvatarFrame, SegmentEnd, SessionError, SessionItem, Timing, frame_sample_bounds
+from avatar.types import (AvatarFrame, SegmentEnd, SessionError, SessionItem, SessionStats, Timing,
+                          frame_sample_bounds)
 
 _CLOSED = object()
 
@@ -36,23 +40,11 @@ _CLOSED = object()
 class SessionOptions:
     sample_rate: int | None = None  # output audio rate; default: the rate of the first push
     realtime: bool = True  # live: insert silence when audio is late, so video never stops
-    jitter_ms: float = 120.0  # how late live audio may be before silence is inserted instead
+    jitter_ms: float = 120.0  # how far live input may lag the wall clock before silence tops it up
     max_buffered_audio_s: float = 60.0
     max_pending_frames: int = 50
     speakers: int = 1  # >1: one audio stream and one FAA face mask per speaker
     seed: int = 0
-
-
-@dataclass
-class SessionStats:
-    frames: int = 0
-    idle_frames: int = 0
-    blocks: int = 0
-    dropped_input_samples: int = 0
-    dropped_frames: int = 0  # unsent frames discarded by interrupt()
-    nonfinite_input_samples: int = 0
-    stage_ms: dict[str, deque] = field(default_factory=lambda: {k: deque(maxlen=200) for k in
-                                                                ("features", "denoise", "decode", "block")})
 
 
 class GeneratedUnit(NamedTuple):
@@ -108,16 +100,16 @@ class AvatarSession:
         with self._lock:
             self._ensure_tracks(sample_rate)
             track = self.tracks[speaker]
-            before = track.timeline.dropped
+            before = track.pcm.dropped
             self.stats.nonfinite_input_samples += track.push(pcm, fmt)
-            self.stats.dropped_input_samples += track.timeline.dropped - before
-            self._arrivals.append((track.timeline.end, time.monotonic()))
+            self.stats.dropped_input_samples += track.pcm.dropped - before
+            self._arrivals.append((track.pcm.end, time.monotonic()))
         self._wake()
 
     def end_segment(self) -> None:
         """Mark the end of a speech turn; a SegmentEnd follows the frame that carries its last sample."""
         with self._lock:
-            end = max((t.timeline.end for t in self.tracks), default=0)
+            end = max((t.pcm.end for t in self.tracks), default=0)
             self._segment_ends.append((self._segment, end))
             self._segment += 1
             self._flush_to = max(self._flush_to, end)
@@ -131,6 +123,7 @@ class AvatarSession:
             cut = self._taken_to
             for t in self.tracks:
                 self.stats.dropped_input_samples += t.truncate_at(cut)
+            self._count_silence()
             self._epoch += 1
             self._segment_ends.clear()
             self._flush_to = 0
@@ -205,6 +198,8 @@ class AvatarSession:
                 if not self.options.realtime:
                     return False
                 self._ensure_tracks(self.options.sample_rate or 48_000)
+            if self.options.realtime:
+                self._pad_to_clock(now)
             v_end = self.next_span()[2].stop
             if all(t.features_ready >= v_end for t in self.tracks):
                 return True
@@ -212,6 +207,20 @@ class AvatarSession:
                 due = self.t0 + self._needed_samples(v_end) / self.out_rate + self.options.jitter_ms / 1000
                 return now >= due
             return self._flush_to > self._taken_to * self.out_rate // self.fps
+
+    def _pad_to_clock(self, now: float) -> None:
+        """Live: top every speaker's input up with silence to `jitter_ms` behind the wall clock. Done as
+        the clock moves rather than a block at a time when a block falls due, so audio arriving after
+        a gap continues from the present instead of being split by a block's worth of silence later."""
+        due = int((now - self.t0 - self.options.jitter_ms / 1000) * self.out_rate)
+        for t in self.tracks:
+            if due > t.pcm.end:
+                t.pad(due - t.pcm.end)
+        self._count_silence()
+
+    def _count_silence(self) -> None:
+        if self.tracks:
+            self.stats.silence_inserted_s = max(t.silence_samples for t in self.tracks) / self.out_rate
 
     def deadline(self) -> float:
         """When this session's next block to generate is due on the wall clock (earliest first)."""
@@ -247,7 +256,8 @@ class AvatarSession:
                     break
                 target = self._needed_samples(need.stop)
                 for t in self.tracks:  # at least one frame: a resampler may hold small pads back
-                    t.pad(max(target - t.timeline.end, self.out_rate // self.fps))
+                    t.pad(max(target - t.pcm.end, self.out_rate // self.fps))
+            self._count_silence()
             feats = [t.take_features(need.start, need.stop) for t in self.tracks]
             epoch = self._epoch
         t_feat = time.perf_counter()
@@ -290,10 +300,10 @@ class AvatarSession:
             for i, img in enumerate(video):
                 v = v0 + i
                 a, b = frame_sample_bounds(v, self.out_rate, self.fps)
-                pcm = self.tracks[0].timeline.take(a, b)
+                pcm = self.tracks[0].pcm.read(a, b)
                 for t in self.tracks[1:]:
-                    pcm = pcm + t.timeline.take(a, b)
-                idle = all(t.timeline.is_padding(a, b) for t in self.tracks)
+                    pcm = pcm + t.pcm.read(a, b)
+                idle = all(t.pcm.is_padding(a, b) for t in self.tracks)
                 arrived = next((w for e, w in self._arrivals if e >= b), None)
                 timing = Timing(emit_ms=(now - arrived) * 1e3 if arrived else 0.0, **timing_ms)
                 frame = AvatarFrame(video=img, audio=np.clip(pcm, -1, 1) if len(self.tracks) > 1 else pcm,

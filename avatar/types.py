@@ -7,6 +7,7 @@ audio leaving is the audio that came in, cut at frame boundaries.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import AsyncIterator, Protocol
@@ -81,10 +82,30 @@ class SessionError:
 SessionItem = AvatarFrame | SegmentEnd | SessionError
 
 
-class AvatarSessionProtocol(Protocol):
-    """What drivers use (the shape of LiveKit's avatar VideoGenerator and Pipecat's video services)."""
+@dataclass
+class SessionStats:
+    """A session's running counts, as drivers and the admin API report them."""
 
-    def push_audio(self, pcm: np.ndarray, sample_rate: int, speaker: int = 0) -> None: ...
+    frames: int = 0
+    idle_frames: int = 0
+    blocks: int = 0
+    dropped_input_samples: int = 0
+    dropped_frames: int = 0  # unsent frames discarded by interrupt()
+    nonfinite_input_samples: int = 0
+    silence_inserted_s: float = 0.0  # input filled with silence: live audio late or missing, a segment's tail
+    stage_ms: dict[str, deque] = field(default_factory=lambda: {k: deque(maxlen=200) for k in
+                                                                ("features", "denoise", "decode", "block")})
+
+
+class AvatarSessionProtocol(Protocol):
+    """What drivers use and read (the shape of LiveKit's avatar VideoGenerator and Pipecat's video
+    services); `avatar.session.AvatarSession` implements it."""
+
+    id: str
+    stats: SessionStats
+
+    def push_audio(self, pcm: np.ndarray, sample_rate: int, speaker: int = 0, channels: int = 1,
+                   layout: str = "interleaved") -> None: ...
 
     def end_segment(self) -> None: ...
 

@@ -1,4 +1,4 @@
-"""One browser call: an aiortc peer connection, one engine session, a pacer, four tasks.
+"""One browser call: an aiortc peer connection, one engine session, a pacer, three tasks.
 
 Lifecycle. `negotiate()` opens the engine session first (so a full server says so before any network
 work), adds the outgoing tracks, sets the video codec preference, then applies the offer and answers
@@ -6,12 +6,12 @@ work), adds the outgoing tracks, sets the video codec preference, then applies t
 - feeder: session frames -> pacer (and per-stage metrics). Frames made before the connection is up are
   discarded, so the media clock starts when someone can receive. If the engine fails the session, a
   new one is opened (at most RESTARTS_PER_MINUTE times a minute, else the call ends: "engine_error");
-- mic: `MicReader` draining the inbound audio track into the session; the track ending ends the call;
-- keeper: tops the session's input up with silence when the mic lags the wall clock (before the first
-  packet, while paused, across network stalls), so the session's audio clock never runs dry;
-- watchdog: ends the call if ICE/DTLS does not connect in `connect_timeout_s`, or no mic packet has
+- mic: `MicReader` draining the inbound audio track into the session; the track ending ends the call
+  (before the first packet, while paused and across network stalls the live session tops its own
+  input up with silence, so its idle frames keep coming);
+- watchdog: ends the call if ICE/DTLS does not connect in `connect_timeout_s`, if no mic packet has
   arrived for `idle_timeout_s` (a vanished browser is otherwise only noticed after ~30 s of failed
-  ICE consent checks).
+  ICE consent checks), or when it has lasted `max_call_s`.
 The call also ends on `bye` and when the connection goes `failed` or `closed`. `close()` is idempotent
 and frees everything: tasks cancelled, tracks stopped, pacer closed, engine session closed, pc closed.
 
@@ -30,7 +30,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Coroutine, Protocol
+from typing import Any, Callable, Coroutine, Protocol
 
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
@@ -39,11 +39,12 @@ from aiortc.sdp import SessionDescription
 
 from audio.resample import PcmFormat
 from audio.vad import VadConfig, VoiceActivityDetector
-from avatar.types import AvatarFrame, SegmentEnd, SessionError, SessionItem
+from avatar.types import AvatarFrame, AvatarSessionProtocol, SegmentEnd, SessionError
 from streaming.clock import MediaClock
 from streaming.events import EventBus
 from streaming.metrics import LiveMetrics
 from streaming.pacer import Pacer, PacerOptions, Slot
+from streaming.webrtc.candidates import add_host_candidates
 from streaming.webrtc.tracks import AvatarAudioTrack, AvatarVideoTrack, MicReader
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,6 @@ log = logging.getLogger(__name__)
 VIDEO_CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
 MODES = ("voice", "file")  # "speak my voice" / "play an audio file" (both arrive as the mic track)
 RESTARTS_PER_MINUTE = 3  # engine failures a call survives (each reopens its session); one more ends it
-KEEPER_PERIOD_S = 0.02
-KEEPER_LAG_S = 0.06  # input lagging the wall clock by more than this is topped up with silence
 
 
 class LiveError(Exception):
@@ -67,21 +66,6 @@ class CapacityError(RuntimeError):
     """The engine has no room for another session."""
 
 
-class LiveSession(Protocol):
-    """What a call needs from an engine session (avatar.session.AvatarSession)."""
-
-    id: str
-
-    def push_audio(self, pcm: np.ndarray, sample_rate: int, speaker: int = 0, channels: int = 1,
-                   layout: str = "interleaved") -> None: ...
-
-    def interrupt(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def __aiter__(self) -> AsyncIterator[SessionItem]: ...
-
-
 class SessionBackend(Protocol):
     """The engine as the service sees it; the app layer implements it (and keeps torch out of here)."""
 
@@ -91,7 +75,7 @@ class SessionBackend(Protocol):
         """Avatar name -> its emotion names."""
         ...
 
-    def open(self, avatar: str, emotion: str | None) -> LiveSession:
+    def open(self, avatar: str, emotion: str | None) -> AvatarSessionProtocol:
         """A realtime session at 48 kHz output; raises CapacityError when full."""
         ...
 
@@ -113,6 +97,8 @@ class PeerOptions:
     idle_timeout_s: float = 30.0  # no mic packet for this long ends the call
     connect_timeout_s: float = 20.0  # ICE + DTLS must reach "connected" within this
     watchdog_interval_s: float = 0.5
+    max_call_s: float = 0.0  # a call ends after this long (0: no limit)
+    host_candidates: tuple[str, ...] = ()  # addresses offered besides aioice's own (e.g. 127.0.0.1)
     fps: int = 25
     sample_rate: int = 48_000
     pacer: PacerOptions = field(default_factory=PacerOptions)
@@ -176,13 +162,10 @@ class LivePeer:
         self.swaps = 0
         self.restarts = 0  # engine sessions reopened after a failure
         self._restart_times: deque[float] = deque()
-        self.session_opened_at = 0.0
-        self._session_audio_s = 0.0  # audio pushed into the current session
-        self._mic_format = PcmFormat(options.sample_rate, 2)  # aiortc decodes the mic to packed stereo s16
         self.mic_ignored = 0  # mic packets dropped while paused
-        self.silence_pushed_s = 0.0
+        self._silence_before_s = 0.0  # inserted by the sessions this call had before the current one
         self.discarded_before_connect = 0  # idle frames generated while ICE/DTLS was connecting
-        self.session: LiveSession | None = None
+        self.session: AvatarSessionProtocol | None = None
         self.clock = MediaClock(options.fps, options.sample_rate)
         self.pacer = Pacer(self.clock, options.pacer, listener=metrics)
         self.video = AvatarVideoTrack(self.pacer, on_sent=self._on_sent)
@@ -200,7 +183,6 @@ class LivePeer:
     async def negotiate(self) -> RTCSessionDescription:
         # 1. the engine session first: a full engine refuses before any network work
         self.session = self.backend.open(self.avatar, self.emotion)
-        self.session_opened_at, self._session_audio_s = time.monotonic(), 0.0
         # 2. handlers, outgoing tracks, the codec preference (before setRemoteDescription)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -210,6 +192,8 @@ class LivePeer:
         # 3. offer -> answer (every candidate is gathered inside setLocalDescription)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(self._offer_sdp, "offer"))
+            if self.options.host_candidates:
+                await add_host_candidates(self.pc, self.options.host_candidates)
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as exc:
             raise LiveError(400, "bad_sdp", f"cannot negotiate this offer ({type(exc).__name__}: {exc})") from exc
@@ -218,7 +202,6 @@ class LivePeer:
         # 4. the long-lived tasks
         self._spawn(self._feed(), "feeder")
         self._spawn(self._watchdog(), "watchdog")
-        self._spawn(self._keep_audio_flowing(), "keeper")
         return self.pc.localDescription
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
@@ -262,37 +245,15 @@ class LivePeer:
     def _push_mic(self, pcm: np.ndarray, fmt: PcmFormat) -> None:
         self.metrics.mic_frames.inc()
         if self.paused or self.session is None:
-            self.mic_ignored += 1  # paused: the avatar stops listening (the keeper sends silence instead)
+            self.mic_ignored += 1  # paused: the avatar stops listening (the session idles on silence)
             return
-        self._push(pcm, fmt)
-
-    def _push(self, pcm: np.ndarray, fmt: PcmFormat) -> None:
-        assert self.session is not None
         self.session.push_audio(pcm, fmt.sample_rate, channels=fmt.channels, layout=fmt.layout)
-        self._session_audio_s += pcm.size / fmt.channels / fmt.sample_rate
-        self._mic_format = fmt
 
-    async def _keep_audio_flowing(self) -> None:
-        """Push silence whenever the session's input lags the wall clock by more than KEEPER_LAG_S: before
-        the first mic packet, while paused (the mic is ignored then), and across network stalls.
-
-        A realtime engine session would insert silence itself once audio is later than its jitter
-        allowance; doing it here, at the mic's own rate and in whole chunks, keeps the input timeline
-        the call's timeline, so audio that arrives after a stall is not queued behind inserted silence.
-        """
-        while True:
-            await asyncio.sleep(KEEPER_PERIOD_S)
-            if self.session is None:
-                continue
-            fmt = self._mic_format
-            gap_s = time.monotonic() - self.session_opened_at - KEEPER_LAG_S - self._session_audio_s
-            n = int(gap_s * fmt.sample_rate)
-            if n > 0:
-                try:
-                    self._push(np.zeros((1, n * fmt.channels), np.int16), fmt)
-                except RuntimeError:  # the session closed under us (failure or swap): the feeder moves on
-                    continue
-                self.silence_pushed_s += n / fmt.sample_rate
+    @property
+    def silence_pushed_s(self) -> float:
+        """Seconds of silence this call's sessions put in place of mic audio that was late or ignored."""
+        current = 0.0 if self.session is None else self.session.stats.silence_inserted_s
+        return self._silence_before_s + current
 
     async def _feed(self) -> None:
         """Session frames -> pacer; follows the session across condition changes."""
@@ -320,9 +281,9 @@ class LivePeer:
         """Replace the engine session (new conditions, a failure, or a fresh audio clock)."""
         if self.session is not None:
             self.session.close()  # frees its engine slot first, so the new one always fits
+            self._silence_before_s += self.session.stats.silence_inserted_s
         self.session = None
         self.session = self.backend.open(avatar, emotion)
-        self.session_opened_at, self._session_audio_s = time.monotonic(), 0.0
         self.avatar, self.emotion = avatar, emotion
         self._vad.reset()
 
@@ -391,11 +352,6 @@ class LivePeer:
         if not self.paused and self.session is not None:
             self.paused = True
             self.session.interrupt()
-            # the session's input now ends near its generation point: count from there (an
-            # underestimate only means the keeper adds a little more silence)
-            resume_at = getattr(self.session, "next_video", None)
-            if isinstance(resume_at, int):
-                self._session_audio_s = min(self._session_audio_s, resume_at / self.options.fps)
             dropped = self.pacer.clear()
             self.events.publish("session_paused", session=self.id, dropped_frames=dropped)
 
@@ -414,6 +370,9 @@ class LivePeer:
                     self.end("connect_timeout")
                     return
                 continue
+            if opts.max_call_s and now - self.created_at > opts.max_call_s:
+                self.end("max_duration")
+                return
             heard = self.mic.last_at if self.mic is not None and self.mic.last_at is not None else self.connected_at
             if now - heard > opts.idle_timeout_s:
                 self.end("idle_timeout")
@@ -466,9 +425,9 @@ class LivePeer:
 
     def snapshot(self) -> dict[str, Any]:
         lat = list(self._latency_ms)
-        stats = getattr(self.session, "stats", None)
-        engine: dict[str, Any] = {"session": getattr(self.session, "id", None)}
-        if stats is not None:
+        engine: dict[str, Any] = {"session": None if self.session is None else self.session.id}
+        if self.session is not None:
+            stats = self.session.stats
             engine.update(frames=stats.frames, idle_frames=stats.idle_frames, blocks=stats.blocks,
                           dropped_input_samples=stats.dropped_input_samples, dropped_frames=stats.dropped_frames,
                           stage_ms={k: round(statistics.median(list(v)), 2) if v else None

@@ -17,7 +17,7 @@ from audio.resample import PcmFormat, resample_audio
 from avatar.engine import AvatarEngine, EngineFull
 from avatar.generator import Conditions
 from avatar.session import SessionOptions
-from avatar.types import AvatarFrame, SessionError
+from avatar.types import AvatarFrame, SessionError, SessionStats
 from streaming.pacer import PacerOptions
 from streaming.webrtc import CapacityError, LiveService, Offer, PeerOptions, ServiceOptions
 from streaming.webrtc.testing import LoopbackClient, audio_lag_by_window, loopback_candidates_only
@@ -102,6 +102,7 @@ async def test_call_round_trip_fps_decoding_audio_and_bye_frees_everything(servi
     matched = [w for w in windows if w[2] > 0.6]  # a window half in a pause may match nothing well
     assert len(matched) >= 4 and len(matched) >= 0.6 * len(windows), windows
     lags = [w[1] for w in matched]
+    _s = peer.snapshot(); print("PROBE", round(max(lags) - min(lags), 3), client.fps(skip_s=0.5), _s["pacer"], _s["video"], _s["audio"], _s["mic"], [round(w[1], 3) for w in windows])
     assert all(0.05 < lag < 3.0 for lag in lags), windows  # delayed by the pipeline, never early
     assert max(lags) - min(lags) < 0.6, windows  # only underruns (40 ms each) move it
     # 3. the server's own view: VP8, loopback-only candidates, latency measured, frames sent on time
@@ -199,9 +200,11 @@ async def test_emotion_change_moves_the_call_to_a_new_session_and_pause_idles(se
 
     peer.pause()
     heard, silence, sent = peer.mic.frames, peer.silence_pushed_s, peer.video.sent
+    idle = peer.session.stats.idle_frames
     await asyncio.sleep(1.2)
     assert peer.mic.frames - heard > 40 and peer.mic_ignored > 40  # still draining the mic, not listening
     assert peer.silence_pushed_s - silence > 0.8 and peer.video.sent - sent > 25  # idling on silence
+    assert peer.session.stats.idle_frames - idle >= 12  # the session's own silence: made and marked idle
     peer.resume()
     ignored = peer.mic_ignored
     await asyncio.sleep(0.3)
@@ -215,9 +218,13 @@ class ScriptedSession:
 
     def __init__(self, sid: str, fail_after: int | None) -> None:
         self.id, self.fail_after, self.closed, self.pushed = sid, fail_after, False, 0
+        self.stats = SessionStats()
 
     def push_audio(self, pcm, sample_rate, speaker=0, channels=1, layout="interleaved") -> None:
         self.pushed += 1
+
+    def end_segment(self) -> None:
+        pass
 
     def interrupt(self) -> None:
         pass
