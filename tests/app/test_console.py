@@ -224,7 +224,8 @@ async def test_console_shows_and_controls_a_live_call(server, backend):
             table = app.query_one("#sessions", DataTable)
             # 1. the call appears, with its numbers, and the engine and broadcast panels fill in
             await until(lambda: sid in table.rows, 10, "the session in the table")
-            await until(lambda: float(str(table.get_cell(sid, "fps"))) > 10, 10, "the call's frame rate")
+            # moving frames, not a rate: the 25 fps target is bench_live's (a loaded CPU slows the loop)
+            await until(lambda: float(str(table.get_cell(sid, "fps"))) > 5, 10, "the call's frame rate")
             assert str(table.get_cell(sid, "avatar")) == "sketch" and str(table.get_cell(sid, "state")) == "connected"
             engine = text_of(app.query_one("#engine", Static))
             assert "random-tiny" in engine and "cpu" in engine and "torch" in engine and "RSS" in engine
