@@ -6,8 +6,10 @@ clients run in a process of their own, as browsers would: in the server's proces
 take the GIL from the engine and measure the benchmark instead of the service. Per call it reports the
 fps the client received, the server's pipeline latency (mic packet in -> the frame carrying it sent,
 p50/p95), the end-to-end audio delay the client measured (cross-correlation of what it sent with what
-came back), and the pacer's repeated (underrun) and dropped frames. `client_fps` is what the pacer
-sends (25 whenever the service is healthy); `new_frame_fps` is how many of those were fresh pictures
+came back, per 0.5 s window: its median, and its spread max - min, which underruns and late mic audio
+widen; `all_audio_lag_steady` when every call's spread stays under AUDIO_LAG_STEADY_MS), and the
+pacer's repeated (underrun) and dropped frames. `client_fps` is what the pacer sends (25 whenever the
+service is healthy); `new_frame_fps` is how many of those were fresh pictures
 from the engine (the rest repeat the last one), over the whole call; `steady_new_frame_fps` the same
 from STEADY_AFTER_S on, once the pipeline has filled: below 25 the engine is not keeping up. Prints JSON.
 
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 STEADY_AFTER_S = 3.0
+AUDIO_LAG_STEADY_MS = 600.0  # sync holds: the audio delay moves less than this over a call
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "audio" / "speech_en_us_male.wav"
 
 
@@ -73,9 +76,11 @@ async def _clients(url: str, sessions: int, seconds: float, codec: str, conn) ->
             for client in clients:
                 windows = audio_lag_by_window(speech[: int(min(seconds, 6.0) * 48_000)], client.received_audio())
                 lags = [w[1] for w in windows if w[2] > 0.5]
+                sure = [w[1] for w in windows if w[2] > 0.6]  # the spread: well-matched windows only
                 report.append({"session": client.session_id, "client_fps": round(client.fps(skip_s=1.0), 2),
                                "frames_received": len(client.video_times),
-                               "audio_round_trip_ms": round(1000 * statistics.median(lags), 1) if lags else None})
+                               "audio_round_trip_ms": round(1000 * statistics.median(lags), 1) if lags else None,
+                               "audio_lag_spread_ms": round(1000 * (max(sure) - min(sure)), 1) if sure else None})
             conn.send(report)
             await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # the server has its snapshots
     except Exception as exc:  # noqa: BLE001 - reported to the server side, which raises it
@@ -173,6 +178,9 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
         "engine_startup_s": round(startup_s, 1),
         "all_sent_at_25fps": all(22.5 <= f <= 27.5 for f in fps),
         "all_generated_at_25fps": all(f >= 22.5 for f in fresh),
+        "all_audio_lag_steady": all((s["audio_lag_spread_ms"] or AUDIO_LAG_STEADY_MS) < AUDIO_LAG_STEADY_MS
+                                    for s in per_session),
+        "max_audio_lag_spread_ms": max((s["audio_lag_spread_ms"] or 0.0) for s in per_session),
         "min_client_fps": min(fps), "mean_client_fps": round(float(np.mean(fps)), 2),
         "min_new_frame_fps": min(s["new_frame_fps"] for s in per_session),
         "min_steady_new_frame_fps": min(fresh),
