@@ -25,16 +25,16 @@ import pytest
 import soundfile as sf
 from aiohttp.test_utils import TestClient, TestServer
 
-from app.avatars import EngineBackend, prepare_avatars
 from app.server import create_app
 from app.settings import Settings
 from audio.resample import PcmFormat, resample_audio
-from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
 from avatar.types import AvatarFrame, SegmentEnd, frame_sample_bounds
 from streaming.broadcast import Broadcaster, BroadcastOptions, Target, open_sink, parse_target
 from streaming.broadcast_sources import AudioDriver, AudioSourceError, broadcast_audio, probe_audio
 from streaming.filesink import probe_media
 from streaming.webrtc.testing import LoopbackClient, loopback_candidates_only
+
+from helpers import until
 
 pytestmark = pytest.mark.timeout(120)
 FPS, RATE = 25, 48_000
@@ -136,14 +136,6 @@ class RecordingSink:
         return getattr(self.sink, name)
 
 
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 # ---- a local RTMP server ------------------------------------------------------------------------------------
 class NginxRtmp:
     """nginx in the foreground with its own prefix and config: RTMP on 127.0.0.1:port, application
@@ -217,18 +209,6 @@ def rtmp():
     finally:
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(max_sessions=2, decoder="torch")) as eng:
-        yield eng
-
-
-@pytest.fixture(scope="module")
-def backend(engine):
-    avatars, default = prepare_avatars(engine)
-    return EngineBackend(engine, avatars, default)
 
 
 # ---- targets ------------------------------------------------------------------------------------------------
