@@ -239,7 +239,9 @@ class EngineWorker:
             sessions[str(key)] = {"frames": st.frames, "idle_frames": st.idle_frames, "blocks": st.blocks,
                                   "next_pts": live.session.next_video,
                                   "dropped_input_samples": st.dropped_input_samples,
-                                  "dropped_frames": st.dropped_frames}
+                                  "dropped_frames": st.dropped_frames,
+                                  "nonfinite_input_samples": st.nonfinite_input_samples,
+                                  "silence_inserted_s": round(st.silence_inserted_s, 3)}
         return {
             "t": now, "sessions": sessions, "failures": snap["failures"], "latency_budget": snap["latency_budget"],
             "fps": round(frames / window_s, 2),

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from app.settings import Settings
 from app.workers.engine_worker import WorkerSpec, boot_id
 from app.workers.protocol import (FATAL, FRAME, HEARTBEAT, HELLO, SEGMENT_END, SESSION_CLOSED, SESSION_ERROR, Close,
                                   Command, Open, Output)
@@ -187,7 +188,8 @@ class WorkerHandle:
         self.stats, self.heartbeat_at = stats, time.monotonic()
         counters = stats.get("sessions") or {}
         for key, session in self.sessions.items():
-            session.stats.worker = counters.get(str(key), session.stats.worker)
+            if str(key) in counters:
+                session.worker_counters(counters[str(key)])
 
     # ---- sessions ---------------------------------------------------------------------------------------
     @property
@@ -298,6 +300,11 @@ class WorkerPool:
 
     # ---- ServiceBackend -------------------------------------------------------------------------------------
     @property
+    def info(self) -> dict[str, Any]:
+        """The first ready worker's HELLO: model, decoder, device, avatars."""
+        return self._info
+
+    @property
     def checkpoint(self) -> str | None:
         return self._info.get("checkpoint")
 
@@ -344,6 +351,32 @@ class WorkerPool:
                 "failures": sum(int(h.stats.get("failures") or 0) for h in self.handles),
                 "latency_budget": busiest.stats.get("latency_budget", NO_BUDGET) if busiest else NO_BUDGET,
                 "workers": self.workers()}
+
+
+def worker_pool(settings: Settings) -> WorkerPool:
+    """The pool `avatarcast serve` runs: `settings.workers` local processes, or Ray actors (one per GPU of
+    the cluster unless `ray_workers` says how many)."""
+    if settings.workers == "ray":
+        _connect_ray(settings.ray_address)
+        count = settings.ray_workers or _cluster_gpus() or 1
+        spec = _spec(settings, threads=settings.engine_threads or 1)  # an actor holds one CPU of its node
+        return WorkerPool(spec, PoolOptions(workers=count, backend="ray", ray_address=settings.ray_address))
+    if settings.local_workers < 1:
+        raise ValueError("a worker pool needs workers >= 1 (0 runs the engine in the server's process)")
+    spec = _spec(settings, threads=settings.threads_per_worker())
+    log.info("starting %d engine worker processes (%d compute threads each)", settings.local_workers, spec.threads)
+    return WorkerPool(spec, PoolOptions(workers=settings.local_workers))
+
+
+def _spec(settings: Settings, threads: int) -> WorkerSpec:
+    return WorkerSpec(model=settings.model, max_sessions=settings.max_sessions, threads=threads,
+                      avatar=settings.avatar)
+
+
+def _cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
 
 
 def _connect_ray(address: str | None) -> int:

@@ -45,7 +45,7 @@ def worker_main(conn, spec) -> None:
 
     try:
         worker = EngineWorker(spec)
-    except Exception as exc:  # noqa: BLE001 - said to the gateway, which logs it and retries later
+    except Exception as exc:  # said to the gateway, which logs it and retries later
         log.exception("worker failed to start")
         conn.send_bytes(encode_info(FATAL, {"error": f"{type(exc).__name__}: {exc}"}))
         return

@@ -26,13 +26,14 @@ import numpy as np
 
 from app.workers.protocol import EndSegment, Interrupt, Output, Push
 from audio.resample import PcmFormat, downmix
-from avatar.types import AvatarFrame, SessionError, SessionItem
+from avatar.types import AvatarFrame, SessionError, SessionItem, SessionStats
 
 if TYPE_CHECKING:
     from app.workers.pool import WorkerHandle
 
 WORKER_STOPPED = "the avatar worker stopped — call again"
 STAGES = ("features", "denoise", "decode", "block")
+WORKER_COUNTERS = ("dropped_input_samples", "dropped_frames", "nonfinite_input_samples", "silence_inserted_s")
 
 
 class ItemQueue:
@@ -92,28 +93,6 @@ class ItemQueue:
         return item
 
 
-class ProxyStats:
-    """What callers read from a session's `stats` (the shape of avatar.session.SessionStats): frames
-    and blocks counted as they arrive here, drops counted here and on the worker (its heartbeat)."""
-
-    def __init__(self) -> None:
-        self.frames = 0
-        self.idle_frames = 0
-        self.blocks = 0
-        self.stage_ms: dict[str, deque[float]] = {k: deque(maxlen=200) for k in STAGES}
-        self.gateway_dropped_input_samples = 0  # the worker's command queue was full
-        self.gateway_dropped_frames = 0  # interrupted, late epoch or queue overflow
-        self.worker: dict[str, Any] = {}  # this session's counters in the worker's last heartbeat
-
-    @property
-    def dropped_input_samples(self) -> int:
-        return self.gateway_dropped_input_samples + int(self.worker.get("dropped_input_samples", 0))
-
-    @property
-    def dropped_frames(self) -> int:
-        return self.gateway_dropped_frames + int(self.worker.get("dropped_frames", 0))
-
-
 class WorkerSession:
     def __init__(self, handle: WorkerHandle, key: int, max_frames: int) -> None:
         self.id = f"{handle.id}-s{key}"
@@ -121,7 +100,12 @@ class WorkerSession:
         self.worker_id = handle.id
         self.epoch = 0
         self.next_video = 0  # the pts after the newest frame received
-        self.stats = ProxyStats()
+        # frames, blocks and stage times counted as they arrive here; drops here plus the worker's own
+        # counters (its heartbeats), which are also where silence and non-finite input are counted
+        self.stats = SessionStats()
+        self._dropped_input_samples = 0  # the worker's command queue was full
+        self._dropped_frames = 0  # interrupted, from an older epoch, or the queue overflowed
+        self._worker_counters: dict[str, float] = {}
         self._handle = handle
         self._items = ItemQueue(max_frames)
         self._closed = False
@@ -138,7 +122,8 @@ class WorkerSession:
         fmt = PcmFormat(sample_rate, channels, layout)  # validates the rate, channels and layout
         mono, _ = downmix(pcm, fmt)  # (samples,) float32; raises on a shape that does not fit the format
         if mono.size and not self._handle.send(Push(self.key, mono, fmt.sample_rate, time.monotonic())):
-            self.stats.gateway_dropped_input_samples += mono.size
+            self._dropped_input_samples += mono.size
+            self._merge_counters()
 
     def end_segment(self) -> None:
         if not self._closed:
@@ -149,7 +134,8 @@ class WorkerSession:
         if self._closed:
             return
         self.epoch += 1
-        self.stats.gateway_dropped_frames += self._items.clear()
+        self._dropped_frames += self._items.clear()
+        self._merge_counters()
         self._handle.send(Interrupt(self.key, self.epoch))
 
     def close(self) -> None:
@@ -180,7 +166,8 @@ class WorkerSession:
             self._items.put(item)
             return
         if out.epoch != self.epoch:  # made before an interrupt that has since reached the worker
-            self.stats.gateway_dropped_frames += isinstance(item, AvatarFrame)
+            self._dropped_frames += isinstance(item, AvatarFrame)
+            self._merge_counters()
             return
         if isinstance(item, AvatarFrame):
             t = item.timing
@@ -189,7 +176,21 @@ class WorkerSession:
             self._count(item)
         dropped = self._items.dropped
         self._items.put(item)
-        self.stats.gateway_dropped_frames += self._items.dropped - dropped
+        if self._items.dropped != dropped:
+            self._dropped_frames += self._items.dropped - dropped
+            self._merge_counters()
+
+    def worker_counters(self, counters: dict[str, float]) -> None:
+        """This session's counters from the worker's heartbeat."""
+        self._worker_counters = counters
+        self._merge_counters()
+
+    def _merge_counters(self) -> None:
+        st, w = self.stats, self._worker_counters
+        st.dropped_input_samples = self._dropped_input_samples + int(w.get("dropped_input_samples", 0))
+        st.dropped_frames = self._dropped_frames + int(w.get("dropped_frames", 0))
+        st.nonfinite_input_samples = int(w.get("nonfinite_input_samples", 0))
+        st.silence_inserted_s = float(w.get("silence_inserted_s", 0.0))
 
     def _count(self, frame: AvatarFrame) -> None:
         st, t = self.stats, frame.timing
