@@ -117,10 +117,13 @@ async function startCall() {
       if (video.srcObject !== remote) video.srcObject = remote;
       video.play().catch(() => {});
     };
-    pc.onconnectionstatechange = () => {
+    pc.onconnectionstatechange = async () => {
       const s = pc.connectionState;
       if (s === "connected") setStatus("live", "connected: talk to the avatar");
-      else if (s === "failed") { setStatus("error", "the connection failed", true); hangUp(false); }
+      else if (s === "failed" && !(await endedByServer())) {
+        setStatus("error", "the connection failed", true);
+        hangUp(false);
+      } else if (s === "disconnected" || s === "closed") endedByServer();
     };
     setStatus("connecting", "connecting…");
     await pc.setLocalDescription(await pc.createOffer());
@@ -164,6 +167,22 @@ async function hangUp(sayBye = true) {
   $("call").disabled = false;
   $("hangup").disabled = true;
   if (call.status !== "error") setStatus("idle", "call ended");
+}
+
+// the server ended the call (its avatar worker stopped, an operator, a timeout): GET /sessions/{id}
+// answers 410 with why, and the page says it
+async function endedByServer(res = null) {
+  if (!call.sessionId) return false;
+  try {
+    res = res || (await fetch(`/sessions/${call.sessionId}`));
+    if (res.status !== 410) return false;
+    const body = await res.json();
+    setStatus("error", body.message || "the server ended the call", true);
+    await hangUp(false);
+    return true;
+  } catch (err) {
+    return false;
+  }
 }
 
 // a new mode during a call swaps the mic track in place (no renegotiation)
@@ -226,6 +245,7 @@ async function updateStats() {
   if (call.sessionId && (!call.stats.serverAt || Date.now() - call.stats.serverAt > 2000)) {
     try {
       const res = await fetch(`/sessions/${call.sessionId}`);
+      if (res.status === 410) { await endedByServer(res); return; }
       if (res.ok) s.serverMs = (await res.json()).latency_ms.p50;
       s.serverAt = Date.now();
     } catch (err) { /* stats are best effort */ }
