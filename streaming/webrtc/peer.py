@@ -51,15 +51,19 @@ log = logging.getLogger(__name__)
 
 VIDEO_CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
 MODES = ("voice", "file")  # "speak my voice" / "play an audio file" (both arrive as the mic track)
+MAX_SDP_CHARS = 64 * 1024  # an offer's SDP
+MAX_MEDIA_LINES = 8
+MAX_CANDIDATES = 64  # ICE candidates in one offer
 RESTARTS_PER_MINUTE = 3  # engine failures a call survives (each reopens its session); one more ends it
 
 
 class LiveError(Exception):
     """A request the service refuses: an HTTP status, a stable code and a message for people."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.retry_after_s = retry_after_s  # 429 / 503: when asking again may succeed (Retry-After)
 
 
 class CapacityError(RuntimeError):
@@ -104,10 +108,26 @@ class PeerOptions:
     pacer: PacerOptions = field(default_factory=PacerOptions)
 
 
+def check_offer_size(sdp: str) -> None:
+    """Bounds checked by counting lines, before anything parses the SDP: a browser's offer is a few KiB
+    with a few m-lines and a dozen candidates; thousands would be parsed, paired and checked on the
+    event loop (LiveError 413 / 400)."""
+    if len(sdp) > MAX_SDP_CHARS:
+        raise LiveError(413, "sdp_too_large", f"the offer's SDP has {len(sdp)} characters; the limit is {MAX_SDP_CHARS}")
+    media = sdp.count("\nm=") + sdp.startswith("m=")
+    if media > MAX_MEDIA_LINES:
+        raise LiveError(400, "too_many_media", f"the offer has {media} m-lines; at most {MAX_MEDIA_LINES} are accepted")
+    candidates = sdp.count("a=candidate:")
+    if candidates > MAX_CANDIDATES:
+        raise LiveError(400, "too_many_candidates",
+                        f"the offer has {candidates} ICE candidates; at most {MAX_CANDIDATES} are accepted")
+
+
 def validate_offer(sdp: str, codec: str) -> None:
-    """Refuse offers that cannot work before any resource is taken (LiveError 400)."""
+    """Refuse offers that cannot work before any resource is taken (LiveError 400 / 413)."""
     if codec not in VIDEO_CODECS:
         raise LiveError(400, "bad_codec", f"codec must be one of {sorted(VIDEO_CODECS)}, not {codec!r}")
+    check_offer_size(sdp)
     try:
         desc = SessionDescription.parse(sdp)
     except Exception as exc:  # aiortc's parser raises assorted errors on garbage
@@ -165,6 +185,7 @@ class LivePeer:
         self.mic_ignored = 0  # mic packets dropped while paused
         self._silence_before_s = 0.0  # inserted by the sessions this call had before the current one
         self.discarded_before_connect = 0  # idle frames generated while ICE/DTLS was connecting
+        self.client: str | None = None  # the remote address the service's per-client limits count
         self.session: AvatarSessionProtocol | None = None
         self.clock = MediaClock(options.fps, options.sample_rate)
         self.pacer = Pacer(self.clock, options.pacer, listener=metrics)
