@@ -1,8 +1,12 @@
 """Loopback-only WebRTC clients for tests and benchmarks: aiortc peers on 127.0.0.1, no ICE servers.
 
-aioice never offers 127.0.0.1 as a host candidate, so `loopback_candidates_only()` swaps its address
-list for just that one while a test runs: no packet goes to any other address of the machine.
-`LoopbackClient` plays PCM as its microphone in real time and records what comes back.
+`LoopbackClient` offers a 127.0.0.1 host candidate of its own (`add_host_candidates`, what the server
+does when bound to loopback) and keeps only loopback candidates in the SDP it sends and in the answer it
+applies, so every ICE check goes to 127.0.0.1, on a machine with a LAN or in a namespace with only `lo`.
+It plays PCM as its microphone in real time and records what comes back.
+
+`loopback_candidates_only()` replaces aioice's address list with 127.0.0.1 for every connection made
+while it is active (older tests and benchmarks); the server never needs it.
 """
 
 from __future__ import annotations
@@ -20,9 +24,18 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from audio.resample import PcmFormat, resample_audio
+from streaming.webrtc.candidates import add_host_candidates
 
+LOOPBACK = ("127.0.0.1", "::1")
 SAMPLE_RATE = 48_000
 PACKET = 960  # 20 ms
+
+
+def loopback_only_sdp(sdp: str) -> str:
+    """`sdp` without its ICE candidates on any address but loopback."""
+    lines = sdp.split("\r\n")
+    keep = [ln for ln in lines if not ln.startswith("a=candidate:") or ln.split()[4] in LOOPBACK]
+    return "\r\n".join(keep)
 
 
 @contextlib.contextmanager
@@ -109,11 +122,12 @@ class LoopbackClient:
     async def offer(self) -> str:
         self.pc.addTransceiver(self.mic, direction="sendrecv")
         self.pc.addTransceiver("video", direction="recvonly")
+        await add_host_candidates(self.pc, ["127.0.0.1"])
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        return self.pc.localDescription.sdp
+        return loopback_only_sdp(self.pc.localDescription.sdp)
 
     async def accept(self, answer: dict) -> None:
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        await self.pc.setRemoteDescription(RTCSessionDescription(loopback_only_sdp(answer["sdp"]), answer["type"]))
 
     def received_audio(self) -> np.ndarray:
         return np.concatenate(self.audio) if self.audio else np.zeros(0, np.float32)
