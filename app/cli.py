@@ -60,16 +60,22 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on (env AVATARCAST_HOST; default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (env AVATARCAST_PORT; default 8080)")] = None,
     avatar: Annotated[Path | None, typer.Option(help="portrait image or `avatar new` folder (default: the built-in drawn avatar)")] = None,
-    max_sessions: Annotated[int | None, typer.Option(help="concurrent calls (env AVATARCAST_MAX_SESSIONS; default 4)")] = None,
+    max_sessions: Annotated[int | None, typer.Option(help="concurrent calls per engine worker (env AVATARCAST_MAX_SESSIONS; default 4)")] = None,
+    workers: Annotated[str | None, typer.Option(help="engine worker processes, or 'ray' for Ray actors, or 0 for the engine in the server's process (env AVATARCAST_WORKERS; default 1)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="with --workers ray: the cluster to join, e.g. 10.0.0.5:6379 (env AVATARCAST_RAY_ADDRESS; default: start Ray here)")] = None,
+    ray_workers: Annotated[int | None, typer.Option(help="with --workers ray: actors to start (env AVATARCAST_RAY_WORKERS; default one per GPU, 1 without GPUs)")] = None,
+    model: Annotated[str | None, typer.Option(help="auto | demo | tiny (random TINY weights) (env AVATARCAST_MODEL; default auto: the demo model)")] = None,
 ) -> None:
-    """Start the live service: the call page, POST /offer, the admin API under /admin, /metrics."""
+    """Start the live service: the call page, POST /offer, the admin API under /admin, /metrics; the engine
+    runs in worker processes (--workers N) or Ray actors (--workers ray)."""
     from app.server import run_server
     from app.settings import Settings
 
     if avatar is not None and not avatar.exists():
         raise FileNotFoundError(f"{avatar}: no such portrait file or avatar folder")
     settings = Settings.from_env(host=host, port=port, avatar=str(avatar) if avatar else None,
-                                 max_sessions=max_sessions)
+                                 max_sessions=max_sessions, workers=workers, ray_address=ray_address,
+                                 ray_workers=ray_workers, model=model)
     run_server(settings, echo=typer.echo)
 
 
