@@ -3,17 +3,20 @@
 The causal loop is Self-Forcing's: each block of N latent frames is denoised in a few steps against the
 session's KV cache, then run once more at t = 0 so the cache keeps clean keys/values; the reference
 latent is latent frame 0 and stays in the cache as the sink. Classifier-free guidance runs its branches
-as one batch, so in causal mode each branch has its own rows in the same cache.
+as one batch, so in causal mode each branch has its own rows in the same cache. Several sessions' blocks
+can run as one batch too (`generate_blocks`): each session keeps its own cache, noise stream and frame
+position, and its rows equal what it would get alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from models.dit import WanDiT
-from models.kv_cache import KVCache
+from models.kv_cache import CacheGroup, KVCache
 from models.sampling import FlowMatchSampler, add_noise, cfg2, cfg3, sigma_to_timestep
 
 
@@ -77,8 +80,18 @@ def zero_audio_like(audio: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(audio)
 
 
+def _stack(values: Sequence[torch.Tensor | None], name: str) -> torch.Tensor | None:
+    """Per-session tensors (1, ...) -> (S, ...); all None -> None (sessions must agree on having it)."""
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values):
+        raise ValueError(f"sessions batched together must all have {name} or all lack it")
+    return values[0] if len(values) == 1 else torch.cat(list(values))
+
+
 class GuidedModel:
-    """Calls the DiT once per step with every guidance branch in one batch, and combines them."""
+    """Calls the DiT once per step with every guidance branch (of every session given) in one batch,
+    and combines them."""
 
     def __init__(self, dit: WanDiT, guidance: Guidance) -> None:
         self.dit, self.guidance = dit, guidance
@@ -98,30 +111,61 @@ class GuidedModel:
                  cache: KVCache | None = None, start_frame: int = 0,
                  frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (1, 16, F, h, w), t: (1,) or (1, F); audio: (1, F, 4, D). Returns guided velocity (1, 16, F, h, w)."""
-        k = self.guidance.passes
+        return self.many(x, t, [cond], [audio], [face_audio], known_frames=known_frames, cache=cache,
+                         start_frame=start_frame, frame_mask=frame_mask)
+
+    def many(self, x: torch.Tensor, t: torch.Tensor, conds: Sequence[Conditions],
+             audios: Sequence[torch.Tensor | None], face_audios: Sequence[torch.Tensor | None], *,
+             known_frames: int = 0, cache: KVCache | CacheGroup | None = None,
+             start_frame: int | Sequence[int] = 0, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """S sessions in one call. x: (S, 16, F, h, w); t: (1,) shared or (S,) / (S, F); audios: S of
+        (1, F, 4, D) or None; start_frame: one for all or one per session. The DiT sees S*k rows, session-
+        major (session s's branches are rows s*k .. s*k+k-1). Returns guided velocity (S, 16, F, h, w)."""
+        k, s = self.guidance.passes, len(conds)
         dt = self.dit.dtype
-        y = self.reference_channels(cond, x.shape[2], known_frames)
-        ctx = self._contexts(cond, k)
-        a = fa = None
-        if audio is not None:
-            z = zero_audio_like(audio)
-            a = torch.cat([audio] + [z] * (k - 1))  # branch 0 conditional, the others without audio
-        if face_audio is not None:
-            zf = zero_audio_like(face_audio)
-            fa = torch.cat([face_audio] + [zf] * (k - 1))
-        rep = lambda v: None if v is None else v.expand(k, *v.shape[1:])  # noqa: E731
+        if x.shape[0] != s:
+            raise ValueError(f"latents for {x.shape[0]} sessions, conditions for {s}")
+        # a (1, ...) tensor is shared by every row (a view); (S, ...) gives each session's k branch rows
+        rows = lambda v: None if v is None else (  # noqa: E731
+            v.expand(s * k, *v.shape[1:]) if v.shape[0] == 1 else v.repeat_interleave(k, 0))
+        y = _stack([self.reference_channels(c, x.shape[2], known_frames) for c in conds], "a reference")
+        ctx = self._session_contexts(conds, k)
+        a = _stack([None if au is None else torch.cat([au] + [zero_audio_like(au)] * (k - 1))
+                    for au in audios], "audio")  # branch 0 conditional, the others without audio
+        fa = _stack([None if f is None else torch.cat([f] + [zero_audio_like(f)] * (k - 1))
+                     for f in face_audios], "face audio")
         motion = None
-        if cond.motion is not None and self.dit.cfg.motion_condition:
-            motion = torch.full((k,), float(cond.motion), device=x.device)
-        v = self.dit(rep(x).to(dt), rep(t), ctx, y=rep(y), audio=a, face_audio=fa,
-                     face_mask=rep(cond.face_mask), emotion=rep(cond.emotion), reference=rep(cond.reference),
+        if self.dit.cfg.motion_condition:
+            motion = _stack([None if c.motion is None else torch.full((k,), float(c.motion), device=x.device)
+                             for c in conds], "a motion condition")
+        if not isinstance(start_frame, int):
+            start_frame = tuple(f for f in start_frame for _ in range(k))  # one per row
+        v = self.dit(rows(x).to(dt), rows(t), ctx, y=rows(y), audio=a, face_audio=fa,
+                     face_mask=rows(_stack([c.face_mask for c in conds], "face masks")),
+                     emotion=rows(_stack([c.emotion for c in conds], "an emotion reference")),
+                     reference=rows(_stack([c.reference for c in conds], "a reference")),
                      motion=motion, cache=cache, start_frame=start_frame, frame_mask=frame_mask)
         if k == 1:
             return v
         g = self.guidance
+        v = v.unflatten(0, (s, k))  # (S, k, 16, F, h, w)
         if k == 2:
-            return cfg2(v[:1], v[1:], g.audio_scale)
-        return cfg3(v[:1], v[1:2], v[2:], g.text_scale, g.audio_scale)
+            return cfg2(v[:, 0], v[:, 1], g.audio_scale)
+        return cfg3(v[:, 0], v[:, 1], v[:, 2], g.text_scale, g.audio_scale)
+
+    def _session_contexts(self, conds: Sequence[Conditions], k: int) -> torch.Tensor | None:
+        """(S*k, L, text_dim) branch contexts of every session, or None when no session has one (the DiT's
+        null context). Shorter ones are zero-padded, as the DiT pads every context to text_len anyway."""
+        ctxs = [self._contexts(c, k) for c in conds]
+        if len(ctxs) == 1 or all(c is None for c in ctxs):
+            return ctxs[0]
+        if any(c is None for c in ctxs):
+            if not self.dit.cfg.null_context_len:
+                raise ValueError("no context given and this model has no learned null context")
+            null = self.dit.null_context.expand(k, -1, -1)
+            ctxs = [null if c is None else c for c in ctxs]
+        n = max(c.shape[1] for c in ctxs)
+        return torch.cat([torch.cat([c, c.new_zeros(k, n - c.shape[1], c.shape[2])], 1) for c in ctxs])
 
     def _contexts(self, cond: Conditions, k: int) -> torch.Tensor | None:
         """(k, L, text_dim) branch contexts: positive for the first, negative for the text-free branch."""
@@ -235,35 +279,68 @@ class CausalGenerator:
     def generate_block(self, state: CausalState, audio: torch.Tensor | None,
                        face_audio: torch.Tensor | None = None) -> torch.Tensor:
         """Generate the next block. audio: (1, N, 4, D) features of its latent frames. Returns (1, 16, N, h, w)."""
+        return self.generate_blocks([state], [audio], [face_audio])[0]
+
+    def batch_key(self, state: CausalState) -> tuple | None:
+        """Sessions whose keys are equal can generate their next blocks in one batch (`generate_blocks`);
+        None: this session's next unit runs alone (the reference prefill is one pass of one frame)."""
         if state.next_frame == 0:
+            return None
+        c = state.cond
+        shape = lambda v: None if v is None else tuple(v.shape)  # noqa: E731
+        return (shape(c.reference), shape(c.emotion), shape(c.face_mask), c.motion is None,
+                c.context is None, c.negative_context is None)
+
+    @torch.no_grad()
+    def generate_blocks(self, states: Sequence[CausalState], audios: Sequence[torch.Tensor | None],
+                        face_audios: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """The next block of S sessions, each at its own frame, one batched DiT call per pass.
+
+        audios: S of (1, N, 4, D) or None; face_audios: S of (1, chars, N, 4, D) or None. Every session
+        draws its noise from its own stream in the order it would alone and keeps its own cache, so its
+        block equals `generate_block` on it alone (to float rounding). Returns S of (1, 16, N, h, w).
+        """
+        if not states:
+            return []
+        if face_audios is None:
+            face_audios = [None] * len(states)
+        if not len(states) == len(audios) == len(face_audios):
+            raise ValueError(f"{len(states)} sessions, {len(audios)} audio and {len(face_audios)} face audio inputs")
+        if any(st.next_frame == 0 for st in states):
             raise RuntimeError("prefill_reference() first: latent frame 0 is the reference")
-        ref = state.cond.reference
-        n = audio.shape[1] if audio is not None else self.options.block_frames
-        h, w = state.cond.latent_hw
-        s = state.next_frame
+        conds = [st.cond for st in states]
+        ref = conds[0].reference
+        n = audios[0].shape[1] if audios[0] is not None else self.options.block_frames
+        h, w = conds[0].latent_hw
+        one = len(states) == 1
+        cache = states[0].cache if one else CacheGroup([st.cache for st in states])
+        starts = states[0].next_frame if one else [st.next_frame for st in states]
+        stack = lambda xs: xs[0] if one else torch.cat(xs)  # noqa: E731 -- S of (1, ...) -> (S, ...)
+        shape = (1, ref.shape[1], n, h, w)
         sampler = self.sampler
-        # 1. start from noise
-        x = self._noise(state, (1, ref.shape[1], n, h, w))
-        # 2. few-step denoising against the cache (each pass overwrites this block's K/V): predict x0,
-        #    re-noise it to the next level with the session's noise; the last step lands on x0 itself
+        # 1. start from noise: (S, 16, N, h, w), each session's from its own stream
+        x = stack([self._noise(st, shape) for st in states])
+        # 2. few-step denoising against the caches (each pass overwrites this block's K/V): predict x0,
+        #    re-noise it to the next level with each session's noise; the last step lands on x0 itself
         for i in range(len(sampler)):
-            v = self.model(x, sampler.timestep(i, ref.device), state.cond, audio, face_audio=face_audio,
-                           cache=state.cache, start_frame=s).float()
-            noise = self._noise(state, x.shape) if i + 1 < len(sampler) else None
+            v = self.model.many(x, sampler.timestep(i, ref.device), conds, audios, face_audios,
+                                cache=cache, start_frame=starts).float()
+            noise = stack([self._noise(st, shape) for st in states]) if i + 1 < len(sampler) else None
             x = sampler.step(x, v, i, noise=noise)
         x0 = x
-        # 3. clean pass: the cache keeps K/V of the clean block (committed when the next block begins);
+        # 3. clean pass: the caches keep K/V of the clean block (committed when the next block begins);
         #    with context_sigma > 0 the context is lightly re-noised first, as Self-Forcing allows
         sigma_ctx = self.options.context_sigma
         x_ctx = x0
         if sigma_ctx > 0:
-            eps = torch.randn(x0.shape, generator=state.noise, device=x0.device, dtype=x0.dtype)
+            eps = stack([torch.randn(shape, generator=st.noise, device=x0.device, dtype=x0.dtype) for st in states])
             x_ctx = add_noise(x0, eps, sigma_ctx)
         t_clean = torch.full((1,), sigma_to_timestep(sigma_ctx), device=ref.device)
-        self.model(x_ctx, t_clean, state.cond, audio, face_audio=face_audio, cache=state.cache, start_frame=s)
-        # 4. advance the cursor
-        state.next_frame = s + n
-        return x0
+        self.model.many(x_ctx, t_clean, conds, audios, face_audios, cache=cache, start_frame=starts)
+        # 4. advance the cursors
+        for st in states:
+            st.next_frame += n
+        return [x0] if one else list(x0.split(1))
 
     def _noise(self, state: CausalState, shape) -> torch.Tensor:
         """Unit-variance noise for a block; `noise_correlation` of its variance is the session's fixed draw."""

@@ -11,6 +11,8 @@ modules, then the model. Token order is (frame, row, column) throughout; T = tok
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from models.attention import attention, expand_frame_mask, lengths_to_key_mask
 from models.rope import apply_rope, rope_table
 from models.config import NUM_TRAIN_TIMESTEPS, VIDEO_FRAMES_PER_LATENT, DiTConfig
-from models.kv_cache import CacheGeometry, KVCache
+from models.kv_cache import CacheGeometry, CacheGroup, KVCache
 
 
 # ---- norms and positional math ------------------------------------------------------------------
@@ -51,6 +53,14 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     angles = t.to(torch.float64)[..., None] * freqs
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+def row_rope_table(pairs: tuple[int, int, int], grid: tuple[int, int, int], starts: Sequence[int],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One RoPE table per batch row, for rows whose first frame sits at different absolute positions
+    (sessions at different block indices in one call): (cos, sin), each (B, F*H*W, 1, head_dim/2)."""
+    tables = [rope_table(pairs, grid, s, device) for s in starts]
+    return torch.stack([t[0] for t in tables]), torch.stack([t[1] for t in tables])
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -398,8 +408,8 @@ class WanDiT(nn.Module):
         motion: torch.Tensor | None = None,
         frame_lens: torch.Tensor | None = None,
         frame_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        start_frame: int = 0,
+        cache: KVCache | CacheGroup | None = None,
+        start_frame: int | Sequence[int] = 0,
     ) -> torch.Tensor:
         """Predict velocity.
 
@@ -411,7 +421,8 @@ class WanDiT(nn.Module):
         emotion: (B, 16, [1,] H, W) emotion-image latent; reference: (B, 16, [1,] H, W) reference latent;
         motion: (B,) head-motion intensity in [0, 1] (0 = still);
         frame_lens: (B,) valid latent frames per sample; frame_mask: (F, F) bool frame-level mask;
-        cache/start_frame: run as the block of frames [start_frame, start_frame + F) of a stream.
+        cache/start_frame: run as the block of frames [start_frame, start_frame + F) of a stream;
+        with a CacheGroup (several sessions in one call) start_frame has one entry per row.
         Returns (B, out_dim, F, H, W) float32.
         """
         c = self.cfg
@@ -419,6 +430,11 @@ class WanDiT(nn.Module):
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         self._check(x, t, audio, frame_lens, frame_mask, cache)
         b = x.shape[0]
+        starts = (start_frame,) * b if isinstance(start_frame, int) else tuple(int(s) for s in start_frame)
+        if len(starts) != b:
+            raise ValueError(f"{len(starts)} start frames for a batch of {b}")
+        if not isinstance(cache, CacheGroup) and len(set(starts)) > 1:
+            raise ValueError("rows at different start frames need a CacheGroup (one cache per session)")
 
         # 1. patchify: (B, C, F, H, W) -> (B, L, dim), L = F*h*w
         x = self.patch_embedding(x.to(self.dtype))
@@ -439,11 +455,15 @@ class WanDiT(nn.Module):
         # 3. context, positions and masks
         cached_ctx = cache is not None and cache.cross[0] is not None
         ctx = None if cached_ctx else self.embed_context(context, b)
-        rope = rope_table(c.rope_split, grid, start_frame, x.device)
+        if len(set(starts)) == 1:
+            rope = rope_table(c.rope_split, grid, starts[0], x.device)  # (L, 1, head_dim/2)
+        else:
+            rope = row_rope_table(c.rope_split, grid, starts, x.device)  # (B, L, 1, head_dim/2)
         key_mask = lengths_to_key_mask(frame_lens.to(x.device) * tpf, x.shape[1]) if frame_lens is not None else None
         attn_mask = expand_frame_mask(frame_mask.to(x.device), tpf) if frame_mask is not None else None
         if cache is not None:
-            cache.begin_block(start_frame, f)
+            cache.begin_block(starts if isinstance(cache, CacheGroup) else starts[0], f)
+            key_mask = cache.key_mask(x.device)  # (B, Lk): a group's shorter histories are padding
 
         # 4. conditions: reference injection, audio, face audio tokens, emotion tokens
         if reference is not None and c.ref_injection:
@@ -506,5 +526,5 @@ class WanDiT(nn.Module):
                                  f"{(b, f // pt, VIDEO_FRAMES_PER_LATENT, c.audio_dim)}; got {tuple(audio.shape)}")
         if cache is not None and (frame_lens is not None or frame_mask is not None):
             raise ValueError("a cached block forward takes no frame_lens/frame_mask: the cache defines visibility")
-        if cache is not None and cache.geometry.batch != b:
-            raise ValueError(f"cache was made for batch {cache.geometry.batch}, latents have batch {b}")
+        if cache is not None and cache.rows != b:
+            raise ValueError(f"cache was made for batch {cache.rows}, latents have batch {b}")

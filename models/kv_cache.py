@@ -19,10 +19,15 @@ Layout of the preallocated buffers, in frames (each frame is `tokens_per_frame` 
 
 All bookkeeping is host-side Python ints fixed by the block geometry: no `.item()`, no device sync.
 The cache also keeps the cross-attention K/V of the session's (fixed) context, computed once.
+
+`CacheGroup` lets one DiT call serve several sessions' caches at once (batched generation): each member
+keeps its own ring, sink and positions, and the group stacks what each member lets its rows see,
+padding shorter histories (young sessions) and masking the padding out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +88,19 @@ class KVCache:
     def clear_context(self) -> None:
         """Drop the cached cross-attention K/V (call when the session's context changes)."""
         self.cross = [None] * self.geometry.num_layers
+
+    @property
+    def rows(self) -> int:
+        return self.geometry.batch
+
+    @property
+    def visible_tokens(self) -> int:
+        """Keys the block in progress attends to (sink + filled ring + block), after `begin_block`."""
+        return sum(b - a for a, b in self._ranges)
+
+    def key_mask(self, device) -> torch.Tensor | None:
+        """Which returned keys are real: all of them, for one cache."""
+        return None
 
     @property
     def history_frames(self) -> list[int]:
@@ -189,3 +207,92 @@ class KVCache:
             a, b = self._ranges[0]
             return buf[:, a:b]
         return torch.cat([buf[:, a:b] for a, b in self._ranges], dim=1)
+
+
+class _GroupCross:
+    """The group's view of its members' cross-attention K/V: complete only when every member has it."""
+
+    def __init__(self, group: CacheGroup) -> None:
+        self.group = group
+        self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if layer not in self._stacked:
+            parts = [c.cross[layer] for c in self.group.caches]
+            if any(p is None for p in parts):
+                return None
+            self._stacked[layer] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return self._stacked[layer]
+
+    def __setitem__(self, layer: int, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Computed for every row: members that lacked it keep their rows (the others keep their own)."""
+        for c, (a, b) in zip(self.group.caches, self.group.row_spans):
+            if c.cross[layer] is None:
+                c.cross[layer] = (kv[0][a:b], kv[1][a:b])
+        self._stacked[layer] = kv
+
+
+class CacheGroup:
+    """Several sessions' caches behind one batched forward: rows are the members' rows, in order.
+
+    Members may sit at different frames (different RoPE positions, ring offsets, sink moves) and hold
+    different amounts of history; `update` writes each member's rows into its own cache and returns
+    every row's visible K/V, right-padded with zeros to the longest, with `key_mask` marking the real keys.
+    The stacking costs one copy of the visible K/V per layer and pass.
+    """
+
+    def __init__(self, caches: Sequence[KVCache]) -> None:
+        if not caches:
+            raise ValueError("a cache group needs at least one cache")
+        g0 = caches[0].geometry
+        for c in caches[1:]:
+            g = c.geometry
+            if (g.num_layers, g.heads, g.head_dim, g.tokens_per_frame) != (
+                    g0.num_layers, g0.heads, g0.head_dim, g0.tokens_per_frame):
+                raise ValueError(f"caches of different models or frame sizes cannot be grouped: {g0} vs {g}")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice in one group")
+        self.caches = list(caches)
+        edges = [0]
+        for c in self.caches:
+            edges.append(edges[-1] + c.rows)
+        self.row_spans = list(zip(edges[:-1], edges[1:]))
+        self.cross = _GroupCross(self)
+        self._lens: list[int] = []
+
+    @property
+    def rows(self) -> int:
+        return self.row_spans[-1][1]
+
+    def begin_block(self, start_frames: Sequence[int], num_frames: int) -> None:
+        """start_frames: one absolute frame per row (a member's rows share theirs)."""
+        if len(start_frames) != self.rows:
+            raise ValueError(f"{len(start_frames)} start frames for {self.rows} rows")
+        for c, (a, b) in zip(self.caches, self.row_spans):
+            if len(set(start_frames[a:b])) != 1:
+                raise ValueError(f"rows {a}..{b - 1} share one cache but start at frames {start_frames[a:b]}")
+            c.begin_block(start_frames[a], num_frames)
+        self._lens = [c.visible_tokens for c in self.caches]
+
+    def key_mask(self, device) -> torch.Tensor | None:
+        """(rows, longest) bool, True for a member's real keys; None when every row sees as many."""
+        if len(set(self._lens)) == 1:
+            return None
+        longest = max(self._lens)
+        lens = torch.tensor([n for n, (a, b) in zip(self._lens, self.row_spans) for _ in range(b - a)], device=device)
+        return torch.arange(longest, device=device)[None, :] < lens[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (rows, N*T, heads, head_dim) -> visible (rows, longest, heads, head_dim), zero-padded."""
+        if k.shape[0] != self.rows:
+            raise ValueError(f"K/V for {k.shape[0]} rows, the group has {self.rows}")
+        parts = [c.update(layer, k[a:b], v[a:b]) for c, (a, b) in zip(self.caches, self.row_spans)]
+        longest = max(self._lens)
+        if all(n == longest for n in self._lens):
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        ko = k.new_zeros(self.rows, longest, *k.shape[2:])
+        vo = torch.zeros_like(ko)
+        for (pk, pv), (a, b), n in zip(parts, self.row_spans, self._lens):
+            ko[a:b, :n] = pk
+            vo[a:b, :n] = pv
+        return ko, vo

@@ -36,9 +36,10 @@ def rope_table(pairs: tuple[int, int, int], grid: tuple[int, int, int], start_fr
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate adjacent channel pairs. x: (B, L, heads, head_dim); the table covers the first rows of L."""
+    """Rotate adjacent channel pairs. x: (B, L, heads, head_dim); the table, (n, 1, head_dim/2) or one per
+    row (B, n, 1, head_dim/2), covers the first n tokens of L."""
     cos, sin = rope
-    n = cos.shape[0]
+    n = cos.shape[-3]
     xf = x[:, :n].float().unflatten(-1, (-1, 2))  # (B, n, heads, head_dim/2, 2)
     a, b = xf[..., 0], xf[..., 1]
     rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)

@@ -208,3 +208,34 @@ def test_blocks_far_into_a_stream_run(model):
     inp = _inputs(2)
     out = _call(model, inp, torch.tensor([500.0]), cache=cache, start_frame=4000)
     assert torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_a_cache_group_runs_sessions_at_different_frames_as_each_alone(model):
+    """Two sessions' caches in one call: one has wrapped its ring with the sink moved, the other's window is
+    not yet full (its keys are padded and masked); per-row RoPE puts each row at its own frame."""
+    from models.kv_cache import CacheGroup
+
+    inp = [_inputs(8, seed=20), _inputs(8, seed=21)]
+    t = torch.tensor([400.0, 400.0])
+    follow = dict(sink_frames=1, window_frames=2, block_frames=2, sink_follows=True)
+    grouped = [model.init_cache(1, H, W, **follow) for _ in inp]
+    alone = [model.init_cache(1, H, W, **follow) for _ in inp]
+    history = (3, 1)  # blocks each session has already generated
+    for i in range(2):
+        for c in (grouped[i], alone[i]):
+            for j in range(history[i]):
+                _call(model, inp[i], t[:1], slice(2 * j, 2 * j + 2), cache=c, start_frame=2 * j)
+    starts = [2 * n for n in history]  # (6, 2)
+    def block(d, s):  # session d's inputs for frames [s, s + 2)
+        return {**d, "x": d["x"][:, :, s:s + 2], "y": d["y"][:, :, s:s + 2], "audio": d["audio"][:, s:s + 2]}
+
+    both = {k: torch.cat([block(inp[i], starts[i])[k] for i in range(2)]) for k in inp[0]}
+    group = CacheGroup(grouped)
+    out = _call(model, both, t, cache=group, start_frame=starts)
+    assert group.key_mask("cpu").sum(1).tolist() == [(1 + 2 + 2) * 4, (1 + 2 + 2) * 4 - 4]
+    for i in range(2):
+        want = _call(model, inp[i], t[:1], slice(starts[i], starts[i] + 2), cache=alone[i], start_frame=starts[i])
+        torch.testing.assert_close(out[i:i + 1], want, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="need a CacheGroup"):
+        _call(model, both, t, cache=model.init_cache(2, H, W, **follow), start_frame=starts)
