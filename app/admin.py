@@ -11,6 +11,8 @@
     POST   /admin/sessions/{id}/resume
     GET    /admin/metrics                     snapshot: calls, engine (per-session frames, per-stage timings,
                                               latency budget), subscribers
+    GET    /admin/workers                     the engine workers: id, pid, host (a Ray actor: its node), state
+                                              (starting | ready | dead), sessions, restarts
     GET    /admin/avatars                     avatars and their emotions
     GET    /admin/events                      server-sent events: hello (snapshot), session_opened/connected/
                                               closed, conditions_*, session_paused/resumed, segment_end, stats
@@ -36,7 +38,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from app.http_common import change_conditions, json_error, read_json
-from streaming.api_schema import EngineInfo, Memory
+from streaming.api_schema import EngineInfo, Memory, WorkerList
 from streaming.broadcasts import BroadcastManager
 from streaming.events import SHUTDOWN
 from streaming.webrtc.peer import LiveError
@@ -144,6 +146,13 @@ async def engine_info(request: web.Request) -> web.Response:
     return web.json_response(info)
 
 
+async def workers(request: web.Request) -> web.Response:
+    answer: WorkerList = {"workers": [
+        {"id": w["id"], "pid": w["pid"], "host": w["host"], "state": w["state"], "sessions": w["sessions"],
+         "restarts": w["restarts"]} for w in request.app[ADMIN_SERVICE].backend.workers()]}
+    return web.json_response(answer)
+
+
 async def avatars(request: web.Request) -> web.Response:
     backend = request.app[ADMIN_SERVICE].backend
     return web.json_response({"avatars": backend.catalog(), "default_avatar": backend.default_avatar})
@@ -217,6 +226,7 @@ def create_admin_app(service: LiveService, token: str, broadcasts: BroadcastMana
     r.add_post("/sessions/{session_id}/resume", resume)
     r.add_get("/metrics", metrics_snapshot)
     r.add_get("/engine", engine_info)
+    r.add_get("/workers", workers)
     r.add_get("/avatars", avatars)
     r.add_get("/events", events)
     r.add_get("/broadcast", list_broadcasts)

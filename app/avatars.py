@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from avatar.engine import AvatarEngine, EngineFull
 from avatar.faces import FixedBoxes
 from avatar.reference import PreparedAvatar
 from avatar.session import AvatarSession, SessionOptions
-from streaming.api_schema import EngineSnapshot
+from streaming.api_schema import EngineSnapshot, WorkerStatus
 from streaming.webrtc.peer import CapacityError
 
 log = logging.getLogger(__name__)
@@ -159,3 +161,13 @@ class EngineBackend:
 
     def snapshot(self) -> EngineSnapshot:
         return self.engine.snapshot()
+
+    def workers(self) -> list[WorkerStatus]:
+        """The engine in this process, as the one worker (fps is measured only by worker heartbeats)."""
+        snap = self.engine.snapshot()
+        budget = snap["latency_budget"]
+        block_ms = budget["features_ms"] + budget["denoise_ms"] + budget["decode_ms"]
+        return [{"id": "engine", "pid": os.getpid(), "host": socket.gethostname(),
+                 "state": "ready" if self.engine.running else "dead", "sessions": len(snap["sessions"]),
+                 "restarts": 0, "max_sessions": self.engine.options.max_sessions, "fps": None,
+                 "block_ms": round(block_ms, 2) if block_ms else None, "load": None, "last_error": None}]

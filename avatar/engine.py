@@ -272,6 +272,12 @@ class AvatarEngine:
             s.close()
         self.sessions.clear()
 
+    @property
+    def running(self) -> bool:
+        """Its worker thread (and decode thread, when it has one) is alive: what a health check asks."""
+        return self._thread is not None and self._thread.is_alive() and \
+            (self._decode_thread is None or self._decode_thread.is_alive())
+
     def __enter__(self) -> AvatarEngine:
         return self.start()
 

@@ -244,6 +244,14 @@ class ConditionsAnswer(TypedDict, closed=True):
     applies: str
 
 
+class CallEnd(TypedDict, closed=True):
+    """How an ended call ended: GET /sessions/{id} answers it with 410 while the service remembers it."""
+
+    session_id: str
+    reason: str  # bye, admin, idle_timeout, engine_error, ...
+    error: str | None  # what failed, for people (e.g. the avatar worker stopped)
+
+
 class SessionEnded(TypedDict, closed=True):
     session_id: str
     ended: bool
