@@ -20,9 +20,17 @@ exactly its 1/fps of audio, so the audio track never has a gap:
 Reconnect. A write that fails (connection reset, refused, `write_timeout_s` without progress) closes
 that connection; the next slot reconnects at once, then failed attempts back off exponentially
 (`retry_initial_s` doubling up to `retry_max_s`). `max_attempts` consecutive failures fail the
-broadcast with the last error. A new connection starts a new stream (pts 0, new SPS/PPS).
+broadcast with the last error; a connection that drops before `stable_s` counts as a failure too (a
+server that accepts and then stalls must not reset the count forever). A new connection starts a new
+stream (pts 0, new SPS/PPS).
 
 Encoding and network writes run on one I/O thread per connection; the event loop only moves frames.
+Timeouts. FFmpeg opens an RTMP output without a timeout and holding the GIL (PyAV's avio_open), so a
+server that accepts and never answers would freeze the whole process: every RTMP attempt first does
+the RTMP handshake on the event loop (`probe_rtmp`, `write_timeout_s` for the connect and the answer)
+and opens the real output only when the server answers. Writes run without the GIL and time out after
+`write_timeout_s`; the abandoned thread stays until its write returns, so at most `max_stuck_writers`
+such threads may exist: while that many are blocked, attempts fail without starting another.
 Sources (streaming/broadcast_sources.py): an engine session itself, a live call's pacer, and an
 engine session driven by an audio file or URL. This module never imports torch.
 """
@@ -30,13 +38,15 @@ engine session driven by an audio file or URL. This module never imports torch.
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 import concurrent.futures
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import av
@@ -133,6 +143,8 @@ class BroadcastOptions:
     retry_max_s: float = 8.0
     max_attempts: int = 6  # consecutive failed connection attempts before the broadcast fails
     write_timeout_s: float = 10.0  # a write (or connect) without progress for this long = connection lost
+    stable_s: float = 10.0  # a connection live this long resets the failure count; a shorter one is a failure
+    max_stuck_writers: int = 2  # abandoned I/O threads still blocked in a write; no new attempt past this
     duration_s: float | None = None  # stop after this much output; None: until stop() or the source ends
     hls_time_s: float = 2.0  # target segment length (cut at keyframes)
     hls_list_size: int = 6  # segments in the live playlist; 0 keeps every segment (and the files)
@@ -149,6 +161,8 @@ class BroadcastOptions:
             raise ValueError(f"duration_s must be positive, not {self.duration_s}")
         if self.hls_segment_type not in HLS_SEGMENT_TYPES:
             raise ValueError(f"hls_segment_type must be one of {HLS_SEGMENT_TYPES}")
+        if self.stable_s < 0 or self.max_stuck_writers < 1:
+            raise ValueError("stable_s must be >= 0 and max_stuck_writers >= 1")
         if self.gop_s <= 0 or self.hls_time_s <= 0 or self.hls_list_size < 0 or self.write_timeout_s <= 0:
             raise ValueError("gop_s, hls_time_s and write_timeout_s must be positive, hls_list_size >= 0")
         self.pacer  # noqa: B018  (validates the output timeline's rules: max_lag_frames >= 1)
@@ -191,6 +205,39 @@ def open_sink(target: Target, options: BroadcastOptions, *, resume: bool = False
                   audio_bit_rate=options.audio_bitrate, video_bit_rate=options.video_bitrate, audio_layout="stereo")
 
 
+RTMP_HANDSHAKE = 1 + 1536  # C0/S0 (version) + C1/S1 (time, zero, 1528 random bytes)
+
+
+async def probe_rtmp(target: Target, timeout_s: float) -> None:
+    """Connect and do the first half of the RTMP handshake (C0+C1 -> S0+S1), each step within
+    `timeout_s`; raises OSError / TimeoutError when the server does not answer like an RTMP server."""
+    parts = urlsplit(target.location)
+    tls = parts.scheme.lower() == "rtmps"
+    host, port = parts.hostname or "", parts.port or (443 if tls else 1935)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl.create_default_context() if tls else None), timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"no connection within {timeout_s:g} s") from None
+    except OSError as exc:  # asyncio's text ("Connect call failed (...)") names no cause
+        if exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, os.strerror(exc.errno)) from None
+    try:
+        writer.write(b"\x03" + bytes(RTMP_HANDSHAKE - 1))
+        await asyncio.wait_for(writer.drain(), timeout_s)
+        try:
+            s0 = await asyncio.wait_for(reader.readexactly(RTMP_HANDSHAKE), timeout_s)
+        except asyncio.IncompleteReadError:
+            raise ConnectionError("the server closed the connection during the RTMP handshake") from None
+        except TimeoutError:
+            raise TimeoutError(f"no RTMP handshake answer within {timeout_s:g} s") from None
+        if s0[0] != 3:
+            raise ConnectionError(f"the server answered RTMP version {s0[0]}, not 3")
+    finally:
+        writer.close()
+
+
 # ---- the broadcaster --------------------------------------------------------------------------------------
 @dataclass
 class BroadcastStats:
@@ -215,6 +262,7 @@ class Broadcaster:
     def __init__(self, target: Target | str, options: BroadcastOptions = BroadcastOptions(), *,
                  clock: MediaClock | None = None,
                  sink_factory: Callable[..., AvSink] = open_sink,
+                 probe: Callable[[Target, float], Awaitable[None]] | None = None,
                  on_state: Callable[[Broadcaster, str], None] | None = None) -> None:
         self.target = parse_target(target) if isinstance(target, str) else target
         self.options = options
@@ -222,6 +270,8 @@ class Broadcaster:
         if self.clock.fps != options.fps:
             raise ValueError(f"the clock runs at {self.clock.fps} fps, the options say {options.fps}")
         self._sink_factory, self._on_state = sink_factory, on_state
+        # the RTMP handshake check before FFmpeg's unbounded open (a sink factory of a test: none by default)
+        self._probe = probe if probe is not None else probe_rtmp if sink_factory is open_sink else None
         self.state = "idle"
         self.end_reason: str | None = None  # stopped | duration | source_ended | failed
         self.last_error: str | None = None
@@ -238,6 +288,8 @@ class Broadcaster:
         self._sink: AvSink | None = None
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
         self._failures = 0  # consecutive failed attempts
+        self._live_at: float | None = None  # media-clock time the current connection went live
+        self._stuck: list[concurrent.futures.Future] = []  # teardown of abandoned connections, pending
         self._retry_at = 0.0
         self._bytes_before = 0  # sent on earlier connections
         self._rate: deque[tuple[float, int]] = deque(maxlen=int(BITRATE_WINDOW_S * options.fps * 2))
@@ -375,9 +427,14 @@ class Broadcaster:
                 self.stats.dropped_offline += 1  # OFFLINE: the slot passes without a connection
                 return
             self._set_state("connecting" if self.stats.connections == 0 else "reconnecting")
+            self._stuck = [f for f in self._stuck if not f.done()]
             try:
+                if len(self._stuck) >= self.options.max_stuck_writers:
+                    raise TimeoutError(f"{len(self._stuck)} earlier connections are still blocked in a write")
+                if self._probe is not None and self.target.kind == "rtmp":
+                    await self._probe(self.target, self.options.write_timeout_s)
                 self._sink = self._sink_factory(self.target, self.options, resume=self.stats.connections > 0)
-            except OSError as exc:  # e.g. the HLS directory cannot be created
+            except OSError as exc:  # refused, no RTMP answer, or e.g. the HLS directory cannot be created
                 self._connection_failed(exc, was_live=False)
                 self.stats.dropped_offline += 1
                 return
@@ -393,6 +450,8 @@ class Broadcaster:
             raise _Failed(f"the source's frames cannot be encoded: {exc}") from None
         if sink.frames_written == 1:
             self._connected()
+        elif self._failures and self._live_at is not None and now - self._live_at >= self.options.stable_s:
+            self._failures = 0  # live long enough: the link works again
         self.stats.frames_sent += 1
         self.stats.bytes_sent = self._bytes_before + sink.bytes_written
         self._rate.append((self.clock.now(), self.stats.bytes_sent))
@@ -410,18 +469,22 @@ class Broadcaster:
         self.stats.connections += 1
         if self.stats.connections > 1:
             self.stats.reconnects += 1
-        self._failures = 0
+        self._live_at = self.clock.now()
+        if not self.options.stable_s:
+            self._failures = 0
         self.live_since = time.time()
         self._set_state("live")
 
     def _connection_failed(self, exc: BaseException, *, was_live: bool) -> None:
         self.last_error, self.last_error_at = self._describe(exc), time.time()
+        lived = 0.0 if self._live_at is None else self.clock.now() - self._live_at
         self._drop_connection()
-        if was_live:  # the link went away: try again at the next slot
+        if was_live:
             self.stats.disconnects += 1
-            self._failures, self._retry_at = 0, self.clock.now()
-            self._set_state("reconnecting")
-            return
+            if lived >= self.options.stable_s:  # a working link went away: try again at the next slot
+                self._failures, self._retry_at = 0, self.clock.now()
+                self._set_state("reconnecting")
+                return
         self._failures += 1
         self.stats.failed_attempts += 1
         if self._failures >= self.options.max_attempts:
@@ -433,11 +496,11 @@ class Broadcaster:
     def _drop_connection(self) -> None:
         """Abandon the connection: its thread tears it down (after a stuck write, whenever that returns)."""
         sink, io = self._sink, self._io
-        self._sink, self._io = None, None
+        self._sink, self._io, self._live_at = None, None, None
         if sink is not None:
             self._bytes_before += sink.bytes_written
             if io is not None:
-                io.submit(sink.abort)
+                self._stuck.append(io.submit(sink.abort))  # done at once unless a write is still blocked
         if io is not None:
             io.shutdown(wait=False)
         self.live_since = None
