@@ -1,9 +1,15 @@
-"""One real browser call, for tests/app/test_browser.py: run it inside a loopback-only network namespace.
+"""Real calls against the real `avatarcast serve`, for tests/app/test_browser.py: run it inside a
+loopback-only network namespace, where aioice finds no address at all (it leaves loopback out), so a
+call connects only if the server offers 127.0.0.1 itself. Nothing is patched, in this process or the
+server's.
 
-Starts the live service (real engine, random TINY models) on 127.0.0.1, launches headless Chromium with
-fake media devices (a wav file as the microphone), drives the page over the Chrome DevTools Protocol
-(aiohttp's websocket client), presses Call, counts decoded frames from the page
-(requestVideoFrameCallback), hangs up, and prints one JSON line with what it saw.
+Starts `avatarcast serve --host 127.0.0.1` (random TINY models, the engine in the server's process) as
+a subprocess; then
+1. an aiortc client (`LoopbackClient`) calls it and counts the frames it receives;
+2. headless Chromium with fake media devices (a wav file as the microphone) opens the page, driven
+   over the Chrome DevTools Protocol (aiohttp's websocket client), presses Call, counts decoded frames
+   from the page (requestVideoFrameCallback) and hangs up;
+the server's side of each call is read from its admin API. Prints one JSON line with what it saw.
 
     unshare --net sh -c 'ip link set lo up && exec python tests/app/browser_call.py --wav speech.wav'
 """
@@ -17,13 +23,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -77,30 +84,78 @@ class DevTools:
             await asyncio.sleep(0.25)
 
 
-async def start_server() -> tuple[web.AppRunner, int, Any, Any, list[str]]:
-    from app.avatars import EngineBackend, prepare_avatars
-    from app.server import SERVICE, create_app
-    from app.settings import Settings
-    from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
+TOKEN = "browser-test-token-0123"
+CANDIDATE = re.compile(r"a=candidate:\S+ \d+ \w+ \d+ (\S+) ")
 
-    engine = AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(max_sessions=2, decoder="torch")).start()
-    avatars, default = prepare_avatars(engine)
-    app = create_app(Settings(admin_token="browser-test-token-0123"), EngineBackend(engine, avatars, default))
-    service = app[SERVICE]
-    offers: list[str] = []
-    original = service.offer
 
-    async def recording_offer(offer):  # keep the browser's SDP to check its candidates
-        offers.append(offer.sdp)
-        return await original(offer)
+def candidates(sdp: str | None) -> list[str]:
+    return sorted({m.group(1) for m in CANDIDATE.finditer(sdp or "")})
 
-    service.offer = recording_offer
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    return runner, port, engine, service, offers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_server(log) -> tuple[Any, str]:
+    """`avatarcast serve` on 127.0.0.1 (no ICE hosts configured: it must see the loopback bind itself)."""
+    port = free_port()
+    cli = Path(sys.executable).with_name("avatarcast")
+    cmd = [str(cli)] if cli.exists() else [sys.executable, "-c", "from app.cli import main; main()"]
+    env = {**os.environ, "AVATARCAST_ADMIN_TOKEN": TOKEN, "AVATARCAST_MODEL": "tiny", "AVATARCAST_WORKERS": "0",
+           "AVATARCAST_MAX_SESSIONS": "2", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("AVATARCAST_ICE_HOSTS", None)
+    proc = await asyncio.create_subprocess_exec(*cmd, "serve", "--host", "127.0.0.1", "--port", str(port),
+                                                stdout=log, stderr=log, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    async with ClientSession() as http:
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"avatarcast serve exited with {proc.returncode}")
+            try:
+                async with http.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        return proc, url
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("avatarcast serve did not answer /healthz within 120 s")
+            await asyncio.sleep(0.25)
+
+
+class Admin:
+    def __init__(self, http: ClientSession, url: str) -> None:
+        self.http, self.url = http, url
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.http.get(self.url + path, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            return resp.status, await resp.json()
+
+
+async def aiortc_call(url: str, admin: Admin, frames: int, timeout: float) -> dict[str, Any]:
+    """A plain aiortc peer (it offers its own 127.0.0.1 candidate, as the page's browser does)."""
+    from streaming.webrtc.testing import LoopbackClient
+
+    out: dict[str, Any] = {}
+    client = LoopbackClient(keep_video=False)
+    try:
+        async with admin.http.post(f"{url}/offer", json={"sdp": await client.offer(), "type": "offer"}) as resp:
+            answer = await resp.json()
+            assert resp.status == 200, answer
+        out["answer_candidates"] = candidates(answer["sdp"])
+        await client.accept(answer)
+        deadline = time.monotonic() + timeout
+        while len(client.video_times) < frames and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        out["frames"], out["connection"] = len(client.video_times), client.pc.connectionState
+        out["server"] = (await admin.get(f"/admin/sessions/{answer['session_id']}"))[1]
+        async with admin.http.post(f"{url}/sessions/{answer['session_id']}/bye") as resp:
+            out["bye"] = resp.status
+    finally:
+        await client.close()
+    return out
 
 
 async def launch_chromium(chromium: str, wav: Path, url: str, profile: Path, log) -> tuple[Any, int]:
@@ -118,14 +173,17 @@ async def launch_chromium(chromium: str, wav: Path, url: str, profile: Path, log
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"ok": False}
-    runner, port, engine, service, offers = await start_server()
+    out: dict[str, Any] = {"ok": False, "interfaces": sorted(name for _, name in socket.if_nameindex())}
     profile = Path(tempfile.mkdtemp(prefix="avatarcast-chromium-"))
     log = open(profile / "chromium.log", "wb")
-    proc = None
+    server_log = open(profile / "server.log", "wb")
+    proc = server = None
     try:
-        proc, devtools_port = await launch_chromium(args.chromium, args.wav, f"http://127.0.0.1:{port}/", profile, log)
+        server, url = await start_server(server_log)
         async with ClientSession() as http:
+            admin = Admin(http, url)
+            out["aiortc"] = await aiortc_call(url, admin, args.frames, args.timeout)
+            proc, devtools_port = await launch_chromium(args.chromium, args.wav, f"{url}/", profile, log)
             targets = await (await http.get(f"http://127.0.0.1:{devtools_port}/json/list")).json()
             page = next(t for t in targets if t["type"] == "page")
             async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
@@ -135,6 +193,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 state = ("JSON.stringify({status: avatarcast.status, frames: avatarcast.framesRendered, "
                          "stats: avatarcast.stats, session: avatarcast.sessionId, "
                          "message: document.getElementById('message').textContent})")
+                sdps = ("JSON.stringify(avatarcast.pc && [avatarcast.pc.localDescription && "
+                        "avatarcast.pc.localDescription.sdp, avatarcast.pc.remoteDescription && "
+                        "avatarcast.pc.remoteDescription.sdp])")
                 try:
                     await cdp.poll(f"avatarcast.status === 'error' || avatarcast.framesRendered >= {args.frames}",
                                    args.timeout, f"{args.frames} rendered frames")
@@ -142,9 +203,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     out["page"] = json.loads(await cdp.evaluate(state))
                     out["page_pc"] = await cdp.evaluate(
                         "avatarcast.pc && [avatarcast.pc.connectionState, avatarcast.pc.iceConnectionState]")
-                    out["server"] = [p.snapshot() for p in service.peers.values()]
-                    out["offers"] = offers
+                    out["server"] = (await admin.get("/admin/sessions"))[1]
+                    out["sdps"] = await cdp.evaluate(sdps)
                     raise
+                offer_sdp, answer_sdp = json.loads(await cdp.evaluate(sdps))
+                out["offer_candidates"], out["answer_candidates"] = candidates(offer_sdp), candidates(answer_sdp)
                 first = json.loads(await cdp.evaluate(state))
                 t0 = time.monotonic()
                 await asyncio.sleep(2.0)
@@ -153,31 +216,36 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if args.screenshot is not None:
                     await cdp.screenshot(args.screenshot)
                 out["page"] = second
-                peer = service.peers.get(second["session"])
-                out["server"] = peer.snapshot() if peer is not None else None
+                sid = second["session"]
+                status, snap = await admin.get(f"/admin/sessions/{sid}")
+                out["server"] = snap if status == 200 else None
                 await cdp.evaluate("document.getElementById('hangup').click(); true", gesture=True)
                 deadline = time.monotonic() + 10
-                while (service.peers or engine.sessions) and time.monotonic() < deadline:
+                while time.monotonic() < deadline:
+                    sessions = (await admin.get("/admin/sessions"))[1]["sessions"]
+                    engine = (await admin.get("/admin/engine"))[1]
+                    if not sessions and not engine["sessions"]:
+                        break
                     await asyncio.sleep(0.1)
-                out["closed_reason"] = peer.end_reason if peer is not None else None
-                out["peers_after"], out["engine_sessions_after"] = len(service.peers), len(engine.sessions)
-        out["offer_candidates"] = sorted({m.group(1) for sdp in offers
-                                          for m in re.finditer(r"a=candidate:\S+ \d+ \w+ \d+ (\S+) ", sdp)})
+                async with http.get(f"{url}/sessions/{sid}") as resp:  # an ended call: 410 with its reason
+                    out["closed_reason"] = (await resp.json()).get("reason")
+                out["peers_after"], out["engine_sessions_after"] = len(sessions), engine["sessions"]
         out["ok"] = True
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
-                proc.kill()
+        for p in (proc, server):
+            if p is not None and p.returncode is None:
+                p.terminate()
+                try:
+                    await asyncio.wait_for(p.wait(), 15)
+                except asyncio.TimeoutError:
+                    p.kill()
         log.close()
+        server_log.close()
         out["chromium_log_tail"] = (profile / "chromium.log").read_text(errors="replace")[-1500:]
+        out["server_log_tail"] = (profile / "server.log").read_text(errors="replace")[-1500:]
         shutil.rmtree(profile, ignore_errors=True)
-        await runner.cleanup()
-        engine.stop()
     return out
 
 
@@ -188,11 +256,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=75)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--screenshot", type=Path, default=None, help="save a PNG of the page mid-call")
-    from streaming.webrtc.testing import loopback_candidates_only
-
-    with loopback_candidates_only():  # the namespace has only lo, and aioice never offers 127.0.0.1 itself
-        result = asyncio.run(run(parser.parse_args()))
-    print(json.dumps(result))
+    print(json.dumps(asyncio.run(run(parser.parse_args()))))
 
 
 if __name__ == "__main__":

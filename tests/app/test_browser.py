@@ -1,8 +1,11 @@
-"""A real browser call: headless Debian Chromium with fake media devices (a speech wav as the mic) opens
-the page, presses Call and plays decoded avatar frames, counted from the page. Server and browser run
-inside a fresh network namespace that has only `lo` (`unshare --net`, `ip link set lo up`), so no
-packet can reach any other address. Without /usr/bin/chromium (or without a way to make the
-namespace) the test skips with the reason, unless AVATARCAST_REQUIRE_BROWSER=1 (CI), where it fails."""
+"""Real calls against the real `avatarcast serve --host 127.0.0.1`: an aiortc client, then headless
+Debian Chromium with fake media devices (a speech wav as the mic) that opens the page, presses Call
+and plays decoded avatar frames, counted from the page. Server and clients run inside a fresh network
+namespace that has only `lo` (`unshare --net`, `ip link set lo up`), so no packet can reach any other
+address, and aioice, which leaves loopback out, finds no address at all: the calls connect because the
+server offers 127.0.0.1 itself; no library is patched. Without /usr/bin/chromium (or without a way to
+make the namespace) the tests skip with the reason, unless AVATARCAST_REQUIRE_BROWSER=1 (CI), where
+they fail."""
 
 from __future__ import annotations
 
@@ -65,8 +68,17 @@ def browser_call() -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"the driver printed no result (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     result = json.loads(lines[-1])
-    assert result["ok"], f"{result.get('error')}\npage: {result.get('page')}\n{result.get('chromium_log_tail')}"
+    assert result["ok"], (f"{result.get('error')}\npage: {result.get('page')}\n{result.get('chromium_log_tail')}"
+                          f"\nserver: {result.get('server_log_tail')}")
     return result
+
+
+def test_an_aiortc_client_calls_the_server_in_a_loopback_only_namespace(browser_call):
+    assert browser_call["interfaces"] == ["lo"]
+    call = browser_call["aiortc"]
+    assert call["answer_candidates"] == ["127.0.0.1"]  # offered by the server itself
+    assert call["connection"] == "connected" and call["frames"] >= 75 and call["bye"] == 200
+    assert call["server"]["connection"] == "connected" and call["server"]["video"]["sent"] >= 75
 
 
 def test_chromium_plays_the_avatar_over_loopback_only(browser_call):
@@ -79,6 +91,7 @@ def test_chromium_plays_the_avatar_over_loopback_only(browser_call):
     assert 5 < server["video"]["fps"] <= 27.5  # never faster than media time (a pacer that bursts is a bug)
     assert browser_call["offer_candidates"] and all(
         ip in ("127.0.0.1", "::1") for ip in browser_call["offer_candidates"])
+    assert browser_call["answer_candidates"] == ["127.0.0.1"]  # the server's own loopback candidate
 
 
 def test_hanging_up_frees_the_session(browser_call):
