@@ -50,6 +50,7 @@ class EngineSnapshot(TypedDict):
     sessions: dict[str, EngineSessionStats]
     failures: int
     latency_budget: LatencyBudget
+    workers: NotRequired[list[WorkerStatus]]  # a worker pool's workers, with their rates (app/workers)
 
 
 class Memory(TypedDict, closed=True):

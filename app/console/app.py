@@ -29,7 +29,7 @@ from textual.widgets.option_list import Option
 from app.console.client import Admin, AdminClient, AdminError
 from app.console.panels import (COLUMNS, QUIET_EVENTS, Link, active_broadcasts, broadcast_panel, detail_panel,
                                 emotion_choices, engine_panel, event_line, find_session, session_rows, status_line,
-                                update_history)
+                                update_history, workers_panel)
 
 DialogResult = TypeVar("DialogResult")  # what a dialog is dismissed with
 SESSION_EVENTS_KEPT = 6  # recent events shown per session in the detail pane
@@ -198,6 +198,7 @@ class ConsoleApp(App[None]):
                     yield Static(detail_panel(None, {}), id="detail")
             with Vertical(id="right"):
                 yield Static(engine_panel(None), id="engine")
+                yield Static(workers_panel(None), id="workers")
                 yield Static(broadcast_panel(None), id="broadcast")
                 yield EventLog(id="log")
         yield Footer()
@@ -207,7 +208,7 @@ class ConsoleApp(App[None]):
         for key, header in COLUMNS:
             table.add_column(header, key=key)
         titles = {"#sessions": "sessions", "#detail-box": "selected session", "#engine": "engine",
-                  "#broadcast": "broadcast", "#log": "events"}
+                  "#workers": "workers", "#broadcast": "broadcast", "#log": "events"}
         for selector, title in titles.items():
             self.query_one(selector).border_title = title
         self.poll()
@@ -283,6 +284,7 @@ class ConsoleApp(App[None]):
             self.history = update_history(self.history, metrics)
             self._update_table(session_rows(metrics))
             self.query_one("#engine", Static).update(engine_panel(snap.get("engine")))
+            self.query_one("#workers", Static).update(workers_panel(snap.get("workers"), metrics.get("engine")))
             self.query_one("#broadcast", Static).update(broadcast_panel(snap.get("broadcast")))
             self.query_one("#status", Static).update(status_line(self.link, metrics))
             self.render_detail()

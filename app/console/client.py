@@ -7,7 +7,9 @@
      "engine":    GET /admin/engine    (model, checkpoint, device, decoder provider, real-time factor,
                                         memory; the summary in metrics when the server has no such route),
      "broadcast": GET /admin/broadcast ({"broadcasts": [...], "max_broadcasts": n}, or
-                                        {"available": False, "message": ...} where it answers 501)}
+                                        {"available": False, "message": ...} where it answers 501),
+     "workers":   GET /admin/workers   ({"workers": [...]}: the engine workers, or {"available": False, ...}
+                                        from a server without the route)}
 
 Every failure becomes an `AdminError` whose `kind` tells the console what to say and whether retrying
 can help: "connection" (refused, reset, timed out), "auth" (401), "forbidden" (403), "not_available"
@@ -29,7 +31,7 @@ import aiohttp
 from typing_extensions import TypedDict
 
 from streaming.api_schema import (AvatarCatalog, BroadcastList, BroadcastReport, ConditionsAnswer, EngineInfo,
-                                  EngineSnapshot, PauseAnswer, ServiceSnapshot, SessionEnded)
+                                  EngineSnapshot, PauseAnswer, ServiceSnapshot, SessionEnded, WorkerList)
 
 REQUEST_TIMEOUT_S = 5.0
 EVENTS_READ_TIMEOUT_S = 45.0  # the server sends a keep-alive every 15 s; three missed means it is gone
@@ -47,10 +49,17 @@ class BroadcastUnavailable(TypedDict, closed=True):
     status: int | None
 
 
+class WorkersUnavailable(TypedDict, closed=True):
+    available: bool  # always False
+    message: str
+    status: int | None
+
+
 class ConsoleSnapshot(TypedDict, closed=True):
     metrics: ServiceSnapshot
     engine: EngineInfo | EngineSummary
     broadcast: BroadcastList | BroadcastUnavailable
+    workers: WorkerList | WorkersUnavailable
 
 
 class AdminError(Exception):
@@ -165,8 +174,9 @@ class AdminClient:
 
     async def snapshot(self) -> ConsoleSnapshot:
         metrics = await self._request("GET", "/metrics")  # connection and token problems surface here
-        engine, broadcast = await asyncio.gather(self._request("GET", "/engine"), self._request("GET", "/broadcast"),
-                                                 return_exceptions=True)
+        engine, broadcast, workers = await asyncio.gather(
+            self._request("GET", "/engine"), self._request("GET", "/broadcast"), self._request("GET", "/workers"),
+            return_exceptions=True)
         if isinstance(engine, BaseException):
             if not isinstance(engine, AdminError):
                 raise engine
@@ -175,7 +185,11 @@ class AdminClient:
             if not isinstance(broadcast, AdminError):
                 raise broadcast
             broadcast = {"available": False, "message": broadcast.message, "status": broadcast.status}
-        return {"metrics": metrics, "engine": engine, "broadcast": broadcast}
+        if isinstance(workers, BaseException):
+            if not isinstance(workers, AdminError):
+                raise workers
+            workers = {"available": False, "message": workers.message, "status": workers.status}
+        return {"metrics": metrics, "engine": engine, "broadcast": broadcast, "workers": workers}
 
     async def avatars(self) -> AvatarCatalog:
         return await self._request("GET", "/avatars")

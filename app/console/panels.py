@@ -274,6 +274,37 @@ def engine_panel(engine: Mapping[str, Any] | None) -> RenderableType:
     return t
 
 
+WORKER_STYLES = {"ready": "bold green", "starting": "yellow", "dead": "bold red"}
+
+
+def workers_panel(workers: Mapping[str, Any] | None, engine: Mapping[str, Any] | None = None) -> RenderableType:
+    """Each engine worker: state, process and host, sessions, restarts; its frame rate and block time where
+    the engine summary (/admin/metrics) carries them (a worker pool's heartbeats)."""
+    if not workers:
+        return Text("no worker data yet", "dim")
+    if workers.get("available") is False:
+        return Group(Text("workers not reported", "bold yellow"), Text(str(workers.get("message") or ""), "dim"))
+    rates = {w.get("id"): w for w in (engine or {}).get("workers") or []}
+    items = list(workers.get("workers") or [])
+    ready = sum(w.get("state") == "ready" for w in items)
+    lines: list[RenderableType] = [Text(f"{ready} ready of {len(items)}", "bold")]
+    for w in items:
+        state = str(w.get("state") or "?")
+        line = Text.assemble((f"{w.get('id', '?')} ", "bold"), (state, WORKER_STYLES.get(state, "")),
+                             f" · {w.get('sessions', 0)} sessions")
+        restarts = int(w.get("restarts") or 0)
+        if restarts:
+            line.append(f" · restarts {restarts}", "yellow")
+        lines.append(line)
+        rate = rates.get(w.get("id")) or {}
+        facts = [f"pid {w.get('pid') or '–'} on {w.get('host') or '?'}", _num(rate.get("fps"), "{:.1f} fps"),
+                 _num(rate.get("block_ms"), "block {:.0f} ms")]
+        lines.append(Text("  " + " · ".join(f for f in facts if f != "–"), "dim"))
+        if state == "dead" and rate.get("last_error"):
+            lines.append(Text(f"  {rate['last_error']}", "red"))
+    return Group(*lines)
+
+
 BROADCAST_STYLES = {"live": "bold green", "starting": "yellow", "connecting": "yellow", "reconnecting": "bold yellow",
                     "failed": "bold red", "stopped": "dim"}
 FINISHED_BROADCAST = frozenset({"stopped", "failed"})

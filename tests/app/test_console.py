@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import socket
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from app.console.app import ConfirmScreen, ConsoleApp, EventLog, PickerScreen, T
 from app.console.client import (AdminClient, AdminError, ConsoleSnapshot, FakeAdminClient, error_from_response,
                                 parse_sse)
 from app.console.panels import (Sparkline, dropped_frames, emotion_choices, real_time_factor, redact_url,
-                                session_cells, update_history)
+                                session_cells, update_history, workers_panel)
 from streaming import api_schema as schema
 
 from helpers import until
@@ -98,13 +99,21 @@ def fake_session(sid: str, *, emotion: str | None = "neutral", paused: bool = Fa
     }
 
 
+WORKER_RATES = [  # a worker pool's workers as /admin/metrics' engine carries them
+    {"id": "w1", "pid": 4242, "host": "gpu-a", "state": "ready", "sessions": 2, "restarts": 1, "max_sessions": 4,
+     "fps": 49.6, "block_ms": 61.3, "load": 0.41, "last_error": "killed by SIGKILL"},
+    {"id": "w2", "pid": None, "host": "gpu-b", "state": "starting", "sessions": 0, "restarts": 3, "max_sessions": 4,
+     "fps": None, "block_ms": None, "load": None, "last_error": "no heartbeat for 5.2 s (wedged)"}]
+WORKERS = {"workers": [{k: w[k] for k in ("id", "pid", "host", "state", "sessions", "restarts")}
+                       for w in WORKER_RATES]}  # GET /admin/workers
 ENGINE_STATS = {"model": "random-tiny", "mode": "causal", "device": "cuda:0", "decoder": "CUDAExecutionProvider",
                 "warmup_ms": 2299.5, "failures": 0,
                 "latency_budget": {"block_ms": 480.0, "lookahead_ms": 7.5, "features_ms": 1.2, "denoise_ms": 38.4,
                                    "decode_ms": 21.7, "total_ms": 548.8},
                 "sessions": {"s1": {"frames": 18000, "idle_frames": 200, "blocks": 1500, "next_pts": 18000,
-                                    "dropped_input_samples": 0, "dropped_frames": 0}}}  # /admin/metrics' engine
-ENGINE = {**ENGINE_STATS, "checkpoint": "/models/demo/dit.safetensors", "sessions": 2, "rtf": 0.127,
+                                    "dropped_input_samples": 0, "dropped_frames": 0}},
+                "workers": WORKER_RATES}  # /admin/metrics' engine
+ENGINE = {**{k: v for k, v in ENGINE_STATS.items() if k != "workers"}, "checkpoint": "/models/demo/dit.safetensors", "sessions": 2, "rtf": 0.127,
           "memory": {"rss_bytes": 1_932_735_283, "cuda_allocated_bytes": 3_221_225_472,
                      "cuda_reserved_bytes": 4_294_967_296}}  # GET /admin/engine
 NO_BROADCAST = {"available": False, "status": 501, "message": "broadcasting is not configured on this server"}
@@ -122,7 +131,7 @@ LIVE_BROADCAST = {"max_broadcasts": 2, "broadcasts": [
 def fake_snapshot(sessions: list[dict], broadcast: dict = NO_BROADCAST) -> dict:
     return {"metrics": {"sessions": sessions, "max_sessions": 4, "uptime_s": 5421.0, "subscribers": 1,
                         "engine": ENGINE_STATS},
-            "engine": ENGINE, "broadcast": broadcast}
+            "engine": ENGINE, "broadcast": broadcast, "workers": WORKERS}
 
 
 TWO_SESSIONS = [fake_session("k3Jd9sPq2LmX7aBc", emotion="happy", seed=1.0),
@@ -230,6 +239,8 @@ async def test_console_shows_and_controls_a_live_call(server, backend):
             engine = text_of(app.query_one("#engine", Static))
             assert "random-tiny" in engine and "cpu" in engine and "torch" in engine and "RSS" in engine
             assert "0 running of 2" in text_of(app.query_one("#broadcast", Static))
+            workers = text_of(app.query_one("#workers", Static))  # the in-process engine is the one worker
+            assert "1 ready of 1" in workers and "engine ready · 1 sessions" in workers and f"pid {os.getpid()}" in workers
             await until(lambda: app.link.events == "live", 5, "the event stream")
             assert app.selected == sid and sid in text_of(app.query_one("#detail", Static))
 
@@ -425,6 +436,14 @@ def test_panels_are_pure_functions_of_snapshot_data():
     assert [c[1:] for c in choices] == [("sketch", "happy"), ("sketch", "sad"), ("sketch", None),
                                         ("zed", "calm"), ("zed", None)]
     assert choices[1][0].endswith("●")
+    panel = Console(width=60, record=True, file=open("/dev/null", "w"))
+    panel.print(workers_panel(WORKERS, ENGINE_STATS))
+    shown = panel.export_text()
+    assert "1 ready of 2" in shown and "w1 ready · 2 sessions · restarts 1" in shown
+    assert "pid 4242 on gpu-a · 49.6 fps · block 61 ms" in shown and "w2 starting · 0 sessions · restarts 3" in shown
+    assert "pid – on gpu-b" in shown and "killed by SIGKILL" not in shown  # a ready worker's old error is history
+    panel.print(workers_panel({"available": False, "message": "no such route", "status": 404}))
+    assert "workers not reported" in panel.export_text()
     bars = Console(width=20, record=True, file=open("/dev/null", "w"))
     bars.print(Sparkline([0, 1, 2, 4, 8]), width=8)
     assert Sparkline([24.9, 25.0, 12.5]).bars(3) == "██▁" and Sparkline([24.9, 25.0]).bars(8) == "██"
