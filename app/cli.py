@@ -135,6 +135,10 @@ def render(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
     force: Annotated[bool, typer.Option("--force", help="re-render outputs that are already done")] = False,
     manifest: Annotated[Path | None, typer.Option(help="results JSON (default: OUT/render-manifest.json)")] = None,
+    allow_outside_out: Annotated[bool, typer.Option("--allow-outside-out", help="let a CSV manifest's output "
+                                                    "column name files outside --out")] = False,
+    max_duration: Annotated[float, typer.Option(help="longest input in seconds; longer ones fail before "
+                                                     "decoding")] = 4 * 3600.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress; failures on stderr")] = False,
     json_lines: Annotated[bool, typer.Option("--json-lines", help="progress and results as JSON lines")] = False,
 ) -> None:
@@ -144,10 +148,11 @@ def render(
     from app.render_worker import RenderSettings, resolve_model
 
     settings = RenderSettings(model=resolve_model(model), mode=mode, steps=steps, seed=seed,
-                              sample_rate=sample_rate, crf=crf, decoder=decoder)
+                              sample_rate=sample_rate, crf=crf, decoder=decoder, max_duration_s=max_duration)
     result = render_batch(inputs, out, avatar=avatar, emotion=emotion, settings=settings, jobs=jobs, backend=backend,
                           address=address, threads=threads, force=force, manifest_path=manifest,
-                          reporter=make_reporter(quiet=quiet, json_lines=json_lines))
+                          reporter=make_reporter(quiet=quiet, json_lines=json_lines),
+                          allow_outside_out=allow_outside_out)
     raise typer.Exit(exit_code(result))
 
 

@@ -8,7 +8,12 @@
 Each worker loads the models once (`app.render_worker.Renderer`) and renders files one after another;
 each output is written to a temporary file and renamed when complete, then its sidecar
 (`<output>.render.json`: the key and the result) is written, so a killed batch leaves finished files,
-no truncated mp4, and a rerun renders only what is missing. A bad input fails its own entry only.
+no truncated mp4, and a rerun renders only what is missing. Every result is also appended to the
+manifest's journal as it comes (app/render_journal.py), so even SIGKILL leaves a record of what finished.
+A bad input fails its own entry only: outputs outside OUT (unless allowed), devices and FIFOs are
+refused before anything reads them, and a worker process that dies fails only the file it was rendering
+(the other files are rendered again in a fresh pool). SIGTERM and Ctrl-C end the batch cleanly: the
+file being rendered is abandoned (no partial output), the manifest lists the rest as interrupted.
 """
 
 from __future__ import annotations
@@ -21,14 +26,20 @@ import json
 import multiprocessing
 import os
 import queue
+import signal
+import stat
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+from app.render_journal import ManifestJournal
 from app.render_progress import Reporter, make_reporter
 from app.render_worker import (
     MODELS,
@@ -41,6 +52,7 @@ from app.render_worker import (
     read_sidecar,
     write_json_atomic,
 )
+from streaming.filesink import remove_stale_partials
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aiff", ".aif"}
 KEY_FORMAT = 1  # bump when the rendering changes in a way the settings do not show
@@ -49,12 +61,13 @@ POLL_S = 0.1
 
 
 # ---- 1. inputs -> jobs ---------------------------------------------------------------------------------
-def expand_inputs(inputs: list[str], out_dir: Path, avatar: str | None = None,
-                  emotion: str | None = None) -> tuple[list[RenderJob], list[dict]]:
+def expand_inputs(inputs: list[str], out_dir: Path, avatar: str | None = None, emotion: str | None = None,
+                  allow_outside_out: bool = False) -> tuple[list[RenderJob], list[dict]]:
     """Audio files, directories (searched recursively for audio extensions; the tree is mirrored under
     out_dir), globs, and CSV manifests (columns audio, avatar, emotion, output; relative paths are read
     from the CSV's directory, relative outputs from out_dir). Returns (jobs, failed entries): a missing
-    file, an empty glob or two inputs wanting the same output fail alone."""
+    file, an empty glob, an input that is not a regular file, two inputs wanting the same output and an
+    output outside out_dir (unless `allow_outside_out`) fail alone."""
     rows: list[tuple[str, Path, str | None, str | None]] = []  # (audio, output, avatar, emotion)
     failed: list[dict] = []
     for item in inputs:
@@ -83,6 +96,10 @@ def expand_inputs(inputs: list[str], out_dir: Path, avatar: str | None = None,
         if (audio, output) in seen:
             continue  # the same file named twice (a file and a glob over it)
         seen.add((audio, output))
+        refusal = _refuse_output(audio, output, out_dir, allow_outside_out) or _refuse_special(audio)
+        if refusal:
+            failed.append(_failure(audio, str(output), refusal))
+            continue
         if output in owner:
             failed.append(_failure(audio, str(output), f"{output} is already the output of {owner[output]}; "
                                    "name outputs in a CSV manifest's output column"))
@@ -123,13 +140,33 @@ def _csv_rows(path: Path, out_dir: Path) -> list[tuple[str, Path, str | None, st
     return rows
 
 
+def _refuse_output(audio: str, output: Path, out_dir: Path, allow_outside: bool) -> str | None:
+    """Why `output` may not be written: outside out_dir (links resolved), or the input itself."""
+    real, root = os.path.realpath(output), os.path.realpath(out_dir)
+    if real == os.path.realpath(audio):
+        return f"the output {output} is the input itself"
+    if not allow_outside and (os.path.commonpath([real, root]) != root or real == root):
+        return f"the output {output} is outside --out {out_dir}; pass --allow-outside-out to write there"
+    return None
+
+
+def _refuse_special(path: str) -> str | None:
+    """A device, FIFO or socket would block or never end when read: refused before anything opens it.
+    A missing file is left to the worker, whose reader names it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else f"{path} is not a regular file (a directory, device or FIFO)"
+
+
 def _abs_avatar(spec: str) -> str:
     return spec if parse_avatar(spec)[0] == "demo" else os.path.abspath(spec)
 
 
 def _folder_sha256(folder: str) -> str:
     """An `avatar new` folder's files (avatar.json and its images), by name and content."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    files = sorted(Path(folder).iterdir())  # a FIFO or device among them is refused (NotRegularFile)
     return hashlib.sha256(json.dumps([[p.name, _sha256(str(p))] for p in files]).encode()).hexdigest()
 
 
@@ -139,9 +176,18 @@ def _failure(audio: str, output: str | None, error: str) -> dict:
 
 
 # ---- 2. resume: what is already done -----------------------------------------------------------------
+class NotRegularFile(ValueError):
+    """An input, portrait or emotion image that is a device, FIFO or socket."""
+
+
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
+    """The file's hash; opened without blocking, so a FIFO is refused rather than waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path} is not a regular file (a directory, device or FIFO)")
+        os.set_blocking(fd, True)
+        h = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -159,13 +205,18 @@ def job_key(job: RenderJob, settings: RenderSettings) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def plan(jobs: list[RenderJob], settings: RenderSettings, force: bool) -> tuple[list[RenderJob], list[dict]]:
-    """(jobs to render, each with its key; results for outputs already done). Inputs that cannot be
-    hashed (missing, unreadable) still go to a worker, which reports them with the real reader's error."""
-    pending, skipped = [], []
+def plan(jobs: list[RenderJob], settings: RenderSettings,
+         force: bool) -> tuple[list[RenderJob], list[dict], list[dict]]:
+    """(jobs to render, each with its key; results for outputs already done; failures for portraits or
+    emotion images that are not regular files). Inputs that cannot be hashed (missing, unreadable) still
+    go to a worker, which reports them with the real reader's error."""
+    pending, skipped, refused = [], [], []
     for job in jobs:
         try:
             key = job_key(job, settings)
+        except NotRegularFile as exc:
+            refused.append(_failure_of(job, str(exc)))
+            continue
         except OSError:
             pending.append(job)
             continue
@@ -177,7 +228,7 @@ def plan(jobs: list[RenderJob], settings: RenderSettings, force: bool) -> tuple[
                             "status": "skipped", **done["result"], "error": None})
         else:
             pending.append(job)
-    return pending, skipped
+    return pending, skipped, refused
 
 
 # ---- 3. backends: jobs in, results out, progress on the driver ---------------------------------------
@@ -241,9 +292,18 @@ def _pool_render(job: RenderJob) -> dict:
     return _worker.render(job, lambda *event: _events.put(event))
 
 
+WORKER_DIED = ("its worker process died while rendering it (killed, out of memory, or a crash in native "
+               "code); the other files were rendered in a fresh worker")
+
+
 class ProcessPoolBackend:
     """N worker processes (spawned: no forked torch state), each loading the models once and sharing the
-    CPU cores; progress comes back through a multiprocessing queue."""
+    CPU cores; progress comes back through a multiprocessing queue.
+
+    A worker that dies breaks the whole pool (every unfinished future fails with BrokenProcessPool), so
+    the unfinished files are rendered again in a fresh pool. The ones that were running when it broke
+    (or that were unfinished in two broken pools) are suspects: each is rendered alone, one at a time,
+    in a one-worker pool, where a death can only be its own; that file alone fails."""
 
     name = "local"
 
@@ -253,24 +313,76 @@ class ProcessPoolBackend:
     def run(self, jobs: list[RenderJob], on_progress: ProgressFn) -> Iterator[dict]:
         ctx = multiprocessing.get_context("spawn")
         events = ctx.Queue()
-        workers = min(self.workers, len(jobs))
+        todo, suspects, breaks = list(jobs), set(), {j.index: 0 for j in jobs}
+        while todo:
+            alone = [j for j in todo if j.index in suspects]
+            batch = alone or todo
+            unfinished, running = yield from self._pool(ctx, events, batch, on_progress, one_at_a_time=bool(alone))
+            done = {j.index for j in batch} - {j.index for j in unfinished}
+            todo = [j for j in todo if j.index not in done]
+            for job in unfinished:
+                breaks[job.index] += 1
+                if job.index in running or breaks[job.index] >= 2:
+                    suspects.add(job.index)
+
+    def _pool(self, ctx, events, jobs: list[RenderJob], on_progress: ProgressFn,
+              one_at_a_time: bool) -> Generator[dict, None, tuple[list[RenderJob], set[int]]]:
+        """Render `jobs` in one pool until it breaks: yields their results, returns (the jobs left
+        unfinished by a broken pool, those of them that were running when it broke). One at a time, a
+        job whose worker dies is failed here (it was alone: the death was its own)."""
+        workers = 1 if one_at_a_time else min(self.workers, len(jobs))
         threads = self.threads or max(1, (os.cpu_count() or 1) // workers)  # the workers share the cores
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
-                                 initargs=(self.settings, events, threads)) as pool:
-            futures = {pool.submit(_pool_render, job): job for job in jobs}
-            while futures:
+        before = set(multiprocessing.active_children())
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
+                                   initargs=(self.settings, events, threads))
+        queue_ = list(jobs)
+        futures: dict = {}
+        running: set[int] = set()  # as seen at the last poll: a broken pool ends every future at once
+        unfinished: list[RenderJob] = []
+        clean = crashed = False
+        try:
+            while (queue_ or futures) and not unfinished and not crashed:
+                while queue_ and not (one_at_a_time and futures):
+                    job = queue_.pop(0)
+                    futures[pool.submit(_pool_render, job)] = job
                 finished, _ = wait(futures, timeout=POLL_S, return_when=FIRST_COMPLETED)
                 _drain(events, on_progress)
                 for fut in finished:
                     job = futures.pop(fut)
                     try:
-                        yield fut.result()
-                    except Exception as exc:  # the worker process died (killed, out of memory)
-                        yield _failure_of(job, f"worker failed: {type(exc).__name__}: {exc}")
+                        result = fut.result()
+                    except BrokenProcessPool:
+                        if one_at_a_time:  # alone in its pool: the next suspect gets a fresh one
+                            crashed = True
+                            yield _failure_of(job, WORKER_DIED)
+                        else:
+                            unfinished.append(job)
+                        continue
+                    except Exception as exc:  # the job could not be sent or returned (pickling)
+                        result = _failure_of(job, f"worker failed: {type(exc).__name__}: {exc}")
+                    yield result
+                if not unfinished:
+                    running = {j.index for f, j in futures.items() if f.running()}
+            for fut, job in futures.items():  # left when the pool broke: finished before it, or not
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    yield fut.result()
+                else:
+                    unfinished.append(job)
+            unfinished += queue_
+            clean = True
+        finally:
             _drain(events, on_progress)
+            if clean:
+                pool.shutdown(wait=True)
+            else:  # interrupted: do not wait for the files being rendered
+                pool.shutdown(wait=False, cancel_futures=True)
+                for process in set(multiprocessing.active_children()) - before:
+                    process.terminate()
+                    process.join(5)
+        return unfinished, running & {j.index for j in unfinished}
 
     def close(self) -> None:
-        pass  # the pool lives only as long as one run
+        pass  # the pools live only as long as one run
 
 
 def _drain(events, on_progress: ProgressFn) -> None:
@@ -379,10 +491,12 @@ def make_backend(name: str, settings: RenderSettings, jobs: int, address: str | 
 def render_batch(inputs: list[str], out_dir: str | Path, *, avatar: str | None = None, emotion: str | None = None,
                  settings: RenderSettings = RenderSettings(), jobs: int = 1, backend: str | Backend = "local",
                  address: str | None = None, threads: int | None = None, force: bool = False,
-                 manifest_path: str | Path | None = None, reporter: Reporter | None = None) -> dict:
+                 manifest_path: str | Path | None = None, reporter: Reporter | None = None,
+                 allow_outside_out: bool = False) -> dict:
     """Render every input; returns the manifest (also written to `manifest_path`, by default
     OUT/render-manifest.json). `backend` is a name (local, ray) or a backend object the caller keeps
-    (and closes). Usage errors (no inputs, bad settings) raise ValueError."""
+    (and closes). Usage errors (no inputs, bad settings) raise ValueError. SIGTERM or SIGINT (in the
+    main thread) stop the batch: the manifest is still written, with `interrupted` set to the signal."""
     settings.validate()
     if not isinstance(backend, str) and backend.settings != settings:
         raise ValueError(f"the backend renders with {backend.settings}, the batch asks for {settings}")
@@ -391,30 +505,107 @@ def render_batch(inputs: list[str], out_dir: str | Path, *, avatar: str | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reporter = reporter or make_reporter()
-    found, failed = expand_inputs(inputs, out, avatar, emotion)
+    found, failed = expand_inputs(inputs, out, avatar, emotion, allow_outside_out)
     found = [replace(j, index=i) for i, j in enumerate(found)]
+    path = Path(manifest_path) if manifest_path else out / MANIFEST_NAME
+    journal = ManifestJournal(path)
+    earlier, earlier_results = journal.read()  # a batch into this manifest that never finished
+    if earlier is not None:
+        reporter.notice(f"an earlier batch (started {earlier.get('created')}) was interrupted after "
+                        f"{len(earlier_results)} files; what it finished is not rendered again")
     for note in _notices(settings, found):
         reporter.notice(note)
-    pending, skipped = plan(found, settings, force)
+    pending, skipped, refused = plan(found, settings, force)
     runner = make_backend(backend, settings, jobs, address, threads) if isinstance(backend, str) else backend
-    reporter.begin(found)
-    results = list(failed) + list(skipped)
-    for r in failed + skipped:
-        reporter.finished(r)
+    results: list[dict] = []
+    interrupted: RenderInterrupted | None = None
     t0 = time.perf_counter()
-    try:
-        for result in runner.run(pending, reporter.progress) if pending else ():
-            results.append(result)
-            reporter.finished(result)
-    finally:
-        if runner is not backend:
-            runner.close()
-    manifest = _manifest(results, settings, inputs, time.perf_counter() - t0, runner.name, jobs)
-    path = Path(manifest_path) if manifest_path else out / MANIFEST_NAME
-    manifest["path"] = str(path)
-    write_json_atomic(path, manifest)
-    reporter.summary(manifest)
+    with _interruptible() as signals:
+        try:
+            journal.begin({"created": _now(), "inputs": inputs, "settings": settings.output_key()})
+            reporter.begin(found)
+
+            def finished(result: dict) -> None:
+                results.append(result)
+                journal.append(result)
+                reporter.finished(result)
+
+            for r in failed + skipped + refused:
+                finished(r)
+            with closing(runner.run(pending, reporter.progress) if pending else (r for r in ())) as stream:
+                for result in stream:
+                    finished(result)
+        except RenderInterrupted as exc:
+            interrupted = exc
+        finally:
+            signals.disarm()  # from here on the batch winds down whatever comes
+            try:
+                if runner is not backend:
+                    runner.close()
+            finally:
+                journal.close()
+        if interrupted is not None:
+            seen = {r["index"] for r in results}
+            for job in pending:
+                if job.index not in seen:
+                    remove_stale_partials(job.output)  # of a worker stopped mid-file (its process is gone)
+                    result = {**_failure_of(job, f"not rendered: the batch was stopped by {interrupted.name}"),
+                              "status": "interrupted"}
+                    results.append(result)
+                    reporter.finished(result)
+        manifest = _manifest(results, settings, inputs, time.perf_counter() - t0, runner.name, jobs)
+        manifest["interrupted"] = interrupted.name if interrupted else None
+        if earlier is not None:
+            manifest["resumed"] = {"created": earlier.get("created"),
+                                   "finished": [r["output"] for r in earlier_results if r["status"] == "done"]}
+        manifest["path"] = str(path)
+        write_json_atomic(path, manifest)
+        journal.finish()  # folded into the manifest
+        reporter.summary(manifest)
     return manifest
+
+
+class RenderInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT during a batch (a KeyboardInterrupt, so no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.name}")
+
+
+class _Signals:
+    """SIGTERM and SIGINT while armed: the first raises RenderInterrupted; later ones, and any after
+    `disarm()`, are ignored, so the batch can wind down and write its manifest."""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.armed:
+            self.armed = False
+            raise RenderInterrupted(signum)
+
+
+@contextmanager
+def _interruptible() -> Iterator[_Signals]:
+    """Signal handling for one batch, in the main thread only (elsewhere signals are left alone)."""
+    signals = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+    previous = {sig: signal.signal(sig, signals) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield signals
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _notices(settings: RenderSettings, jobs: list[RenderJob]) -> list[str]:
@@ -429,15 +620,19 @@ def _manifest(results: list[dict], settings: RenderSettings, inputs: list[str], 
     done = [r for r in results if r["status"] == "done"]
     media_s = sum(r["duration_s"] for r in done)
     return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": _now(),
         "inputs": inputs, "settings": settings.output_key(), "backend": backend, "jobs": jobs,
         "results": [{k: v for k, v in r.items() if k != "index"} for r in results],
         "summary": {"files": len(results), "done": len(done), "skipped": sum(r["status"] == "skipped" for r in results),
-                    "failed": sum(r["status"] == "failed" for r in results), "media_s": round(media_s, 3),
+                    "failed": sum(r["status"] == "failed" for r in results),
+                    "interrupted": sum(r["status"] == "interrupted" for r in results), "media_s": round(media_s, 3),
                     "wall_s": round(wall_s, 3), "rtf": round(media_s / wall_s, 3) if done and wall_s > 0 else None},
     }
 
 
 def exit_code(manifest: dict) -> int:
-    """0 when every file is rendered or already done, 1 when any failed."""
+    """0 when every file is rendered or already done, 1 when any failed, 128 + the signal's number when
+    a signal stopped the batch (130 for Ctrl-C, 143 for SIGTERM), as a shell reports it."""
+    if manifest.get("interrupted"):
+        return 128 + signal.Signals[manifest["interrupted"]].value
     return 1 if manifest["summary"]["failed"] else 0

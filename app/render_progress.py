@@ -143,7 +143,7 @@ class RichReporter:
             name = getattr(self.jobs.get(index), "audio", str(index))
             self.tasks[index] = self.bars.add_task(_short(name), total=total)
         self.totals[index] = total
-        self.bars.update(self.tasks[index], completed=frames)
+        self.bars.update(self.tasks[index], completed=frames, total=total)  # exact once the audio has decoded
         self.frames[index] = frames
         self._update_overall()
 
@@ -168,7 +168,9 @@ class RichReporter:
     def summary(self, manifest: dict) -> None:
         self.bars.stop()
         s = manifest["summary"]
-        self.console.print(f"{s['done']} rendered, {s['skipped']} already done, {s['failed']} failed; "
+        stopped = f", {s['interrupted']} not rendered (stopped by {manifest['interrupted']})" \
+            if manifest.get("interrupted") else ""
+        self.console.print(f"{s['done']} rendered, {s['skipped']} already done, {s['failed']} failed{stopped}; "
                            f"manifest: {manifest.get('path')}", markup=False, highlight=False)
 
     def notice(self, message: str) -> None:
@@ -180,8 +182,8 @@ def _short(path: str, width: int = 32) -> str:
 
 
 def _line(result: dict) -> str:
-    if result["status"] == "failed":
-        return f"✗ {result['input']}: {result['error']}"
+    if result["status"] in ("failed", "interrupted"):
+        return f"{'✗' if result['status'] == 'failed' else '-'} {result['input']}: {result['error']}"
     verb = "done" if result["status"] == "done" else "already done"
     rtf = f", RTF {result['rtf']}" if result.get("rtf") else ""
     return f"✓ {result['input']} -> {result['output']} ({verb}: {result['frames']} frames{rtf})"

@@ -7,7 +7,10 @@ in a worker process, or in a Ray actor).
                                   a bad input becomes a result with status "failed" and the error
 
 The frames up to the one carrying the last input sample are written, with exactly the input's samples
-(the last frame's padding is cut), so the audio track is the input audio at `sample_rate`.
+(the last frame's padding is cut), so the audio track is the input audio at `sample_rate`. The audio
+is decoded as generation needs it (memory bounded by the feed-ahead, whatever the file's length),
+after its declared length was checked against `max_duration_s`, which also stops a file whose header
+understates it.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.render_journal import write_json_atomic
 from audio.align import group_by_latent, num_video_frames
-from audio.io import read_audio
+from audio.io import audio_duration, stream_audio
 from audio.pcm import MODEL_SAMPLE_RATE
 from audio.resample import PcmFormat, resample_audio
 from avatar.chunking import FusionOptions, generate_fused
@@ -44,6 +48,7 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 DEMO_PREFIX = "demo:"
 SIDECAR_SUFFIX = ".render.json"
 FEED_AHEAD_S = 10.0  # audio pushed ahead of generation (the session keeps at most 60 s buffered)
+DEFAULT_MAX_DURATION_S = 4 * 3600.0  # a longer input is refused (--max-duration)
 PROGRESS_INTERVAL_S = 0.1
 
 ProgressFn = Callable[[int, int, int], None]  # (job index, frames done, frames total)
@@ -62,6 +67,7 @@ class RenderSettings:
     crf: int = 18  # libx264 quality
     decoder: str = "auto"  # VAE decoder backend: auto | onnx | torch (how, not what: not in the key)
     device: str = "auto"
+    max_duration_s: float = DEFAULT_MAX_DURATION_S  # longer inputs fail before decoding (not in the key)
 
     def validate(self) -> RenderSettings:
         if self.model not in MODELS:
@@ -77,12 +83,14 @@ class RenderSettings:
             raise ValueError(f"--decoder must be auto, onnx or torch, not {self.decoder!r}")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"--crf must be in 0..51, got {self.crf}")
+        if not self.max_duration_s > 0:
+            raise ValueError(f"--max-duration must be a positive number of seconds, got {self.max_duration_s}")
         PcmFormat(self.sample_rate)  # 8-96 kHz
         return self
 
     def output_key(self) -> dict:
         key = asdict(self)
-        del key["decoder"], key["device"]
+        del key["decoder"], key["device"], key["max_duration_s"]
         return key
 
 
@@ -174,13 +182,43 @@ def read_sidecar(output: str | Path) -> dict | None:
         return None
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ---- the worker -------------------------------------------------------------------------------------------
+class _AudioFeed:
+    """The input audio as it decodes: blocks pulled as generation needs them, handed on in order."""
+
+    def __init__(self, blocks) -> None:
+        self.blocks = blocks
+        self.pending: list[np.ndarray] = []  # decoded, not yet taken
+        self.decoded = self.taken = 0  # samples
+        self.ended = False
+
+    def pull_until(self, samples: int | None) -> None:
+        """Decode until `samples` have decoded in all (None: to the end) or the audio ends."""
+        while not self.ended and (samples is None or self.decoded < samples):
+            block = next(self.blocks, None)
+            if block is None:
+                self.ended = True
+            elif block.size:
+                self.pending.append(block)
+                self.decoded += block.size
+
+    def take(self, samples: int) -> np.ndarray:
+        """Up to `samples` of what has decoded and was not taken yet."""
+        out: list[np.ndarray] = []
+        want = max(0, samples)
+        while want and self.pending:
+            block = self.pending[0]
+            out.append(block[:want])
+            if block.size <= want:
+                self.pending.pop(0)
+            else:
+                self.pending[0] = block[want:]
+            want -= out[-1].size
+        chunk = np.concatenate(out) if out else np.zeros(0, np.float32)
+        self.taken += chunk.size
+        return chunk
+
+
 class _Throttle:
     """Calls `fn(index, done, total)` at most every PROGRESS_INTERVAL_S, and always for the last frame."""
 
@@ -242,42 +280,56 @@ class Renderer:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(out)  # left by a killed run
         sidecar_path(out).unlink(missing_ok=True)  # the output is about to change
-        pcm = read_audio(job.audio, sample_rate=s.sample_rate)  # AudioReadError names the file
-        if pcm.size == 0:
+        declared = audio_duration(job.audio)  # from the header, nothing decoded yet (AudioReadError names the file)
+        if declared is not None and declared > s.max_duration_s:
+            raise ValueError(f"{job.audio}: the audio lasts {declared:.1f} s, more than --max-duration "
+                             f"{s.max_duration_s:g} s")
+        feed = _AudioFeed(stream_audio(job.audio, sample_rate=s.sample_rate, max_duration_s=s.max_duration_s))
+        if s.mode == "fusion":  # one denoise over the whole clip: all of it at once (within max_duration_s)
+            feed.pull_until(None)
+        else:
+            feed.pull_until(int(FEED_AHEAD_S * s.sample_rate))
+        if feed.ended and feed.decoded == 0:
             raise ValueError(f"{job.audio}: the audio is empty (0 samples)")
         cond = self.conditions(job.avatar, job.emotion)
-        total = frames_for_samples(pcm.size, s.sample_rate, s.fps)
+        estimate = frames_for_samples(int((declared or 0) * s.sample_rate), s.sample_rate, s.fps)
         written = 0
         with Mp4FileSink(out, video_options={"crf": str(s.crf), "preset": "medium"}) as sink:
             def emit(frame: AvatarFrame) -> None:
                 nonlocal written
                 start, end = frame_sample_bounds(frame.pts, s.sample_rate, s.fps)
-                keep = max(0, min(end, pcm.size) - start)  # the last frame's padding is not input audio
+                # the last frame's padding is not input audio (it comes after every sample has decoded)
+                keep = max(0, min(end, feed.decoded) - start) if feed.ended else frame.audio.size
                 sink.write(frame if keep == frame.audio.size else replace(frame, audio=frame.audio[:keep]))
                 written += 1
 
             if s.mode == "fusion":
-                self._fused(cond, pcm, total, emit, progress)
+                pcm = feed.take(feed.decoded)
+                self._fused(cond, pcm, frames_for_samples(pcm.size, s.sample_rate, s.fps), emit, progress)
             else:
-                asyncio.run(self._streamed(cond, pcm, total, emit, progress))
+                asyncio.run(self._streamed(cond, feed, estimate, emit, progress))
+            total = frames_for_samples(feed.decoded, s.sample_rate, s.fps)
             if written != total:
                 raise RuntimeError(f"{job.audio}: generated {written} frames, the audio needs {total}")
-        return written, pcm.size
+        return written, feed.decoded
 
-    async def _streamed(self, cond: Conditions, pcm: np.ndarray, total: int, emit, progress: _Throttle) -> None:
-        """An engine session, fed at most FEED_AHEAD_S ahead of generation, read until its SegmentEnd."""
+    async def _streamed(self, cond: Conditions, feed: _AudioFeed, estimate: int, emit, progress: _Throttle) -> None:
+        """An engine session, fed at most FEED_AHEAD_S ahead of generation (decoding as it goes), read
+        until its SegmentEnd. `estimate`: the frames the header's length needs (progress only)."""
         s = self.settings
         session = self.engine.open_session(cond, SessionOptions(realtime=False, sample_rate=s.sample_rate, seed=s.seed))
-        pushed, ahead = 0, int(FEED_AHEAD_S * s.sample_rate)
+        ahead, segment_ended = int(FEED_AHEAD_S * s.sample_rate), False
 
         def top_up(next_frame: int) -> None:
-            nonlocal pushed
-            target = min(pcm.size, frame_sample_bounds(next_frame, s.sample_rate, s.fps)[0] + ahead)
-            if target > pushed:
-                session.push_audio(pcm[pushed:target], s.sample_rate)
-                pushed = target
-                if pushed == pcm.size:
-                    session.end_segment()
+            nonlocal segment_ended
+            target = frame_sample_bounds(next_frame, s.sample_rate, s.fps)[0] + ahead
+            feed.pull_until(target)
+            chunk = feed.take(target - feed.taken)
+            if chunk.size:
+                session.push_audio(chunk, s.sample_rate)
+            if feed.ended and feed.taken == feed.decoded and not segment_ended:
+                session.end_segment()
+                segment_ended = True
 
         try:
             top_up(0)
@@ -286,7 +338,8 @@ class Renderer:
                 if isinstance(item, AvatarFrame):
                     emit(item)
                     done += 1
-                    progress(done, total)
+                    total = frames_for_samples(feed.decoded, s.sample_rate, s.fps) if feed.ended else estimate
+                    progress(done, max(total, done))
                     top_up(item.pts + 1)
                 elif isinstance(item, SegmentEnd):
                     return
@@ -335,11 +388,14 @@ class Renderer:
         if key not in self._conditions:
             kind, value = parse_avatar(avatar)
             if kind in ("demo", "folder"):  # a stylised identity or an `avatar new` folder: emotions by name
-                from app.avatars import prepare_avatar_dir, prepare_stylised, stylised_avatar
+                from app.avatars import EMOTIONS, prepare_avatar_dir, prepare_stylised, stylised_avatar
 
-                prepared = (prepare_stylised(self.engine, stylised_avatar(int(value)), cache_dir=avatar_cache_dir())
-                            if kind == "demo" else prepare_avatar_dir(self.engine, Path(value), avatar_cache_dir()))
-                names = ("neutral", *sorted(prepared.emotion_latents)) if kind == "folder" else prepared.emotion_latents
+                if kind == "demo":
+                    prepared, names = prepare_stylised(self.engine, stylised_avatar(int(value)),
+                                                       cache_dir=avatar_cache_dir()), EMOTIONS
+                else:  # the folder's portrait is its neutral face
+                    prepared = prepare_avatar_dir(self.engine, Path(value), avatar_cache_dir())
+                    names = ("neutral", *sorted(prepared.emotion_latents))
                 if emotion and emotion not in names:
                     raise ValueError(f"--emotion for {avatar} is one of {', '.join(names)}, not {emotion!r}")
                 cond = self.engine.conditions(prepared, emotion if emotion in prepared.emotion_latents else None)

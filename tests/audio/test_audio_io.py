@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audio.io import AudioReadError, read_audio
+from audio.io import AudioReadError, audio_duration, read_audio, stream_audio
 from audio.resample import PcmFormat, resample_audio
 
 
@@ -192,3 +192,66 @@ def test_vbr_mp3_without_length_tag_is_not_an_error(tmp_path, voice):
         warnings.simplefilter("ignore", RuntimeWarning)
         wav = read_audio(path)
     assert abs(wav.size - voice.size) <= 2048 and corr(wav, voice) > 0.9
+
+
+# ---- long files: the declared length, streamed decoding, a cap ------------------------------------------------
+@pytest.mark.parametrize("ext, subtype", [("wav", "PCM_16"), ("flac", "PCM_16"), ("ogg", "VORBIS"),
+                                          ("mp3", "MPEG_LAYER_III"), ("m4a", None)])
+def test_stream_audio_yields_read_audios_samples_in_bounded_blocks(tmp_path, voice, ext, subtype):
+    import warnings
+
+    path = tmp_path / f"voice.{ext}"
+    stereo_44k = resample_audio(voice, PcmFormat(16000), out_rate=44100)
+    if subtype is None:
+        write_m4a(path, stereo_44k, 44100)  # through PyAV
+    else:
+        sf.write(str(path), np.stack([stereo_44k, stereo_44k], axis=1), 44100, subtype=subtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an MP3's header length is an estimate
+        whole = read_audio(path, sample_rate=48000)
+        blocks = list(stream_audio(path, sample_rate=48000, block_s=0.25))
+    if ext == "mp3":  # streamed by FFmpeg (libsndfile's block reads of MP3 glitch), read whole by libsndfile
+        np.testing.assert_allclose(np.concatenate(blocks), whole, atol=1e-3)  # two decoders, one signal
+    else:
+        np.testing.assert_array_equal(np.concatenate(blocks), whole)
+    assert len(blocks) >= 6 and max(b.size for b in blocks) <= 0.25 * 48000 + 4096  # one block (+ codec frame)
+
+
+def test_stream_audio_stops_once_past_the_cap(tmp_path, voice):
+    path = tmp_path / "six.wav"
+    sf.write(str(path), np.tile(voice, 3), 16000)  # 6 s
+    got = 0
+    with pytest.raises(AudioReadError, match="longer than the 1.5 s allowed"):
+        for block in stream_audio(path, block_s=0.5, max_duration_s=1.5):
+            got += block.size
+    assert got <= 1.5 * 16000  # stopped at the block that passed the cap, not at the end
+    assert sum(b.size for b in stream_audio(path, max_duration_s=6.0)) == 6 * 16000  # exactly at the cap: fine
+
+
+def test_audio_duration_reads_the_header_only(tmp_path, voice):
+    wav, m4a = tmp_path / "v.wav", tmp_path / "v.m4a"
+    sf.write(str(wav), voice, 16000)
+    write_m4a(m4a, voice, 16000)
+    assert audio_duration(wav) == pytest.approx(2.0)
+    assert audio_duration(m4a) == pytest.approx(2.0, abs=0.1)
+    long = tmp_path / "long.flac"  # 2 h of silence in 180 kB: its length is known without decoding it
+    with sf.SoundFile(long, "w", samplerate=8000, channels=1, subtype="PCM_16", format="FLAC") as f:
+        for _ in range(12):
+            f.write(np.zeros(8000 * 600, np.int16))
+    assert audio_duration(long) == 7200.0
+    with pytest.raises(AudioReadError, match="not a recognised audio file"):
+        (tmp_path / "junk.wav").write_bytes(b"junk" * 100)
+        audio_duration(tmp_path / "junk.wav")
+
+
+def test_fifos_and_devices_are_refused_without_opening_them(tmp_path):
+    import os
+    import time
+
+    os.mkfifo(tmp_path / "pipe.wav")  # opening it for reading would wait for a writer forever
+    t0 = time.monotonic()
+    for path in (tmp_path / "pipe.wav", Path("/dev/zero")):
+        for read in (read_audio, audio_duration, lambda p: next(stream_audio(p))):
+            with pytest.raises(AudioReadError, match="not a regular file"):
+                read(path)
+    assert time.monotonic() - t0 < 5
