@@ -47,6 +47,17 @@ class WorkerSpec:
     warmup: bool = True
 
 
+# Failures after which the process's CUDA context is unusable (every later call fails too); an out-of-memory
+# error is not one of them: that session fails, the others go on
+DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS_EXECUTION_FAILED", "cuDNN error", "CUDNN_STATUS_EXECUTION_FAILED")
+DEVICE_ERROR_EXIT = 70
+
+
+def poisons_the_device(message: str) -> bool:
+    """True for a session failure that leaves the worker's GPU unusable, so the worker must be replaced."""
+    return any(marker in message for marker in DEVICE_ERRORS) and "out of memory" not in message
+
+
 def boot_id() -> str:
     """This machine's boot: time.monotonic() of two processes compares only within one boot."""
     try:
@@ -190,6 +201,9 @@ class EngineWorker:
         last_block: tuple[float, float, float] | None = None
         try:
             async for item in live.session:
+                if isinstance(item, SessionError) and poisons_the_device(item.message):
+                    log.critical("worker: %s; exiting so that the gateway starts a fresh worker", item.message)
+                    os._exit(DEVICE_ERROR_EXIT)
                 if isinstance(item, AvatarFrame):
                     t = item.timing
                     block = (t.features_ms, t.denoise_ms, t.decode_ms)
@@ -249,6 +263,7 @@ class EngineWorker:
             "load": round(max(generate_ms, decode_ms) / (window_s * 1e3), 3),
             "block_ms": round(statistics.median(self._block_ms), 2) if self._block_ms else None,
             "stalled_s": round(now - self._progress_at, 2) if self._sessions else 0.0,
+            "engine_running": self.engine.running,  # False: a thread of the engine died (the worker is useless)
             "rss_bytes": _rss_bytes(),
         }
 

@@ -11,8 +11,10 @@ load is the busy share of the worker's engine measured over its last heartbeat; 
 is full, `open` raises CapacityError (the HTTP layer answers 503 with Retry-After).
 
 Supervision (a task ticking every `tick_s`): a worker is dead when its process or actor ends (the
-link sees EOF at once), when no heartbeat came for `heartbeat_timeout_s`, when it made no frame for
-`stall_timeout_s` with sessions open (wedged), or when it did not start within `start_timeout_s`.
+link sees EOF at once; a worker exits by itself on a CUDA error, which poisons its device context),
+when its heartbeat says its engine's threads died, when no heartbeat came for `heartbeat_timeout_s`,
+when it made no frame for `stall_timeout_s` with sessions open (wedged), or when it did not start
+within `start_timeout_s`.
 A dead worker is killed, its sessions end with SessionError(WORKER_STOPPED) (the call's page shows
 it; `LivePeer` first tries to reopen the call on a healthy worker), and it restarts after a backoff
 that doubles up to `max_backoff_s` and resets once it has stayed up `stable_after_s`. Other workers'
@@ -147,6 +149,8 @@ class WorkerHandle:
             stalled = float(self.stats.get("stalled_s") or 0.0)
             if silent > o.heartbeat_timeout_s:
                 self.lost(self.link, f"no heartbeat for {silent:.1f} s (wedged)")
+            elif self.stats.get("engine_running") is False:
+                self.lost(self.link, "its engine stopped (a generation or decode thread died)")
             elif stalled > o.stall_timeout_s and self.sessions:
                 self.lost(self.link, f"no frame made for {stalled:.1f} s with {len(self.sessions)} sessions open "
                                      "(wedged)")

@@ -9,6 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from app.workers.engine_worker import poisons_the_device
 from app.workers.protocol import (FRAME, HEARTBEAT, HELLO, SESSION_CLOSED, SESSION_ERROR, Close, EndSegment, Interrupt,
                                   Open, Output, ProtocolError, Push, Stop, decode_command, decode_output,
                                   encode_closed, encode_command, encode_info, encode_item)
@@ -150,3 +151,10 @@ async def test_audio_a_stalled_worker_cannot_take_is_counted_and_close_tells_the
     assert handle.released == [(1, True)]
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(s.__anext__(), 1)
+
+
+def test_only_errors_that_poison_the_device_retire_a_worker():
+    assert poisons_the_device("RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert poisons_the_device("RuntimeError: CUDNN_STATUS_EXECUTION_FAILED")
+    assert not poisons_the_device("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not poisons_the_device("ValueError: bad audio")
