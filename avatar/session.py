@@ -34,6 +34,7 @@ from avatar.types import (AvatarFrame, SegmentEnd, SessionError, SessionItem, Se
                           frame_sample_bounds)
 
 _CLOSED = object()
+TOP_UP_PERIOD_S = 0.02  # how often a live session checks whether its input lags the wall clock
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class AvatarSession:
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=512)  # (end sample, wall time) per push
         self.state = generator.init_state(cond, seed=options.seed)  # CausalState or OverlapState
         self.next_video = 0  # next video frame to emit (its pts); generation may be one block ahead
+        if options.realtime:
+            self._call_in_loop(self._top_up)
 
     # ---- event-loop side ----------------------------------------------------------------------
     def push_audio(self, pcm: np.ndarray, sample_rate: int, speaker: int = 0, channels: int = 1,
@@ -148,6 +151,25 @@ class AvatarSession:
         except RuntimeError:  # the consumer's loop is gone: nobody is left to read
             pass
 
+    def _top_up(self) -> None:
+        """Live, on the event loop every TOP_UP_PERIOD_S: every speaker's input that lags the wall clock
+        by more than `jitter_ms` is topped up with silence to there. Done as the clock moves, not a block
+        at a time when a block falls due, so audio arriving after a gap (a pause, a stall) continues from
+        the present instead of being split later by a block's worth of silence."""
+        if self._closed:
+            return
+        with self._lock:
+            self._ensure_tracks(self.options.sample_rate or 48_000)
+            due = int((time.monotonic() - self.t0 - self.options.jitter_ms / 1000) * self.out_rate)
+            late = [t for t in self.tracks if due > t.pcm.end]
+            for t in late:
+                t.pad(due - t.pcm.end)
+            if late:
+                self._count_silence()
+        if late:
+            self._wake()
+        self._loop.call_later(TOP_UP_PERIOD_S, self._top_up)
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -198,8 +220,6 @@ class AvatarSession:
                 if not self.options.realtime:
                     return False
                 self._ensure_tracks(self.options.sample_rate or 48_000)
-            if self.options.realtime:
-                self._pad_to_clock(now)
             v_end = self.next_span()[2].stop
             if all(t.features_ready >= v_end for t in self.tracks):
                 return True
@@ -207,16 +227,6 @@ class AvatarSession:
                 due = self.t0 + self._needed_samples(v_end) / self.out_rate + self.options.jitter_ms / 1000
                 return now >= due
             return self._flush_to > self._taken_to * self.out_rate // self.fps
-
-    def _pad_to_clock(self, now: float) -> None:
-        """Live: top every speaker's input up with silence to `jitter_ms` behind the wall clock. Done as
-        the clock moves rather than a block at a time when a block falls due, so audio arriving after
-        a gap continues from the present instead of being split by a block's worth of silence later."""
-        due = int((now - self.t0 - self.options.jitter_ms / 1000) * self.out_rate)
-        for t in self.tracks:
-            if due > t.pcm.end:
-                t.pad(due - t.pcm.end)
-        self._count_silence()
 
     def _count_silence(self) -> None:
         if self.tracks:
