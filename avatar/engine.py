@@ -19,6 +19,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -183,6 +184,7 @@ class AvatarEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._decode_thread: threading.Thread | None = None
+        self.stopped_because: str | None = None  # set when a thread of the engine died
         self._decode_jobs: queue.Queue[GeneratedUnit] = queue.Queue(maxsize=max(1, options.decode_ahead))
         self._ids = itertools.count(1)
         self.failures = 0
@@ -254,9 +256,11 @@ class AvatarEngine:
                 self.warmup()
             self._stop.clear()
             if self.options.decode_ahead > 0:  # first: the worker hands blocks to it from its first block on
-                self._decode_thread = threading.Thread(target=self._run_decode, name="avatar-decode", daemon=True)
+                self._decode_thread = threading.Thread(target=self._supervised, args=(self._run_decode, "decode"),
+                                                       name="avatar-decode", daemon=True)
                 self._decode_thread.start()
-            self._thread = threading.Thread(target=self._run, name="avatar-engine", daemon=True)
+            self._thread = threading.Thread(target=self._supervised, args=(self._run, "worker"),
+                                            name="avatar-engine", daemon=True)
             self._thread.start()
         return self
 
@@ -289,6 +293,8 @@ class AvatarEngine:
                      loop: asyncio.AbstractEventLoop | None = None) -> AvatarSession:
         """Open a session (call from the event loop that will iterate it)."""
         loop = loop or asyncio.get_running_loop()
+        if self.stopped_because is not None:
+            raise EngineFull(self.stopped_because)
         with self._lock:
             live = [s for s in self.sessions.values() if not s.closed]
             if len(live) >= self.options.max_sessions:
@@ -332,6 +338,20 @@ class AvatarEngine:
             s.close()
 
     # ---- the worker ---------------------------------------------------------------------------
+    def _supervised(self, body: Callable[[], None], name: str) -> None:
+        """Run one of the engine's threads. If it dies, every session fails with why (the SessionError a
+        dead worker process gives its calls: no call stays connected to a stopped engine), new sessions
+        are refused, and `running` turns False (health checks report it)."""
+        try:
+            body()
+        except BaseException as exc:
+            self.stopped_because = f"the engine's {name} thread stopped ({type(exc).__name__}: {exc})"
+            log.critical("%s; failing every session", self.stopped_because, exc_info=exc)
+            with self._lock:
+                sessions = list(self.sessions.values())
+            for s in sessions:
+                s.fail(self.stopped_because)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
