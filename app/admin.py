@@ -66,7 +66,8 @@ def bearer_auth(token: str) -> Callable:
         if scheme.lower() != "bearer" or not given.strip():
             return _unauthorized("missing_token", "the admin API needs 'Authorization: Bearer <token>' "
                                                   "(printed at start, or AVATARCAST_ADMIN_TOKEN)")
-        if not hmac.compare_digest(given.strip().encode(), expected):
+        # headers arrive decoded with surrogate escapes: bytes that are not UTF-8 compare as themselves
+        if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), expected):
             return _unauthorized("invalid_token", "the admin token is wrong")
         return await handler(request)
 

@@ -4,13 +4,18 @@ Public routes:
     GET  /                      the page (app/web/index.html; assets under /static/)
     GET  /config                what the page needs: avatars and emotions, codecs, modes, upload limit, ICE servers
     POST /offer                 {sdp, type: "offer", avatar?, emotion?, mode?, codec?} -> {sdp, type, session_id, ...}
-    GET  /sessions/{id}         that call's own live stats (the id is an unguessable capability)
+    GET  /sessions/{id}         that call's own live stats (the id is an unguessable capability); once the
+                                call has ended, 410 with why (what the page shows)
     POST /sessions/{id}/conditions  {avatar?, emotion?}: the page's pickers during a call (the admin API's rule)
     POST /sessions/{id}/bye     end that call
-    GET  /healthz               liveness + capacity
-    GET  /metrics               Prometheus text
-Admin routes (bearer token) are in app/admin.py. Every error is JSON: {"error": code, "message": text}.
-Answers are typed in streaming/api_schema.py.
+    GET  /healthz               liveness + capacity + each engine worker (503 when no worker is ready)
+    GET  /metrics               Prometheus text (calls, stages, latency, each worker, event-loop stalls)
+Admin routes (bearer token) are in app/admin.py. Every error is JSON: {"error": code, "message": text};
+a full server answers 503 with Retry-After. Answers are typed in streaming/api_schema.py.
+
+`avatarcast serve` runs this app as the gateway: its event loop moves bytes (signaling, media, admin)
+while the engine runs in worker processes (app/workers: `--workers N`, default 1) or Ray actors
+(`--workers ray`); `--workers 0` keeps the engine in this process.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol, runtime_checkable
 
 from aiohttp import web
 from aiortc import RTCIceServer
@@ -26,7 +31,10 @@ from aiortc import RTCIceServer
 from app.admin import create_admin_app
 from app.http_common import change_conditions, json_error, optional_str, read_json
 from app.settings import Settings
+from app.workers.metrics import WorkerMetrics
+from streaming.api_schema import CallEnd, Health
 from streaming.broadcasts import BroadcastManager
+from streaming.loop_lag import LoopLagSampler
 from streaming.metrics import LiveMetrics
 from streaming.pacer import PacerOptions
 from streaming.source_policy import SourcePolicy
@@ -38,6 +46,12 @@ log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent / "web"
 SERVICE = web.AppKey("service", LiveService)
 SETTINGS = web.AppKey("settings", Settings)
+LOOP_LAG = web.AppKey("loop_lag", LoopLagSampler)
+RETRY_AFTER_S = 5  # a full server: calls end and workers restart within seconds
+END_REASONS = {"admin": "an operator ended the call", "server_shutdown": "the server is shutting down",
+               "idle_timeout": "no sound from the microphone reached the server for too long",
+               "connect_timeout": "the connection could not be set up in time",
+               "peer_failed": "the connection failed", "session_ended": "the avatar stopped"}
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type",
@@ -51,7 +65,9 @@ async def json_errors(request: web.Request,
     try:
         return await handler(request)
     except LiveError as exc:
-        return json_error(exc.status, exc.code, exc.message)
+        retry = exc.retry_after_s or (RETRY_AFTER_S if exc.status == 503 and exc.code == "at_capacity" else None)
+        return json_error(exc.status, exc.code, exc.message,
+                          None if retry is None else {"Retry-After": str(max(1, round(retry)))})
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
@@ -96,11 +112,17 @@ async def offer(request: web.Request) -> web.Response:
         mode=optional_str(body, "mode") or "voice",
         codec=(optional_str(body, "codec") or settings.video_codec).lower(),
     )
-    return web.json_response(await service.offer(request_offer))
+    return web.json_response(await service.offer(request_offer, client=request.remote or "unknown"))
 
 
 async def session_stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SERVICE].get(request.match_info["session_id"]).snapshot())
+    service, sid = request.app[SERVICE], request.match_info["session_id"]
+    if sid not in service.peers and sid in service.ended:  # the page learns why its call ended
+        end: CallEnd = service.ended[sid]
+        message = end["error"] or END_REASONS.get(end["reason"], f"the call ended ({end['reason']})")
+        return web.json_response({"error": "session_ended", "message": message, "session_id": sid,
+                                  "reason": end["reason"]}, status=410)
+    return web.json_response(service.get(sid).snapshot())
 
 
 async def session_conditions(request: web.Request) -> web.Response:
@@ -114,8 +136,15 @@ async def bye(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    return web.json_response({"status": "ok", "sessions": len(service.peers),
-                              "max_sessions": service.options.max_sessions})
+    workers = service.backend.workers()
+    ready = sum(w["state"] == "ready" for w in workers)
+    health: Health = {
+        "status": "ok" if ready == len(workers) else "degraded" if ready else "down",
+        "sessions": len(service.peers), "max_sessions": service.options.max_sessions,
+        "workers": [{"id": w["id"], "state": w["state"], "sessions": w["sessions"], "fps": w["fps"],
+                     "block_ms": w["block_ms"], "restarts": w["restarts"]} for w in workers],
+    }
+    return web.json_response(health, status=200 if ready else 503)
 
 
 async def metrics_text(request: web.Request) -> web.Response:
@@ -124,23 +153,41 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 
 # ---- the application ----------------------------------------------------------------------------------
-def service_options(settings: Settings, pacer: PacerOptions | None = None) -> ServiceOptions:
+def service_options(settings: Settings, pacer: PacerOptions | None = None, workers: int = 1) -> ServiceOptions:
+    """Calls: `settings.max_sessions` per engine worker."""
     ice = tuple(RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
                 for s in settings.ice_servers)
     peer = PeerOptions(ice_servers=ice, idle_timeout_s=settings.idle_timeout_s,
-                       connect_timeout_s=settings.connect_timeout_s, pacer=pacer or PacerOptions())
-    return ServiceOptions(max_sessions=settings.max_sessions, peer=peer)
+                       connect_timeout_s=settings.connect_timeout_s, pacer=pacer or PacerOptions(),
+                       max_call_s=settings.max_call_s, host_candidates=settings.candidate_hosts())
+    return ServiceOptions(max_sessions=settings.max_sessions * workers, peer=peer,
+                          calls_per_client=settings.calls_per_client, offers_per_minute=settings.offers_per_minute,
+                          conditions_per_minute=settings.conditions_per_minute, retry_after_s=RETRY_AFTER_S)
+
+
+@runtime_checkable
+class ManagedBackend(Protocol):
+    """A backend the app starts and stops itself (app/workers WorkerPool); an in-process engine is run by
+    its owner."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 def create_app(settings: Settings, backend: ServiceBackend, *, metrics: LiveMetrics | None = None,
                options: ServiceOptions | None = None) -> web.Application:
-    """The whole HTTP surface over one `LiveService`. The engine behind `backend` must be running."""
+    """The whole HTTP surface over one `LiveService`. A `ManagedBackend` (the worker pool) starts with the
+    app (its first worker ready before the port opens) and stops after the calls; any other backend's
+    engine must be running."""
     service = LiveService(backend, options or service_options(settings), metrics)
+    service.metrics.registry.register(WorkerMetrics(backend))
+    loop_lag = LoopLagSampler(registry=service.metrics.registry)
     sources = SourcePolicy(media_dir=Path(settings.media_dir) if settings.media_dir else None,
                            urls=settings.audio_urls)  # what the admin API may broadcast
     broadcasts = BroadcastManager(service, Path(settings.hls_dir), sources=sources)
     app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
-    app[SERVICE], app[SETTINGS] = service, settings
+    app[SERVICE], app[SETTINGS], app[LOOP_LAG] = service, settings, loop_lag
     app.router.add_get("/", index)
     app.router.add_static("/static/", WEB_DIR, show_index=False)
     app.router.add_get("/config", config)
@@ -154,6 +201,9 @@ def create_app(settings: Settings, backend: ServiceBackend, *, metrics: LiveMetr
                                               max_body_bytes=settings.max_body_bytes))
 
     async def on_startup(_: web.Application) -> None:
+        if isinstance(backend, ManagedBackend):
+            await backend.start()
+        loop_lag.start()
         await service.start()
 
     async def on_shutdown(_: web.Application) -> None:
@@ -161,8 +211,14 @@ def create_app(settings: Settings, backend: ServiceBackend, *, metrics: LiveMetr
         service.events.close()  # ends the SSE streams
         await service.shutdown()
 
+    async def on_cleanup(_: web.Application) -> None:
+        await loop_lag.stop()
+        if isinstance(backend, ManagedBackend):
+            await backend.stop()
+
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
     return app
 
 
@@ -176,11 +232,32 @@ def load_models(name: str | None = None):
 
 
 def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:
-    """Start the engine, prepare the avatars, serve until interrupted, then free everything."""
+    """Serve until interrupted: the gateway with its engine workers (or the engine in this process with
+    `workers` "0"), then free everything."""
+    if settings.workers == "0":
+        return _run_in_process(settings, echo)
+    from app.workers.pool import worker_pool
+
+    pool = worker_pool(settings)
+    app = create_app(settings, pool, options=service_options(settings, workers=pool.options.workers))
+
+    async def announce(_: web.Application) -> None:  # after the pool's startup: its first worker said hello
+        w = pool.info
+        n, kind = pool.options.workers, "Ray actor" if pool.options.backend == "ray" else "process"
+        echo(f"avatarcast: {n} engine worker{'s' if n > 1 else ''} ({kind}{'es' if n > 1 and kind == 'process' else ''}"
+             f"{'s' if n > 1 and kind != 'process' else ''}), model {w.get('model')} ({w.get('decoder')} decoder), "
+             f"avatars {sorted(pool.catalog())}, up to {settings.max_sessions} sessions each")
+        _announce_address(settings, echo)
+
+    app.on_startup.append(announce)
+    web.run_app(app, host=settings.host, port=settings.port, print=None)
+
+
+def _run_in_process(settings: Settings, echo: Callable[[str], None]) -> None:
     from app.avatars import EngineBackend, prepare_avatars
     from avatar.engine import AvatarEngine, preset_options
 
-    models = load_models()
+    models = load_models(settings.model)
     engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto",
                                                  max_sessions=settings.max_sessions,
                                                  threads=settings.compute_threads()))
@@ -188,12 +265,16 @@ def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:
     try:
         avatars, default = prepare_avatars(engine, Path(settings.avatar) if settings.avatar else None)
         app = create_app(settings, EngineBackend(engine, avatars, default))
-        echo(f"avatarcast: model {engine.models.name} ({engine.decoder_provider} decoder, "
+        echo(f"avatarcast: model {engine.models.name} in this process ({engine.decoder_provider} decoder, "
              f"{settings.compute_threads()} compute threads), "
              f"avatars {sorted(avatars)}, up to {settings.max_sessions} sessions")
-        echo(f"avatarcast: open http://{settings.host}:{settings.port}/")
-        if settings.admin_token_generated:
-            echo(f"avatarcast: admin token (set AVATARCAST_ADMIN_TOKEN to choose one): {settings.admin_token}")
+        _announce_address(settings, echo)
         web.run_app(app, host=settings.host, port=settings.port, print=None)
     finally:
         engine.stop()
+
+
+def _announce_address(settings: Settings, echo: Callable[[str], None]) -> None:
+    echo(f"avatarcast: open http://{settings.host}:{settings.port}/")
+    if settings.admin_token_generated:
+        echo(f"avatarcast: admin token (set AVATARCAST_ADMIN_TOKEN to choose one): {settings.admin_token}")

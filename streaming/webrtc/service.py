@@ -12,12 +12,15 @@ import enum
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Coroutine, Protocol
 
-from streaming.api_schema import ConditionsAnswer, EngineSnapshot, ServiceSnapshot, SessionEnded, SessionReport
+from streaming.api_schema import (CallEnd, ConditionsAnswer, EngineSnapshot, ServiceSnapshot, SessionEnded,
+                                  SessionReport, WorkerStatus)
 from streaming.events import EventBus
 from streaming.metrics import LiveMetrics
+from streaming.webrtc.limits import RateLimit
 from streaming.webrtc.peer import (MODES, CapacityError, LiveError, LivePeer, Offer, PeerOptions, SessionBackend,
                                    validate_offer)
 
@@ -36,6 +39,10 @@ class ServiceBackend(SessionBackend, Protocol):
 
     def snapshot(self) -> EngineSnapshot: ...
 
+    def workers(self) -> list[WorkerStatus]:
+        """The engine workers behind the sessions (an in-process engine is one)."""
+        ...
+
 
 class Keep(enum.Enum):
     """A condition a change request leaves as the call has it."""
@@ -51,6 +58,13 @@ class ServiceOptions:
     max_sessions: int = 4
     peer: PeerOptions = field(default_factory=PeerOptions)
     stats_interval_s: float = 1.0  # how often a "stats" event goes to console subscribers (0: never)
+    remember_ended: int = 256  # ended calls whose end reason their page can still ask for
+    # per remote address (0: no limit): calls held at once (connecting ones too) and offers a minute;
+    # per call: avatar/emotion changes a minute (each one moves the call to a new engine session)
+    calls_per_client: int = 0
+    offers_per_minute: int = 0
+    conditions_per_minute: int = 0
+    retry_after_s: float = 5.0  # Retry-After of a full server: calls end and slots free within seconds
 
 
 class LiveService:
@@ -60,9 +74,12 @@ class LiveService:
         self.metrics = metrics or LiveMetrics()
         self.events = events or EventBus()
         self.peers: dict[str, LivePeer] = {}
+        self.ended: OrderedDict[str, CallEnd] = OrderedDict()  # the newest ended calls, oldest first
         self.started_at = time.time()
         self._tasks: set[asyncio.Task] = set()
         self._shutting_down = False
+        self._offer_rate = RateLimit(options.offers_per_minute) if options.offers_per_minute else None
+        self._conditions_rate = RateLimit(options.conditions_per_minute) if options.conditions_per_minute else None
 
     # ---- task set ----------------------------------------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
@@ -91,14 +108,20 @@ class LiveService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ---- calls -------------------------------------------------------------------------------------------
-    def _reject(self, status: int, code: str, message: str) -> LiveError:
+    def _reject(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> LiveError:
         self.metrics.offers_rejected.labels(code).inc()
-        return LiveError(status, code, message)
+        return LiveError(status, code, message, retry_after_s)
 
-    def check_offer(self, offer: Offer) -> None:
-        """Everything that can be refused without touching the engine or the network."""
+    def check_offer(self, offer: Offer, client: str | None = None) -> None:
+        """Everything that can be refused without touching the engine or the network. `client`: the
+        remote address the per-client limits count against (None: not limited, e.g. in-process callers)."""
         if self._shutting_down:
             raise self._reject(503, "shutting_down", "the server is shutting down")
+        if client is not None and self._offer_rate is not None:
+            wait = self._offer_rate.hit(client)  # every offer counts, refused ones too
+            if wait:
+                raise self._reject(429, "too_many_offers", f"more than {self._offer_rate.limit} offers a minute "
+                                                           f"from {client}; try again in {wait:.0f} s", wait)
         if offer.mode not in MODES:
             raise self._reject(400, "bad_mode", f"mode must be one of {list(MODES)}, not {offer.mode!r}")
         try:
@@ -106,22 +129,28 @@ class LiveService:
             validate_offer(offer.sdp, offer.codec)
         except LiveError as exc:
             raise self._reject(exc.status, exc.code, exc.message) from None
+        limit = self.options.calls_per_client
+        if client is not None and limit and sum(p.client == client for p in self.peers.values()) >= limit:
+            raise self._reject(429, "too_many_calls", f"{client} already has {limit} calls (connecting ones "
+                                                      "count until they connect or time out); end one first",
+                               self.options.retry_after_s)
         if len(self.peers) >= self.options.max_sessions:
             raise self._reject(503, "at_capacity", f"all {self.options.max_sessions} sessions are in use; "
-                                                   "try again later")
+                                                   "try again later", self.options.retry_after_s)
 
-    async def offer(self, offer: Offer) -> dict[str, Any]:
+    async def offer(self, offer: Offer, client: str | None = None) -> dict[str, Any]:
         """Offer -> answer; one engine session and one peer connection per call."""
-        self.check_offer(offer)
+        self.check_offer(offer, client)
         peer = LivePeer(secrets.token_urlsafe(12), offer, self.backend, self.options.peer, self.metrics,
                         self.events, on_closed=self._closed, spawn=self.spawn)
+        peer.client = client
         self.peers[peer.id] = peer  # holds the slot across the awaits below
         self.metrics.sessions.set(len(self.peers))
         try:
             answer = await peer.negotiate()
         except CapacityError as exc:
             await peer.close("at_capacity")
-            raise self._reject(503, "at_capacity", str(exc)) from None
+            raise self._reject(503, "at_capacity", str(exc), self.options.retry_after_s) from None
         except LiveError as exc:
             await peer.close("offer_failed")
             raise self._reject(exc.status, exc.code, exc.message) from None
@@ -139,6 +168,9 @@ class LiveService:
             return
         self.metrics.sessions.set(len(self.peers))
         reason = peer.end_reason or "unknown"
+        self.ended[peer.id] = {"session_id": peer.id, "reason": reason, "error": peer.error}
+        while len(self.ended) > self.options.remember_ended:
+            self.ended.popitem(last=False)
         if reason != "offer_failed" and reason != "at_capacity":
             self.metrics.sessions_ended.labels(reason).inc()
             self.events.publish("session_closed", session=peer.id, reason=reason, error=peer.error,
@@ -181,6 +213,12 @@ class LiveService:
         peer = self.get(peer_id)
         if avatar is None and emotion is KEEP:
             raise LiveError(400, "bad_request", "give 'avatar' and/or 'emotion' (null for none)")
+        if self._conditions_rate is not None:
+            wait = self._conditions_rate.hit(peer_id)
+            if wait:
+                raise LiveError(429, "too_many_changes", f"more than {self._conditions_rate.limit} avatar/emotion "
+                                                         f"changes a minute on this call; try again in {wait:.0f} s",
+                                wait)
         avatar = avatar or peer.avatar
         if isinstance(emotion, Keep):
             emotion = peer.emotion if peer.emotion in self.check_conditions(avatar, None) else None

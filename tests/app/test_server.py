@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from app.avatars import BUILTIN_AVATAR, EMOTIONS, EngineBackend, draw_face, prepare_avatars
 from app.server import create_app
 from app.settings import Settings, parse_ice_servers
-from streaming.webrtc.testing import LoopbackClient, loopback_candidates_only
+from streaming.webrtc.testing import LoopbackClient
 
 from helpers import until
 
@@ -32,10 +32,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 async def client(backend):
     settings = Settings(admin_token=TOKEN, max_sessions=2, idle_timeout_s=10, connect_timeout_s=10,
-                        max_body_bytes=64 * 1024)
-    with loopback_candidates_only():
-        async with TestClient(TestServer(create_app(settings, backend))) as c:
-            yield c
+                        max_body_bytes=64 * 1024, calls_per_client=4)  # one client fills the server here
+    async with TestClient(TestServer(create_app(settings, backend))) as c:  # bound to 127.0.0.1: offers it
+        yield c
 
 
 async def expect_error(resp, status: int, code: str) -> dict:
@@ -65,11 +64,15 @@ async def test_page_config_health_and_metrics(client):
     assert cfg["codecs"] == ["vp8", "h264"] and cfg["modes"] == ["voice", "file"] and cfg["ice_servers"] == []
     assert cfg["upload_limit_bytes"] == 20 * 1024 * 1024
     health = await (await client.get("/healthz")).json()
-    assert health == {"status": "ok", "sessions": 0, "max_sessions": 2}
+    assert {k: health[k] for k in ("status", "sessions", "max_sessions")} == {"status": "ok", "sessions": 0,
+                                                                              "max_sessions": 2}
+    assert [(w["id"], w["state"], w["sessions"], w["restarts"]) for w in health["workers"]] == [("engine", "ready", 0, 0)]
     metrics = await client.get("/metrics")
     text = await metrics.text()
     assert metrics.headers["Content-Type"].startswith("text/plain")
     assert "avatarcast_sessions 0.0" in text and 'avatarcast_frames_dropped_total{reason="overflow"}' in text
+    assert 'avatarcast_worker_state{state="ready",worker="engine"} 1.0' in text
+    assert "avatarcast_event_loop_lag_seconds_count" in text
 
 
 async def test_a_call_with_admin_control_and_events_while_abuse_is_refused(client, engine):
@@ -193,54 +196,53 @@ async def test_the_page_and_the_admin_api_change_conditions_by_one_rule(engine):
     backend = EngineBackend(engine, {BUILTIN_AVATAR: sketch, "plain": plain}, BUILTIN_AVATAR)
     settings = Settings(admin_token=TOKEN, max_sessions=2, idle_timeout_s=10, connect_timeout_s=10,
                         max_body_bytes=64 * 1024)
-    with loopback_candidates_only():
-        async with TestClient(TestServer(create_app(settings, backend))) as client:
-            peer, answer = await start_call(client, emotion="sad")
-            sid = answer["session_id"]
-            # paused, a change applies at once (no speech to wait for), so each answer is final
-            assert (await client.post(f"/admin/sessions/{sid}/pause", headers=AUTH)).status == 200
-            routes = {"page": (f"/sessions/{sid}/conditions", {}),
-                      "admin": (f"/admin/sessions/{sid}/conditions", AUTH)}
+    async with TestClient(TestServer(create_app(settings, backend))) as client:
+        peer, answer = await start_call(client, emotion="sad")
+        sid = answer["session_id"]
+        # paused, a change applies at once (no speech to wait for), so each answer is final
+        assert (await client.post(f"/admin/sessions/{sid}/pause", headers=AUTH)).status == 200
+        routes = {"page": (f"/sessions/{sid}/conditions", {}),
+                  "admin": (f"/admin/sessions/{sid}/conditions", AUTH)}
 
-            async def state() -> tuple:
-                s = await (await client.get(f"/sessions/{sid}")).json()
-                return s["avatar"], s["emotion"], s["swaps"], s["engine"]["session"]
+        async def state() -> tuple:
+            s = await (await client.get(f"/sessions/{sid}")).json()
+            return s["avatar"], s["emotion"], s["swaps"], s["engine"]["session"]
 
-            for path, headers in routes.values():
-                change = functools.partial(applied_change, client, path, headers)
-                await expect_error(await client.post(path, json={}, headers=headers), 400, "bad_request")
-                await expect_error(await client.post(path, json={"avatar": 3}, headers=headers), 400, "bad_field")
-                await expect_error(await client.post(path, json={"avatar": "nobody"}, headers=headers),
-                                   400, "unknown_avatar")
-                await expect_error(await client.post(path, json={"avatar": "plain", "emotion": "happy"},
-                                                     headers=headers), 400, "unknown_emotion")
-                await expect_error(await client.post(path, data="{", headers={**headers, "Content-Type":
-                                                                              "application/json"}), 400, "bad_json")
-                await expect_error(await client.post(path, data=b"{" + b" " * 100_000 + b"}",
-                                                     headers={**headers, "Content-Type": "application/json"}),
-                                   413, "body_too_large")
-                await expect_error(await client.post(path, data="x", headers={**headers, "Content-Type": "text/plain"}),
-                                   415, "unsupported_media_type")
-                # 1. a new emotion on the same avatar
-                assert (await change({"emotion": "happy"}))["status"] == "applied"
-                assert (await state())[:2] == (BUILTIN_AVATAR, "happy")
-                # 2. another avatar without naming an emotion: the mood follows where it can, else none
-                result = await change({"avatar": "plain"})
-                assert (result["avatar"], result["emotion"], result["status"]) == ("plain", None, "applied")
-                result = await change({"avatar": BUILTIN_AVATAR, "emotion": "sad"})
-                assert (result["avatar"], result["emotion"]) == (BUILTIN_AVATAR, "sad")
-                # 3. asking for what the call shows changes nothing: same engine session, no swap
-                before = await state()
-                assert (await change({"avatar": BUILTIN_AVATAR}))["emotion"] == "sad"
-                assert (await change({"emotion": "sad"}))["status"] == "applied"
-                assert await state() == before
-                # 4. null: no emotion
-                assert (await change({"emotion": None}))["emotion"] is None
-                assert (await state())[:2] == (BUILTIN_AVATAR, None)
-                await change({"emotion": "sad"})  # back where the other route starts
-            assert (await state())[2] == 2 * 5  # five real changes per route, no swap for the two no-ops
-            await client.post(f"/sessions/{sid}/bye")
-            await peer.close()
+        for path, headers in routes.values():
+            change = functools.partial(applied_change, client, path, headers)
+            await expect_error(await client.post(path, json={}, headers=headers), 400, "bad_request")
+            await expect_error(await client.post(path, json={"avatar": 3}, headers=headers), 400, "bad_field")
+            await expect_error(await client.post(path, json={"avatar": "nobody"}, headers=headers),
+                               400, "unknown_avatar")
+            await expect_error(await client.post(path, json={"avatar": "plain", "emotion": "happy"},
+                                                 headers=headers), 400, "unknown_emotion")
+            await expect_error(await client.post(path, data="{", headers={**headers, "Content-Type":
+                                                                          "application/json"}), 400, "bad_json")
+            await expect_error(await client.post(path, data=b"{" + b" " * 100_000 + b"}",
+                                                 headers={**headers, "Content-Type": "application/json"}),
+                               413, "body_too_large")
+            await expect_error(await client.post(path, data="x", headers={**headers, "Content-Type": "text/plain"}),
+                               415, "unsupported_media_type")
+            # 1. a new emotion on the same avatar
+            assert (await change({"emotion": "happy"}))["status"] == "applied"
+            assert (await state())[:2] == (BUILTIN_AVATAR, "happy")
+            # 2. another avatar without naming an emotion: the mood follows where it can, else none
+            result = await change({"avatar": "plain"})
+            assert (result["avatar"], result["emotion"], result["status"]) == ("plain", None, "applied")
+            result = await change({"avatar": BUILTIN_AVATAR, "emotion": "sad"})
+            assert (result["avatar"], result["emotion"]) == (BUILTIN_AVATAR, "sad")
+            # 3. asking for what the call shows changes nothing: same engine session, no swap
+            before = await state()
+            assert (await change({"avatar": BUILTIN_AVATAR}))["emotion"] == "sad"
+            assert (await change({"emotion": "sad"}))["status"] == "applied"
+            assert await state() == before
+            # 4. null: no emotion
+            assert (await change({"emotion": None}))["emotion"] is None
+            assert (await state())[:2] == (BUILTIN_AVATAR, None)
+            await change({"emotion": "sad"})  # back where the other route starts
+        assert (await state())[2] == 2 * 5  # five real changes per route, no swap for the two no-ops
+        await client.post(f"/sessions/{sid}/bye")
+        await peer.close()
 
 
 def test_settings_from_env_and_validation():
