@@ -33,7 +33,7 @@ from avatar.types import AvatarFrame, SegmentEnd, frame_sample_bounds
 from streaming.broadcast import Broadcaster, BroadcastOptions, Target, open_sink, parse_target
 from streaming.broadcast_sources import AudioDriver, AudioSourceError, broadcast_audio, probe_audio
 from streaming.filesink import probe_media
-from streaming.webrtc.testing import LoopbackClient, loopback_candidates_only
+from streaming.webrtc.testing import LoopbackClient
 
 from helpers import until
 
@@ -557,93 +557,92 @@ async def test_the_broadcaster_reconnects_when_the_rtmp_server_restarts(rtmp):
 async def test_admin_api_starts_lists_and_stops_broadcasts(rtmp, backend, tmp_path):
     settings = Settings(admin_token=TOKEN, max_sessions=2, idle_timeout_s=20, connect_timeout_s=10,
                         hls_dir=str(tmp_path / "hls"), media_dir=str(WAV.parent))  # audio only from there
-    with loopback_candidates_only():
-        async with TestClient(TestServer(create_app(settings, backend))) as client:
-            async def admin(method: str, path: str, **kw):
-                resp = await client.request(method, "/admin/broadcast" + path, headers=AUTH, **kw)
-                return resp.status, await resp.json()
+    async with TestClient(TestServer(create_app(settings, backend))) as client:
+        async def admin(method: str, path: str, **kw):
+            resp = await client.request(method, "/admin/broadcast" + path, headers=AUTH, **kw)
+            return resp.status, await resp.json()
 
-            # 1. refused clearly, nothing started
-            for body, status, code in [
-                ({}, 400, "bad_source"), ({"audio": str(WAV)}, 400, "missing_target"),
-                ({"audio": str(WAV), "to": "ftp://x/y"}, 400, "bad_target"),
-                ({"audio": str(WAV), "to": "../out.m3u8"}, 400, "bad_target"),
-                ({"audio": str(WAV), "session_id": "x", "to": "a/"}, 400, "bad_source"),
-                ({"session_id": "nope", "to": "a/"}, 404, "unknown_session"),
-                ({"audio": str(tmp_path / "missing.wav"), "to": "a/"}, 400, "bad_audio"),
-                ({"audio": str(WAV), "to": "a/", "duration_s": -1}, 400, "bad_field"),
-                ({"audio": str(WAV), "to": "a/", "avatar": "nobody"}, 400, "unknown_avatar"),
-            ]:
-                got, answer = await admin("POST", "/start", json=body)
-                assert (got, answer["error"]) == (status, code), (body, answer)
-            assert (await client.get("/admin/broadcast")).status == 401
-            assert (await admin("POST", "/stop", json={"id": "b999"}))[1]["error"] == "unknown_broadcast"
-            assert (await admin("GET", ""))[1]["broadcasts"] == []
+        # 1. refused clearly, nothing started
+        for body, status, code in [
+            ({}, 400, "bad_source"), ({"audio": str(WAV)}, 400, "missing_target"),
+            ({"audio": str(WAV), "to": "ftp://x/y"}, 400, "bad_target"),
+            ({"audio": str(WAV), "to": "../out.m3u8"}, 400, "bad_target"),
+            ({"audio": str(WAV), "session_id": "x", "to": "a/"}, 400, "bad_source"),
+            ({"session_id": "nope", "to": "a/"}, 404, "unknown_session"),
+            ({"audio": str(tmp_path / "missing.wav"), "to": "a/"}, 400, "bad_audio"),
+            ({"audio": str(WAV), "to": "a/", "duration_s": -1}, 400, "bad_field"),
+            ({"audio": str(WAV), "to": "a/", "avatar": "nobody"}, 400, "unknown_avatar"),
+        ]:
+            got, answer = await admin("POST", "/start", json=body)
+            assert (got, answer["error"]) == (status, code), (body, answer)
+        assert (await client.get("/admin/broadcast")).status == 401
+        assert (await admin("POST", "/stop", json={"id": "b999"}))[1]["error"] == "unknown_broadcast"
+        assert (await admin("GET", ""))[1]["broadcasts"] == []
 
-            # 2. a speech file to RTMP: listed live with a bitrate, stopped cleanly
-            status, started = await admin("POST", "/start", json={"audio": str(WAV), "to": rtmp.url("admin"),
-                                                                  "video_bitrate_kbps": 400})
-            assert status == 201 and started["source"]["type"] == "audio" and started["target"].endswith("/***")
-            bid = started["id"]
-            listed: dict = {}
+        # 2. a speech file to RTMP: listed live with a bitrate, stopped cleanly
+        status, started = await admin("POST", "/start", json={"audio": str(WAV), "to": rtmp.url("admin"),
+                                                              "video_bitrate_kbps": 400})
+        assert status == 201 and started["source"]["type"] == "audio" and started["target"].endswith("/***")
+        bid = started["id"]
+        listed: dict = {}
 
-            async def refresh():
-                listed.update(next(b for b in (await admin("GET", ""))[1]["broadcasts"] if b["id"] == bid))
-                return listed
+        async def refresh():
+            listed.update(next(b for b in (await admin("GET", ""))[1]["broadcasts"] if b["id"] == bid))
+            return listed
 
+        for _ in range(100):
+            if (await refresh())["state"] == "live" and listed["frames_sent"] > 25 and listed["bitrate_kbps"] > 0:
+                break
+            await asyncio.sleep(0.1)
+        assert listed["state"] == "live" and listed["bitrate_kbps"] > 0 and listed["reconnects"] == 0, listed
+        status, answer = await admin("POST", "/start", json={"audio": str(WAV), "to": rtmp.url("admin")})
+        assert (status, answer["error"]) == (409, "target_busy")
+        status, stopped = await admin("POST", "/stop", json={"id": bid})
+        assert status == 200 and stopped["state"] == "stopped" and stopped["end_reason"] == "stopped", stopped
+        assert stopped["audio"]["pushed_s"] > 1.0
+        await until(lambda: rtmp.recorded("admin"), 5, "the recording")
+        info = read_back(rtmp.recorded("admin")[0])
+        assert info["streams"]["video"]["codec"] == "h264" and info["video_frames"] >= 25
+
+        # 3. a live call to HLS: what the caller sees, until stopped
+        peer = LoopbackClient(keep_video=True)
+        resp = await client.post("/offer", json={"sdp": await peer.offer(), "type": "offer"})
+        assert resp.status == 200, await resp.text()
+        answer = await resp.json()
+        await peer.accept(answer)
+        try:
+            await until(lambda: len(peer.video) >= 10, 20, "the call's first frames")
+            status, started = await admin("POST", "/start", json={"session_id": answer["session_id"],
+                                                                  "to": "call/"})
+            assert status == 201 and started["source"] == {"type": "session", "session_id": answer["session_id"]}
             for _ in range(100):
-                if (await refresh())["state"] == "live" and listed["frames_sent"] > 25 and listed["bitrate_kbps"] > 0:
+                snap = next(b for b in (await admin("GET", ""))[1]["broadcasts"] if b["id"] == started["id"])
+                if snap["frames_sent"] >= 50:
                     break
                 await asyncio.sleep(0.1)
-            assert listed["state"] == "live" and listed["bitrate_kbps"] > 0 and listed["reconnects"] == 0, listed
-            status, answer = await admin("POST", "/start", json={"audio": str(WAV), "to": rtmp.url("admin")})
-            assert (status, answer["error"]) == (409, "target_busy")
-            status, stopped = await admin("POST", "/stop", json={"id": bid})
-            assert status == 200 and stopped["state"] == "stopped" and stopped["end_reason"] == "stopped", stopped
-            assert stopped["audio"]["pushed_s"] > 1.0
-            await until(lambda: rtmp.recorded("admin"), 5, "the recording")
-            info = read_back(rtmp.recorded("admin")[0])
-            assert info["streams"]["video"]["codec"] == "h264" and info["video_frames"] >= 25
-
-            # 3. a live call to HLS: what the caller sees, until stopped
-            peer = LoopbackClient(keep_video=True)
-            resp = await client.post("/offer", json={"sdp": await peer.offer(), "type": "offer"})
-            assert resp.status == 200, await resp.text()
-            answer = await resp.json()
-            await peer.accept(answer)
-            try:
-                await until(lambda: len(peer.video) >= 10, 20, "the call's first frames")
-                status, started = await admin("POST", "/start", json={"session_id": answer["session_id"],
-                                                                      "to": "call/"})
-                assert status == 201 and started["source"] == {"type": "session", "session_id": answer["session_id"]}
-                for _ in range(100):
-                    snap = next(b for b in (await admin("GET", ""))[1]["broadcasts"] if b["id"] == started["id"])
-                    if snap["frames_sent"] >= 50:
-                        break
-                    await asyncio.sleep(0.1)
-                status, stopped = await admin("POST", "/stop", json={"id": started["id"]})
-                assert stopped["state"] == "stopped" and stopped["frames_sent"] >= 50, stopped
-                call = await (await client.get(f"/sessions/{answer['session_id']}")).json()
-                assert call["state"] == "connected" and call["video"]["fps"] > 5, call  # the call went on
-                # 4. a call that ends ends its broadcast (the stream is finished, not cut)
-                status, second = await admin("POST", "/start", json={"session_id": answer["session_id"],
-                                                                     "to": "call2/"})
-                assert status == 201
-                await asyncio.sleep(1.0)
-                assert (await client.post(f"/sessions/{answer['session_id']}/bye")).status == 200
-                ended: dict = {}
-                for _ in range(100):
-                    ended = next(b for b in (await admin("GET", ""))[1]["broadcasts"] if b["id"] == second["id"])
-                    if ended["state"] == "stopped":
-                        break
-                    await asyncio.sleep(0.1)
-                assert ended["state"] == "stopped" and ended["end_reason"] == "source_ended", ended
-                assert "#EXT-X-ENDLIST" in (tmp_path / "hls" / "call2" / "index.m3u8").read_text()
-            finally:
-                await peer.close()
-            info = read_back(tmp_path / "hls" / "call" / "index.m3u8")
-            assert info["video_frames"] == stopped["frames_sent"] and info["streams"]["audio"]["codec"] == "aac"
-            assert abs(info["audio_s"] - info["video_frames"] / FPS) < 0.15
+            status, stopped = await admin("POST", "/stop", json={"id": started["id"]})
+            assert stopped["state"] == "stopped" and stopped["frames_sent"] >= 50, stopped
+            call = await (await client.get(f"/sessions/{answer['session_id']}")).json()
+            assert call["state"] == "connected" and call["video"]["fps"] > 5, call  # the call went on
+            # 4. a call that ends ends its broadcast (the stream is finished, not cut)
+            status, second = await admin("POST", "/start", json={"session_id": answer["session_id"],
+                                                                 "to": "call2/"})
+            assert status == 201
+            await asyncio.sleep(1.0)
+            assert (await client.post(f"/sessions/{answer['session_id']}/bye")).status == 200
+            ended: dict = {}
+            for _ in range(100):
+                ended = next(b for b in (await admin("GET", ""))[1]["broadcasts"] if b["id"] == second["id"])
+                if ended["state"] == "stopped":
+                    break
+                await asyncio.sleep(0.1)
+            assert ended["state"] == "stopped" and ended["end_reason"] == "source_ended", ended
+            assert "#EXT-X-ENDLIST" in (tmp_path / "hls" / "call2" / "index.m3u8").read_text()
+        finally:
+            await peer.close()
+        info = read_back(tmp_path / "hls" / "call" / "index.m3u8")
+        assert info["video_frames"] == stopped["frames_sent"] and info["streams"]["audio"]["codec"] == "aac"
+        assert abs(info["audio_s"] - info["video_frames"] / FPS) < 0.15
 
 
 # ---- the command line ------------------------------------------------------------------------------------------
