@@ -1,15 +1,19 @@
 """The engine: models loaded once per process, a worker thread and a decode thread, many sessions.
 
 Generation never runs on the event loop. The worker picks, among sessions with work ready, the one
-whose next frame is due first (earliest deadline), generates one block of latents for it, and hands
-them to the decode thread through a bounded queue (`decode_ahead` blocks; when it is full the worker
-waits: nothing is dropped), so the DiT works on block n+1 while the VAE decodes block n. A failure
-inside a session closes that session with an error item while the others continue.
+whose next frame is due first (earliest deadline), and with `max_batch` > 1 the other ready sessions
+whose next blocks can share its DiT call (causal mode: one batched call per denoising pass, each session
+on its own KV cache); it generates their blocks and hands them, in order, to the decode thread through a
+bounded queue (`decode_ahead` blocks; when it is full the worker waits: nothing is dropped), so the DiT
+works on block n+1 while the VAE decodes block n. A failure inside a session closes that session with
+an error item while the others continue; a batched call that fails is re-run one session at a time, so
+only the session at fault gets the error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hashlib
 import itertools
@@ -110,6 +114,8 @@ class EngineOptions:
     max_sessions: int = 4
     decoder: str = "auto"  # "onnx" (ONNX Runtime, CUDA EP where present), "torch", or "auto" (onnx, else torch)
     warmup: bool = True  # run the real path once at start, so the first user does not pay for it
+    max_batch: int = 1  # causal mode: ready sessions whose next blocks share one batched DiT call (1: one at a
+    # time; `python -m benchmarks.bench_engine --batched` measures what it buys). Other modes: one at a time
     decode_ahead: int = 1  # generated blocks waiting for the decode thread (the worker waits beyond);
     # 0: no decode thread, each block is generated and decoded in turn on the worker
     decode_threads: int | None = None  # ONNX Runtime intra-op threads of the decoder. None: 1 beside the
@@ -166,6 +172,8 @@ class EngineFull(RuntimeError):
 class AvatarEngine:
     def __init__(self, models: ModelBundle, options: EngineOptions = EngineOptions()) -> None:
         models.check()
+        if options.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {options.max_batch}")
         if options.fps != DEFAULT_FPS:
             raise ValueError(f"the audio front ends and the VAE geometry are built for {DEFAULT_FPS} fps")
         self.models, self.options = models, options
@@ -188,6 +196,7 @@ class AvatarEngine:
         self._decode_jobs: queue.Queue[GeneratedUnit] = queue.Queue(maxsize=max(1, options.decode_ahead))
         self._ids = itertools.count(1)
         self.failures = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # DiT calls per batch size
         self.decoder_provider = "torch"
         self.warmup_ms = 0.0
 
@@ -363,21 +372,78 @@ class AvatarEngine:
                 self._wake.wait(self.options.poll_s)
                 self._wake.clear()
                 continue
-            session = min(ready, key=lambda s: s.deadline())
-            try:
+            for unit in self._generate(self._batch(ready)):  # at most one unit per session, in order
                 if self._decode_thread is None:
-                    session.step()
+                    self._finish(unit)
                     continue
-                unit = session.generate()
-            except Exception as exc:  # one bad session must not take the engine down
-                self._failed(session, exc)
+                while not self._stop.is_set():  # a full queue: wait for the decoder (never drop latents)
+                    try:
+                        self._decode_jobs.put(unit, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+
+    def _batch(self, ready: list[AvatarSession]) -> list[AvatarSession]:
+        """The earliest-due session, then the others ready now whose next block can share its DiT call,
+        earliest deadline first, up to `max_batch` sessions."""
+        ready = sorted(ready, key=lambda s: s.deadline())
+        first, n = ready[0], self.options.max_batch
+        batch_key = getattr(self.generator, "batch_key", None)  # causal mode only
+        key = batch_key(first.state) if n > 1 and batch_key is not None else None
+        if key is None:
+            return [first]
+        return [first] + [s for s in ready[1:] if batch_key(s.state) == key][:n - 1]
+
+    def _generate(self, batch: list[AvatarSession]) -> list[GeneratedUnit]:
+        """Each session's next unit; a failing session is failed and left out (one bad session must not
+        take the engine, or the others in its batch, down)."""
+        if len(batch) == 1:
+            try:
+                unit = batch[0].generate()
+            except Exception as exc:
+                self._failed(batch[0], exc)
+                return []
+            self._count_batch(1)
+            return [unit]
+        taken = []
+        for s in batch:
+            try:
+                taken.append((s, s.take_unit()))
+            except Exception as exc:
+                self._failed(s, exc)
+        if not taken:
+            return []
+        t0 = time.perf_counter()
+        try:
+            latents = self.generator.generate_blocks([s.state for s, _ in taken], [t.audio for _, t in taken],
+                                                     [t.face_audio for _, t in taken])
+            self._count_batch(len(taken))
+            ms = (time.perf_counter() - t0) * 1e3  # each session waited for the whole batch
+            return [s.generated(t, x, ms) for (s, t), x in zip(taken, latents)]
+        except Exception as exc:  # which session? re-run them alone (their caches re-run the same block)
+            log.warning("a batched block of %d sessions failed (%s: %s); generating them one at a time",
+                        len(taken), type(exc).__name__, exc)
+        units = []
+        for s, t in taken:
+            t0 = time.perf_counter()
+            try:
+                x = self.generator.generate_unit(s.state, t.audio, t.face_audio)
+            except Exception as exc:
+                self._failed(s, exc)
                 continue
-            while not self._stop.is_set():  # a full queue: wait for the decoder (never drop latents)
-                try:
-                    self._decode_jobs.put(unit, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
+            self._count_batch(1)
+            units.append(s.generated(t, x, (time.perf_counter() - t0) * 1e3))
+        return units
+
+    def _count_batch(self, size: int) -> None:
+        with self._lock:  # snapshot() copies it from another thread
+            self.batch_sizes[size] += 1
+
+    def _finish(self, unit: GeneratedUnit) -> None:
+        try:
+            unit.session.finish(unit)
+        except Exception as exc:
+            self._failed(unit.session, exc)
 
     def _run_decode(self) -> None:
         """Decode and emit generated blocks in the order they were generated."""
@@ -386,13 +452,10 @@ class AvatarEngine:
                 unit = self._decode_jobs.get(timeout=0.1)
             except queue.Empty:
                 continue
-            session = unit.session
-            if session.closed:
+            if unit.session.closed:
                 continue
             try:
-                session.finish(unit)
-            except Exception as exc:
-                self._failed(session, exc)
+                self._finish(unit)
             finally:
                 self._wake.set()  # a session held back by pending frames may be ready again
 
@@ -427,6 +490,7 @@ class AvatarEngine:
     def snapshot(self) -> dict:
         with self._lock:  # the worker thread deletes closed sessions
             sessions = list(self.sessions.items())
+            batch_sizes = dict(self.batch_sizes)
         return {
             "model": self.models.name,
             "mode": self.options.mode,
@@ -439,5 +503,6 @@ class AvatarEngine:
                                "dropped_frames": s.stats.dropped_frames}
                          for sid, s in sessions},
             "failures": self.failures,
+            "batch_sizes": batch_sizes,
             "latency_budget": self.latency_budget(),
         }

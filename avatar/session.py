@@ -5,9 +5,10 @@ Engine side: `ready` / `deadline` for scheduling, `generate` (the worker thread:
 audio into latents) and `finish` (the decode thread, or the worker itself: latents into frames, out).
 The sides share a lock around the audio timeline and a thread-safe hand-off of finished items into an
 asyncio queue. Silence is inserted here and nowhere else: a live (`realtime`) session tops its input
-up whenever it lags the wall clock by more than `jitter_ms`, so idle frames keep coming without audio
-(before the first push, while a caller is paused, across network stalls) and speech that resumes lands
-at its own time; a segment's last block is completed with silence. Bounds, and what happens at them:
+up as the wall clock moves (`_top_up`), so idle frames keep coming without audio (before the first
+push, while a caller is paused, across network stalls) and speech that resumes lands at its own time;
+a block whose audio is later than `jitter_ms`, and a segment's last block, are completed with silence.
+Bounds, and what happens at them:
 - input audio: `max_buffered_audio_s` per speaker; beyond it the oldest samples are dropped (counted);
 - output: at `max_pending_frames` unsent frames the session is not scheduled (generation pauses;
   nothing is computed only to be thrown away).
@@ -41,7 +42,7 @@ TOP_UP_PERIOD_S = 0.02  # how often a live session checks whether its input lags
 class SessionOptions:
     sample_rate: int | None = None  # output audio rate; default: the rate of the first push
     realtime: bool = True  # live: insert silence when audio is late, so video never stops
-    jitter_ms: float = 120.0  # how far live input may lag the wall clock before silence tops it up
+    jitter_ms: float = 120.0  # how late live audio may be before silence completes its block instead
     max_buffered_audio_s: float = 60.0
     max_pending_frames: int = 50
     speakers: int = 1  # >1: one audio stream and one FAA face mask per speaker
@@ -58,6 +59,17 @@ class GeneratedUnit(NamedTuple):
     features_ms: float
     denoise_ms: float
     started: float  # perf_counter at the start of `generate`
+
+
+class TakenUnit(NamedTuple):
+    """A unit's audio, taken off the timeline, waiting for its latents (generated alone or in a batch)."""
+
+    audio: torch.Tensor | None  # (1, n, 4, D) per latent frame
+    face_audio: torch.Tensor | None  # (1, speakers, n, 4, D)
+    first_video: int
+    epoch: int
+    features_ms: float
+    started: float
 
 
 class AvatarSession:
@@ -153,14 +165,15 @@ class AvatarSession:
 
     def _top_up(self) -> None:
         """Live, on the event loop every TOP_UP_PERIOD_S: every speaker's input that lags the wall clock
-        by more than `jitter_ms` is topped up with silence to there. Done as the clock moves, not a block
-        at a time when a block falls due, so audio arriving after a gap (a pause, a stall) continues from
-        the present instead of being split later by a block's worth of silence."""
+        by more than half of `jitter_ms` is topped up with silence to there. Done as the clock moves, not
+        a block at a time when a block falls due, so audio arriving after a gap (a pause, a stall)
+        continues from the present; and half the allowance behind it, so that audio reaches each block
+        before the block falls due (at the whole allowance) and is never cut by the silence completing it."""
         if self._closed:
             return
         with self._lock:
             self._ensure_tracks(self.options.sample_rate or 48_000)
-            due = int((time.monotonic() - self.t0 - self.options.jitter_ms / 1000) * self.out_rate)
+            due = int((time.monotonic() - self.t0 - self.options.jitter_ms / 2000) * self.out_rate)
             late = [t for t in self.tracks if due > t.pcm.end]
             for t in late:
                 t.pad(due - t.pcm.end)
@@ -254,6 +267,14 @@ class AvatarSession:
     @torch.no_grad()
     def generate(self) -> GeneratedUnit:
         """Steps 1-4: the next unit's latents. Runs on the engine's worker thread."""
+        taken = self.take_unit()
+        t_gen = time.perf_counter()
+        # 4. generate the latents (a batching engine runs this step for several sessions at once)
+        latents = self.generator.generate_unit(self.state, taken.audio, taken.face_audio)
+        return self.generated(taken, latents, (time.perf_counter() - t_gen) * 1e3)
+
+    def take_unit(self) -> TakenUnit:
+        """Steps 1-3: take the next unit's audio off the timeline, as the generator's input tensors."""
         t_start = time.perf_counter()
         with self._lock:
             # 1. the unit: new latents -> video frames `out`; audio needed for video frames `need`
@@ -270,13 +291,14 @@ class AvatarSession:
             self._count_silence()
             feats = [t.take_features(need.start, need.stop) for t in self.tracks]
             epoch = self._epoch
-        t_feat = time.perf_counter()
         # 3. features -> (1, n, 4, D) per latent frame (latent 0: video frame 0 replicated)
         audio, face_audio = self._audio_tensors(feats, unit.audio_first)
-        # 4. generate the latents
-        latents = self.generator.generate_unit(self.state, audio, face_audio)
-        t_gen = time.perf_counter()
-        return GeneratedUnit(self, latents, v0, epoch, (t_feat - t_start) * 1e3, (t_gen - t_feat) * 1e3, t_start)
+        return TakenUnit(audio, face_audio, v0, epoch, (time.perf_counter() - t_start) * 1e3, t_start)
+
+    def generated(self, taken: TakenUnit, latents: torch.Tensor, denoise_ms: float) -> GeneratedUnit:
+        """Step 4's latents, on their way to `finish`."""
+        return GeneratedUnit(self, latents, taken.first_video, taken.epoch, taken.features_ms, denoise_ms,
+                             taken.started)
 
     @torch.no_grad()
     def finish(self, unit: GeneratedUnit) -> None:

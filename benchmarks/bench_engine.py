@@ -1,10 +1,16 @@
-"""Engine benchmark: per-block cost over a long session, memory, latency budget, real-time factor.
+"""Engine benchmark: per-block cost over a long session, memory, latency budget, real-time factor;
+and (--batched) what batching sessions' blocks into one DiT call buys.
 
 One session is driven through the real engine thread with synthetic speech (non-realtime: as fast as
 it can go). Prints JSON: per-block ms (first 50 vs last 50 blocks), RSS sampled along the stream, the
 latency budget by stage, and the real-time factor (video seconds per wall second).
 
+--batched: the demo model (its engine defaults) with 1, 2 and 4 sessions, `max_batch` 1 vs the session
+count, in the same run: the DiT alone (frames/s of `CausalGenerator.generate_blocks` vs the same blocks
+one session at a time) and the whole engine (frames/s of every session's stream, decode included).
+
     python -m benchmarks.bench_engine --blocks 500 --preset tiny
+    python -m benchmarks.bench_engine --batched
 """
 
 from __future__ import annotations
@@ -14,15 +20,16 @@ import asyncio
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import psutil
 import torch
 
 from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
-from avatar.generator import CausalOptions, Conditions
+from avatar.generator import CausalGenerator, CausalOptions, Conditions
 from avatar.session import SessionOptions
-from avatar.types import AvatarFrame
+from avatar.types import AvatarFrame, SegmentEnd
 
 
 def _speech(seconds: float, rate: int = 16_000) -> np.ndarray:
@@ -94,13 +101,121 @@ def run(blocks: int = 500, preset: str = "tiny", vae: str = "tiny", height: int 
     }
 
 
+# ---- batched generation ------------------------------------------------------------------------------
+def _demo_sessions(bundle, count: int, seed: int = 0) -> list[Conditions]:
+    """`count` different avatars for the demo model: random reference latents with its motion condition."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = (x // bundle.vae.cfg.spatial_factor for x in bundle.frame_hw)
+    motion = 0.25 if bundle.dit.cfg.motion_condition else None
+    return [Conditions(reference=torch.randn(1, bundle.vae.cfg.z_dim, 1, h, w, generator=g), motion=motion)
+            for _ in range(count)]
+
+
+@torch.no_grad()
+def dit_throughput(bundle, options: EngineOptions, sessions: int, blocks: int) -> dict[str, float]:
+    """Video frames/s of the DiT alone: `sessions` streams advanced `blocks` blocks each, one session at a
+    time and with their blocks in one batched call per pass. The two ways alternate block by block, so a
+    machine whose load drifts slows both alike. The sessions start a block apart, so a batch holds
+    different block indices, as a live engine's does."""
+    gen = CausalGenerator(bundle.dit, options.causal)
+    n, dim = options.causal.block_frames, bundle.dit.cfg.audio_dim
+
+    def streams() -> list:
+        states = []
+        for i, cond in enumerate(_demo_sessions(bundle, sessions)):
+            st = gen.init_state(cond, seed=i)
+            gen.prefill_reference(st, torch.zeros(1, 1, 4, dim))
+            for _ in range(i):  # stagger the sessions
+                gen.generate_block(st, torch.zeros(1, n, 4, dim))
+            states.append(st)
+        return states
+
+    alone, together = streams(), streams()
+    audio = [torch.randn(1, n, 4, dim) for _ in range(sessions)]
+    wall = {"one_at_a_time": 0.0, "batched": 0.0}
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for st, a in zip(alone, audio):
+            gen.generate_block(st, a)
+        t1 = time.perf_counter()
+        gen.generate_blocks(together, audio)
+        t2 = time.perf_counter()
+        wall["one_at_a_time"] += t1 - t0
+        wall["batched"] += t2 - t1
+    frames = sessions * blocks * n * 4
+    return {k: frames / v for k, v in wall.items()}
+
+
+async def _stream_all(engine: AvatarEngine, conds: list[Conditions], seconds: float) -> tuple[int, float]:
+    """Every session speaks `seconds` of audio (all pushed up front); returns (frames, wall seconds)."""
+    t0 = time.perf_counter()
+    sessions = [engine.open_session(c, SessionOptions(realtime=False, seed=i)) for i, c in enumerate(conds)]
+    for s in sessions:
+        s.push_audio(_speech(seconds), 16_000)
+        s.end_segment()
+
+    async def collect(s) -> int:
+        n = 0
+        async for item in s:
+            n += isinstance(item, AvatarFrame)
+            if isinstance(item, SegmentEnd):
+                break
+        s.close()
+        return n
+
+    frames = await asyncio.gather(*(collect(s) for s in sessions))
+    return sum(frames), time.perf_counter() - t0
+
+
+def run_batched(counts: tuple[int, ...] = (1, 2, 4), dit_blocks: int = 20, seconds: float = 6.0,
+                threads: int | None = None) -> dict:
+    from app.render_worker import load_models
+    from avatar.engine import preset_options
+
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = load_models("demo", device="cpu")
+    base = preset_options("demo", warmup=True)
+    out: dict = {"model": bundle.name, "device": "cpu", "threads": torch.get_num_threads(),
+                 "causal": {"block_frames": base.causal.block_frames, "window_frames": base.causal.window_frames,
+                            "steps": len(base.causal.steps), "guidance_passes": base.causal.guidance.passes},
+                 "dit_fps": {}, "engine_fps": {}}
+    dit_throughput(bundle, base, 2, 2)  # warm both paths' allocations
+    for c in counts:
+        fps = dit_throughput(bundle, base, c, dit_blocks)
+        out["dit_fps"][str(c)] = {k: round(v, 1) for k, v in fps.items()}
+        out["dit_fps"][str(c)]["speedup"] = round(fps["batched"] / fps["one_at_a_time"], 3)
+    for c in counts:
+        row = {}
+        for name, max_batch in (("one_at_a_time", 1), ("batched", c)):
+            with AvatarEngine(bundle, replace(base, max_batch=max_batch, max_sessions=max(c, 1))) as eng:
+                frames, wall = asyncio.run(_stream_all(eng, _demo_sessions(bundle, c), seconds))
+                row[name] = round(frames / wall, 1)
+                row[f"{name}_batch_sizes"] = {str(k): v for k, v in sorted(eng.batch_sizes.items())}
+        row["speedup"] = round(row["batched"] / row["one_at_a_time"], 3)
+        out["engine_fps"][str(c)] = row
+    one_session = out["dit_fps"][str(counts[0])]["one_at_a_time"]
+    if 4 in counts:
+        out["dit_4_batched_over_1_session"] = round(out["dit_fps"]["4"]["batched"] / one_session, 3)
+        out["engine_4_batched_over_1_session"] = round(
+            out["engine_fps"]["4"]["batched"] / out["engine_fps"][str(counts[0])]["one_at_a_time"], 3)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocks", type=int, default=500)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--vae", default="tiny")
     p.add_argument("--size", type=int, default=32, help="square frame size in pixels")
+    p.add_argument("--batched", action="store_true", help="demo model, 1/2/4 sessions, batched vs one at a time")
+    p.add_argument("--seconds", type=float, default=6.0, help="--batched: speech per session")
+    p.add_argument("--dit-blocks", type=int, default=20, help="--batched: blocks per session, DiT alone")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the library's)")
     a = p.parse_args()
+    if a.batched:
+        print(json.dumps(run_batched(dit_blocks=a.dit_blocks, seconds=a.seconds, threads=a.threads), indent=2))
+        return
     print(json.dumps(run(blocks=a.blocks, preset=a.preset, vae=a.vae, height=a.size, width=a.size), indent=2))
 
 
