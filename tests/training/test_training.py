@@ -58,6 +58,7 @@ def _overfit(loss_fn, params, steps, lr):
     return losses
 
 
+@pytest.mark.slow  # ~2 min a stage on a busy 2-core CPU: 60 optimiser steps of the TINY DiT
 @pytest.mark.parametrize("stage", ["base", "audio"])
 def test_dit_stage_learns_a_fixed_batch(tmp_path, stage):
     store = LatentStore(tmp_path)
@@ -81,6 +82,7 @@ def test_dit_stage_learns_a_fixed_batch(tmp_path, stage):
     assert losses[-1] < (0.7 if stage == "base" else 0.85) * losses[0]  # the audio stage moves fewer weights
 
 
+@pytest.mark.slow  # ~3 min on a busy 2-core CPU: 25 optimiser steps of the demo VAE
 def test_vae_loss_decreases_on_a_fixed_clip():
     torch.manual_seed(0)
     vae = WanVAE(VAE_DEMO)
