@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -105,12 +106,30 @@ def prepare_avatar_dir(engine: AvatarEngine, folder: Path, cache_dir=None) -> Pr
     folder = Path(folder)
     try:
         spec = json.loads((folder / AVATAR_SPEC).read_text())
-        portrait, box = folder / spec["portrait"], tuple(spec["face_box"])
-        emotions = {e: (folder / f).read_bytes() for e, f in spec.get("emotions", {}).items()}
+        if not isinstance(spec, dict):
+            raise TypeError(f"{AVATAR_SPEC} holds {type(spec).__name__}, not an object")
+        portrait, box = _inside(folder, spec["portrait"]), spec["face_box"]
+        if not (isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box)):
+            raise TypeError(f"face_box must be 4 numbers [x0, y0, x1, y1], not {box!r}")
+        named = spec.get("emotions") or {}
+        if not isinstance(named, dict):
+            raise TypeError(f"emotions must map names to image files, not {named!r}")
+        emotions = {str(e): _inside(folder, f).read_bytes() for e, f in named.items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{folder}: not an avatar folder ({type(exc).__name__}: {exc})") from None
-    return engine.prepare_avatar(portrait, detector=FixedBoxes([box]), emotion_images=emotions or None,
+    return engine.prepare_avatar(portrait, detector=FixedBoxes([tuple(box)]), emotion_images=emotions or None,
                                  cache_dir=cache_dir)
+
+
+def _inside(folder: Path, name: object) -> Path:
+    """A file named in avatar.json: a plain name of a file in the folder (no path leads out of it)."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"{name!r} is not the name of a file in the folder")
+    return folder / name
+
+
+def _finite_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def prepare_avatars(engine: AvatarEngine, portrait: Path | None = None) -> tuple[dict[str, PreparedAvatar], str]:

@@ -183,7 +183,23 @@ def read_sidecar(output: str | Path) -> dict | None:
 
 
 # ---- the worker -------------------------------------------------------------------------------------------
-class _AudioFeed:
+def open_input_audio(path: str, settings: RenderSettings) -> tuple[AudioFeed, float | None]:
+    """An input checked and opened for rendering: (a feed that decodes as it is pulled, with the first
+    FEED_AHEAD_S (fusion: all of it) already decoded; the length its header declares). Its declared
+    length is checked against max_duration_s before any decoding. AudioReadError / ValueError name the file."""
+    declared = audio_duration(path)  # from the header, nothing decoded yet
+    if declared is not None and declared > settings.max_duration_s:
+        raise ValueError(f"{path}: the audio lasts {declared:.1f} s, more than --max-duration "
+                         f"{settings.max_duration_s:g} s")
+    feed = AudioFeed(stream_audio(path, sample_rate=settings.sample_rate, max_duration_s=settings.max_duration_s))
+    # fusion denoises the whole clip at once: all of it (within max_duration_s)
+    feed.pull_until(None if settings.mode == "fusion" else int(FEED_AHEAD_S * settings.sample_rate))
+    if feed.ended and feed.decoded == 0:
+        raise ValueError(f"{path}: the audio is empty (0 samples)")
+    return feed, declared
+
+
+class AudioFeed:
     """The input audio as it decodes: blocks pulled as generation needs them, handed on in order."""
 
     def __init__(self, blocks) -> None:
@@ -280,17 +296,7 @@ class Renderer:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(out)  # left by a killed run
         sidecar_path(out).unlink(missing_ok=True)  # the output is about to change
-        declared = audio_duration(job.audio)  # from the header, nothing decoded yet (AudioReadError names the file)
-        if declared is not None and declared > s.max_duration_s:
-            raise ValueError(f"{job.audio}: the audio lasts {declared:.1f} s, more than --max-duration "
-                             f"{s.max_duration_s:g} s")
-        feed = _AudioFeed(stream_audio(job.audio, sample_rate=s.sample_rate, max_duration_s=s.max_duration_s))
-        if s.mode == "fusion":  # one denoise over the whole clip: all of it at once (within max_duration_s)
-            feed.pull_until(None)
-        else:
-            feed.pull_until(int(FEED_AHEAD_S * s.sample_rate))
-        if feed.ended and feed.decoded == 0:
-            raise ValueError(f"{job.audio}: the audio is empty (0 samples)")
+        feed, declared = open_input_audio(job.audio, s)
         cond = self.conditions(job.avatar, job.emotion)
         estimate = frames_for_samples(int((declared or 0) * s.sample_rate), s.sample_rate, s.fps)
         written = 0
@@ -313,7 +319,7 @@ class Renderer:
                 raise RuntimeError(f"{job.audio}: generated {written} frames, the audio needs {total}")
         return written, feed.decoded
 
-    async def _streamed(self, cond: Conditions, feed: _AudioFeed, estimate: int, emit, progress: _Throttle) -> None:
+    async def _streamed(self, cond: Conditions, feed: AudioFeed, estimate: int, emit, progress: _Throttle) -> None:
         """An engine session, fed at most FEED_AHEAD_S ahead of generation (decoding as it goes), read
         until its SegmentEnd. `estimate`: the frames the header's length needs (progress only)."""
         s = self.settings

@@ -32,8 +32,8 @@ from audio.pcm import MODEL_SAMPLE_RATE, check_sample_rate
 from audio.resample import PcmFormat, StreamResampler, resample_audio
 
 
-class AudioReadError(Exception):
-    """An audio file could not be read; ``path`` and ``reason`` say which and why."""
+class AudioReadError(ValueError):
+    """An audio file could not be read; ``path`` and ``reason`` say which and why (bad input: a ValueError)."""
 
     def __init__(self, path: str | Path, reason: str):
         self.path = str(path)
