@@ -108,11 +108,18 @@ class WorkerHandle:
         self.link, self.state, self.info, self.stats = link, "starting", {}, {}
         self.started_at = time.monotonic()
         link_start = loop.run_in_executor(None, link.start,  # spawning must not stall the event loop
-                                          lambda batch: loop.call_soon_threadsafe(self._on_messages, link, batch),
-                                          lambda why: loop.call_soon_threadsafe(self.lost, link, why))
+                                          lambda batch: self._to_loop(self._on_messages, link, batch),
+                                          lambda why: self._to_loop(self.lost, link, why))
         link_start.add_done_callback(lambda f: f.cancelled() or f.exception() is None or
                                      self.lost(link, f"could not start ({type(f.exception()).__name__}: "
                                                      f"{f.exception()})"))
+
+    def _to_loop(self, fn, *args) -> None:
+        """From a link's thread to the event loop (nothing to do once the loop is closed: we are exiting)."""
+        try:
+            self.pool.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
 
     def lost(self, link: WorkerLink, why: str) -> None:
         """The worker behind `link` is gone or unusable: kill it, end its sessions, plan a restart."""
