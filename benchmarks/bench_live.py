@@ -1,4 +1,5 @@
-"""Live-service load benchmark: N concurrent WebRTC calls over loopback, random TINY models.
+"""Live-service load benchmark: N concurrent WebRTC calls over loopback, against the gateway with N engine
+worker processes (or the engine in the server's process, --workers 0), random TINY models or the demo model.
 
 Each call is a real aiortc client (no ICE servers, 127.0.0.1 only) sending a speech fixture as its mic
 to the live service (HTTP `/offer`, engine, pacer, tracks, VP8) and receiving the avatar back. The
@@ -11,9 +12,15 @@ widen; `all_audio_lag_steady` when every call's spread stays under AUDIO_LAG_STE
 pacer's repeated (underrun) and dropped frames. `client_fps` is what the pacer sends (25 whenever the
 service is healthy); `new_frame_fps` is how many of those were fresh pictures
 from the engine (the rest repeat the last one), over the whole call; `steady_new_frame_fps` the same
-from STEADY_AFTER_S on, once the pipeline has filled: below 25 the engine is not keeping up. Prints JSON.
+from STEADY_AFTER_S on, once the pipeline has filled: below 25 the engine is not keeping up.
+`first_frame_ms` is the client's wait from sending its offer to its first video frame. The gateway's
+event-loop stalls (`loop_lag_ms`, p99: how late a 10 ms timer woke) are sampled over the steady part.
+Prints JSON.
 
-    python -m benchmarks.bench_live --sessions 4 --seconds 10
+    python -m benchmarks.bench_live --sessions 4 --seconds 10                 # one worker process
+    python -m benchmarks.bench_live --sessions 1,8,16 --workers 2             # one server per count
+    python -m benchmarks.bench_live --sessions 1,2,3 --workers 1 --model demo
+    python -m benchmarks.bench_live --compare                                 # one call: in-process vs 1 worker
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ async def _clients(url: str, sessions: int, seconds: float, codec: str, conn) ->
                     client = LoopbackClient(speech, keep_video=False)
                     clients.append(client)
                     body = {"sdp": await client.offer(), "type": "offer", "codec": codec}
+                    client.offered_at = time.monotonic()
                     async with http.post(f"{url}/offer", json=body) as resp:
                         answer = await resp.json()
                         if resp.status != 200:
@@ -77,8 +85,10 @@ async def _clients(url: str, sessions: int, seconds: float, codec: str, conn) ->
                 windows = audio_lag_by_window(speech[: int(min(seconds, 6.0) * 48_000)], client.received_audio())
                 lags = [w[1] for w in windows if w[2] > 0.5]
                 sure = [w[1] for w in windows if w[2] > 0.6]  # the spread: well-matched windows only
+                first = client.video_times[0] - client.offered_at if client.video_times else None
                 report.append({"session": client.session_id, "client_fps": round(client.fps(skip_s=1.0), 2),
                                "frames_received": len(client.video_times),
+                               "first_frame_ms": round(1000 * first, 1) if first is not None else None,
                                "audio_round_trip_ms": round(1000 * statistics.median(lags), 1) if lags else None,
                                "audio_lag_spread_ms": round(1000 * (max(sure) - min(sure)), 1) if sure else None})
             conn.send(report)
@@ -99,33 +109,54 @@ def _fresh_fps(before: dict, after: dict) -> float:
     return round((after["played"] - before["played"]) / max(1e-9, after["slots"] - before["slots"]) * 25, 2)
 
 
-# ---- the server: the real HTTP app, engine and live service ------------------------------------------
-async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads: int) -> dict:
+# ---- the server: the real HTTP app, the gateway, its engine (workers) and live service ---------------
+def _backend(settings, workers: int, model: str, decoder: str):
+    """The in-process engine (workers 0) or a pool of engine worker processes; the engine to stop after."""
+    if workers == 0:
+        from app.avatars import EngineBackend, prepare_avatars
+        from app.render_worker import load_models
+        from avatar.engine import AvatarEngine, preset_options
+
+        models = load_models(model)
+        engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder=decoder,
+                                                     max_sessions=settings.max_sessions,
+                                                     threads=settings.compute_threads())).start()
+        avatars, default = prepare_avatars(engine)
+        return EngineBackend(engine, avatars, default), engine
+    from app.workers.engine_worker import WorkerSpec
+    from app.workers.pool import PoolOptions, WorkerPool
+
+    spec = WorkerSpec(model=model, max_sessions=settings.max_sessions, threads=settings.threads_per_worker(),
+                      decoder=decoder)
+    return WorkerPool(spec, PoolOptions(workers=workers)), None
+
+
+async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads: int, workers: int = 1,
+               model: str = "tiny") -> dict:
     import multiprocessing
 
     from aiohttp import web
 
-    from app.avatars import EngineBackend, prepare_avatars
-    from app.server import SERVICE, create_app
+    from app.server import LOOP_LAG, SERVICE, create_app, service_options
     from app.settings import Settings
-    from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
     from streaming.webrtc.testing import loopback_candidates_only
 
     t_start = time.perf_counter()
-    settings = Settings(host="127.0.0.1", max_sessions=sessions, admin_token="bench-live-token-000",
-                        engine_threads=threads)
-    engine = AvatarEngine(ModelBundle.random("tiny", "tiny"), EngineOptions(
-        decoder=decoder, max_sessions=sessions, threads=settings.compute_threads()))
-    engine.start()
-    startup_s = time.perf_counter() - t_start
-    avatars, default = prepare_avatars(engine)
-    app = create_app(settings, EngineBackend(engine, avatars, default))
+    per_worker = -(-sessions // max(1, workers))
+    settings = Settings(host="127.0.0.1", max_sessions=per_worker, admin_token="bench-live-token-000",
+                        engine_threads=threads, workers=str(workers), model=model, calls_per_client=sessions,
+                        offers_per_minute=max(12, 2 * sessions))
+    backend, engine = _backend(settings, workers, model, decoder)
+    app = create_app(settings, backend, options=service_options(settings, workers=max(1, workers)))
     runner = web.AppRunner(app, shutdown_timeout=2)
-    await runner.setup()
+    await runner.setup()  # a worker pool starts here: its first worker ready
+    while workers and any(h.state != "ready" for h in backend.handles):
+        await asyncio.sleep(0.1)
+    startup_s = time.perf_counter() - t_start
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    service = app[SERVICE]
+    service, loop_lag = app[SERVICE], app[LOOP_LAG]
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
     proc = ctx.Process(target=_client_process, args=(f"http://127.0.0.1:{port}", sessions, seconds, codec, there))
@@ -139,13 +170,19 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
             # steady state: pacer counts from STEADY_AFTER_S into the call to its end (the first
             # second or so is the pipeline filling up, sent as repeated frames)
             await asyncio.sleep(STEADY_AFTER_S)
-            early = {sid: service.get(sid).snapshot()["pacer"] for sid in connected["connected"]}
+            early = {sid: service.peers[sid].snapshot()["pacer"] for sid in connected["connected"]
+                     if sid in service.peers}
+            loop_lag.reset()
             clients = await loop.run_in_executor(None, here.recv)
             if isinstance(clients, dict):
                 raise RuntimeError(f"benchmark clients failed: {clients['error']}")
-            per_session = []
+            lag = loop_lag.summary()
+            per_session, ended = [], []
             for client in clients:
-                snap = service.get(client["session"]).snapshot()
+                if client["session"] not in service.peers or client["session"] not in early:
+                    ended.append({**client, **service.ended.get(client["session"], {"reason": "ended early"})})
+                    continue  # a call that ended is reported with why, not measured
+                snap = service.peers[client["session"]].snapshot()
                 per_session.append({
                     **client,
                     "server_fps": snap["video"]["fps"],
@@ -161,49 +198,83 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
                     "restarts": snap["restarts"],
                     "engine_stage_ms": snap["engine"].get("stage_ms"),
                 })
-            budget = engine.latency_budget()
+            engine_snap = backend.snapshot()
             here.send("done")
             await loop.run_in_executor(None, proc.join, 30)
     finally:
         if proc.is_alive():
             proc.kill()
-        await runner.cleanup()
-        engine.stop()
+        await runner.cleanup()  # stops a worker pool
+        if engine is not None:
+            engine.stop()
+    if not per_session:
+        raise RuntimeError(f"every call ended before it could be measured: {ended}")
     fps = [s["client_fps"] for s in per_session]
     fresh = [s["steady_new_frame_fps"] for s in per_session]
+    latencies = [s["latency_ms_p50"] for s in per_session if s["latency_ms_p50"] is not None]
+    first_frames = [s["first_frame_ms"] for s in per_session if s["first_frame_ms"] is not None]
     return {
-        "benchmark": "live", "sessions": sessions, "seconds": seconds, "model": "random tiny/tiny (32x32)",
-        "decoder": engine.decoder_provider, "codec": codec, "cpu_count": os.cpu_count(),
-        "engine_threads": settings.compute_threads(), "clients": "separate process, over HTTP /offer",
+        "benchmark": "live", "sessions": sessions, "seconds": seconds, "model": engine_snap["model"],
+        "workers": workers, "engine": "in the server's process" if workers == 0 else f"{workers} worker processes",
+        "decoder": engine_snap["decoder"], "codec": codec, "cpu_count": os.cpu_count(),
+        "engine_threads": settings.compute_threads() if workers == 0 else settings.threads_per_worker(),
+        "clients": "separate process, over HTTP /offer",
         "engine_startup_s": round(startup_s, 1),
         "all_sent_at_25fps": all(22.5 <= f <= 27.5 for f in fps),
         "all_generated_at_25fps": all(f >= 22.5 for f in fresh),
+        "calls_at_24_fresh_fps": sum(f >= 24.0 for f in fresh),
         "all_audio_lag_steady": all((s["audio_lag_spread_ms"] or AUDIO_LAG_STEADY_MS) < AUDIO_LAG_STEADY_MS
                                     for s in per_session),
         "max_audio_lag_spread_ms": max((s["audio_lag_spread_ms"] or 0.0) for s in per_session),
         "min_client_fps": min(fps), "mean_client_fps": round(float(np.mean(fps)), 2),
         "min_new_frame_fps": min(s["new_frame_fps"] for s in per_session),
-        "min_steady_new_frame_fps": min(fresh),
-        "latency_budget_ms": budget,
+        "min_steady_new_frame_fps": min(fresh), "mean_steady_new_frame_fps": round(float(np.mean(fresh)), 2),
+        "latency_ms_p50": round(float(np.median(latencies)), 1) if latencies else None,
+        "first_frame_ms": round(float(np.median(first_frames)), 1) if first_frames else None,
+        "loop_lag_ms": lag,
+        "latency_budget_ms": engine_snap["latency_budget"],
         "per_session": per_session,
+        "ended_calls": ended,
     }
 
 
-def run(sessions: int = 4, seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8", threads: int = 0) -> dict:
+def run(sessions: int = 4, seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8", threads: int = 0,
+        workers: int = 1, model: str = "tiny") -> dict:
     """N concurrent loopback calls for `seconds` each; returns the report (see the module docstring)."""
-    return asyncio.run(_run(sessions, seconds, decoder, codec, threads))
+    return asyncio.run(_run(sessions, seconds, decoder, codec, threads, workers, model))
+
+
+def compare(seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8", threads: int = 0,
+            model: str = "tiny") -> dict:
+    """One call against the engine in the server's process, then against one worker process, same run:
+    what moving the engine out of the gateway costs a single call."""
+    before = run(1, seconds, decoder, codec, threads, workers=0, model=model)
+    after = run(1, seconds, decoder, codec, threads, workers=1, model=model)
+    keys = ("latency_ms_p50", "first_frame_ms", "min_steady_new_frame_fps", "engine_startup_s")
+    return {"benchmark": "live-compare", "model": after["model"], "seconds": seconds,
+            "in_process": {k: before[k] for k in keys}, "one_worker": {k: after[k] for k in keys},
+            "runs": [before, after]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--sessions", default="4", help="calls, or a comma-separated list (one server per count)")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--decoder", default="auto", choices=["auto", "onnx", "torch"])
     parser.add_argument("--codec", default="vp8", choices=["vp8", "h264"])
     parser.add_argument("--threads", type=int, default=0, help="engine compute threads (0: half the cores, "
                         "as `serve` does)")
+    parser.add_argument("--workers", type=int, default=1, help="engine worker processes (0: the engine in the "
+                        "server's process)")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "demo"])
+    parser.add_argument("--compare", action="store_true", help="one call: in-process engine vs one worker")
     args = parser.parse_args()
-    print(json.dumps(run(args.sessions, args.seconds, args.decoder, args.codec, args.threads), indent=2))
+    if args.compare:
+        print(json.dumps(compare(args.seconds, args.decoder, args.codec, args.threads, args.model), indent=2))
+        return
+    counts = [int(n) for n in args.sessions.split(",")]
+    reports = [run(n, args.seconds, args.decoder, args.codec, args.threads, args.workers, args.model) for n in counts]
+    print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
 
 
 if __name__ == "__main__":
