@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -360,3 +361,29 @@ async def test_without_the_decode_thread_the_frames_are_the_same(bundle):
     assert len(serial) == len(pipelined) == 15
     for a, b in zip(serial, pipelined):
         np.testing.assert_array_equal(a, b)
+
+
+async def test_a_live_input_is_topped_up_with_silence_on_the_clock_and_speech_resumes_from_there(engine):
+    """No audio: silence goes in as the wall clock moves (half the jitter allowance behind it), and the
+    frames made of it are idle. Speech that starts after the gap, arriving at its real pace, lands where
+    the clock has got to, comes out whole and in order, and is not cut by a block's worth of silence
+    (late packets may still have silence put in front of them: that is what the allowance is for)."""
+    s = engine.open_session(_cond(), SessionOptions(realtime=True, sample_rate=16_000, jitter_ms=200))
+    await asyncio.sleep(0.6)
+    clock_s = time.monotonic() - s.t0 - 0.1  # where the input should have been topped up to
+    assert clock_s - 0.25 <= s.stats.silence_inserted_s <= clock_s + 0.05, (s.stats.silence_inserted_s, clock_s)
+    speech = _speech(0.8, 16_000)
+    start = time.monotonic()
+    for i in range(0, speech.size, 320):  # 20 ms packets on the wall clock's schedule, as a microphone
+        await asyncio.sleep(max(0.0, start + i / 16_000 - time.monotonic()))
+        s.push_audio(speech[i:i + 320], 16_000)
+    lands_s = start - s.t0 - 0.1
+    frames, _ = await _collect(s, until_segment_end=False, max_frames=int((lands_s + 1.4) * 25))
+    s.close()
+    out = np.concatenate([f.audio for f in frames])
+    spoken = np.flatnonzero(out)
+    first, last = int(spoken[0]), int(spoken[-1])
+    assert lands_s - 0.25 <= first / 16_000 <= lands_s + 0.05, (first / 16_000, lands_s)
+    np.testing.assert_array_equal(out[spoken], speech)  # every sample, in order (the speech has no zeros)
+    assert (last + 1 - first - speech.size) / 16_000 < 8 * 0.04  # silence inside it: less than a block
+    assert all(f.idle for f in frames if (f.pts + 1) * 640 <= first)
