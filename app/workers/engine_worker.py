@@ -45,6 +45,7 @@ class WorkerSpec:
     avatar: str | None = None  # the user's portrait or `avatar new` folder, beside the built-in avatar
     heartbeat_s: float = 0.5
     warmup: bool = True
+    max_batch: int | None = None  # sessions per batched DiT call (avatar/engine.py); None: the engine's default
 
 
 # Failures after which the process's CUDA context is unusable (every later call fails too); an out-of-memory
@@ -87,9 +88,10 @@ class EngineWorker:
 
         self.spec = spec
         models = load_models(spec.model)
+        batch = {} if spec.max_batch is None else {"max_batch": spec.max_batch}
         self.engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder=spec.decoder,
                                                           max_sessions=spec.max_sessions, threads=spec.threads,
-                                                          warmup=spec.warmup))
+                                                          warmup=spec.warmup, **batch))
         self.engine.start()
         try:
             avatars, default = prepare_avatars(self.engine, Path(spec.avatar) if spec.avatar else None)
