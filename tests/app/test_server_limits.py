@@ -140,3 +140,22 @@ async def test_admin_metrics_under_session_churn_never_fails(backend, engine):
             await asyncio.sleep(0)
         assert set(statuses) == {200}
         await until(lambda: not engine.sessions, 10, "the closed sessions to be dropped")
+
+
+def test_limit_and_ice_host_settings_from_env():
+    env = {"AVATARCAST_CALLS_PER_CLIENT": "3", "AVATARCAST_OFFERS_PER_MINUTE": "30", "AVATARCAST_MAX_CALL_S": "60",
+           "AVATARCAST_CONDITIONS_PER_MINUTE": "5"}
+    s = Settings.from_env(env)
+    assert (s.calls_per_client, s.offers_per_minute, s.max_call_s, s.conditions_per_minute) == (3, 30, 60.0, 5)
+    assert Settings().candidate_hosts() == ("127.0.0.1",)  # bound to loopback: offers it
+    assert Settings(host="::1").candidate_hosts() == ("::1",) and Settings(host="localhost").candidate_hosts() == (
+        "127.0.0.1",)
+    assert Settings(host="0.0.0.0").candidate_hosts() == ()  # the LAN: aioice's own addresses
+    assert Settings.from_env({"AVATARCAST_ICE_HOSTS": ""}).candidate_hosts() == ()  # told: none
+    assert Settings.from_env({"AVATARCAST_HOST": "0.0.0.0", "AVATARCAST_ICE_HOSTS": "127.0.0.1, ::1"}).candidate_hosts() \
+        == ("127.0.0.1", "::1")
+    for bad, words in [({"AVATARCAST_ICE_HOSTS": "example.org"}, "IP addresses"),
+                       ({"AVATARCAST_CALLS_PER_CLIENT": "0"}, "at least 1"),
+                       ({"AVATARCAST_MAX_CALL_S": "-1"}, "max_call_s")]:
+        with pytest.raises(ValueError, match=words):
+            Settings.from_env(bad)
