@@ -202,6 +202,31 @@ def broadcast(
     raise typer.Exit(run_broadcast(request, echo=typer.echo, status=lambda line: typer.echo(line, err=True)))
 
 
+@app.command("livekit-worker")
+def livekit_worker(
+    url: Annotated[str | None, typer.Option(envvar="LIVEKIT_URL", help="LiveKit server URL")] = None,
+    token: Annotated[str | None, typer.Option(envvar="AVATARCAST_LIVEKIT_TOKEN", help="the avatar's access token "
+                                              "(what the agent's AvatarSession mints)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="LIVEKIT_API_KEY", help="mint the token here instead")] = None,
+    api_secret: Annotated[str | None, typer.Option(envvar="LIVEKIT_API_SECRET", help="with --api-key")] = None,
+    room: Annotated[str | None, typer.Option(help="room to join (with --api-key/--api-secret)")] = None,
+    agent_identity: Annotated[str | None, typer.Option(help="the agent whose speech to play and on whose behalf "
+                                                            "to publish (default: the first agent)")] = None,
+    identity: Annotated[str, typer.Option(help="the avatar's participant identity")] = "avatarcast-avatar",
+    avatar: Annotated[str | None, typer.Option(help="portrait image or `avatar new` folder (default: the built-in drawn avatar)")] = None,
+    emotion: Annotated[str | None, typer.Option(help="emotion reference of the avatar")] = None,
+    model: Annotated[str, typer.Option(help="auto (the demo model when shipped, else tiny) | demo | tiny")] = "auto",
+    sample_rate: Annotated[int, typer.Option(help="the avatar's audio track rate")] = 24_000,
+) -> None:
+    """Join a LiveKit room as a voice agent's avatar: its speech in over data streams, synced audio + video out
+    (needs the livekit extra)."""
+    from app.integrations.livekit import worker_command
+
+    worker_command(url=url, token=token, api_key=api_key, api_secret=api_secret, room=room,
+                   agent_identity=agent_identity, identity=identity, model=model, avatar=avatar, emotion=emotion,
+                   sample_rate=sample_rate)
+
+
 avatar_app = typer.Typer(help="Avatars: create stylised ones.", no_args_is_help=True)
 app.add_typer(avatar_app, name="avatar")
 

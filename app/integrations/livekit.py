@@ -357,3 +357,36 @@ async def run_worker(url: str, token: str, source: SessionSource, *, sample_rate
         await serve_room(room, source, sender_identity=agent, sample_rate=sample_rate, stop=stop)
     finally:
         await room.disconnect()
+
+
+def worker_command(*, url: str | None, token: str | None = None, api_key: str | None = None,
+                   api_secret: str | None = None, room: str | None = None, agent_identity: str | None = None,
+                   identity: str = AVATAR_IDENTITY, model: str = "auto", avatar: str | None = None,
+                   emotion: str | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE) -> None:
+    """`avatarcast livekit-worker`: check the arguments, load the engine, join, serve until the agent leaves,
+    the room closes, Ctrl-C or SIGTERM. User errors are ValueErrors naming what to give."""
+    import signal
+
+    from app.integrations.source import EngineSource
+
+    if not url:
+        raise ValueError("--url (or LIVEKIT_URL) is required: the LiveKit server to join")
+    if not token:
+        if not (api_key and api_secret and room):
+            raise ValueError(f"give --token (or {TOKEN_ENV}), or --api-key, --api-secret and --room to mint one")
+        token = avatar_token(api_key, api_secret, room, agent_identity, identity)
+    token_claims(token)  # a malformed token fails here, before the model loads
+    with EngineSource.load(model, avatar, emotion, max_sessions=1) as source:
+        async def serve() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            try:
+                loop.add_signal_handler(signal.SIGTERM, stop.set)  # how an agent's launcher ends us
+            except (NotImplementedError, RuntimeError):
+                pass
+            try:
+                await run_worker(url, token, source, sample_rate=sample_rate, stop=stop)
+            except rtc.ConnectError as exc:
+                raise ValueError(f"cannot join {url}: {exc}") from None
+
+        asyncio.run(serve())
