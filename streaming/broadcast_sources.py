@@ -28,7 +28,7 @@ from audio.resample import PcmFormat, pcm_from_av_frame
 from avatar.types import AvatarFrame, SessionItem
 from streaming.broadcast import Broadcaster
 from streaming.pacer import Pacer, PacerClosed
-from streaming.source_policy import TRUSTED, AudioSource, AudioSourceError, SourcePolicy
+from streaming.source_policy import FETCH_ERRORS, TRUSTED, AudioSource, AudioSourceError, SourcePolicy
 
 __all__ = [
     "TRUSTED",
@@ -87,7 +87,7 @@ def decode_audio(source: AudioSource, policy: SourcePolicy = TRUSTED) -> Iterato
     with policy.open(source) as media:
         try:
             container = av.open(media.target, options=media.options)
-        except (av.error.FFmpegError, OSError, EOFError) as exc:
+        except (av.error.FFmpegError, OSError, EOFError, *FETCH_ERRORS) as exc:
             raise policy.media_error(source, "", exc) from None
         with container:
             if not container.streams.audio:
@@ -96,7 +96,7 @@ def decode_audio(source: AudioSource, policy: SourcePolicy = TRUSTED) -> Iterato
                 for frame in container.decode(container.streams.audio[0]):
                     pcm, fmt = pcm_from_av_frame(frame)
                     yield pcm, fmt, frame.samples
-            except (av.error.FFmpegError, OSError, EOFError) as exc:
+            except (av.error.FFmpegError, OSError, EOFError, *FETCH_ERRORS) as exc:
                 raise policy.media_error(source, "decoding failed: ", exc) from None
             except ValueError as exc:  # a sample rate outside 8-96 kHz
                 raise AudioSourceError(source.given, str(exc)) from None

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
+import urllib3
+
 log = logging.getLogger(__name__)
 
 AUDIO_URL_SCHEMES = ("http", "https")
@@ -45,6 +47,7 @@ FETCH_FAILED = "it cannot be fetched"
 NOT_AUDIO = "it is not readable audio"
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+FETCH_ERRORS = (urllib3.exceptions.HTTPError,)  # a fetched URL that stalls or breaks while PyAV reads it
 
 
 class AudioSourceError(ValueError):
@@ -91,6 +94,7 @@ class SourcePolicy:
     trusted: bool = False  # True: anything FFmpeg reads (the command line: the user's own files)
     resolve: Callable[[str, int], list[str]] = field(default=resolve_host, repr=False)  # tests pass a stub
     is_public: Callable[[IpAddress], bool] = field(default=is_public_address, repr=False)
+    timeout_s: float = URL_TIMEOUT_S  # connecting, and each read of a URL
 
     def __post_init__(self) -> None:
         if self.urls not in URL_POLICIES:
@@ -140,7 +144,7 @@ class SourcePolicy:
     def open(self, source: AudioSource) -> Iterator[OpenedMedia]:
         """What PyAV opens for `source`, checked again at the moment of opening, closed after use."""
         if self.trusted:
-            options = {"rw_timeout": str(int(URL_TIMEOUT_S * 1e6))} if source.kind == "url" else None
+            options = {"rw_timeout": str(int(self.timeout_s * 1e6))} if source.kind == "url" else None
             yield OpenedMedia(source.location, options)
         elif source.kind == "file":
             with self._open_file(source) as f:
@@ -192,8 +196,6 @@ class SourcePolicy:
 
     def _fetch(self, source: AudioSource):
         """GET the URL on the address its name was checked at; redirects are checked the same way."""
-        import urllib3
-
         url = source.location
         for _ in range(MAX_REDIRECTS + 1):
             scheme, address, port = self._address(url, source.given)
@@ -201,7 +203,7 @@ class SourcePolicy:
             tls = {"server_hostname": parts.hostname, "assert_hostname": parts.hostname,
                    "cert_reqs": "CERT_REQUIRED"} if scheme == "https" else {}
             pool_cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
-            pool = pool_cls(address, port, timeout=urllib3.Timeout(connect=URL_TIMEOUT_S, read=URL_TIMEOUT_S),
+            pool = pool_cls(address, port, timeout=urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s),
                             retries=False, maxsize=1, **tls)
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             host_header = parts.netloc.rpartition("@")[2]
@@ -227,11 +229,12 @@ class SourcePolicy:
         raise AudioSourceError(source.given, FETCH_FAILED)
 
     def media_error(self, source: AudioSource, what: str, exc: BaseException) -> AudioSourceError:
-        """An FFmpeg failure while opening or decoding: its text for a trusted caller, logged otherwise."""
+        """A failure while opening or decoding (FFmpeg's, or the fetch's): its text for a trusted caller,
+        logged otherwise."""
         if self.trusted:
             return AudioSourceError(source.given, f"{what}{getattr(exc, 'strerror', None) or exc}")
         log.info("audio source %r: %s%s", source.given, what, exc)
-        return AudioSourceError(source.given, NOT_AUDIO)
+        return AudioSourceError(source.given, FETCH_FAILED if isinstance(exc, FETCH_ERRORS) else NOT_AUDIO)
 
 
 TRUSTED = SourcePolicy(trusted=True)

@@ -311,3 +311,39 @@ def test_the_driver_takes_what_the_probe_checked(media):
     assert driver.source.location == str((media / "talks" / "hello.wav").resolve())
     with pytest.raises(AudioSourceError, match=NO_FILE):
         AudioDriver(FakeSession(), "../outside.wav", policy=policy)
+
+
+def test_a_url_that_stalls_mid_body_fails_within_the_timeout():
+    """Headers, the first bytes of a WAV, then nothing: the read times out, said as "cannot be fetched"."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        head = WAV.read_bytes()[:2000]
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + head)
+        stop.wait(10)  # stall: never send the rest
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    policy = SourcePolicy(urls="all", timeout_s=0.5)
+    t0 = time.monotonic()
+    try:
+        reason = None
+        try:
+            source = policy.check(f"http://127.0.0.1:{port}/talk.wav")
+            from streaming.broadcast_sources import decode_audio
+
+            for _ in decode_audio(source, policy):
+                pass
+        except AudioSourceError as err:
+            reason = err.reason
+    finally:
+        stop.set()
+        listener.close()
+    assert reason == FETCH_FAILED and time.monotonic() - t0 < 5
