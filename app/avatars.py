@@ -20,6 +20,7 @@ from typing import Any
 
 from PIL import Image
 
+from audio.pcm import MEDIA_SAMPLE_RATE
 from avatar.engine import AvatarEngine, EngineFull
 from avatar.faces import FixedBoxes
 from avatar.reference import PreparedAvatar
@@ -158,7 +159,7 @@ class EngineBackend:
         if default_avatar not in avatars:
             raise ValueError(f"default avatar {default_avatar!r} is not among {sorted(avatars)}")
         self.engine, self.avatars, self.default_avatar = engine, avatars, default_avatar
-        self.options = options or SessionOptions(realtime=True, sample_rate=48_000)
+        self.options = options or SessionOptions(realtime=True, sample_rate=MEDIA_SAMPLE_RATE)
         self.motion = motion
         self._conditions: dict[tuple[str, str | None], Any] = {}
 

@@ -30,7 +30,7 @@ import torch
 from app.render_journal import write_json_atomic
 from audio.align import group_by_latent, num_video_frames
 from audio.io import audio_duration, stream_audio
-from audio.pcm import MODEL_SAMPLE_RATE
+from audio.pcm import MEDIA_SAMPLE_RATE, MODEL_SAMPLE_RATE
 from audio.resample import PcmFormat, resample_audio
 from avatar.chunking import FusionOptions, generate_fused
 from avatar.decoder import FrameDecoder
@@ -63,7 +63,7 @@ class RenderSettings:
     steps: int | None = None  # denoising steps; None: the preset's (avatar/engine.py PRESET_DEFAULTS; fusion 25)
     seed: int = 0
     fps: int = DEFAULT_FPS  # the audio front ends and the VAE geometry are built for 25 fps; not a user option
-    sample_rate: int = 48_000  # of the AAC track
+    sample_rate: int = MEDIA_SAMPLE_RATE  # of the AAC track
     crf: int = 18  # libx264 quality
     decoder: str = "auto"  # VAE decoder backend: auto | onnx | torch (how, not what: not in the key)
     device: str = "auto"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 MODEL_SAMPLE_RATE = 16_000
+MEDIA_SAMPLE_RATE = 48_000  # what leaves: WebRTC's Opus, the AAC of mp4 / RTMP / HLS
 VIDEO_FPS = 25
 VIDEO_FRAME_MS = 1000 // VIDEO_FPS  # 40 ms
 SAMPLES_PER_VIDEO_FRAME = MODEL_SAMPLE_RATE // VIDEO_FPS  # 640

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from audio.align import group_by_latent, video_frames_for_block
+from audio.pcm import MEDIA_SAMPLE_RATE
 from audio.resample import PcmFormat
 from avatar.decoder import FrameDecoder
 from avatar.generator import Conditions, Unit
@@ -172,7 +173,7 @@ class AvatarSession:
         if self._closed:
             return
         with self._lock:
-            self._ensure_tracks(self.options.sample_rate or 48_000)
+            self._ensure_tracks(self.options.sample_rate or MEDIA_SAMPLE_RATE)
             due = int((time.monotonic() - self.t0 - self.options.jitter_ms / 2000) * self.out_rate)
             late = [t for t in self.tracks if due > t.pcm.end]
             for t in late:
@@ -232,7 +233,7 @@ class AvatarSession:
             if not self.tracks:
                 if not self.options.realtime:
                     return False
-                self._ensure_tracks(self.options.sample_rate or 48_000)
+                self._ensure_tracks(self.options.sample_rate or MEDIA_SAMPLE_RATE)
             v_end = self.next_span()[2].stop
             if all(t.features_ready >= v_end for t in self.tracks):
                 return True

@@ -14,7 +14,9 @@ from typing import AsyncIterator, Protocol
 
 import numpy as np
 
-DEFAULT_FPS = 25
+from audio.pcm import VIDEO_FPS
+
+DEFAULT_FPS = VIDEO_FPS  # the audio front ends and the VAE geometry are built for it
 
 
 def frame_sample_bounds(frame: int, sample_rate: int, fps: int) -> tuple[int, int]:

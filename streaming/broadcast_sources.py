@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
 import av
 import numpy as np
 
+from audio.pcm import MEDIA_SAMPLE_RATE
 from audio.resample import PcmFormat, pcm_from_av_frame
 from avatar.types import AvatarFrame, SessionItem
 from streaming.broadcast import Broadcaster
@@ -127,7 +128,7 @@ class AudioDriver:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._t0 = self._now()
-        rate = 48_000
+        rate = MEDIA_SAMPLE_RATE
         reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="broadcast-audio")
         try:
             while True:

@@ -18,6 +18,8 @@ import time
 from fractions import Fraction
 from typing import Awaitable, Callable
 
+from audio.pcm import MEDIA_SAMPLE_RATE, VIDEO_FPS
+
 VIDEO_CLOCK_RATE = 90_000  # RTP video clock (Hz)
 VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK_RATE)
 AUDIO_PTIME_S = 0.020  # 20 ms audio packets
@@ -26,7 +28,7 @@ AUDIO_PTIME_S = 0.020  # 20 ms audio packets
 class MediaClock:
     """One session's media clock. `start()` fixes the origin; until then nothing is due."""
 
-    def __init__(self, fps: int = 25, sample_rate: int = 48_000, *,
+    def __init__(self, fps: int = VIDEO_FPS, sample_rate: int = MEDIA_SAMPLE_RATE, *,
                  now: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if fps <= 0 or VIDEO_CLOCK_RATE % fps:
@@ -112,5 +114,5 @@ class FakeClock:
     def advance(self, dt: float) -> None:
         self.t += dt
 
-    def media_clock(self, fps: int = 25, sample_rate: int = 48_000) -> MediaClock:
+    def media_clock(self, fps: int = VIDEO_FPS, sample_rate: int = MEDIA_SAMPLE_RATE) -> MediaClock:
         return MediaClock(fps, sample_rate, now=self.now, sleep=self.sleep)

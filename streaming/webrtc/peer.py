@@ -37,6 +37,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSend
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
+from audio.pcm import MEDIA_SAMPLE_RATE
 from audio.resample import PcmFormat
 from audio.vad import VadConfig, VoiceActivityDetector
 from avatar.types import AvatarFrame, AvatarSessionProtocol, SegmentEnd, SessionError
@@ -104,7 +105,7 @@ class PeerOptions:
     max_call_s: float = 0.0  # a call ends after this long (0: no limit)
     host_candidates: tuple[str, ...] = ()  # addresses offered besides aioice's own (e.g. 127.0.0.1)
     fps: int = 25
-    sample_rate: int = 48_000
+    sample_rate: int = MEDIA_SAMPLE_RATE
     pacer: PacerOptions = field(default_factory=PacerOptions)
 
 

@@ -23,11 +23,12 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from audio.pcm import MEDIA_SAMPLE_RATE
 from audio.resample import PcmFormat, resample_audio
 from streaming.webrtc.candidates import add_host_candidates
 
 LOOPBACK = ("127.0.0.1", "::1")
-SAMPLE_RATE = 48_000
+SAMPLE_RATE = MEDIA_SAMPLE_RATE
 PACKET = 960  # 20 ms
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame, VideoFrame
 
+from audio.pcm import MEDIA_SAMPLE_RATE
 from audio.resample import PcmFormat, pcm_from_av_frame
 from streaming.clock import VIDEO_TIME_BASE
 from streaming.pacer import Pacer, PacerClosed, Slot
@@ -121,7 +122,7 @@ class MicReader:
             except MediaStreamError:
                 return
             self.frames += 1
-            self.seconds += frame.samples / (frame.sample_rate or 48_000)
+            self.seconds += frame.samples / (frame.sample_rate or MEDIA_SAMPLE_RATE)
             self.last_at = self._now()
             try:
                 pcm, fmt = pcm_from_av_frame(frame)
