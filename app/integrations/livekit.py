@@ -195,7 +195,7 @@ class LocalAvatar:
             raise RuntimeError("this avatar is already started")
         # playback_started comes from the runner when the avatar's first audio frame is out, not on capture
         self.audio_output = QueueAudioOutput(sample_rate=self.sample_rate, wait_playback_start=True)
-        agent_session.output.audio = self.audio_output
+        agent_session.output.replace_audio_tail(self.audio_output)  # keeps the transcript synchronizer
         self.pipeline = await AvatarPipeline(room, self.audio_output, self.source, self.sample_rate).start()
 
     async def aclose(self) -> None:

@@ -3,7 +3,8 @@
 The adapters use nothing but the session contract (avatar/session.py): a `SessionSource` opens a
 realtime session, the adapter pushes audio, ends segments, interrupts, iterates `AvatarFrame` /
 `SegmentEnd` / `SessionError` and closes it. `EngineSource` is the source over an in-process
-`AvatarEngine`; a client of a serve worker plugs in the same way.
+`AvatarEngine`; `WorkerPoolSource` over `avatarcast serve`'s engine workers (local processes, or Ray
+actors on GPU machines), whose sessions keep the same contract across the process boundary.
 
 The frameworks carry int16 PCM at any rate and channel count; sessions take mono PCM at any rate (they
 resample, audio/resample.py) and give back mono float32 at the rate they were opened with, which the
@@ -102,6 +103,34 @@ class EngineSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class WorkerPoolSource:
+    """A `SessionSource` over a started `app.workers.pool.WorkerPool`: each session on the worker with the
+    most headroom. Its sessions carry audio at the serve rate (48 kHz): open them at that rate."""
+
+    SAMPLE_RATE = 48_000
+
+    def __init__(self, pool, avatar: str | None = None, emotion: str | None = None) -> None:
+        if not pool.info:
+            raise ValueError("the worker pool has no ready worker yet: await pool.start() first")
+        self.pool = pool
+        self.avatar = avatar or pool.default_avatar
+        self.emotion = emotion
+        if self.avatar not in pool.catalog():
+            raise ValueError(f"the workers have no avatar {self.avatar!r}; they have {sorted(pool.catalog())}")
+        h, w = pool.info["frame_hw"]
+        self._format = AvatarFormat(width=int(w), height=int(h))
+
+    @property
+    def format(self) -> AvatarFormat:
+        return self._format
+
+    def open(self, sample_rate: int) -> AvatarSessionProtocol:
+        if sample_rate != self.SAMPLE_RATE:
+            raise ValueError(f"engine workers send {self.SAMPLE_RATE} Hz audio; open at that rate, not {sample_rate} "
+                             "(LiveKit: sample_rate=48000; Pipecat: audio_out_sample_rate=48000)")
+        return self.pool.open(self.avatar, self.emotion)
 
 
 def mono_from_pcm16(data: bytes | memoryview, sample_rate: int, channels: int) -> np.ndarray:

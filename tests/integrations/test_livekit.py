@@ -282,3 +282,67 @@ def test_frames_are_rgb24_and_int16_of_the_frame():
     pcm = np.frombuffer(a.data, np.int16)
     assert (a.sample_rate, a.num_channels, a.samples_per_channel) == (RATE, 1, 960)
     assert pcm[0] == -32768 and pcm[-1] == 32767
+
+
+@pytest.mark.slow
+def test_the_worker_command_says_what_is_wrong():
+    """`avatarcast livekit-worker`, the way the default launcher runs it: bad arguments and an unreachable
+    server end with one line naming the problem (exit 2), not a traceback or a hang."""
+    import os
+    import subprocess
+    import sys
+
+    def worker(*args: str, **env: str) -> subprocess.CompletedProcess:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEKIT_", "AVATARCAST_LIVEKIT"))}
+        return subprocess.run([sys.executable, "-m", "app.cli", "livekit-worker", *args], capture_output=True,
+                              text=True, timeout=120, env={**clean, **env})
+
+    proc = worker()
+    assert proc.returncode == 2 and "--url (or LIVEKIT_URL) is required" in proc.stderr
+    proc = worker("--url", "ws://127.0.0.1:9")
+    assert proc.returncode == 2 and "--api-key, --api-secret and --room" in proc.stderr
+    proc = worker("--url", "ws://127.0.0.1:9", AVATARCAST_LIVEKIT_TOKEN="not-a-token")
+    assert proc.returncode == 2 and "not a LiveKit access token" in proc.stderr
+    proc = worker("--url", "ws://127.0.0.1:9", "--api-key", "key", "--api-secret", "secret-0123456789abcdef0123456789",
+                  "--room", "my-room", "--model", "tiny")  # loads the engine, then finds no server there
+    assert proc.returncode == 2 and "cannot join ws://127.0.0.1:9" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+async def test_the_readme_example_wires_the_avatar_in_process_and_remote(source, speech16k, monkeypatch):
+    """examples/livekit_agent.py's `start_avatar`, as its entrypoint calls it, with a stand-in room: the
+    agent's speech plays on the avatar; in remote mode a worker elsewhere (here: joined with its own
+    minted token, as `avatarcast livekit-worker --api-key ... --room ... --agent-identity ...` does) plays it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "livekit_agent.py"
+    spec = importlib.util.spec_from_file_location("example_livekit_agent", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert callable(example.entrypoint) and example.server is not None
+
+    server = StandInServer()
+    for mode in ("local", "remote"):
+        room = server.join(f"agent-{mode}")
+        stop, worker = asyncio.Event(), None
+        if mode == "remote":
+            token = avatar_token(server.api_key, server.api_secret, server.name, f"agent-{mode}")
+            worker = asyncio.create_task(run_worker("wss://livekit.invalid", token, source, sample_rate=RATE,
+                                                    stop=stop, room=server.new_room()))
+        session = AgentSession()
+        avatar = await example.start_avatar(session, room, source, mode=mode)
+        try:
+            out = session.output.audio
+            events = playback_events(out)
+            await speak(out, speech16k[int(0.3 * 16_000):int(0.8 * 16_000)])
+            await until(lambda: any(e[0] == "finished" for e in events), 60, f"{mode}: playback_finished")
+            assert [e[0] for e in events] == ["started", "finished"] and 0.44 <= events[1][1] <= 0.58
+        finally:
+            await avatar.aclose()
+            if worker is not None:
+                stop.set()
+                await asyncio.wait_for(worker, 20)
+        await room.disconnect()
+    with pytest.raises(ValueError, match="local, worker or remote"):
+        await example.start_avatar(AgentSession(), server.join("agent-x"), source, mode="cloud")

@@ -173,3 +173,67 @@ def test_the_lag_estimate_finds_a_known_offset():
     assert abs(lag - 60) <= 10 and corr > 0.8, (lag, corr)
     got.video = [(t - 0.12, b, c) for t, b, c in got.video]  # now 60 ms early
     assert abs(got.av_lag_ms()[0] + 60) <= 10
+
+
+@pytest.mark.slow
+async def test_the_service_runs_the_same_on_serve_engine_workers(speech16k):
+    """The adapter only speaks the session contract, so `avatarcast serve`'s engine worker processes (the
+    sessions cross a process boundary) drive it exactly as the in-process engine does."""
+    from app.integrations.source import WorkerPoolSource
+    from app.workers.engine_worker import WorkerSpec
+    from app.workers.pool import PoolOptions, WorkerPool
+
+    pool = WorkerPool(WorkerSpec(model="tiny", max_sessions=1, threads=1, decoder="torch", heartbeat_s=0.25),
+                      PoolOptions(workers=1))
+    await asyncio.wait_for(pool.start(), 120)
+    try:
+        source = WorkerPoolSource(pool)
+        with pytest.raises(ValueError, match="48000 Hz audio"):
+            source.open(24_000)
+        turn = speech16k[int(0.3 * 16_000):int(0.9 * 16_000)]
+        down, up = await run_test(AvatarcastVideoService(source),
+                                  frames_to_send=[SleepFrame(0.5), *tts_frames(turn, 16_000), SleepFrame(0.3)],
+                                  pipeline_params=PipelineParams(audio_out_sample_rate=48_000))
+    finally:
+        await pool.stop()
+    frames = media(down)
+    assert not [f for f in up if isinstance(f, ErrorFrame)], up
+    check_pairs(frames)
+    speech = speech_frames(frames)
+    assert 15 <= len(speech) <= 17 and all(f.sample_rate == 48_000 and f.num_frames == 1920 for f in speech)
+    kinds = [type(f) for f in frames]
+    assert kinds.index(TTSStoppedFrame) > frames.index(speech[-1])
+
+
+def load_example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_readme_example_renders_a_speech_file_to_mp4(tmp_path, speech16k, source):
+    """examples/pipecat_pipeline.py as the README runs it: speech file -> our service -> mp4 with the speech."""
+    import soundfile as sf
+
+    from audio.resample import PcmFormat, resample_audio
+    from streaming.filesink import probe_media
+    from streaming.webrtc.testing import audio_lag
+
+    example = load_example("pipecat_pipeline")
+    speech = speech16k[:int(2.0 * 16_000)]
+    sf.write(tmp_path / "speech.wav", speech, 16_000)
+    frames = await asyncio.wait_for(example.render(str(tmp_path / "speech.wav"), str(tmp_path / "avatar.mp4"),
+                                                   model="tiny"), 120)
+    media_info = probe_media(tmp_path / "avatar.mp4")
+    assert frames == media_info["video_frames"] >= 50 and media_info["video_size"][:2] == (32, 32)
+    assert media_info["audio_rate"] == 24_000 and abs(media_info["duration_s"] - frames / 25) < 0.1
+
+    _, corr = audio_lag(resample_audio(speech, PcmFormat(16_000), out_rate=24_000), media_info["audio"], rate=24_000)
+    assert corr > 0.8, corr  # the speech is in the file (AAC-coded)
+    params = example.video_params(AvatarcastVideoService(source))  # what its docstring tells a transport
+    assert (params["video_out_width"], params["video_out_height"], params["video_out_is_live"]) == (32, 32, False)
