@@ -115,7 +115,9 @@ class EngineOptions:
     decoder: str = "auto"  # "onnx" (ONNX Runtime, CUDA EP where present), "torch", or "auto" (onnx, else torch)
     warmup: bool = True  # run the real path once at start, so the first user does not pay for it
     max_batch: int = 1  # causal mode: ready sessions whose next blocks share one batched DiT call (1: one at a
-    # time; `python -m benchmarks.bench_engine --batched` measures what it buys). Other modes: one at a time
+    # time). 1 by default: on 2 CPU cores the demo DiT is compute-bound and 4 sessions batched ran only ~8%
+    # faster than one at a time (`python -m benchmarks.bench_engine --batched`); larger devices gain more.
+    # Other modes always generate one session at a time
     decode_ahead: int = 1  # generated blocks waiting for the decode thread (the worker waits beyond);
     # 0: no decode thread, each block is generated and decoded in turn on the worker
     decode_threads: int | None = None  # ONNX Runtime intra-op threads of the decoder. None: 1 beside the

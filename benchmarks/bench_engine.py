@@ -112,17 +112,17 @@ def _demo_sessions(bundle, count: int, seed: int = 0) -> list[Conditions]:
 
 
 @torch.no_grad()
-def dit_throughput(bundle, options: EngineOptions, sessions: int, blocks: int) -> dict[str, float]:
-    """Video frames/s of the DiT alone: `sessions` streams advanced `blocks` blocks each, one session at a
-    time and with their blocks in one batched call per pass. The two ways alternate block by block, so a
-    machine whose load drifts slows both alike. The sessions start a block apart, so a batch holds
-    different block indices, as a live engine's does."""
+def dit_throughput(bundle, options: EngineOptions, counts: tuple[int, ...], blocks: int) -> dict[str, dict]:
+    """Video frames/s of the DiT alone, for each session count: the sessions' next blocks one session at a
+    time and in one batched call per pass. Every configuration advances one block per round, round after
+    round, so a machine whose load drifts slows them all alike. The sessions start a block apart, so a
+    batch holds different block indices, as a live engine's does."""
     gen = CausalGenerator(bundle.dit, options.causal)
     n, dim = options.causal.block_frames, bundle.dit.cfg.audio_dim
 
-    def streams() -> list:
+    def streams(count: int) -> list:
         states = []
-        for i, cond in enumerate(_demo_sessions(bundle, sessions)):
+        for i, cond in enumerate(_demo_sessions(bundle, count)):
             st = gen.init_state(cond, seed=i)
             gen.prefill_reference(st, torch.zeros(1, 1, 4, dim))
             for _ in range(i):  # stagger the sessions
@@ -130,20 +130,23 @@ def dit_throughput(bundle, options: EngineOptions, sessions: int, blocks: int) -
             states.append(st)
         return states
 
-    alone, together = streams(), streams()
-    audio = [torch.randn(1, n, 4, dim) for _ in range(sessions)]
-    wall = {"one_at_a_time": 0.0, "batched": 0.0}
+    runs = {(c, batched): streams(c) for c in counts for batched in (False, True)}
+    audio = [torch.randn(1, n, 4, dim) for _ in range(max(counts))]
+    wall = dict.fromkeys(runs, 0.0)
     for _ in range(blocks):
-        t0 = time.perf_counter()
-        for st, a in zip(alone, audio):
-            gen.generate_block(st, a)
-        t1 = time.perf_counter()
-        gen.generate_blocks(together, audio)
-        t2 = time.perf_counter()
-        wall["one_at_a_time"] += t1 - t0
-        wall["batched"] += t2 - t1
-    frames = sessions * blocks * n * 4
-    return {k: frames / v for k, v in wall.items()}
+        for (c, batched), states in runs.items():
+            t0 = time.perf_counter()
+            if batched:
+                gen.generate_blocks(states, audio[:c])
+            else:
+                for st, a in zip(states, audio):
+                    gen.generate_block(st, a)
+            wall[(c, batched)] += time.perf_counter() - t0
+    out = {}
+    for c in counts:
+        one, many = (c * blocks * n * 4 / wall[(c, b)] for b in (False, True))
+        out[str(c)] = {"one_at_a_time": round(one, 1), "batched": round(many, 1), "speedup": round(many / one, 3)}
+    return out
 
 
 async def _stream_all(engine: AvatarEngine, conds: list[Conditions], seconds: float) -> tuple[int, float]:
@@ -180,11 +183,8 @@ def run_batched(counts: tuple[int, ...] = (1, 2, 4), dit_blocks: int = 20, secon
                  "causal": {"block_frames": base.causal.block_frames, "window_frames": base.causal.window_frames,
                             "steps": len(base.causal.steps), "guidance_passes": base.causal.guidance.passes},
                  "dit_fps": {}, "engine_fps": {}}
-    dit_throughput(bundle, base, 2, 2)  # warm both paths' allocations
-    for c in counts:
-        fps = dit_throughput(bundle, base, c, dit_blocks)
-        out["dit_fps"][str(c)] = {k: round(v, 1) for k, v in fps.items()}
-        out["dit_fps"][str(c)]["speedup"] = round(fps["batched"] / fps["one_at_a_time"], 3)
+    dit_throughput(bundle, base, (2,), 1)  # warm both paths' allocations
+    out["dit_fps"] = dit_throughput(bundle, base, counts, dit_blocks)
     for c in counts:
         row = {}
         for name, max_batch in (("one_at_a_time", 1), ("batched", c)):
@@ -194,11 +194,12 @@ def run_batched(counts: tuple[int, ...] = (1, 2, 4), dit_blocks: int = 20, secon
                 row[f"{name}_batch_sizes"] = {str(k): v for k, v in sorted(eng.batch_sizes.items())}
         row["speedup"] = round(row["batched"] / row["one_at_a_time"], 3)
         out["engine_fps"][str(c)] = row
-    one_session = out["dit_fps"][str(counts[0])]["one_at_a_time"]
-    if 4 in counts:
-        out["dit_4_batched_over_1_session"] = round(out["dit_fps"]["4"]["batched"] / one_session, 3)
+    if 1 in counts and 4 in counts:  # the target: 4 sessions batched >= 1.3x one session's frames/s
+        dit = out["dit_fps"]
+        out["dit_4_batched_over_1_session"] = round(dit["4"]["batched"] / dit["1"]["one_at_a_time"], 3)
         out["engine_4_batched_over_1_session"] = round(
-            out["engine_fps"]["4"]["batched"] / out["engine_fps"][str(counts[0])]["one_at_a_time"], 3)
+            out["engine_fps"]["4"]["batched"] / out["engine_fps"]["1"]["one_at_a_time"], 3)
+    out["load_average_1min"] = round(psutil.getloadavg()[0], 2)  # other work on the machine skews engine runs
     return out
 
 
