@@ -14,9 +14,9 @@ import torch  # noqa: E402
 
 torch.use_deterministic_algorithms(True)
 
+from helpers import FIXTURES, randomize_parameters  # noqa: E402
 
-ORACLES = Path(__file__).resolve().parent / "fixtures" / "oracles"  # copies of the upstream oracles
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ORACLES = FIXTURES / "oracles"  # copies of the upstream oracles
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,19 +33,9 @@ def oracles() -> Path:
     return ORACLES
 
 
-def _randomize(module: torch.nn.Module, scale: float = 0.05, seed: int = 1, skip: tuple[str, ...] = ()):
-    """Perturb every parameter in place (fresh Wan init has a zero head: outputs would all be 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if not name.startswith(skip) if skip else True:
-                p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
-    return module
-
-
 @pytest.fixture(scope="session")
 def randomize():
-    return _randomize
+    return randomize_parameters
 
 
 # ---- the live engine the server, WebRTC, broadcast and console tests share -----------------------------------

@@ -1,14 +1,18 @@
 """Helpers shared by test modules (`from helpers import ...`: pytest puts tests/ on sys.path for its
-conftest.py). Fixtures live in conftest.py; plain functions live here."""
+conftest.py). Fixtures live in conftest.py; plain functions and paths live here, under a module name of
+their own: `from conftest import ...` would get whichever of the several conftest.py files came first."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -41,3 +45,14 @@ def decode_interleaved(streams: list[tuple[object, torch.Tensor]]) -> list[torch
 def noise(n: int, seed: int = 0) -> np.ndarray:
     """n samples of seeded white noise at -20 dBFS-ish (std 0.1), float32: audio with no structure."""
     return (np.random.default_rng(seed).standard_normal(n) * 0.1).astype(np.float32)
+
+
+def randomize_parameters(module: torch.nn.Module, scale: float = 0.05, seed: int = 1,
+                         skip: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Perturb every parameter in place (fresh Wan init has a zero head: outputs would all be 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not name.startswith(skip) if skip else True:
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return module

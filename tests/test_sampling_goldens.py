@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 _spec = importlib.util.spec_from_file_location("make_goldens", FIXTURES / "sampling" / "make_goldens.py")
 goldens = importlib.util.module_from_spec(_spec)
