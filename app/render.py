@@ -276,6 +276,10 @@ def render_batch(inputs: list[str], out_dir: str | Path, *, avatar: str | None =
                     finished(result)
         except RenderInterrupted as exc:
             interrupted = exc
+        except BaseException:
+            if not any(r["status"] == "done" for r in results):  # e.g. a backend that could not start
+                journal.finish()  # nothing was rendered: nothing for a rerun to know
+            raise
         finally:
             signals.disarm()  # from here on the batch winds down whatever comes
             try:

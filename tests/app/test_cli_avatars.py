@@ -71,6 +71,7 @@ def test_render_without_an_avatar_uses_the_built_in_one(tmp_path):
 
 
 def test_serve_takes_an_avatar_folder(folder, monkeypatch):
+    """The engine in the server's process (--workers 0), so the folder is prepared where this test sees it."""
     import aiohttp.web
 
     from app import server
@@ -84,7 +85,7 @@ def test_serve_takes_an_avatar_folder(folder, monkeypatch):
 
     monkeypatch.setattr(server, "load_models", lambda name=None: ModelBundle.random("tiny", "tiny"))
     monkeypatch.setattr(aiohttp.web, "run_app", run_app)
-    res = runner.invoke(app, ["serve", "--avatar", str(folder), "--port", "8123"])
+    res = runner.invoke(app, ["serve", "--avatar", str(folder), "--port", "8123", "--workers", "0"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert served["default"] == "ada" and served["port"] == 8123
     assert served["catalog"]["ada"] == ["happy", "sad", "surprised"] and BUILTIN_AVATAR in served["catalog"]

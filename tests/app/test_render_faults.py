@@ -194,12 +194,15 @@ def _render_cli(args: list[str], out: Path, **popen) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **popen.pop("env", {})}, **popen)
 
 
-def _until_progress(proc: subprocess.Popen, index: int, timeout: float = 180) -> int:
-    """Read JSON lines until file `index` is part-way; returns its frames so far."""
-    deadline = time.monotonic() + timeout
+def _until_progress(proc: subprocess.Popen, index: int, after_done: int | None = None, timeout: float = 180) -> int:
+    """Read JSON lines until file `index` is part-way (and, with `after_done`, that file is done);
+    returns its frames so far."""
+    deadline, done = time.monotonic() + timeout, after_done is None
     for line in proc.stdout:
         event = json.loads(line)
-        if event["event"] == "progress" and event["index"] == index and 0 < event["frames"] < event["frames_total"]:
+        done = done or (event["event"] == "done" and event["index"] == after_done)
+        if done and event["event"] == "progress" and event["index"] == index and \
+                0 < event["frames"] < event["frames_total"]:
             return event["frames"]
         assert time.monotonic() < deadline, f"no progress on file {index}"
     raise AssertionError(f"the render ended before file {index} was part-way: {proc.stderr.read()[-2000:]}")
@@ -226,7 +229,7 @@ def test_sigterm_during_a_render_exits_cleanly_with_a_correct_manifest(tmp_path,
     proc = _render_cli([str(first), str(long), *more, "--jobs", str(jobs)], out,
                        env=dict([marker.split("=")]))
     try:
-        _until_progress(proc, 1)
+        _until_progress(proc, 1, after_done=0)  # first.wav done, second.wav part-way
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
