@@ -17,16 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from streaming.filesink import fsync_path
+
 JOURNAL_SUFFIX = ".journal"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (the directory entry, not only the data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
@@ -44,7 +37,7 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class ManifestJournal:
@@ -74,7 +67,7 @@ class ManifestJournal:
         """Start this batch's journal (an earlier one must have been read first: it is replaced)."""
         self._file = open(self.path, "w")
         self._write({"journal": 1, **header})
-        fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
 
     def append(self, result: dict) -> None:
         self._write(result)

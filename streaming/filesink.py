@@ -188,9 +188,9 @@ class Mp4FileSink(AvSink):
             return
         try:
             super().close()
-            _fsync(self.temp_path)
+            fsync_path(self.temp_path)
             os.replace(self.temp_path, self.path)
-            _fsync(self.path.parent)
+            fsync_path(self.path.parent)
         except BaseException:
             self.temp_path.unlink(missing_ok=True)
             raise
@@ -229,7 +229,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename or a new file in it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
