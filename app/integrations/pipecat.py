@@ -12,7 +12,7 @@ unsent speech frames are dropped) and is passed on at once; Start/End/Cancel ope
 Sync: images are marked `sync_with_audio`, so the output transport queues them with the audio and shows
 each one once the audio before it has been handed to its track. The audio then still has to be
 packetised (20 ms Opus packets) while a picture goes out at the next video tick, so an image follows its
-own audio in the queue: on a SmallWebRTC loopback that puts picture and sound within 10 ms of each other,
+own audio in the queue: on a SmallWebRTC loopback that puts picture and sound within about 15 ms,
 where image-first shows the picture about 45 ms early (tests/integrations/test_pipecat.py measures it).
 Transport settings for this: `video_out_enabled=True`, `video_out_is_live=False` (the transport shows the
 latest image), `video_out_framerate=30` (its drawing loop sleeps a full period after each draw, so at 25
