@@ -482,14 +482,20 @@ def video_frames(cfg: VAEConfig, latent_frames: int) -> int:
     return 0 if latent_frames == 0 else 1 + cfg.temporal_factor * (latent_frames - 1)
 
 
+def _five_dims(x, channels: int, name: str, layout: str) -> tuple[int, ...]:
+    """`x`'s shape, checked to be 5-d with `channels` channels (messages name the tensor and its layout)."""
+    shape = tuple(x.shape)
+    if len(shape) != 5:
+        raise ValueError(f"{name} must be {layout}, got shape {shape}")
+    if shape[1] != channels:
+        raise ValueError(f"{name.split()[0]} has {shape[1]} channels, the VAE expects {channels} (shape {shape})")
+    return shape
+
+
 def check_latent_step(cfg: VAEConfig, batch: int, latent_h: int, latent_w: int, z) -> None:
     """Shape checks for one decode step; `z` may be a torch tensor or a numpy array."""
-    shape = tuple(z.shape)
-    if len(shape) != 5:
-        raise ValueError(f"latent frame must be (B, C, 1, h, w), got shape {shape}")
+    shape = _five_dims(z, cfg.z_dim, "latent frame", "(B, C, 1, h, w)")
     b, c, t, h, w = shape
-    if c != cfg.z_dim:
-        raise ValueError(f"latent has {c} channels, the VAE expects {cfg.z_dim} (shape {shape})")
     if t != 1:
         raise ValueError(f"decode_step takes one latent frame at a time, got {t} (shape {shape})")
     if (b, h, w) != (batch, latent_h, latent_w):
@@ -498,12 +504,8 @@ def check_latent_step(cfg: VAEConfig, batch: int, latent_h: int, latent_w: int, 
 
 
 def check_video_chunk(cfg: VAEConfig, state: VaeEncodeState, x: torch.Tensor) -> None:
-    shape = tuple(x.shape)
-    if len(shape) != 5:
-        raise ValueError(f"video chunk must be (B, C, T, H, W), got shape {shape}")
+    shape = _five_dims(x, cfg.in_channels, "video chunk", "(B, C, T, H, W)")
     b, c, t, h, w = shape
-    if c != cfg.in_channels:
-        raise ValueError(f"video has {c} channels, the VAE expects {cfg.in_channels} (shape {shape})")
     f = cfg.spatial_factor
     if h % f or w % f:
         raise ValueError(f"video height and width must be multiples of {f}, got {h}x{w}")
