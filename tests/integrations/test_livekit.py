@@ -6,6 +6,7 @@ server runs here): see livekit_standins.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -77,17 +78,23 @@ async def speak(output, pcm: np.ndarray, rate: int = 16_000, flush: bool = True)
         output.flush()
 
 
-async def test_in_process_avatar_publishes_at_25_fps_and_reports_playback(source, speech16k):
-    server = StandInServer()
-    room = server.join("agent")
+@contextlib.asynccontextmanager
+async def local_avatar(source):
+    """A LocalAvatar started in a stand-in room -> (room, agent audio output, synchronizer spy, playback events)."""
+    room = StandInServer().join("agent")
     agent_session = AgentSession()
     avatar = LocalAvatar(source, sample_rate=RATE)
     await avatar.start(agent_session, room)
     try:
         out = agent_session.output.audio
+        yield room, out, SyncSpy(avatar.pipeline.runner.av_sync), playback_events(out)
+    finally:
+        await avatar.aclose()
+
+
+async def test_in_process_avatar_publishes_at_25_fps_and_reports_playback(source, speech16k):
+    async with local_avatar(source) as (room, out, spy, events):
         assert isinstance(out, QueueAudioOutput)
-        spy = SyncSpy(avatar.pipeline.runner.av_sync)
-        events = playback_events(out)
 
         await until(lambda: len(spy.video) >= 30, 60, "idle video frames")
         kinds = {p.kind for p in room.local_participant.track_publications.values()}
@@ -113,20 +120,10 @@ async def test_in_process_avatar_publishes_at_25_fps_and_reports_playback(source
         # paced to 25 fps by the synchronizer, never faster; how close to 25 a busy CPU gets is the
         # benchmark's number (benchmarks/bench_agents.py), here only that it runs at about real time
         assert 20.0 <= spy.fps() <= 26.0, spy.fps()
-    finally:
-        await avatar.aclose()
 
 
 async def test_clear_buffer_interrupts_within_one_block_and_the_next_turn_plays(source, speech16k):
-    server = StandInServer()
-    room = server.join("agent")
-    agent_session = AgentSession()
-    avatar = LocalAvatar(source, sample_rate=RATE)
-    await avatar.start(agent_session, room)
-    try:
-        out = agent_session.output.audio
-        spy = SyncSpy(avatar.pipeline.runner.av_sync)
-        events = playback_events(out)
+    async with local_avatar(source) as (_room, out, spy, events):
         await speak(out, speech16k[:16_000 * 6], flush=False)  # a long turn, still being spoken
         await until(lambda: len(spy.audio) >= 10, 60, "the turn playing")
         t_clear = time.monotonic()
@@ -146,8 +143,6 @@ async def test_clear_buffer_interrupts_within_one_block_and_the_next_turn_plays(
         await until(lambda: any(e[0] == "finished" for e in events), 60, "the next turn's playback_finished")
         assert [e[0] for e in events] == ["started", "finished"] and events[1][2] is False
         assert 0.44 <= events[1][1] <= 0.58 and len(spy.audio) > n_before
-    finally:
-        await avatar.aclose()
 
 
 async def test_a_closed_or_failed_session_raises_instead_of_hanging(source):
