@@ -274,8 +274,10 @@ class WorkerPool:
         self.stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
-        links = [h.retire() for h in self.handles]
-        await asyncio.gather(*(asyncio.to_thread(link.stop) for link in links if link is not None),
+        # a ready worker gets time to stop in order; one still loading is killed (it has nothing to keep)
+        timeouts = [10.0 if h.state == "ready" else 0.0 for h in self.handles]
+        stops = [(h.retire(), timeout) for h, timeout in zip(self.handles, timeouts)]
+        await asyncio.gather(*(asyncio.to_thread(link.stop, timeout) for link, timeout in stops if link is not None),
                              return_exceptions=True)
 
     def worker_ready(self, handle: WorkerHandle) -> None:

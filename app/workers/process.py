@@ -135,7 +135,8 @@ class ProcessLink:
         self.send(Stop())
         self._process.join(timeout_s)
         if self._process.is_alive():
-            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
+            if timeout_s > 0:
+                log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
             self.kill()
             self._process.join(5)
         try:
