@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -207,6 +209,12 @@ async def test_a_failure_inside_a_batch_fails_only_the_session_at_fault(bundle):
         gen = eng.generator
         blocks, unit = gen.generate_blocks, gen.generate_unit
 
+        def all_open():  # the first call waits for every session (a loaded CPU can otherwise finish one first)
+            deadline = time.monotonic() + 60
+            while len(eng.sessions) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)  # the last one's audio follows its opening
+
         def is_bad(state):
             return state.cond.motion == pytest.approx(0.2) and state.next_frame >= 5
 
@@ -216,6 +224,7 @@ async def test_a_failure_inside_a_batch_fails_only_the_session_at_fault(bundle):
             return blocks(states, *a, **k)
 
         def generate_unit(state, *a, **k):
+            all_open()
             if is_bad(state):
                 raise RuntimeError("bad block")
             return unit(state, *a, **k)
