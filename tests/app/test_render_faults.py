@@ -138,7 +138,7 @@ def test_a_disk_that_fills_up_leaves_no_partial_output_under_the_final_name(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["render-manifest.json"]  # no mp4, no partial, no sidecar
     monkeypatch.undo()
     # full while the finished file is made durable (fsync before the rename): nothing under the final name
-    monkeypatch.setattr(filesink, "_fsync", lambda path: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(filesink, "fsync_path", lambda path: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     r = render_batch([str(clip)], out, avatar="demo:0", settings=FAST, backend=local,
                      reporter=QuietReporter())["results"][0]
     assert r["status"] == "failed" and "full" in r["error"]
