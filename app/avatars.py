@@ -1,9 +1,14 @@
 """Avatars for the live service, and the engine behind the `ServiceBackend` that streaming/ talks to.
 
-The built-in avatar is a drawn face from the demo model's own face renderer (stylised on purpose: it
-impersonates no one; a held-out identity) with one image per emotion, so the emotion picker has emotion
-references to switch between. `--avatar PATH` adds the user's portrait (faces found by the OpenCV Haar
-cascade) or an `avatarcast avatar new` folder, and makes it the default.
+The built-in avatars are drawn by the demo model's own face renderer (stylised on purpose: they
+impersonate no one; held-out identities) with one image per emotion, so the emotion picker has emotion
+references to switch between: "sketch" (one face) and "sketch-duo" (two faces side by side, the renderer's
+pair scenes, for dialogue: speaker 0 is the left face). `--avatar PATH` adds the user's portrait (faces
+found by the OpenCV Haar cascade) or an `avatarcast avatar new` folder, and makes it the default.
+
+Speaker order is left to right everywhere: `avatar.reference.select_faces` sorts the characters it keeps
+by the centre of their boxes, so speaker i drives the i-th face from the left, whether the boxes come
+from the detector or from avatar.json.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ log = logging.getLogger(__name__)
 
 BUILTIN_AVATAR = "sketch"
 BUILTIN_SEED = 1_000_007  # a held-out identity of the demo face renderer (seeds >= 1_000_000 are never trained on)
+BUILTIN_DUO = "sketch-duo"
+BUILTIN_DUO_SEED = 1_000_021  # a held-out pair: identities 1_000_021 (left) and 1_000_022 (right)
+MAX_FACES = 2  # the renderer's scenes: one face, or a pair side by side (what the demo model was trained on)
 EMOTIONS = ("neutral", "happy", "sad", "surprised")
 SIZE = 256  # px; prepare_avatar crops and scales it to the model's resolution
 AVATAR_SPEC = "avatar.json"
@@ -39,11 +47,11 @@ AVATAR_SPEC = "avatar.json"
 
 @dataclass(frozen=True)
 class StylisedAvatar:
-    """A drawn identity of the demo renderer: one PNG per emotion and its face box (pixels)."""
+    """Drawn identities of the demo renderer: one PNG per emotion and the face boxes (pixels), left to right."""
 
     seed: int
     images: dict[str, bytes]
-    face_box: tuple[int, int, int, int]
+    face_boxes: tuple[tuple[int, int, int, int], ...]  # speaker i <-> face_boxes[i]
 
 
 def png_bytes(image) -> bytes:
@@ -53,26 +61,36 @@ def png_bytes(image) -> bytes:
     return out.getvalue()
 
 
-def stylised_avatar(seed: int, size: int = SIZE) -> StylisedAvatar:
-    """Identity `seed` of the demo model's face renderer, showing each emotion with the mouth at rest."""
+def stylised_avatar(seed: int, size: int = SIZE, faces: int = 1) -> StylisedAvatar:
+    """Identity `seed` of the demo model's face renderer, showing each emotion with the mouth at rest.
+    faces=2: identities `seed` (left) and `seed + 1` (right) side by side in a size x 2*size scene, the
+    renderer's pair scenes the demo model's face-aware audio adapter was trained on."""
     from avatar.drawn.emotions import rest_state
-    from avatar.drawn.face import Identity, render
+    from avatar.drawn.face import Identity, render, render_pair
 
     if seed < 0:
         raise ValueError(f"avatar seed must be >= 0, got {seed}")
-    idt = Identity.from_seed(seed)
-    images, box = {}, None
+    if not 1 <= faces <= MAX_FACES:
+        raise ValueError(f"a drawn avatar has 1 or {MAX_FACES} faces, not {faces}")
+    ids = [Identity.from_seed(seed + k) for k in range(faces)]
+    images, boxes = {}, None
     for emotion in EMOTIONS:
-        frame, info = render(idt, rest_state(emotion), (size, size))
+        state = rest_state(emotion)
+        if faces == 1:
+            frame, info = render(ids[0], state, (size, size))
+            infos = (info,)
+        else:
+            frame, infos = render_pair(ids[0], state, ids[1], state, (size, 2 * size))
         images[emotion] = png_bytes(frame)
-        box = box or tuple(int(v) for v in info.face_box)
-    return StylisedAvatar(seed, images, box)
+        boxes = boxes or tuple(tuple(int(v) for v in i.face_box) for i in infos)
+    return StylisedAvatar(seed, images, boxes)
 
 
 def prepare_stylised(engine: AvatarEngine, av: StylisedAvatar, cache_dir=None) -> PreparedAvatar:
-    """A stylised avatar prepared for the engine: its neutral portrait, face box and every emotion."""
-    return engine.prepare_avatar(av.images["neutral"], detector=FixedBoxes([av.face_box]),
-                                 emotion_images=dict(av.images), cache_dir=cache_dir)
+    """A stylised avatar prepared for the engine: its neutral portrait, face boxes and every emotion."""
+    return engine.prepare_avatar(av.images["neutral"], detector=FixedBoxes(av.face_boxes),
+                                 expected_faces=len(av.face_boxes), emotion_images=dict(av.images),
+                                 cache_dir=cache_dir)
 
 
 def draw_face(emotion: str = "neutral", size: int = SIZE) -> bytes:
@@ -82,10 +100,12 @@ def draw_face(emotion: str = "neutral", size: int = SIZE) -> bytes:
     return stylised_avatar(BUILTIN_SEED, size).images[emotion]
 
 
-def write_avatar_dir(seed: int, out: Path, size: int = SIZE) -> Path:
-    """`avatarcast avatar new`: <out>/{neutral,happy,sad,surprised}.png + avatar.json (face box, emotions).
-    Written to a temporary folder first and renamed, so a half-written avatar never exists."""
-    av = stylised_avatar(seed, size)
+def write_avatar_dir(seed: int, out: Path, size: int = SIZE, faces: int = 1) -> Path:
+    """`avatarcast avatar new`: <out>/{neutral,happy,sad,surprised}.png + avatar.json (face boxes, emotions).
+    One face keeps the original `"face_box": [x0, y0, x1, y1]`; two faces are written as
+    `"faces": [[x0, y0, x1, y1], ...]`, left to right (speaker i = faces[i]). Written to a temporary
+    folder first and renamed, so a half-written avatar never exists."""
+    av = stylised_avatar(seed, size, faces)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
@@ -93,7 +113,8 @@ def write_avatar_dir(seed: int, out: Path, size: int = SIZE) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     for emotion, png in av.images.items():
         (tmp / f"{emotion}.png").write_bytes(png)
-    spec = {"seed": seed, "size": size, "portrait": "neutral.png", "face_box": list(av.face_box),
+    boxes = {"face_box": list(av.face_boxes[0])} if faces == 1 else {"faces": [list(b) for b in av.face_boxes]}
+    spec = {"seed": seed, "size": size, "portrait": "neutral.png", **boxes,
             "emotions": {e: f"{e}.png" for e in EMOTIONS if e != "neutral"}}
     (tmp / AVATAR_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
     if out.exists():
@@ -102,24 +123,37 @@ def write_avatar_dir(seed: int, out: Path, size: int = SIZE) -> Path:
     return out
 
 
+def read_face_boxes(spec: dict) -> list[tuple[float, ...]]:
+    """The face boxes of an avatar.json: `"faces": [[x0, y0, x1, y1], ...]` (speaker order, left to right)
+    or the one-face `"face_box": [x0, y0, x1, y1]`."""
+    if ("faces" in spec) == ("face_box" in spec):
+        raise KeyError("avatar.json needs either 'faces' (a list of [x0, y0, x1, y1]) or 'face_box', not "
+                       + ("both" if "faces" in spec else "neither"))
+    boxes = spec["faces"] if "faces" in spec else [spec["face_box"]]
+    if not (isinstance(boxes, list) and 1 <= len(boxes) <= 16):
+        raise TypeError(f"faces must be a list of 1 to 16 boxes [x0, y0, x1, y1], not {boxes!r}")
+    for box in boxes:
+        if not (isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box)):
+            raise TypeError(f"a face box must be 4 numbers [x0, y0, x1, y1], not {box!r}")
+    return [tuple(box) for box in boxes]
+
+
 def prepare_avatar_dir(engine: AvatarEngine, folder: Path, cache_dir=None) -> PreparedAvatar:
-    """An avatar folder (avatar.json + images): the portrait with its stated face box and emotion images."""
+    """An avatar folder (avatar.json + images): the portrait with all its stated face boxes and emotion images."""
     folder = Path(folder)
     try:
         spec = json.loads((folder / AVATAR_SPEC).read_text())
         if not isinstance(spec, dict):
             raise TypeError(f"{AVATAR_SPEC} holds {type(spec).__name__}, not an object")
-        portrait, box = _inside(folder, spec["portrait"]), spec["face_box"]
-        if not (isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box)):
-            raise TypeError(f"face_box must be 4 numbers [x0, y0, x1, y1], not {box!r}")
+        portrait, boxes = _inside(folder, spec["portrait"]), read_face_boxes(spec)
         named = spec.get("emotions") or {}
         if not isinstance(named, dict):
             raise TypeError(f"emotions must map names to image files, not {named!r}")
         emotions = {str(e): _inside(folder, f).read_bytes() for e, f in named.items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{folder}: not an avatar folder ({type(exc).__name__}: {exc})") from None
-    return engine.prepare_avatar(portrait, detector=FixedBoxes([tuple(box)]), emotion_images=emotions or None,
-                                 cache_dir=cache_dir)
+    return engine.prepare_avatar(portrait, detector=FixedBoxes(boxes), expected_faces=len(boxes),
+                                 emotion_images=emotions or None, cache_dir=cache_dir)
 
 
 def _inside(folder: Path, name: object) -> Path:
@@ -134,9 +168,11 @@ def _finite_number(v: object) -> bool:
 
 
 def prepare_avatars(engine: AvatarEngine, portrait: Path | None = None) -> tuple[dict[str, PreparedAvatar], str]:
-    """The built-in drawn avatar (with its emotions) and the user's avatar if given -> (avatars, default).
-    The user's avatar is a portrait image (faces found by the detector) or an `avatar new` folder."""
-    avatars = {BUILTIN_AVATAR: prepare_stylised(engine, stylised_avatar(BUILTIN_SEED))}
+    """The built-in drawn avatars (with their emotions; "sketch-duo" has two faces, for two speakers) and
+    the user's avatar if given -> (avatars, default). The user's avatar is a portrait image (faces found
+    by the detector) or an `avatar new` folder."""
+    avatars = {BUILTIN_AVATAR: prepare_stylised(engine, stylised_avatar(BUILTIN_SEED)),
+               BUILTIN_DUO: prepare_stylised(engine, stylised_avatar(BUILTIN_DUO_SEED, faces=2))}
     default = BUILTIN_AVATAR
     if portrait is not None:
         portrait = Path(portrait)

@@ -235,15 +235,18 @@ app.add_typer(avatar_app, name="avatar")
 def avatar_new(
     seed: Annotated[int, typer.Option(help="identity seed of the demo face renderer (any integer >= 0)")],
     out: Annotated[Path | None, typer.Option(help="folder to create (default: ./avatar-SEED)")] = None,
-    size: Annotated[int, typer.Option(help="portrait size in pixels (square)")] = 256,
+    size: Annotated[int, typer.Option(help="portrait height in pixels (one face: square; two: twice as wide)")] = 256,
+    faces: Annotated[int, typer.Option(help="1, or 2 for a two-person scene (identities SEED and SEED+1, left to "
+                                            "right = speakers 1 and 2) for `render --speakers 2`")] = 1,
 ) -> None:
     """Create a stylised avatar folder (one portrait per emotion + avatar.json) for `serve --avatar`."""
     from app.avatars import write_avatar_dir
 
     if size < 64:
         raise ValueError(f"--size must be at least 64 pixels, got {size}")
-    folder = write_avatar_dir(seed, out or Path(f"avatar-{seed}"), size)
-    typer.echo(json.dumps({"avatar": str(folder), "seed": seed, "files": sorted(p.name for p in folder.iterdir())}))
+    folder = write_avatar_dir(seed, out or Path(f"avatar-{seed}"), size, faces=faces)
+    typer.echo(json.dumps({"avatar": str(folder), "seed": seed, "faces": faces,
+                           "files": sorted(p.name for p in folder.iterdir())}))
 
 
 def add_command_groups(target: typer.Typer) -> None:
