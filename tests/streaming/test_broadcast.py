@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,22 +21,32 @@ import numpy as np
 import pytest
 import soundfile as sf
 from aiohttp.test_utils import TestClient, TestServer
+from helpers import until
 
 from app.server import create_app
 from app.settings import Settings
 from audio.resample import PcmFormat, resample_audio
 from avatar.types import AvatarFrame, SegmentEnd, frame_sample_bounds
-from streaming.broadcast import Broadcaster, BroadcastOptions, Target, open_sink, parse_target
-from streaming.broadcast_sources import AudioDriver, AudioSourceError, broadcast_audio, probe_audio
+from benchmarks.nginx_rtmp import NginxRtmp, RtmpUnavailable, find_nginx
+from streaming.broadcast import (
+    Broadcaster,
+    BroadcastOptions,
+    Target,
+    open_sink,
+    parse_target,
+)
+from streaming.broadcast_sources import (
+    AudioDriver,
+    AudioSourceError,
+    broadcast_audio,
+    probe_audio,
+)
 from streaming.filesink import probe_media
 from streaming.webrtc.testing import LoopbackClient
-
-from helpers import until
 
 pytestmark = pytest.mark.timeout(120)
 FPS, RATE = 25, 48_000
 WAV = Path(__file__).resolve().parents[1] / "fixtures" / "audio" / "speech_en_us_male.wav"
-NGINX_MODULE = Path("/usr/lib/nginx/modules/ngx_rtmp_module.so")
 REQUIRE_RTMP = os.environ.get("AVATARCAST_REQUIRE_RTMP") == "1"
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -137,78 +144,19 @@ class RecordingSink:
 
 
 # ---- a local RTMP server ------------------------------------------------------------------------------------
-class NginxRtmp:
-    """nginx in the foreground with its own prefix and config: RTMP on 127.0.0.1:port, application
-    `live`, every published stream recorded to records/<key>-<time>.flv (one file per publish)."""
-
-    def __init__(self, nginx: str) -> None:
-        self.nginx = nginx
-        # not under pytest's 0700 tmp dirs: nginx workers started by root run as `nobody` and must write
-        self.dir = Path(tempfile.mkdtemp(prefix="avatarcast-rtmp-"))
-        self.dir.chmod(0o755)
-        self.records = self.dir / "records"
-        self.records.mkdir(mode=0o777)
-        self.records.chmod(0o777)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        (self.dir / "nginx.conf").write_text(
-            f"load_module {NGINX_MODULE};\ndaemon off;\nworker_processes 1;\npid {self.dir}/nginx.pid;\n"
-            f"error_log {self.dir}/error.log info;\nevents {{ worker_connections 64; }}\n"
-            f"rtmp {{ server {{ listen 127.0.0.1:{self.port}; application live {{ live on; record all; "
-            f"record_path {self.records}; record_unique on; }} }} }}\n")
-        self.proc: subprocess.Popen | None = None
-
-    def url(self, key: str) -> str:
-        return f"rtmp://127.0.0.1:{self.port}/live/{key}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.nginx, "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir),
-                                      "-e", str(self.dir / "error.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited ({self.proc.returncode}): {self.proc.stderr.read().decode()} "
-                                   f"{(self.dir / 'error.log').read_text() if (self.dir / 'error.log').exists() else ''}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"nginx did not listen on 127.0.0.1:{self.port} within 10 s")
-
-    def stop(self) -> None:
-        """Fast shutdown (SIGTERM): open connections are cut, as when a server goes away."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def recorded(self, key: str) -> list[Path]:
-        return sorted(self.records.glob(f"{key}-*.flv"), key=lambda p: p.stat().st_mtime)
-
-
 @pytest.fixture(scope="module")
 def rtmp():
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    missing = ("nginx is not installed" if nginx is None else
-               f"the nginx RTMP module {NGINX_MODULE} is missing" if not NGINX_MODULE.exists() else None)
-    if missing:
-        reason = f"{missing} (Debian: apt-get install -y nginx libnginx-mod-rtmp; CI installs them)"
+    try:
+        server = NginxRtmp(find_nginx())
+    except RtmpUnavailable as exc:
         if REQUIRE_RTMP:
-            pytest.fail(f"AVATARCAST_REQUIRE_RTMP=1 but {reason}")
-        pytest.skip(reason)
-    server = NginxRtmp(nginx)
+            pytest.fail(f"AVATARCAST_REQUIRE_RTMP=1 but {exc}; CI installs them")
+        pytest.skip(f"{exc}; CI installs them")
     server.start()
     try:
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(server.dir, ignore_errors=True)
+        server.remove()
 
 
 # ---- targets ------------------------------------------------------------------------------------------------
