@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from avatar.faces import FixedBoxes
 from avatar.reference import PreparedAvatar
 from avatar.session import AvatarSession, SessionOptions
 from streaming.api_schema import EngineSnapshot, WorkerStatus
+from streaming.webrtc.dialogue import check_speakers
 from streaming.webrtc.peer import CapacityError
 
 log = logging.getLogger(__name__)
@@ -206,12 +207,18 @@ class EngineBackend:
     def catalog(self) -> dict[str, list[str]]:
         return {name: sorted(a.emotion_latents) for name, a in self.avatars.items()}
 
-    def open(self, avatar: str, emotion: str | None) -> AvatarSession:
+    def faces(self) -> dict[str, int]:
+        return {name: a.num_characters for name, a in self.avatars.items()}
+
+    def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> AvatarSession:
+        """`speakers` voices drive as many faces (left to right); one voice drives the leftmost face."""
+        check_speakers(avatar, speakers, self.faces())
         key = (avatar, emotion)
         if key not in self._conditions:
             self._conditions[key] = self.engine.conditions(self.avatars[avatar], emotion, motion=self.motion)
+        options = self.options if speakers == self.options.speakers else replace(self.options, speakers=speakers)
         try:
-            return self.engine.open_session(self._conditions[key], self.options)
+            return self.engine.open_session(self._conditions[key], options)
         except EngineFull as exc:
             raise CapacityError(str(exc)) from None
 

@@ -6,6 +6,10 @@ wall-clock pace, then idle frames until `--duration` or Ctrl-C (which finishes t
 second Ctrl-C cuts it). `--loop` plays the audio again and again. A status line goes to stderr every
 few seconds; the final state is printed as JSON. Exit status: 0 when the broadcast ended as asked,
 1 when it failed (every reconnect attempt failed, the audio broke).
+
+A dialogue: `--audio A --audio B` drives a two-face avatar, A the left face and B the right (a source
+that ends first leaves its face silent); one multi-channel source with `--speakers 2` drives face i
+from channel i.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ from typing import Any, Callable
 
 from streaming.broadcast import Broadcaster, BroadcastOptions, parse_target
 from streaming.broadcast_sources import AudioDriver, broadcast_audio, probe_audio
+from streaming.broadcasts import audio_sources
+from streaming.webrtc.dialogue import check_speakers
+from streaming.webrtc.errors import LiveError
 
 STATUS_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
 class BroadcastRequest:
-    audio: str
+    audio: str | tuple[str, ...]  # one source, or one per speaker (face i, left to right)
     to: str
     avatar: Path | None = None  # portrait or `avatar new` folder; None: the built-in drawn avatar
     emotion: str | None = None
@@ -34,6 +41,14 @@ class BroadcastRequest:
     model: str = "tiny"
     video_bitrate_kbps: int = 2500
     max_attempts: int = 6
+    speakers: int | None = None  # None: one per source; more than one source's: its channels split
+
+    def voices(self) -> tuple[list[str], int]:
+        """(sources, speakers); ValueError for a combination that cannot work."""
+        try:
+            return audio_sources(list(self.audio) if isinstance(self.audio, tuple) else self.audio, self.speakers)
+        except LiveError as exc:
+            raise ValueError(exc.message.replace("'audio'", "--audio").replace("'speakers'", "--speakers")) from None
 
 
 def status_line(snap: dict[str, Any]) -> str:
@@ -50,7 +65,13 @@ def run_broadcast(req: BroadcastRequest, echo: Callable[[str], None] = print,
     target = parse_target(req.to)  # ValueError: a clear one-line message from the CLI
     if target.kind == "hls" and not Path(target.location).parent.exists():
         Path(target.location).parent.mkdir(parents=True)
-    probe_audio(req.audio)  # AudioSourceError (a ValueError): missing, not audio, unreachable URL
+    sources, speakers = req.voices()
+    for source in sources:  # AudioSourceError (a ValueError): missing, not audio, unreachable URL
+        fmt = probe_audio(source)
+        if len(sources) < speakers and fmt.channels != speakers:
+            raise ValueError(f"{source}: it has {fmt.channels} channel{'s' if fmt.channels != 1 else ''}; "
+                             f"--speakers {speakers} from one source needs one channel per speaker "
+                             "(or give --audio once per speaker)")
     if req.avatar is not None and not req.avatar.exists():  # a portrait image or an `avatar new` folder
         raise FileNotFoundError(f"{req.avatar}: no such portrait file or avatar folder")
 
@@ -64,10 +85,17 @@ def run_broadcast(req: BroadcastRequest, echo: Callable[[str], None] = print,
     try:
         avatars, default = prepare_avatars(engine, req.avatar)
         backend = EngineBackend(engine, avatars, default)
+        faces = backend.faces()
+        if req.avatar is None and speakers > faces.get(default, 1):  # a dialogue on the built-in pair
+            default = next((name for name, n in sorted(faces.items()) if n >= speakers), default)
+        try:
+            check_speakers(default, speakers, faces)
+        except LiveError as exc:
+            raise ValueError(exc.message) from None
         if req.emotion is not None and req.emotion not in backend.catalog()[default]:
             raise ValueError(f"avatar {default!r} has no emotion {req.emotion!r}; "
                              f"available: {backend.catalog()[default]}")
-        status(f"avatarcast: model {engine.models.name}, avatar {default!r}, broadcasting {req.audio} "
+        status(f"avatarcast: model {engine.models.name}, avatar {default!r}, broadcasting {' + '.join(sources)} "
                f"to {target.display} (Ctrl-C to stop)")
         snap = asyncio.run(_broadcast(backend, default, req, target, options, status))
     finally:
@@ -80,9 +108,11 @@ async def _broadcast(backend, avatar: str, req: BroadcastRequest, target, option
                      status: Callable[[str], None]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     broadcaster = Broadcaster(target, options)
-    session = backend.open(avatar, req.emotion)
-    driver = AudioDriver(session, req.audio, loop_audio=req.loop)
-    run = loop.create_task(broadcast_audio(broadcaster, session, driver))
+    sources, speakers = req.voices()
+    session = backend.open(avatar, req.emotion) if speakers == 1 else backend.open(avatar, req.emotion, speakers)
+    voices = [(i,) for i in range(speakers)] if len(sources) > 1 else [tuple(range(speakers))]
+    drivers = [AudioDriver(session, source, loop_audio=req.loop, speakers=who) for source, who in zip(sources, voices)]
+    run = loop.create_task(broadcast_audio(broadcaster, session, drivers))
 
     def interrupt() -> None:
         if broadcaster.stopping:  # the second Ctrl-C: cut the stream

@@ -2,8 +2,11 @@
 
 Public routes:
     GET  /                      the page (app/web/index.html; assets under /static/)
-    GET  /config                what the page needs: avatars and emotions, codecs, modes, upload limit, ICE servers
-    POST /offer                 {sdp, type: "offer", avatar?, emotion?, mode?, codec?} -> {sdp, type, session_id, ...}
+    GET  /config                what the page needs: avatars, their emotions and faces, codecs, modes, upload limit,
+                                ICE servers
+    GET  /media                 the audio files of the media folder a two-person call may take as its second voice
+    POST /offer                 {sdp, type: "offer", avatar?, emotion?, mode?, codec?, speakers?, second_voice?,
+                                stereo_split?} -> {sdp, type, session_id, ...}
     GET  /sessions/{id}         that call's own live stats (the id is an unguessable capability); once the
                                 call has ended, 410 with why (what the page shows)
     POST /sessions/{id}/conditions  {avatar?, emotion?}: the page's pickers during a call (the admin API's rule)
@@ -38,6 +41,7 @@ from streaming.loop_lag import LoopLagSampler
 from streaming.metrics import LiveMetrics
 from streaming.pacer import PacerOptions
 from streaming.source_policy import SourcePolicy
+from streaming.webrtc.dialogue import list_media
 from streaming.webrtc.peer import MODES, VIDEO_CODECS, LiveError, Offer, PeerOptions
 from streaming.webrtc.service import LiveService, ServiceBackend, ServiceOptions
 
@@ -90,7 +94,7 @@ async def config(request: web.Request) -> web.Response:
     service, settings = request.app[SERVICE], request.app[SETTINGS]
     backend = service.backend
     return web.json_response({
-        "avatars": backend.catalog(), "default_avatar": backend.default_avatar,
+        "avatars": backend.catalog(), "faces": backend.faces(), "default_avatar": backend.default_avatar,
         "codecs": list(VIDEO_CODECS), "default_codec": settings.video_codec, "modes": list(MODES),
         "upload_limit_bytes": settings.upload_limit_bytes,
         "ice_servers": [s.as_dict() for s in settings.ice_servers],
@@ -111,8 +115,36 @@ async def offer(request: web.Request) -> web.Response:
         emotion=optional_str(body, "emotion"),
         mode=optional_str(body, "mode") or "voice",
         codec=(optional_str(body, "codec") or settings.video_codec).lower(),
+        speakers=_speakers(body),
+        second_voice=optional_str(body, "second_voice"),
+        stereo_split=_flag(body, "stereo_split"),
     )
     return web.json_response(await service.offer(request_offer, client=request.remote or "unknown"))
+
+
+def _speakers(body: dict) -> int:
+    value = body.get("speakers", 1)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LiveError(400, "bad_field", f"'speakers' must be a positive integer (2: a two-person call), not {value!r}")
+    return value
+
+
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise LiveError(400, "bad_field", f"{key!r} must be true or false")
+    return value
+
+
+async def media(request: web.Request) -> web.Response:
+    """The files a two-person call may take as its second voice (none without a media folder)."""
+    sources = request.app[SERVICE].options.peer.sources
+    files = await asyncio.get_running_loop().run_in_executor(None, list_media, sources)
+    return web.json_response({"files": files})
 
 
 async def session_stats(request: web.Request) -> web.Response:
@@ -159,10 +191,16 @@ def service_options(settings: Settings, pacer: PacerOptions | None = None, worke
                 for s in settings.ice_servers)
     peer = PeerOptions(ice_servers=ice, idle_timeout_s=settings.idle_timeout_s,
                        connect_timeout_s=settings.connect_timeout_s, pacer=pacer or PacerOptions(),
-                       max_call_s=settings.max_call_s, host_candidates=settings.candidate_hosts())
+                       max_call_s=settings.max_call_s, host_candidates=settings.candidate_hosts(),
+                       sources=source_policy(settings))
     return ServiceOptions(max_sessions=settings.max_sessions * workers, peer=peer,
                           calls_per_client=settings.calls_per_client, offers_per_minute=settings.offers_per_minute,
                           conditions_per_minute=settings.conditions_per_minute, retry_after_s=RETRY_AFTER_S)
+
+
+def source_policy(settings: Settings) -> SourcePolicy:
+    """What the server may read audio from: its media folder, and URLs as the settings allow."""
+    return SourcePolicy(media_dir=Path(settings.media_dir) if settings.media_dir else None, urls=settings.audio_urls)
 
 
 @runtime_checkable
@@ -183,14 +221,14 @@ def create_app(settings: Settings, backend: ServiceBackend, *, metrics: LiveMetr
     service = LiveService(backend, options or service_options(settings), metrics)
     service.metrics.registry.register(WorkerMetrics(backend))
     loop_lag = LoopLagSampler(registry=service.metrics.registry)
-    sources = SourcePolicy(media_dir=Path(settings.media_dir) if settings.media_dir else None,
-                           urls=settings.audio_urls)  # what the admin API may broadcast
+    sources = source_policy(settings)  # what the admin API may broadcast
     broadcasts = BroadcastManager(service, Path(settings.hls_dir), sources=sources)
     app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
     app[SERVICE], app[SETTINGS], app[LOOP_LAG] = service, settings, loop_lag
     app.router.add_get("/", index)
     app.router.add_static("/static/", WEB_DIR, show_index=False)
     app.router.add_get("/config", config)
+    app.router.add_get("/media", media)
     app.router.add_post("/offer", offer)
     app.router.add_get("/sessions/{session_id}", session_stats)
     app.router.add_post("/sessions/{session_id}/conditions", session_conditions)

@@ -193,6 +193,20 @@ class SessionEngineReport(TypedDict):
     stage_ms: NotRequired[StageMs]
 
 
+class SecondVoiceReport(TypedDict, closed=True):
+    source: str  # the media file, as the caller named it
+    pushed_s: float
+    silence_s: float
+    error: str | None  # why it stopped early (the file went away or broke)
+
+
+class DialogueReport(TypedDict, closed=True):
+    """A two-person call's second voice: the caller's right channel, or a media file."""
+
+    stereo_split: bool
+    second_voice: SecondVoiceReport | None
+
+
 class SessionReport(TypedDict, closed=True):
     """One call: GET /admin/sessions/{id}, GET /sessions/{id}, each entry of /admin/sessions."""
 
@@ -217,7 +231,54 @@ class SessionReport(TypedDict, closed=True):
     pacer: PacerReport
     latency_ms: LatencyReport
     speaking: bool
+    speakers: int  # voices: 1, or 2 in a two-person call (the caller drives the left face)
+    dialogue: DialogueReport | None
     engine: SessionEngineReport
+
+
+# ---- the page's call routes -----------------------------------------------------------------------------
+class OfferRequest(TypedDict, closed=True):
+    """POST /offer. A two-person call sets `speakers` 2 and one second voice: `second_voice` (a file GET
+    /media lists) or `stereo_split` (a stereo microphone: left = speaker 1, right = speaker 2)."""
+
+    sdp: str
+    type: Literal["offer"]
+    avatar: NotRequired[str | None]
+    emotion: NotRequired[str | None]
+    mode: NotRequired[str | None]
+    codec: NotRequired[str | None]
+    speakers: NotRequired[int]
+    second_voice: NotRequired[str | None]
+    stereo_split: NotRequired[bool]
+
+
+class OfferAnswer(TypedDict, closed=True):
+    sdp: str
+    type: str
+    session_id: str
+    codec: str | None
+    avatar: str
+    emotion: str | None
+    speakers: int
+
+
+class PageConfig(TypedDict, closed=True):
+    """GET /config: what the page builds its pickers from."""
+
+    avatars: dict[str, list[str]]  # avatar name -> its emotion names
+    faces: dict[str, int]  # avatar name -> its faces (a two-person call needs 2)
+    default_avatar: str
+    codecs: list[str]
+    default_codec: str
+    modes: list[str]
+    upload_limit_bytes: int
+    ice_servers: list[dict[str, Any]]
+
+
+class MediaList(TypedDict, closed=True):
+    """GET /media: audio files of the media folder (relative paths), the second voices a call may take."""
+
+    files: list[str]
 
 
 # ---- the service and its actions ------------------------------------------------------------------------
@@ -276,7 +337,8 @@ class AvatarCatalog(TypedDict, closed=True):
 class BroadcastSource(TypedDict):
     type: Literal["session", "audio"]
     session_id: NotRequired[str]  # type "session"
-    audio: NotRequired[str]  # type "audio": the file path or URL
+    audio: NotRequired[str | list[str]]  # type "audio": the file path or URL; one per speaker in a dialogue
+    speakers: NotRequired[int]  # type "audio": voices (one per face); one source with more: channel i -> face i
 
 
 class BroadcastReport(TypedDict):

@@ -7,6 +7,11 @@
     session = backend.open(avatar, emotion)                  # a realtime engine session (48 kHz out)
     await broadcast_audio(broadcaster, session, AudioDriver(session, source, policy=policy))
 
+A dialogue (a session with several speakers, one per face) takes one driver per speaker
+(`AudioDriver(session, a, speakers=(0,))`, `AudioDriver(session, b, speakers=(1,))`), or one
+multi-channel source whose channel i drives speaker i (`speakers=(0, 1)`). A source that ends before
+the others goes silent at the same pace, so its face rests while the other talks.
+
 `AudioDriver` decodes with PyAV chunk by chunk (files and http(s) streams alike; memory stays bounded)
 and pushes at the source's own rate (the session resamples) at the wall-clock pace, `lead_s` ahead,
 then silence, so the session keeps producing idle frames at 25 fps. What may be read is the policy's
@@ -19,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol, Sequence
 
 import av
 import numpy as np
@@ -41,6 +46,7 @@ __all__ = [
     "decode_audio",
     "pacer_frames",
     "probe_audio",
+    "split_channels",
 ]
 
 
@@ -103,17 +109,33 @@ def decode_audio(source: AudioSource, policy: SourcePolicy = TRUSTED) -> Iterato
                 raise AudioSourceError(source.given, str(exc)) from None
 
 
+def split_channels(pcm: np.ndarray, fmt: PcmFormat) -> list[np.ndarray]:
+    """One chunk of `fmt.channels`-channel PCM -> one array per channel (same dtype, same rate)."""
+    x = np.asarray(pcm)
+    c = fmt.channels
+    if c == 1:
+        return [x.reshape(-1)]
+    frames = x if fmt.layout == "planar" else x.reshape(-1, c).T  # (C, N)
+    if frames.shape[0] != c:
+        raise ValueError(f"planar {c}-channel PCM must have shape ({c}, num_samples), got {x.shape}")
+    return [np.ascontiguousarray(ch) for ch in frames]
+
+
 class AudioDriver:
     """Feeds an audio file or URL into a session like a microphone: at the wall-clock pace, `lead_s`
     ahead (so generation has its audio before the frames are due); then silence, at the same pace, so
     the session keeps making idle frames. `loop_audio` plays the source again at its end. Every
-    play opens the source again under `policy`."""
+    play opens the source again under `policy`. `speakers`: whose voice it is (one speaker: all its
+    channels mixed), or one speaker per channel of a multi-channel source."""
 
     def __init__(self, session: PushTarget, source: str | AudioSource, *, policy: SourcePolicy = TRUSTED,
-                 loop_audio: bool = False, lead_s: float = 1.0, now: Callable[[], float] = time.monotonic,
+                 loop_audio: bool = False, lead_s: float = 1.0, speakers: tuple[int, ...] = (0,),
+                 now: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        if not speakers:
+            raise ValueError("an audio driver drives at least one speaker")
         self.session, self.policy, self.source = session, policy, check_audio_source(source, policy)
-        self.loop_audio, self.lead_s = loop_audio, lead_s
+        self.loop_audio, self.lead_s, self.speakers = loop_audio, lead_s, tuple(speakers)
         self._now, self._sleep = now, sleep
         self.pushed_s = 0.0  # audio (file and silence) pushed into the session
         self.silence_s = 0.0
@@ -159,7 +181,16 @@ class AudioDriver:
 
     def _push(self, pcm: np.ndarray, fmt: PcmFormat, samples: int, silence: bool = False) -> bool:
         try:
-            self.session.push_audio(pcm, fmt.sample_rate, channels=fmt.channels, layout=fmt.layout)
+            if len(self.speakers) == 1:
+                self.session.push_audio(pcm, fmt.sample_rate, speaker=self.speakers[0], channels=fmt.channels,
+                                        layout=fmt.layout)
+            else:
+                channels = split_channels(pcm, fmt) if not silence else [pcm] * len(self.speakers)
+                if len(channels) != len(self.speakers):
+                    raise AudioSourceError(self.source.given, f"it has {len(channels)} channels, not one for each "
+                                                              f"of the {len(self.speakers)} speakers")
+                for speaker, channel in zip(self.speakers, channels):
+                    self.session.push_audio(channel, fmt.sample_rate, speaker=speaker)
         except RuntimeError:  # the session closed: nothing left to drive
             return False
         self.pushed_s += samples / fmt.sample_rate
@@ -187,20 +218,25 @@ class Session(PushTarget, Protocol):
     def __aiter__(self) -> AsyncIterator[SessionItem]: ...
 
 
-async def broadcast_audio(broadcaster: Broadcaster, session: Session, driver: AudioDriver) -> dict[str, Any]:
-    """Drive `session` with `driver` while `broadcaster` streams it; a driver failure fails the
-    broadcast. The session is closed at the end. Returns the broadcaster's final snapshot."""
-    drive = asyncio.get_running_loop().create_task(driver.run(), name="broadcast-audio")
+async def broadcast_audio(broadcaster: Broadcaster, session: Session,
+                          driver: AudioDriver | Sequence[AudioDriver]) -> dict[str, Any]:
+    """Drive `session` with `driver` (or one driver per speaker) while `broadcaster` streams it; a driver
+    failure fails the broadcast. The session is closed at the end. Returns the broadcaster's final snapshot."""
+    drivers = [driver] if isinstance(driver, AudioDriver) else list(driver)
+    loop = asyncio.get_running_loop()
+    drives = [loop.create_task(d.run(), name=f"broadcast-audio-{i}") for i, d in enumerate(drivers)]
 
     def driver_done(task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             broadcaster.fail(str(task.exception()))
 
-    drive.add_done_callback(driver_done)
+    for drive in drives:
+        drive.add_done_callback(driver_done)
     try:
         return await broadcaster.run(session)
     finally:
-        drive.remove_done_callback(driver_done)
-        drive.cancel()
-        await asyncio.gather(drive, return_exceptions=True)
+        for drive in drives:
+            drive.remove_done_callback(driver_done)
+            drive.cancel()
+        await asyncio.gather(*drives, return_exceptions=True)
         session.close()

@@ -7,6 +7,10 @@ session (it counts against the engine's capacity) and runs until stopped, `durat
 HLS output goes only under `hls_root`; audio only from what `sources` allows (its media folder, and
 http(s) URLs when enabled: streaming/source_policy.py). State changes are published as `broadcast_started`,
 `broadcast_state` and `broadcast_ended` events.
+
+A dialogue broadcast drives a two-face (or more) avatar with one voice per face: `audio` is a list of
+sources (source i drives face i, faces left to right), or one multi-channel source with `speakers`
+(channel i drives face i). Every source passes the same policy.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from streaming.broadcast import Broadcaster, BroadcastOptions, Target, parse_target
 from streaming.broadcast_sources import AudioDriver, AudioSourceError, broadcast_audio, pacer_frames, probe_audio
 from streaming.source_policy import SourcePolicy
-from streaming.webrtc.peer import CapacityError, LiveError
+from streaming.webrtc.errors import CapacityError, LiveError
 from streaming.webrtc.service import LiveService
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,7 @@ class BroadcastEntry:
     source: dict[str, Any]  # what is streamed: {"type": "session", ...} or {"type": "audio", ...}
     created: float
     task: asyncio.Task | None = None
-    driver: AudioDriver | None = None
+    drivers: list[AudioDriver] = field(default_factory=list)
     session: Any = None  # the engine session an audio broadcast opened (closed when it ends)
 
     @property
@@ -47,9 +51,12 @@ class BroadcastEntry:
 
     def snapshot(self) -> dict[str, Any]:
         snap = {"id": self.id, "source": self.source, "created": self.created, **self.broadcaster.snapshot()}
-        if self.driver is not None:
-            snap["audio"] = {"pushed_s": round(self.driver.pushed_s, 2), "silence_s": round(self.driver.silence_s, 2),
-                             "plays": self.driver.plays}
+        voices = [{"pushed_s": round(d.pushed_s, 2), "silence_s": round(d.silence_s, 2), "plays": d.plays}
+                  for d in self.drivers]
+        if voices:
+            snap["audio"] = voices[0]
+        if len(voices) > 1:
+            snap["voices"] = voices  # one per speaker of a dialogue
         return snap
 
 
@@ -103,8 +110,9 @@ class BroadcastManager:
         session_id, audio = body.get("session_id"), body.get("audio")
         if (session_id is None) == (audio is None):
             raise LiveError(400, "bad_source", "give exactly one of 'session_id' (a live call to broadcast) "
-                                               "or 'audio' (a file path or http(s) URL to drive the avatar)")
-        for key in ("session_id", "audio", "avatar", "emotion"):
+                                               "or 'audio' (a file path or http(s) URL to drive the avatar, or a "
+                                               "list of them: one per face)")
+        for key in ("session_id", "avatar", "emotion"):
             if body.get(key) is not None and not isinstance(body[key], str):
                 raise LiveError(400, "bad_field", f"{key!r} must be a string")
         if not isinstance(body.get("loop", False), bool):
@@ -134,21 +142,33 @@ class BroadcastManager:
     async def _audio_entry(self, bid: str, broadcaster: Broadcaster, body: dict[str, Any]):
         backend = self.service.backend
         avatar, emotion = body.get("avatar") or backend.default_avatar, body.get("emotion")
-        self.service.check_conditions(avatar, emotion)
-        try:  # opening a URL blocks: off the loop
-            await asyncio.get_running_loop().run_in_executor(None, probe_audio, body["audio"], self.sources)
-        except AudioSourceError as exc:
-            raise LiveError(400, "bad_audio", str(exc)) from None
+        sources, speakers = audio_sources(body.get("audio"), body.get("speakers"))
+        self.service.check_conditions(avatar, emotion, speakers)
+        loop = asyncio.get_running_loop()
+        for src in sources:  # opening a URL blocks: off the loop
+            try:
+                fmt = await loop.run_in_executor(None, probe_audio, src, self.sources)
+            except AudioSourceError as exc:
+                raise LiveError(400, "bad_audio", str(exc)) from None
+            if len(sources) < speakers and fmt.channels != speakers:
+                raise LiveError(400, "bad_audio", f"{src}: it has {fmt.channels} channel{'s' if fmt.channels != 1 else ''}; "
+                                                  f"one source for {speakers} speakers needs one channel each "
+                                                  "(or give 'audio' as a list: one source per speaker)")
         try:
-            session = backend.open(avatar, emotion)
+            session = backend.open(avatar, emotion) if speakers == 1 else backend.open(avatar, emotion, speakers)
         except CapacityError as exc:
             raise LiveError(503, "at_capacity", f"no engine session free for the broadcast: {exc}") from None
         try:  # the session is closed on every way out but a started broadcast (which closes it at its end)
-            driver = AudioDriver(session, body["audio"], policy=self.sources, loop_audio=bool(body.get("loop", False)))
+            loop_audio = bool(body.get("loop", False))
+            voices = [(i,) for i in range(speakers)] if len(sources) > 1 else [tuple(range(speakers))]
+            drivers = [AudioDriver(session, src, policy=self.sources, loop_audio=loop_audio, speakers=who)
+                       for src, who in zip(sources, voices)]
             source = {"type": "audio", "audio": body["audio"], "avatar": avatar, "emotion": emotion,
-                      "loop": driver.loop_audio, "engine_session": getattr(session, "id", None)}
-            entry = BroadcastEntry(bid, broadcaster, source, time.time(), driver=driver, session=session)
-            return entry, broadcast_audio(broadcaster, session, driver)
+                      "loop": loop_audio, "engine_session": getattr(session, "id", None)}
+            if speakers > 1:
+                source["speakers"] = speakers
+            entry = BroadcastEntry(bid, broadcaster, source, time.time(), drivers=drivers, session=session)
+            return entry, broadcast_audio(broadcaster, session, drivers)
         except AudioSourceError as exc:  # the file went away since the probe
             session.close()
             raise LiveError(400, "bad_audio", str(exc)) from None
@@ -193,3 +213,23 @@ class BroadcastManager:
     async def shutdown(self) -> None:
         await asyncio.gather(*(self.stop(bid) for bid, e in list(self.entries.items()) if e.active),
                              return_exceptions=True)
+
+
+MAX_SPEAKERS = 4
+
+
+def audio_sources(audio: Any, speakers: Any = None) -> tuple[list[str], int]:
+    """A broadcast's `audio` (a source, or a list: one per speaker) and `speakers` -> (sources, speakers).
+    One source with `speakers` > 1 is split by channel."""
+    sources = audio if isinstance(audio, list) else [audio]
+    if not sources or len(sources) > MAX_SPEAKERS or not all(isinstance(a, str) and a.strip() for a in sources):
+        raise LiveError(400, "bad_field", f"'audio' must be a file path or URL, or a list of 1..{MAX_SPEAKERS} of "
+                                          "them (one per face, left to right)")
+    if speakers is None:
+        return sources, len(sources)
+    if isinstance(speakers, bool) or not isinstance(speakers, int) or not 1 <= speakers <= MAX_SPEAKERS:
+        raise LiveError(400, "bad_field", f"'speakers' must be an integer in 1..{MAX_SPEAKERS}")
+    if len(sources) > 1 and speakers != len(sources):
+        raise LiveError(400, "bad_field", f"'speakers' is {speakers} but 'audio' lists {len(sources)} sources; "
+                                          "give one source per speaker, or one multi-channel source")
+    return sources, speakers

@@ -113,7 +113,7 @@ class EngineWorker:
     def hello(self) -> dict[str, Any]:
         snap = self.engine.snapshot()
         return {"pid": os.getpid(), "host": socket.gethostname(), "boot_id": boot_id(),
-                "catalog": self.backend.catalog(), "default_avatar": self.backend.default_avatar,
+                "catalog": self.backend.catalog(), "faces": self.backend.faces(), "default_avatar": self.backend.default_avatar,
                 "max_sessions": self.spec.max_sessions, "checkpoint": self.backend.checkpoint,
                 "model": snap["model"], "mode": snap["mode"], "device": snap["device"], "decoder": snap["decoder"],
                 "warmup_ms": snap["warmup_ms"], "frame_hw": list(self.engine.models.frame_hw)}
@@ -126,9 +126,9 @@ class EngineWorker:
     # ---- commands (on the worker's event loop) --------------------------------------------------------------
     def apply(self, cmd: Command) -> None:
         if isinstance(cmd, Push):
-            self.push_audio(cmd.key, cmd.pcm, cmd.sample_rate, cmd.sent_at)
+            self.push_audio(cmd.key, cmd.pcm, cmd.sample_rate, cmd.sent_at, cmd.speaker)
         elif isinstance(cmd, Open):
-            self.open_session(cmd.key, cmd.avatar, cmd.emotion, cmd.same_clock)
+            self.open_session(cmd.key, cmd.avatar, cmd.emotion, cmd.same_clock, cmd.speakers)
         elif isinstance(cmd, EndSegment):
             self.end_segment(cmd.key)
         elif isinstance(cmd, Interrupt):
@@ -138,9 +138,10 @@ class EngineWorker:
         elif not isinstance(cmd, Stop):
             raise TypeError(f"not a worker command: {cmd!r}")
 
-    def open_session(self, key: int, avatar: str, emotion: str | None, same_clock: bool = False) -> None:
+    def open_session(self, key: int, avatar: str, emotion: str | None, same_clock: bool = False,
+                     speakers: int = 1) -> None:
         try:
-            session = self.backend.open(avatar, emotion)
+            session = self.backend.open(avatar, emotion, speakers=speakers)
         except Exception as exc:  # full, or an avatar this worker does not have: that call's error only
             log.warning("worker: cannot open session %d (%s: %s)", key, type(exc).__name__, exc)
             self._emit(encode_item(key, 0, SessionError(f"cannot open a session: {exc}"), time.monotonic()))
@@ -152,13 +153,13 @@ class EngineWorker:
         live.task = asyncio.get_running_loop().create_task(self._forward(key, live), name=f"worker-session-{key}")
         self._sessions[key] = live
 
-    def push_audio(self, key: int, pcm, sample_rate: int, sent_at: float) -> None:
+    def push_audio(self, key: int, pcm, sample_rate: int, sent_at: float, speaker: int = 0) -> None:
         live = self._sessions.get(key)
         if live is None:
             return  # closed here already; the gateway drops what is in flight
         live.push_hop_ms = max(0.0, (time.monotonic() - sent_at) * 1e3)
         try:
-            live.session.push_audio(pcm, sample_rate)
+            live.session.push_audio(pcm, sample_rate, speaker=speaker)
         except RuntimeError:
             pass  # the session closed itself (a failure): its SessionError is on the way
         except Exception as exc:  # the gateway validated this chunk, so this is a bug: end this session only

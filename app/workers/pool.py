@@ -36,6 +36,7 @@ from app.workers.protocol import (FATAL, FRAME, HEARTBEAT, HELLO, SEGMENT_END, S
                                   Command, Open, Output)
 from app.workers.session import WORKER_STOPPED, WorkerSession
 from streaming.api_schema import EngineSnapshot, LatencyBudget, WorkerStatus
+from streaming.webrtc.dialogue import check_speakers
 from streaming.webrtc.peer import CapacityError
 
 log = logging.getLogger(__name__)
@@ -215,10 +216,10 @@ class WorkerHandle:
         load = min(0.95, max(0.0, float(self.stats.get("load") or 0.0)))
         return self.free_slots * (1.0 - load)
 
-    def open(self, avatar: str, emotion: str | None) -> WorkerSession:
+    def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> WorkerSession:
         assert self.link is not None
-        session = WorkerSession(self, next(self._keys), self.pool.options.queue_frames)
-        if not self.link.send(Open(session.key, avatar, emotion, self.same_clock)):
+        session = WorkerSession(self, next(self._keys), self.pool.options.queue_frames, speakers)
+        if not self.link.send(Open(session.key, avatar, emotion, self.same_clock, speakers)):
             raise CapacityError(f"avatar worker {self.id} is not taking commands; try again shortly")
         self.sessions[session.key] = session
         return session
@@ -250,6 +251,7 @@ class WorkerPool:
         self.handles = [WorkerHandle(self, f"w{i + 1}") for i in range(options.workers)]
         self.default_avatar = ""
         self._catalog: dict[str, list[str]] = {}
+        self._faces: dict[str, int] = {}
         self._info: dict[str, Any] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
@@ -284,6 +286,7 @@ class WorkerPool:
         catalog = {str(k): list(v) for k, v in (handle.info.get("catalog") or {}).items()}
         if not self._catalog:
             self._catalog, self._info = catalog, handle.info
+            self._faces = {str(k): int(v) for k, v in (handle.info.get("faces") or {}).items()}
             self.default_avatar = str(handle.info.get("default_avatar") or "")
         elif catalog != self._catalog:
             log.error("worker %s serves avatars %s, the others %s; calls may fail on it", handle.id,
@@ -329,8 +332,13 @@ class WorkerPool:
     def catalog(self) -> dict[str, list[str]]:
         return self._catalog
 
-    def open(self, avatar: str, emotion: str | None) -> WorkerSession:
-        """A session on the ready worker with the most headroom; CapacityError when none has room."""
+    def faces(self) -> dict[str, int]:
+        return self._faces
+
+    def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> WorkerSession:
+        """A session on the ready worker with the most headroom; CapacityError when none has room.
+        `speakers` voices need as many faces (ValueError before any worker is asked)."""
+        check_speakers(avatar, speakers, self._faces)
         ready = [h for h in self.handles if h.state == "ready"]
         if not ready:
             raise CapacityError("no avatar worker is ready (starting or restarting); try again shortly")
@@ -340,7 +348,7 @@ class WorkerPool:
             raise CapacityError(f"every avatar worker is full ({used} sessions on {len(ready)} workers); "
                                 "try again later")
         best = max(candidates, key=lambda h: (h.headroom(), h.free_slots, -self.handles.index(h)))
-        return best.open(avatar, emotion)
+        return best.open(avatar, emotion, speakers)
 
     def workers(self) -> list[WorkerStatus]:
         return [h.status() for h in self.handles]

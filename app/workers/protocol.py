@@ -31,7 +31,7 @@ _HEAD = struct.Struct("<BI")  # kind, session key (0 for worker-wide messages)
 _FRAME = struct.Struct("<IqIHIBHHI5fd")  # epoch, pts, rate, fps, segment, idle, h, w, samples, timing x5, sent
 _SEGMENT = struct.Struct("<IIq")  # epoch, segment, pts
 _EPOCH = struct.Struct("<I")
-_PUSH = struct.Struct("<Id")  # sample rate, gateway send time (time.monotonic)
+_PUSH = struct.Struct("<IdB")  # sample rate, gateway send time (time.monotonic), speaker
 _TIMING = ("queued_audio_ms", "features_ms", "denoise_ms", "decode_ms", "emit_ms")
 
 
@@ -45,6 +45,7 @@ class Open(NamedTuple):
     avatar: str
     emotion: str | None
     same_clock: bool = False  # gateway and worker share time.monotonic() (one machine, one boot)
+    speakers: int = 1  # voices, one per face of the avatar (left to right)
 
 
 class Push(NamedTuple):
@@ -52,6 +53,7 @@ class Push(NamedTuple):
     pcm: np.ndarray  # (samples,) mono float32
     sample_rate: int
     sent_at: float  # the gateway's time.monotonic() when it was queued
+    speaker: int = 0  # whose voice: the avatar's face of that index
 
 
 class EndSegment(NamedTuple):
@@ -79,10 +81,11 @@ def encode_command(cmd: Command) -> bytes:
     kind = _COMMAND_KINDS[type(cmd)]
     head = _HEAD.pack(kind, cmd.key)
     if isinstance(cmd, Open):
-        return head + json.dumps({"avatar": cmd.avatar, "emotion": cmd.emotion, "same_clock": cmd.same_clock}).encode()
+        return head + json.dumps({"avatar": cmd.avatar, "emotion": cmd.emotion, "same_clock": cmd.same_clock,
+                                  "speakers": cmd.speakers}).encode()
     if isinstance(cmd, Push):
         pcm = np.ascontiguousarray(cmd.pcm, dtype=np.float32)
-        return b"".join((head, _PUSH.pack(cmd.sample_rate, cmd.sent_at), pcm.data))
+        return b"".join((head, _PUSH.pack(cmd.sample_rate, cmd.sent_at, cmd.speaker), pcm.data))
     if isinstance(cmd, Interrupt):
         return head + _EPOCH.pack(cmd.epoch)
     return head
@@ -93,10 +96,11 @@ def decode_command(buf: bytes) -> Command:
     body = memoryview(buf)[_HEAD.size:]
     if kind == OPEN:
         spec = _json(body)
-        return Open(key, str(spec["avatar"]), spec.get("emotion"), bool(spec.get("same_clock")))
+        return Open(key, str(spec["avatar"]), spec.get("emotion"), bool(spec.get("same_clock")),
+                    int(spec.get("speakers") or 1))
     if kind == PUSH:
-        rate, sent_at = _PUSH.unpack_from(body)
-        return Push(key, np.frombuffer(body[_PUSH.size:], np.float32), rate, sent_at)
+        rate, sent_at, speaker = _PUSH.unpack_from(body)
+        return Push(key, np.frombuffer(body[_PUSH.size:], np.float32), rate, sent_at, speaker)
     if kind == INTERRUPT:
         return Interrupt(key, _EPOCH.unpack_from(body)[0])
     if kind == END_SEGMENT:

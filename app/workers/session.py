@@ -94,9 +94,10 @@ class ItemQueue:
 
 
 class WorkerSession:
-    def __init__(self, handle: WorkerHandle, key: int, max_frames: int) -> None:
+    def __init__(self, handle: WorkerHandle, key: int, max_frames: int, speakers: int = 1) -> None:
         self.id = f"{handle.id}-s{key}"
         self.key = key
+        self.speakers = speakers
         self.worker_id = handle.id
         self.epoch = 0
         self.next_video = 0  # the pts after the newest frame received
@@ -117,11 +118,11 @@ class WorkerSession:
         """Append audio (any size, int16 or float, any rate 8-96 kHz). Never blocks."""
         if self._closed:
             raise RuntimeError(f"session {self.id} is closed")
-        if speaker != 0:
-            raise ValueError(f"speaker {speaker} outside 0..0 (a live session has one speaker)")
+        if not 0 <= speaker < self.speakers:
+            raise ValueError(f"speaker {speaker} outside 0..{self.speakers - 1}")
         fmt = PcmFormat(sample_rate, channels, layout)  # validates the rate, channels and layout
         mono, _ = downmix(pcm, fmt)  # (samples,) float32; raises on a shape that does not fit the format
-        if mono.size and not self._handle.send(Push(self.key, mono, fmt.sample_rate, time.monotonic())):
+        if mono.size and not self._handle.send(Push(self.key, mono, fmt.sample_rate, time.monotonic(), speaker)):
             self._dropped_input_samples += mono.size
             self._merge_counters()
 

@@ -45,7 +45,10 @@ from streaming.clock import MediaClock
 from streaming.events import EventBus
 from streaming.metrics import LiveMetrics
 from streaming.pacer import Pacer, PacerOptions, Slot
+from streaming.source_policy import SourcePolicy
 from streaming.webrtc.candidates import add_host_candidates
+from streaming.webrtc.dialogue import SecondVoice, split_channels
+from streaming.webrtc.errors import CapacityError, LiveError
 from streaming.webrtc.tracks import AvatarAudioTrack, AvatarVideoTrack, MicReader
 
 log = logging.getLogger(__name__)
@@ -58,19 +61,6 @@ MAX_CANDIDATES = 64  # ICE candidates in one offer
 RESTARTS_PER_MINUTE = 3  # engine failures a call survives (each reopens its session); one more ends it
 
 
-class LiveError(Exception):
-    """A request the service refuses: an HTTP status, a stable code and a message for people."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.retry_after_s = retry_after_s  # 429 / 503: when asking again may succeed (Retry-After)
-
-
-class CapacityError(RuntimeError):
-    """The engine has no room for another session."""
-
-
 class SessionBackend(Protocol):
     """The engine as the service sees it; the app layer implements it (and keeps torch out of here)."""
 
@@ -80,8 +70,9 @@ class SessionBackend(Protocol):
         """Avatar name -> its emotion names."""
         ...
 
-    def open(self, avatar: str, emotion: str | None) -> AvatarSessionProtocol:
-        """A realtime session at 48 kHz output; raises CapacityError when full."""
+    def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> AvatarSessionProtocol:
+        """A realtime session at 48 kHz output with `speakers` voices (one per face, left to right);
+        raises CapacityError when full."""
         ...
 
     def snapshot(self) -> dict[str, Any]: ...
@@ -94,6 +85,11 @@ class Offer:
     emotion: str | None = None
     mode: str = "voice"
     codec: str = "vp8"
+    # a two-person call (streaming/webrtc/dialogue.py): the caller is speaker 1; speaker 2 is a media file
+    # (`second_voice`, a path under the media folder) or the caller's right channel (`stereo_split`)
+    speakers: int = 1
+    second_voice: str | None = None
+    stereo_split: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +103,7 @@ class PeerOptions:
     fps: int = 25
     sample_rate: int = MEDIA_SAMPLE_RATE
     pacer: PacerOptions = field(default_factory=PacerOptions)
+    sources: SourcePolicy = SourcePolicy()  # what a call's second voice may be read from (none by default)
 
 
 def check_offer_size(sdp: str) -> None:
@@ -171,6 +168,9 @@ class LivePeer:
         self.metrics, self.events = metrics, events
         self._on_closed, self._spawn_detached = on_closed, spawn
         self.avatar, self.emotion, self.mode, self.codec = offer.avatar, offer.emotion, offer.mode, offer.codec
+        self.speakers, self.stereo_split = offer.speakers, offer.stereo_split
+        self.second_voice = (None if offer.second_voice is None else
+                             SecondVoice(offer.second_voice, options.sources, lambda: self.session))
         self._offer_sdp = offer.sdp
         self.negotiated_codec: str | None = None
         self.created_at, self.created_wall = time.monotonic(), time.time()
@@ -204,7 +204,7 @@ class LivePeer:
     # ---- setup --------------------------------------------------------------------------------------
     async def negotiate(self) -> RTCSessionDescription:
         # 1. the engine session first: a full engine refuses before any network work
-        self.session = self.backend.open(self.avatar, self.emotion)
+        self.session = self._open(self.avatar, self.emotion)
         # 2. handlers, outgoing tracks, the codec preference (before setRemoteDescription)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -254,6 +254,8 @@ class LivePeer:
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
             self.state = "connected"
+            if self.second_voice is not None:  # from now on someone hears it: frames before were discarded
+                self._spawn(self.second_voice.run(), "second-voice")
             self.events.publish("session_connected", session=self.id,
                                 connect_ms=round((self.connected_at - self.created_at) * 1e3, 1))
         elif state in ("failed", "closed"):
@@ -268,6 +270,12 @@ class LivePeer:
         self.metrics.mic_frames.inc()
         if self.paused or self.session is None:
             self.mic_ignored += 1  # paused: the avatar stops listening (the session idles on silence)
+            return
+        if self.stereo_split:
+            left, right = split_channels(pcm, fmt)[:2] if fmt.channels >= 2 else (pcm, None)
+            self.session.push_audio(left, fmt.sample_rate, speaker=0)
+            if right is not None:  # a mono packet: speaker 2 is silent (the session tops it up)
+                self.session.push_audio(right, fmt.sample_rate, speaker=1)
             return
         self.session.push_audio(pcm, fmt.sample_rate, channels=fmt.channels, layout=fmt.layout)
 
@@ -299,13 +307,18 @@ class LivePeer:
                 self.end("session_ended")
                 return
 
+    def _open(self, avatar: str, emotion: str | None) -> AvatarSessionProtocol:
+        if self.speakers == 1:  # the one-voice form every backend has
+            return self.backend.open(avatar, emotion)
+        return self.backend.open(avatar, emotion, speakers=self.speakers)
+
     def _reopen(self, avatar: str, emotion: str | None) -> None:
         """Replace the engine session (new conditions, a failure, or a fresh audio clock)."""
         if self.session is not None:
             self.session.close()  # frees its engine slot first, so the new one always fits
             self._silence_before_s += self.session.stats.silence_inserted_s
         self.session = None
-        self.session = self.backend.open(avatar, emotion)
+        self.session = self._open(avatar, emotion)
         self.avatar, self.emotion = avatar, emotion
         self._vad.reset()
 
@@ -470,6 +483,10 @@ class LivePeer:
                            "p95": round(float(np.percentile(lat, 95)), 1) if lat else None,
                            "last": round(lat[-1], 1) if lat else None},
             "speaking": self._vad.is_speech,
+            "speakers": self.speakers,
+            "dialogue": None if self.speakers == 1 else {
+                "stereo_split": self.stereo_split,
+                "second_voice": None if self.second_voice is None else self.second_voice.snapshot()},
             "engine": engine,
         }
 

@@ -20,6 +20,7 @@ from streaming.api_schema import (CallEnd, ConditionsAnswer, EngineSnapshot, Ser
                                   SessionReport, WorkerStatus)
 from streaming.events import EventBus
 from streaming.metrics import LiveMetrics
+from streaming.webrtc.dialogue import CALL_SPEAKERS, check_second_voice, check_speakers, offers_stereo
 from streaming.webrtc.limits import RateLimit
 from streaming.webrtc.peer import (MODES, CapacityError, LiveError, LivePeer, Offer, PeerOptions, SessionBackend,
                                    validate_offer)
@@ -41,6 +42,10 @@ class ServiceBackend(SessionBackend, Protocol):
 
     def workers(self) -> list[WorkerStatus]:
         """The engine workers behind the sessions (an in-process engine is one)."""
+        ...
+
+    def faces(self) -> dict[str, int]:
+        """Avatar name -> how many faces it has (how many voices a session on it can take)."""
         ...
 
 
@@ -125,8 +130,9 @@ class LiveService:
         if offer.mode not in MODES:
             raise self._reject(400, "bad_mode", f"mode must be one of {list(MODES)}, not {offer.mode!r}")
         try:
-            self.check_conditions(offer.avatar, offer.emotion)
+            self.check_conditions(offer.avatar, offer.emotion, offer.speakers)
             validate_offer(offer.sdp, offer.codec)
+            self.check_dialogue(offer)
         except LiveError as exc:
             raise self._reject(exc.status, exc.code, exc.message) from None
         limit = self.options.calls_per_client
@@ -138,9 +144,35 @@ class LiveService:
             raise self._reject(503, "at_capacity", f"all {self.options.max_sessions} sessions are in use; "
                                                    "try again later", self.options.retry_after_s)
 
+    def check_dialogue(self, offer: Offer) -> None:
+        """A call's voices: one (the caller), or two with exactly one second voice (a media file, or the
+        caller's right channel, which needs a stereo offer). The file itself is checked in `offer`."""
+        if offer.speakers == 1:
+            if offer.second_voice is not None or offer.stereo_split:
+                raise LiveError(400, "bad_dialogue", "'second_voice' and 'stereo_split' are for two-person "
+                                                     "calls: add \"speakers\": 2")
+            return
+        if offer.speakers > CALL_SPEAKERS:
+            raise LiveError(400, "bad_dialogue", f"a call has at most {CALL_SPEAKERS} voices (the caller and one "
+                                                 f"second voice), not {offer.speakers}")
+        if (offer.second_voice is None) == (not offer.stereo_split):
+            raise LiveError(400, "bad_dialogue", "a two-person call needs exactly one second voice: "
+                                                 "'second_voice' (an audio file of the media folder) or "
+                                                 "'stereo_split': true (left channel = speaker 1, right = speaker 2)")
+        if offer.stereo_split and not offers_stereo(offer.sdp):
+            raise LiveError(400, "mono_caller", "'stereo_split' takes speaker 2 from the caller's right channel, "
+                                                "but this offer's audio is mono (its Opus has no sprop-stereo=1); "
+                                                "use a stereo microphone or choose a 'second_voice' file")
+
     async def offer(self, offer: Offer, client: str | None = None) -> dict[str, Any]:
         """Offer -> answer; one engine session and one peer connection per call."""
         self.check_offer(offer, client)
+        if offer.second_voice is not None:  # opening and decoding a file blocks: off the loop
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, check_second_voice, offer.second_voice,
+                                                                 self.options.peer.sources)
+            except LiveError as exc:
+                raise self._reject(exc.status, exc.code, exc.message) from None
         peer = LivePeer(secrets.token_urlsafe(12), offer, self.backend, self.options.peer, self.metrics,
                         self.events, on_closed=self._closed, spawn=self.spawn)
         peer.client = client
@@ -161,7 +193,7 @@ class LiveService:
         self.events.publish("session_opened", session=peer.id, avatar=peer.avatar, emotion=peer.emotion,
                             mode=peer.mode, codec=peer.negotiated_codec)
         return {"sdp": answer.sdp, "type": answer.type, "session_id": peer.id, "codec": peer.negotiated_codec,
-                "avatar": peer.avatar, "emotion": peer.emotion}
+                "avatar": peer.avatar, "emotion": peer.emotion, "speakers": peer.speakers}
 
     def _closed(self, peer: LivePeer) -> None:
         if self.peers.pop(peer.id, None) is None:
@@ -187,15 +219,17 @@ class LiveService:
         await peer.close(reason)
         return {"session_id": peer_id, "ended": True, "reason": reason, "frames_sent": peer.video.sent}
 
-    def check_conditions(self, avatar: str, emotion: str | None) -> list[str]:
-        """LiveError 400 unless `avatar` is served and `emotion` (None: no emotion) is one of its emotions;
-        returns the avatar's emotions."""
+    def check_conditions(self, avatar: str, emotion: str | None, speakers: int = 1) -> list[str]:
+        """LiveError 400 unless `avatar` is served, `emotion` (None: no emotion) is one of its emotions and
+        it has a face for each of `speakers` voices; returns the avatar's emotions."""
         catalog = self.backend.catalog()
         if avatar not in catalog:
             raise LiveError(400, "unknown_avatar", f"no avatar {avatar!r}; available: {sorted(catalog)}")
         if emotion is not None and emotion not in catalog[avatar]:
             raise LiveError(400, "unknown_emotion", f"avatar {avatar!r} has no emotion {emotion!r}; "
                                                     f"available: {catalog[avatar]}")
+        if speakers != 1:  # one voice fits every avatar (and every backend: no face count needed)
+            check_speakers(avatar, speakers, self.backend.faces())
         return catalog[avatar]
 
     def set_conditions(self, peer_id: str, avatar: str | None = None,
@@ -221,9 +255,9 @@ class LiveService:
                                 wait)
         avatar = avatar or peer.avatar
         if isinstance(emotion, Keep):
-            emotion = peer.emotion if peer.emotion in self.check_conditions(avatar, None) else None
+            emotion = peer.emotion if peer.emotion in self.check_conditions(avatar, None, peer.speakers) else None
         else:
-            self.check_conditions(avatar, emotion)
+            self.check_conditions(avatar, emotion, peer.speakers)
         if (avatar, emotion) == (peer.avatar, peer.emotion):
             peer.pending = None
         else:

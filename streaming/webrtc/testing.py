@@ -3,7 +3,8 @@
 `LoopbackClient` offers a 127.0.0.1 host candidate of its own (`add_host_candidates`, what the server
 does when bound to loopback) and keeps only loopback candidates in the SDP it sends and in the answer it
 applies, so every ICE check goes to 127.0.0.1, on a machine with a LAN or in a namespace with only `lo`.
-It plays PCM as its microphone in real time and records what comes back.
+It plays PCM as its microphone in real time (mono, or stereo for a two-person call whose voices are the
+two channels) and records what comes back.
 
 `loopback_candidates_only()` replaces aioice's address list with 127.0.0.1 for every connection made
 while it is active (older tests and benchmarks); the server never needs it.
@@ -49,14 +50,33 @@ def loopback_candidates_only() -> Iterator[None]:
         aioice.ice.get_host_addresses = original
 
 
+def announce_stereo(sdp: str) -> str:
+    """`sdp` with its Opus marked as sent in stereo (`sprop-stereo=1`), as a browser's page does for a
+    two-channel microphone (browsers send mono Opus unless the offer says so)."""
+    lines = sdp.split("\r\n")
+    opus = [ln.split(":", 1)[1].split()[0] for ln in lines if ln.startswith("a=rtpmap:") and " opus/" in ln.lower()]
+    out = []
+    for ln in lines:
+        if opus and ln.startswith(f"a=fmtp:{opus[0]} "):
+            continue  # replaced below
+        out.append(ln)
+        if opus and ln.startswith(f"a=rtpmap:{opus[0]} "):
+            out.append(f"a=fmtp:{opus[0]} stereo=1;sprop-stereo=1")
+    return "\r\n".join(out)
+
+
 class PcmMicTrack(MediaStreamTrack):
-    """Plays mono float PCM at 48 kHz as 20 ms s16 packets in real time, then silence."""
+    """Plays float PCM at 48 kHz as 20 ms s16 packets in real time, then silence: mono (N,), or stereo
+    (N, 2) (left, right)."""
 
     kind = "audio"
 
     def __init__(self, pcm: np.ndarray | None = None) -> None:
         super().__init__()
         pcm = np.zeros(0, np.float32) if pcm is None else np.asarray(pcm, np.float32)
+        if pcm.ndim == 2 and pcm.shape[1] != 2:
+            raise ValueError(f"a stereo microphone plays (samples, 2) PCM, not {pcm.shape}")
+        self.channels = 2 if pcm.ndim == 2 else 1
         self.pcm = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
         self.sent = 0  # samples
         self.started_at: float | None = None
@@ -68,10 +88,11 @@ class PcmMicTrack(MediaStreamTrack):
             self.started_at = time.monotonic()
         else:
             await asyncio.sleep(max(0.0, self.started_at + self.sent / SAMPLE_RATE - time.monotonic()))
-        chunk = np.zeros(PACKET, np.int16)
-        part = self.pcm[self.sent:self.sent + PACKET]
-        chunk[:part.size] = part
-        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        chunk = np.zeros((PACKET, self.channels), np.int16)
+        part = self.pcm[self.sent:self.sent + PACKET].reshape(-1, self.channels)
+        chunk[:len(part)] = part
+        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16",
+                                        layout="stereo" if self.channels == 2 else "mono")
         frame.sample_rate, frame.pts, frame.time_base = SAMPLE_RATE, self.sent, fractions.Fraction(1, SAMPLE_RATE)
         self.sent += PACKET
         return frame
@@ -125,7 +146,8 @@ class LoopbackClient:
         self.pc.addTransceiver("video", direction="recvonly")
         await add_host_candidates(self.pc, ["127.0.0.1"])
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        return loopback_only_sdp(self.pc.localDescription.sdp)
+        sdp = loopback_only_sdp(self.pc.localDescription.sdp)
+        return announce_stereo(sdp) if self.mic.channels == 2 else sdp
 
     async def accept(self, answer: dict) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(loopback_only_sdp(answer["sdp"]), answer["type"]))

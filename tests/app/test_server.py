@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from app.avatars import BUILTIN_AVATAR, EMOTIONS, EngineBackend, draw_face, prepare_avatars
+from app.avatars import BUILTIN_AVATAR, BUILTIN_DUO, EMOTIONS, EngineBackend, draw_face, prepare_avatars
 from app.server import create_app
 from app.settings import Settings, parse_ice_servers
 from streaming.webrtc.testing import LoopbackClient
@@ -60,7 +60,8 @@ async def test_page_config_health_and_metrics(client):
     for asset in ("/static/app.js", "/static/style.css"):
         assert (await client.get(asset)).status == 200
     cfg = await (await client.get("/config")).json()
-    assert cfg["avatars"] == {BUILTIN_AVATAR: sorted(EMOTIONS)} and cfg["default_avatar"] == BUILTIN_AVATAR
+    assert cfg["avatars"] == {BUILTIN_AVATAR: sorted(EMOTIONS), BUILTIN_DUO: sorted(EMOTIONS)}
+    assert cfg["faces"] == {BUILTIN_AVATAR: 1, BUILTIN_DUO: 2} and cfg["default_avatar"] == BUILTIN_AVATAR
     assert cfg["codecs"] == ["vp8", "h264"] and cfg["modes"] == ["voice", "file"] and cfg["ice_servers"] == []
     assert cfg["upload_limit_bytes"] == 20 * 1024 * 1024
     health = await (await client.get("/healthz")).json()
@@ -283,7 +284,8 @@ def test_a_portrait_given_with_avatar_becomes_the_default(engine, tmp_path):
     cv2.imwrite(str(path), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
     avatars, default = prepare_avatars(engine, path)  # faces found by the Haar cascade
     backend = EngineBackend(engine, avatars, default)
-    assert default == "astronaut" and backend.catalog() == {BUILTIN_AVATAR: sorted(EMOTIONS), "astronaut": []}
+    assert default == "astronaut" and backend.catalog() == {BUILTIN_AVATAR: sorted(EMOTIONS),
+                                                          BUILTIN_DUO: sorted(EMOTIONS), "astronaut": []}
     assert avatars["astronaut"].size_hw == engine.models.frame_hw
 
 
