@@ -111,7 +111,8 @@ def export_onnx(
 @app.command()
 def render(
     inputs: Annotated[list[str], typer.Argument(help="audio files, directories, globs, or CSV manifests "
-                                                     "(columns: audio, avatar, emotion, output)")],
+                                                     "(columns: audio, avatar, emotion, output; for dialogue "
+                                                     "audio_1 .. audio_N in place of audio)")],
     out: Annotated[Path, typer.Option("--out", help="output directory")],
     avatar: Annotated[str | None, typer.Option(help="portrait image, `avatar new` folder, or demo:SEED (stylised "
                                                     "identity SEED of the demo face renderer); default: the "
@@ -141,6 +142,9 @@ def render(
                                                      "decoding")] = 4 * 3600.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress; failures on stderr")] = False,
     json_lines: Annotated[bool, typer.Option("--json-lines", help="progress and results as JSON lines")] = False,
+    speakers: Annotated[int, typer.Option(help="voices, one per face of a multi-face avatar (left to right): "
+                                               "each input an N-channel file or a CSV row with audio_1 .. "
+                                               "audio_N; default avatar for 2: the built-in sketch-duo")] = 1,
 ) -> None:
     """Render audio files to talking-avatar mp4s (H.264 + AAC): resumable, locally or on Ray."""
     from app.render import exit_code, render_batch
@@ -148,7 +152,8 @@ def render(
     from app.render_worker import RenderSettings, resolve_model
 
     settings = RenderSettings(model=resolve_model(model), mode=mode, steps=steps, seed=seed,
-                              sample_rate=sample_rate, crf=crf, decoder=decoder, max_duration_s=max_duration)
+                              sample_rate=sample_rate, crf=crf, decoder=decoder, max_duration_s=max_duration,
+                              speakers=speakers)
     result = render_batch(inputs, out, avatar=avatar, emotion=emotion, settings=settings, jobs=jobs, backend=backend,
                           address=address, threads=threads, force=force, manifest_path=manifest,
                           reporter=make_reporter(quiet=quiet, json_lines=json_lines),
@@ -179,8 +184,9 @@ def console(
 
 @app.command()
 def broadcast(
-    audio: Annotated[str, typer.Option(help="audio file or http(s) URL that drives the avatar (any rate; "
-                                            "the session resamples)")],
+    audio: Annotated[list[str], typer.Option(help="audio file or http(s) URL that drives the avatar (any rate; "
+                                                  "the session resamples); give it once per face for a dialogue "
+                                                  "(the first drives the left face)")],
     to: Annotated[str, typer.Option(help="rtmp[s]://HOST/APP/KEY, an HLS playlist (.m3u8) or an HLS directory")],
     avatar: Annotated[Path | None, typer.Option(help="portrait image or `avatar new` folder (default: the built-in drawn avatar)")] = None,
     emotion: Annotated[str | None, typer.Option(help="emotion reference of the avatar (built-in: neutral, happy, "
@@ -191,14 +197,17 @@ def broadcast(
     video_bitrate: Annotated[int, typer.Option(help="H.264 bitrate, kbit/s")] = 2500,
     max_attempts: Annotated[int, typer.Option(help="failed connection attempts in a row before giving up")] = 6,
     model: Annotated[str, typer.Option(help="auto (the demo model when shipped, else tiny) | demo | tiny")] = "auto",
+    speakers: Annotated[int | None, typer.Option(help="voices, one per face; with one --audio, its channel i "
+                                                      "drives face i (default: one per --audio)")] = None,
 ) -> None:
     """Livestream the avatar driven by an audio file or URL to RTMP (FLV) or HLS, in real time."""
     from app.broadcast import BroadcastRequest, run_broadcast
 
     if duration is not None and duration <= 0:
         raise ValueError(f"--duration must be positive, got {duration}")
-    request = BroadcastRequest(audio=audio, to=to, avatar=avatar, emotion=emotion, duration_s=duration, loop=loop,
-                               model=model, video_bitrate_kbps=video_bitrate, max_attempts=max_attempts)
+    request = BroadcastRequest(audio=tuple(audio), to=to, avatar=avatar, emotion=emotion, duration_s=duration,
+                               loop=loop, model=model, video_bitrate_kbps=video_bitrate, max_attempts=max_attempts,
+                               speakers=speakers)
     raise typer.Exit(run_broadcast(request, echo=typer.echo, status=lambda line: typer.echo(line, err=True)))
 
 

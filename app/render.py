@@ -5,6 +5,11 @@
       --backend (app/render_backends.py): in this process | a process pool (--jobs N) | Ray actors--> results
       --> reporter (rich / JSON lines / quiet), manifest JSON, exit code 1 if any file failed
 
+Dialogue (`--speakers N`, N > 1): each input is an N-channel file (channel i drives face i, left to right)
+or a CSV row with columns audio_1 .. audio_N (one file per speaker, any rates: each is resampled to the
+track's rate); the avatar needs N faces. A speaker shorter than the others is padded with silence and the
+result says so (`tracks`, `warning`); the output's audio is the speakers' mix.
+
 Each worker loads the models once (`app.render_worker.Renderer`) and renders files one after another;
 each output is written to a temporary file and renamed when complete, then its sidecar
 (`<output>.render.json`: the key and the result) is written, so a killed batch leaves finished files,
@@ -62,18 +67,23 @@ MANIFEST_NAME = "render-manifest.json"
 
 # ---- 1. inputs -> jobs ---------------------------------------------------------------------------------
 def expand_inputs(inputs: list[str], out_dir: Path, avatar: str | None = None, emotion: str | None = None,
-                  allow_outside_out: bool = False) -> tuple[list[RenderJob], list[dict]]:
+                  allow_outside_out: bool = False, speakers: int = 1) -> tuple[list[RenderJob], list[dict]]:
     """Audio files, directories (searched recursively for audio extensions; the tree is mirrored under
     out_dir), globs, and CSV manifests (columns audio, avatar, emotion, output; relative paths are read
     from the CSV's directory, relative outputs from out_dir). Returns (jobs, failed entries): a missing
     file, an empty glob, an input that is not a regular file, two inputs wanting the same output and an
-    output outside out_dir (unless `allow_outside_out`) fail alone."""
+    output outside out_dir (unless `allow_outside_out`) fail alone. With `speakers` > 1 a CSV may name one
+    file per speaker (audio_1 .. audio_N); a row that misses one fails alone."""
     rows: list[tuple[str, Path, str | None, str | None]] = []  # (audio, output, avatar, emotion)
+    per_speaker: dict[tuple[str, Path], tuple[str, ...]] = {}  # a CSV row's speaker files
     failed: list[dict] = []
     for item in inputs:
         p = Path(item)
         if p.suffix.lower() == ".csv" and p.is_file():
-            rows += _csv_rows(p, out_dir)
+            csv_rows, csv_tracks, csv_failed = _csv_rows(p, out_dir, speakers)
+            rows += csv_rows
+            per_speaker.update(csv_tracks)
+            failed += csv_failed
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
             if not found:
@@ -91,12 +101,14 @@ def expand_inputs(inputs: list[str], out_dir: Path, avatar: str | None = None, e
     owner: dict[Path, str] = {}
     seen: set[tuple[str, Path]] = set()
     for audio, output, row_avatar, row_emotion in rows:
+        tracks = tuple(os.path.abspath(t) for t in per_speaker.get((audio, output), ()))
         output = Path(os.path.abspath(output))
         audio = os.path.abspath(audio)
         if (audio, output) in seen:
             continue  # the same file named twice (a file and a glob over it)
         seen.add((audio, output))
-        refusal = _refuse_output(audio, output, out_dir, allow_outside_out) or _refuse_special(audio)
+        refusal = next(filter(None, (_refuse_output(a, output, out_dir, allow_outside_out) or _refuse_special(a)
+                                     for a in tracks or (audio,))), None)
         if refusal:
             failed.append(failure(audio, str(output), refusal))
             continue
@@ -105,39 +117,71 @@ def expand_inputs(inputs: list[str], out_dir: Path, avatar: str | None = None, e
                                    "name outputs in a CSV manifest's output column"))
             continue
         owner[output] = audio
-        chosen = row_avatar or avatar or default_avatar()  # none given: the built-in avatar `serve` uses
+        chosen = row_avatar or avatar or default_avatar(speakers)  # none given: the built-in avatar `serve` uses
         chosen_emotion = row_emotion or emotion
         if chosen_emotion and not names_emotions(chosen):  # demo and folder avatars name their emotions
             chosen_emotion = os.path.abspath(chosen_emotion)
         jobs.append(RenderJob(index=0, audio=audio, output=str(output), avatar=_abs_avatar(chosen),
-                              emotion=chosen_emotion or None))
+                              emotion=chosen_emotion or None, speaker_audio=tracks))
     return jobs, failed
 
 
-def _csv_rows(path: Path, out_dir: Path) -> list[tuple[str, Path, str | None, str | None]]:
+def _csv_rows(path: Path, out_dir: Path, speakers: int = 1):
+    """A CSV manifest's rows -> ([(audio, output, avatar, emotion)], {(audio, output): speaker files},
+    [failed rows]). Columns: audio (or audio_1 .. audio_N, one file per speaker, with --speakers N),
+    avatar, emotion, output."""
     base = path.parent
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
-        if "audio" not in columns:
-            raise ValueError(f"{path}: a CSV manifest needs an 'audio' column (has: {', '.join(columns) or 'none'}); "
-                             "optional: avatar, emotion, output")
-        rows = []
-        for row in reader:
+        numbered = sorted((c for c in columns if _speaker_column(c)), key=_speaker_column)
+        if ("audio" in columns) == bool(numbered):
+            raise ValueError(f"{path}: a CSV manifest needs an 'audio' column or, for dialogue, audio_1 .. audio_N "
+                             f"(has: {', '.join(columns) or 'none'}); optional: avatar, emotion, output")
+        wanted = [f"audio_{i + 1}" for i in range(speakers)] if numbered else ["audio"]
+        rows, tracks, failed = [], {}, []
+        for line, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            if not row["audio"]:
+            given = [row.get(c, "") for c in (numbered if numbered else wanted)]
+            if not any(given):
                 continue
-            audio = base / row["audio"]
+            audio = base / given[0]
             output = out_dir / row["output"] if row.get("output") else out_dir / f"{audio.stem}.mp4"
+            problem = _speaker_columns_problem(row, numbered, wanted, speakers)
+            if problem:
+                failed.append(failure(str(audio), str(output), f"{path} line {line}: {problem}"))
+                continue
+            if numbered:
+                tracks[(str(audio), output)] = tuple(str(base / row[c]) for c in wanted)
             avatar = row.get("avatar") or None
-            if avatar and not avatar.startswith("demo:"):
+            if avatar and not avatar.startswith(("demo:", "duo:")):
                 avatar = str(base / avatar)
             emotion = row.get("emotion") or None
             # demo and folder avatars name their emotions; an image is read from the CSV's directory
             if emotion and not (names_emotions(avatar) if avatar else not (base / emotion).exists()):
                 emotion = str(base / emotion)
             rows.append((str(audio), output, avatar, emotion))
-    return rows
+    return rows, tracks, failed
+
+
+def _speaker_column(name: str) -> int:
+    """N for a column audio_N (N >= 1), else 0."""
+    head, _, n = name.partition("_")
+    return int(n) if head == "audio" and n.isdigit() and int(n) >= 1 else 0
+
+
+def _speaker_columns_problem(row: dict, numbered: list[str], wanted: list[str], speakers: int) -> str | None:
+    """Why a row's speaker files do not fit --speakers, or None."""
+    if not numbered:
+        return None
+    missing = [c for c in wanted if not row.get(c)]
+    extra = [c for c in numbered if c not in wanted and row.get(c)]
+    if missing:
+        return (f"no {', '.join(missing)}: --speakers {speakers} needs one audio file per speaker "
+                f"({', '.join(wanted)})")
+    if extra:
+        return f"{', '.join(extra)} given but --speakers {speakers} drives only {speakers} face(s)"
+    return None
 
 
 def _refuse_output(audio: str, output: Path, out_dir: Path, allow_outside: bool) -> str | None:
@@ -161,7 +205,7 @@ def _refuse_special(path: str) -> str | None:
 
 
 def _abs_avatar(spec: str) -> str:
-    return spec if parse_avatar(spec)[0] == "demo" else os.path.abspath(spec)
+    return spec if parse_avatar(spec)[0] in ("demo", "duo") else os.path.abspath(spec)
 
 
 def _folder_sha256(folder: str) -> str:
@@ -191,11 +235,12 @@ def _sha256(path: str) -> str:
 def job_key(job: RenderJob, settings: RenderSettings) -> str:
     """Hash of the audio, portrait and emotion bytes and the settings that change the output."""
     kind, value = parse_avatar(job.avatar)
-    if kind == "demo":
-        avatar = f"demo:{value}"
+    if kind in ("demo", "duo"):
+        avatar = f"{kind}:{value}"
     else:
         avatar = _folder_sha256(str(value)) if kind == "folder" else _sha256(str(value))
-    parts = {"format": KEY_FORMAT, "audio": _sha256(job.audio), "settings": settings.output_key(), "avatar": avatar,
+    audio = [_sha256(a) for a in job.speaker_audio] if job.speaker_audio else _sha256(job.audio)
+    parts = {"format": KEY_FORMAT, "audio": audio, "settings": settings.output_key(), "avatar": avatar,
              "emotion": (job.emotion if kind != "portrait" else _sha256(job.emotion)) if job.emotion else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -244,7 +289,7 @@ def render_batch(inputs: list[str], out_dir: str | Path, *, avatar: str | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reporter = reporter or make_reporter()
-    found, failed = expand_inputs(inputs, out, avatar, emotion, allow_outside_out)
+    found, failed = expand_inputs(inputs, out, avatar, emotion, allow_outside_out, settings.speakers)
     found = [replace(j, index=i) for i, j in enumerate(found)]
     path = Path(manifest_path) if manifest_path else out / MANIFEST_NAME
     journal = ManifestJournal(path)
@@ -353,7 +398,7 @@ def _now() -> str:
 
 def _notices(settings: RenderSettings, jobs: list[RenderJob]) -> list[str]:
     notes = [f"--model {settings.model}: {MODELS[settings.model]}"] if settings.model == "tiny" else []
-    notes += sorted({demo_label(j.avatar) for j in jobs if parse_avatar(j.avatar)[0] == "demo"})
+    notes += sorted({demo_label(j.avatar) for j in jobs if parse_avatar(j.avatar)[0] in ("demo", "duo")})
     return notes
 
 

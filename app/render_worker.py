@@ -7,7 +7,9 @@ in a worker process, or in a Ray actor).
                                   a bad input becomes a result with status "failed" and the error
 
 The frames up to the one carrying the last input sample are written, with exactly the input's samples
-(the last frame's padding is cut), so the audio track is the input audio at `sample_rate`. The audio
+(the last frame's padding is cut), so the audio track is the input audio at `sample_rate`. With
+`speakers` > 1 (dialogue) every speaker has a track (app/render_tracks.py) that drives its own face of a
+multi-face avatar, the shorter tracks padded with silence, and the audio track is their mix. The audio
 is decoded as generation needs it (memory bounded by the feed-ahead, whatever the file's length),
 after its declared length was checked against `max_duration_s`, which also stops a file whose header
 understates it.
@@ -28,16 +30,30 @@ import numpy as np
 import torch
 
 from app.render_journal import write_json_atomic
+from app.render_tracks import AudioFeed, SpeakerFeeds, open_tracks
 from audio.align import group_by_latent, num_video_frames
-from audio.io import audio_duration, stream_audio
+from audio.io import audio_duration
 from audio.pcm import MEDIA_SAMPLE_RATE, MODEL_SAMPLE_RATE
 from audio.resample import PcmFormat, resample_audio
 from avatar.chunking import FusionOptions, generate_fused
 from avatar.decoder import FrameDecoder
-from avatar.engine import AvatarEngine, ModelBundle, pick_device, preset_options
+from avatar.engine import (
+    AvatarEngine,
+    EngineOptions,
+    ModelBundle,
+    pick_device,
+    preset_options,
+)
 from avatar.generator import Conditions
 from avatar.session import SessionOptions
-from avatar.types import DEFAULT_FPS, AvatarFrame, SegmentEnd, SessionError, frame_sample_bounds, frames_for_samples
+from avatar.types import (
+    DEFAULT_FPS,
+    AvatarFrame,
+    SegmentEnd,
+    SessionError,
+    frame_sample_bounds,
+    frames_for_samples,
+)
 from streaming.filesink import Mp4FileSink, remove_stale_partials
 
 MODES = ("causal", "overlap", "fusion")
@@ -46,6 +62,8 @@ MODELS = {"auto": "the demo model when its weights are in the tree, else tiny",
           "demo": "the embedded demo model (app/demo_model: stylised faces, 128x128)"}
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 DEMO_PREFIX = "demo:"
+DUO_PREFIX = "duo:"  # duo:SEED: identities SEED and SEED + 1 of the demo face renderer, side by side
+MAX_SPEAKERS = 8
 SIDECAR_SUFFIX = ".render.json"
 FEED_AHEAD_S = 10.0  # audio pushed ahead of generation (the session keeps at most 60 s buffered)
 DEFAULT_MAX_DURATION_S = 4 * 3600.0  # a longer input is refused (--max-duration)
@@ -68,6 +86,7 @@ class RenderSettings:
     decoder: str = "auto"  # VAE decoder backend: auto | onnx | torch (how, not what: not in the key)
     device: str = "auto"
     max_duration_s: float = DEFAULT_MAX_DURATION_S  # longer inputs fail before decoding (not in the key)
+    speakers: int = 1  # >1: one voice per face of a multi-face avatar (dialogue)
 
     def validate(self) -> RenderSettings:
         if self.model not in MODELS:
@@ -83,6 +102,8 @@ class RenderSettings:
             raise ValueError(f"--decoder must be auto, onnx or torch, not {self.decoder!r}")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"--crf must be in 0..51, got {self.crf}")
+        if not 1 <= self.speakers <= MAX_SPEAKERS:
+            raise ValueError(f"--speakers must be in 1..{MAX_SPEAKERS}, got {self.speakers}")
         if not self.max_duration_s > 0:
             raise ValueError(f"--max-duration must be a positive number of seconds, got {self.max_duration_s}")
         PcmFormat(self.sample_rate)  # 8-96 kHz
@@ -91,6 +112,8 @@ class RenderSettings:
     def output_key(self) -> dict:
         key = asdict(self)
         del key["decoder"], key["device"], key["max_duration_s"]
+        if self.speakers == 1:  # the keys of one-speaker renders made before dialogue stay valid
+            del key["speakers"]
         return key
 
 
@@ -99,19 +122,21 @@ class RenderJob:
     index: int  # position in the batch (progress and results refer to it)
     audio: str
     output: str
-    avatar: str  # portrait path, `avatar new` folder or demo:SEED
+    avatar: str  # portrait path, `avatar new` folder, demo:SEED or duo:SEED
     emotion: str | None = None  # emotion reference image (a name for demo:SEED and folder avatars)
+    speaker_audio: tuple[str, ...] = ()  # one file per speaker (a manifest's audio_1, ...); empty: `audio`
     key: str = ""  # hash of the inputs' bytes + settings: a sidecar with the same key means done
 
 
 def parse_avatar(spec: str) -> tuple[str, int | str]:
-    """'demo:SEED' -> ('demo', SEED); a folder (`avatarcast avatar new`) -> ('folder', path); anything
-    else -> ('portrait', path)."""
-    if spec.startswith(DEMO_PREFIX):
-        seed = spec[len(DEMO_PREFIX):]
-        if not seed.isdigit():
-            raise ValueError(f"--avatar {spec!r}: expected demo:SEED with an integer seed")
-        return "demo", int(seed)
+    """'demo:SEED' -> ('demo', SEED); 'duo:SEED' -> ('duo', SEED) (two faces); a folder (`avatarcast
+    avatar new`) -> ('folder', path); anything else -> ('portrait', path)."""
+    for kind, prefix in (("demo", DEMO_PREFIX), ("duo", DUO_PREFIX)):
+        if spec.startswith(prefix):
+            seed = spec[len(prefix):]
+            if not seed.isdigit():
+                raise ValueError(f"--avatar {spec!r}: expected {prefix}SEED with an integer seed")
+            return kind, int(seed)
     return ("folder" if os.path.isdir(spec) else "portrait"), spec
 
 
@@ -120,16 +145,21 @@ def names_emotions(spec: str) -> bool:
     return parse_avatar(spec)[0] != "portrait"
 
 
-def default_avatar() -> str:
-    """The built-in drawn avatar `avatarcast serve` uses, as a demo:SEED spec."""
-    from app.avatars import BUILTIN_SEED
+def default_avatar(speakers: int = 1) -> str:
+    """The built-in drawn avatar `avatarcast serve` uses as a demo:SEED spec; for two speakers its
+    two-face "sketch-duo" as duo:SEED."""
+    from app.avatars import BUILTIN_DUO_SEED, BUILTIN_SEED
 
-    return f"{DEMO_PREFIX}{BUILTIN_SEED}"
+    return f"{DEMO_PREFIX}{BUILTIN_SEED}" if speakers == 1 else f"{DUO_PREFIX}{BUILTIN_DUO_SEED}"
 
 
 def demo_label(spec: str) -> str:
-    label = f"{spec}: stylised identity {parse_avatar(spec)[1]} of the demo face renderer"
-    return label + (" (the built-in avatar)" if spec == default_avatar() else "")
+    kind, seed = parse_avatar(spec)
+    if kind == "duo":
+        label = f"{spec}: stylised identities {seed} (left) and {seed + 1} (right) of the demo face renderer"
+    else:
+        label = f"{spec}: stylised identity {seed} of the demo face renderer"
+    return label + (" (the built-in avatar)" if spec in (default_avatar(1), default_avatar(2)) else "")
 
 
 def resolve_model(name: str) -> str:
@@ -184,55 +214,31 @@ def read_sidecar(output: str | Path) -> dict | None:
 
 # ---- the worker -------------------------------------------------------------------------------------------
 def open_input_audio(path: str, settings: RenderSettings) -> tuple[AudioFeed, float | None]:
-    """An input checked and opened for rendering: (a feed that decodes as it is pulled, with the first
-    FEED_AHEAD_S (fusion: all of it) already decoded; the length its header declares). Its declared
-    length is checked against max_duration_s before any decoding. AudioReadError / ValueError name the file."""
-    declared = audio_duration(path)  # from the header, nothing decoded yet
-    if declared is not None and declared > settings.max_duration_s:
-        raise ValueError(f"{path}: the audio lasts {declared:.1f} s, more than --max-duration "
-                         f"{settings.max_duration_s:g} s")
-    feed = AudioFeed(stream_audio(path, sample_rate=settings.sample_rate, max_duration_s=settings.max_duration_s))
+    """A one-speaker input checked and opened (see `open_job_audio`): (its feed, its declared length)."""
+    feeds, declared = open_job_audio(RenderJob(0, path, "", ""), replace(settings, speakers=1))
+    return feeds.feeds[0], declared
+
+
+def open_job_audio(job: RenderJob, settings: RenderSettings) -> tuple[SpeakerFeeds, float | None]:
+    """A job's audio checked and opened for rendering: (one feed per speaker, decoding as it is pulled,
+    the first FEED_AHEAD_S (fusion: all of it) already decoded; the longest length the headers declare).
+    Each file's declared length is checked against max_duration_s before any decoding.
+    AudioReadError / ValueError name the file."""
+    declared = None
+    for path in job.speaker_audio or (job.audio,):
+        length = audio_duration(path)  # from the header, nothing decoded yet
+        if length is not None and length > settings.max_duration_s:
+            raise ValueError(f"{path}: the audio lasts {length:.1f} s, more than --max-duration "
+                             f"{settings.max_duration_s:g} s")
+        declared = length if declared is None or (length or 0) > declared else declared
+    feeds = open_tracks(job.audio, job.speaker_audio, settings.speakers, settings.sample_rate,
+                        settings.max_duration_s)
     # fusion denoises the whole clip at once: all of it (within max_duration_s)
-    feed.pull_until(None if settings.mode == "fusion" else int(FEED_AHEAD_S * settings.sample_rate))
-    if feed.ended and feed.decoded == 0:
-        raise ValueError(f"{path}: the audio is empty (0 samples)")
-    return feed, declared
-
-
-class AudioFeed:
-    """The input audio as it decodes: blocks pulled as generation needs them, handed on in order."""
-
-    def __init__(self, blocks) -> None:
-        self.blocks = blocks
-        self.pending: list[np.ndarray] = []  # decoded, not yet taken
-        self.decoded = self.taken = 0  # samples
-        self.ended = False
-
-    def pull_until(self, samples: int | None) -> None:
-        """Decode until `samples` have decoded in all (None: to the end) or the audio ends."""
-        while not self.ended and (samples is None or self.decoded < samples):
-            block = next(self.blocks, None)
-            if block is None:
-                self.ended = True
-            elif block.size:
-                self.pending.append(block)
-                self.decoded += block.size
-
-    def take(self, samples: int) -> np.ndarray:
-        """Up to `samples` of what has decoded and was not taken yet."""
-        out: list[np.ndarray] = []
-        want = max(0, samples)
-        while want and self.pending:
-            block = self.pending[0]
-            out.append(block[:want])
-            if block.size <= want:
-                self.pending.pop(0)
-            else:
-                self.pending[0] = block[want:]
-            want -= out[-1].size
-        chunk = np.concatenate(out) if out else np.zeros(0, np.float32)
-        self.taken += chunk.size
-        return chunk
+    feeds.pull_until(None if settings.mode == "fusion" else int(FEED_AHEAD_S * settings.sample_rate))
+    for feed, source in zip(feeds.feeds, feeds.sources, strict=True):
+        if feed.ended and feed.decoded == 0:
+            raise ValueError(f"{source}: the audio is empty (0 samples)")
+    return feeds, declared
 
 
 class _Throttle:
@@ -249,7 +255,11 @@ class _Throttle:
 
 
 class Renderer:
-    """Models and engine loaded once; `render` turns one job into an mp4 and a result dict."""
+    """Models and engine loaded once; `render` turns one job into an mp4 and a result dict.
+
+    A multi-face avatar is generated at one face's frame size per face, side by side (128 x 256 for two
+    faces with the demo model: the two-person scenes its face-aware audio adapter was trained on), by a
+    second engine on the same weights, started when the first such avatar comes."""
 
     def __init__(self, settings: RenderSettings, threads: int | None = None) -> None:
         self.settings = s = settings.validate()
@@ -264,25 +274,40 @@ class Renderer:
         self.fusion = FusionOptions() if s.steps is None else FusionOptions(steps=s.steps)
         # fusion is offline (no session), but the engine still prepares avatars and builds the decoder
         streaming = s.mode != "fusion"
-        self.engine = AvatarEngine(self.models, replace(
+        self.options: EngineOptions = replace(
             defaults, mode=s.mode if streaming else "causal", causal=causal, overlap=overlap, decoder=s.decoder,
-            max_sessions=1, warmup=streaming)).start()
-        self._conditions: dict[tuple[str, str | None], Conditions] = {}
+            max_sessions=1, warmup=streaming)
+        self.engine = AvatarEngine(self.models, self.options).start()
+        self._engines = {1: self.engine}  # by faces in the frame
+        self._conditions: dict[tuple[str, str | None], tuple[AvatarEngine, Conditions]] = {}
 
     def close(self) -> None:
-        self.engine.stop()
+        for engine in self._engines.values():
+            engine.stop()
+
+    def engine_for(self, faces: int) -> AvatarEngine:
+        """The engine that generates frames for `faces` faces side by side (started on first use)."""
+        if faces not in self._engines:
+            h, w = self.models.frame_hw
+            models = replace(self.models, frame_hw=(h, w * faces), decoder_backend=None)  # the decoder is per size
+            self._engines[faces] = AvatarEngine(models, self.options).start()
+        return self._engines[faces]
 
     def render(self, job: RenderJob, on_progress: ProgressFn | None = None) -> dict:
         """Render one job; failures (unreadable audio, bad portrait, encoder errors) become the result."""
         t0 = time.perf_counter()
         result = {"index": job.index, "input": job.audio, "output": job.output, "avatar": job.avatar,
                   "status": "failed", "duration_s": None, "frames": None, "wall_s": None, "rtf": None, "error": None}
+        if self.settings.speakers > 1:
+            result["speakers"] = self.settings.speakers
         try:
-            frames, samples = self._render(job, _Throttle(on_progress, job.index))
+            frames, samples, tracks = self._render(job, _Throttle(on_progress, job.index))
             wall = time.perf_counter() - t0
             duration = samples / self.settings.sample_rate
             done = {"duration_s": round(duration, 3), "frames": frames, "wall_s": round(wall, 3),
                     "rtf": round(duration / wall, 3)}  # rtf: media seconds per wall second (>1: faster than real time)
+            if self.settings.speakers > 1:
+                done.update(_dialogue_fields(tracks))
             write_json_atomic(sidecar_path(job.output), {"key": job.key, "settings": self.settings.output_key(),
                                                          "emotion": job.emotion, "result": done})
         except Exception as exc:  # one bad input must not stop the batch
@@ -290,14 +315,14 @@ class Renderer:
             return result
         return {**result, **done, "status": "done"}
 
-    def _render(self, job: RenderJob, progress: _Throttle) -> tuple[int, int]:
+    def _render(self, job: RenderJob, progress: _Throttle) -> tuple[int, int, list[dict]]:
         s = self.settings
         out = Path(job.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(out)  # left by a killed run
         sidecar_path(out).unlink(missing_ok=True)  # the output is about to change
-        feed, declared = open_input_audio(job.audio, s)
-        cond = self.conditions(job.avatar, job.emotion)
+        feeds, declared = open_job_audio(job, s)
+        engine, cond = self.prepared(job.avatar, job.emotion)
         estimate = frames_for_samples(int((declared or 0) * s.sample_rate), s.sample_rate, s.fps)
         written = 0
         with Mp4FileSink(out, video_options={"crf": str(s.crf), "preset": "medium"}) as sink:
@@ -305,35 +330,39 @@ class Renderer:
                 nonlocal written
                 start, end = frame_sample_bounds(frame.pts, s.sample_rate, s.fps)
                 # the last frame's padding is not input audio (it comes after every sample has decoded)
-                keep = max(0, min(end, feed.decoded) - start) if feed.ended else frame.audio.size
+                keep = max(0, min(end, feeds.decoded) - start) if feeds.ended else frame.audio.size
                 sink.write(frame if keep == frame.audio.size else replace(frame, audio=frame.audio[:keep]))
                 written += 1
 
             if s.mode == "fusion":
-                pcm = feed.take(feed.decoded)
-                self._fused(cond, pcm, frames_for_samples(pcm.size, s.sample_rate, s.fps), emit, progress)
+                pcm = feeds.take(feeds.decoded)
+                self._fused(engine, cond, pcm, frames_for_samples(pcm.shape[1], s.sample_rate, s.fps), emit,
+                            progress)
             else:
-                asyncio.run(self._streamed(cond, feed, estimate, emit, progress))
-            total = frames_for_samples(feed.decoded, s.sample_rate, s.fps)
+                asyncio.run(self._streamed(engine, cond, feeds, estimate, emit, progress))
+            total = frames_for_samples(feeds.decoded, s.sample_rate, s.fps)
             if written != total:
                 raise RuntimeError(f"{job.audio}: generated {written} frames, the audio needs {total}")
-        return written, feed.decoded
+        return written, feeds.decoded, feeds.tracks()
 
-    async def _streamed(self, cond: Conditions, feed: AudioFeed, estimate: int, emit, progress: _Throttle) -> None:
-        """An engine session, fed at most FEED_AHEAD_S ahead of generation (decoding as it goes), read
-        until its SegmentEnd. `estimate`: the frames the header's length needs (progress only)."""
+    async def _streamed(self, engine: AvatarEngine, cond: Conditions, feeds: SpeakerFeeds, estimate: int, emit,
+                        progress: _Throttle) -> None:
+        """An engine session (one audio stream per speaker), fed at most FEED_AHEAD_S ahead of generation
+        (decoding as it goes), read until its SegmentEnd. `estimate`: the frames the header's length needs
+        (progress only)."""
         s = self.settings
-        session = self.engine.open_session(cond, SessionOptions(realtime=False, sample_rate=s.sample_rate, seed=s.seed))
+        session = engine.open_session(cond, SessionOptions(realtime=False, sample_rate=s.sample_rate, seed=s.seed,
+                                                           speakers=feeds.speakers))
         ahead, segment_ended = int(FEED_AHEAD_S * s.sample_rate), False
 
         def top_up(next_frame: int) -> None:
             nonlocal segment_ended
             target = frame_sample_bounds(next_frame, s.sample_rate, s.fps)[0] + ahead
-            feed.pull_until(target)
-            chunk = feed.take(target - feed.taken)
-            if chunk.size:
-                session.push_audio(chunk, s.sample_rate)
-            if feed.ended and feed.taken == feed.decoded and not segment_ended:
+            chunk = feeds.take(target - feeds.taken)  # (speakers, m): the tracks stay in step
+            if chunk.shape[1]:
+                for speaker, pcm in enumerate(chunk):
+                    session.push_audio(pcm, s.sample_rate, speaker=speaker)
+            if feeds.ended and feeds.taken == feeds.decoded and not segment_ended:
                 session.end_segment()
                 segment_ended = True
 
@@ -344,7 +373,7 @@ class Renderer:
                 if isinstance(item, AvatarFrame):
                     emit(item)
                     done += 1
-                    total = frames_for_samples(feed.decoded, s.sample_rate, s.fps) if feed.ended else estimate
+                    total = frames_for_samples(feeds.decoded, s.sample_rate, s.fps) if feeds.ended else estimate
                     progress(done, max(total, done))
                     top_up(item.pts + 1)
                 elif isinstance(item, SegmentEnd):
@@ -354,13 +383,21 @@ class Renderer:
         finally:
             session.close()
 
-    def _fused(self, cond: Conditions, pcm: np.ndarray, total: int, emit, progress: _Throttle) -> None:
-        """Position-shift fusion over the whole clip: offline features, one fused denoise, streamed decode."""
-        s, m = self.settings, self.models
+    def _fused(self, engine: AvatarEngine, cond: Conditions, pcm: np.ndarray, total: int, emit,
+               progress: _Throttle) -> None:
+        """Position-shift fusion over the whole clip: offline features, one fused denoise, streamed decode.
+        pcm: (speakers, n); several speakers drive their faces (FAA) and, mixed, the shared audio path,
+        as a session does."""
+        s, m = self.settings, engine.models
         num_latents = 1 + math.ceil((total - 1) / 4)  # 1 + 4k video frames >= total
-        wav16k = resample_audio(pcm, PcmFormat(s.sample_rate), out_rate=MODEL_SAMPLE_RATE)
-        feats = m.features(wav16k, num_video_frames(num_latents))  # (1 + 4k, D)
-        audio = torch.from_numpy(np.ascontiguousarray(group_by_latent(feats)))[None].to(m.dit.device)  # (1, N, 4, D)
+        grouped = []
+        for track in pcm:
+            wav16k = resample_audio(track, PcmFormat(s.sample_rate), out_rate=MODEL_SAMPLE_RATE)
+            feats = m.features(wav16k, num_video_frames(num_latents))  # (1 + 4k, D)
+            grouped.append(torch.from_numpy(np.ascontiguousarray(group_by_latent(feats))))  # (N, 4, D)
+        audio = torch.stack(grouped).mean(0)[None].to(m.dit.device)  # (1, N, 4, D)
+        face_audio = torch.stack(grouped)[None].to(m.dit.device) if len(grouped) > 1 else None  # (1, S, N, 4, D)
+        mix = np.clip(pcm.sum(0), -1, 1) if len(pcm) > 1 else pcm[0]
         # progress: DiT calls (steps x windows) then decoded latents, shown as a share of the frames
         window = min(self.fusion.window_frames, num_latents)
         work = self.fusion.steps * math.ceil(num_latents / window) + num_latents
@@ -373,7 +410,8 @@ class Renderer:
 
         hook = m.dit.register_forward_hook(tick)
         try:
-            latents = generate_fused(m.dit, cond, audio, num_latents, self.fusion, seed=s.seed)  # (1, 16, N, h, w)
+            latents = generate_fused(m.dit, cond, audio, num_latents, self.fusion, seed=s.seed,
+                                     face_audio=face_audio)  # (1, 16, N, h, w)
         finally:
             hook.remove()
         decoder = FrameDecoder(m.decoder_backend or m.vae, *cond.latent_hw)
@@ -383,35 +421,80 @@ class Renderer:
                 if pts < total:
                     a, b = frame_sample_bounds(pts, s.sample_rate, s.fps)
                     chunk = np.zeros(b - a, np.float32)
-                    chunk[:max(0, min(b, pcm.size) - a)] = pcm[a:b]
+                    chunk[:max(0, min(b, mix.size) - a)] = mix[a:b]
                     emit(AvatarFrame(video=image, audio=chunk, sample_rate=s.sample_rate, pts=pts, fps=s.fps))
                 pts += 1
             tick()
 
-    def conditions(self, avatar: str, emotion: str | None) -> Conditions:
-        """Conditions for a portrait or a demo:SEED stylised identity (prepared and cached on disk)."""
+    def prepared(self, avatar: str, emotion: str | None) -> tuple[AvatarEngine, Conditions]:
+        """(the engine for the avatar's faces, its conditions) for a portrait, an `avatar new` folder, or a
+        demo:SEED / duo:SEED stylised avatar (prepared and cached on disk). Its faces must match --speakers."""
         key = (avatar, emotion)
         if key not in self._conditions:
             kind, value = parse_avatar(avatar)
-            if kind in ("demo", "folder"):  # a stylised identity or an `avatar new` folder: emotions by name
-                from app.avatars import EMOTIONS, prepare_avatar_dir, prepare_stylised, stylised_avatar
+            faces = avatar_faces(avatar, self.settings.speakers)
+            if faces != self.settings.speakers:
+                raise ValueError(_faces_mismatch(avatar, faces, self.settings.speakers))
+            engine = self.engine_for(faces)
+            if kind in ("demo", "duo", "folder"):  # stylised identities or an `avatar new` folder: emotions by name
+                from app.avatars import (
+                    EMOTIONS,
+                    prepare_avatar_dir,
+                    prepare_stylised,
+                    stylised_avatar,
+                )
 
-                if kind == "demo":
-                    prepared, names = prepare_stylised(self.engine, stylised_avatar(int(value)),
-                                                       cache_dir=avatar_cache_dir()), EMOTIONS
-                else:  # the folder's portrait is its neutral face
-                    prepared = prepare_avatar_dir(self.engine, Path(value), avatar_cache_dir())
+                if kind == "folder":  # the folder's portrait is its neutral face
+                    prepared = prepare_avatar_dir(engine, Path(value), avatar_cache_dir())
                     names = ("neutral", *sorted(prepared.emotion_latents))
+                else:
+                    prepared, names = prepare_stylised(engine, stylised_avatar(int(value), faces=faces),
+                                                       cache_dir=avatar_cache_dir()), EMOTIONS
                 if emotion and emotion not in names:
                     raise ValueError(f"--emotion for {avatar} is one of {', '.join(names)}, not {emotion!r}")
-                cond = self.engine.conditions(prepared, emotion if emotion in prepared.emotion_latents else None)
-            else:
+                emotion = emotion if emotion in prepared.emotion_latents else None
+            else:  # a photo: the detector finds --speakers faces, ordered left to right
                 emotions = {"emotion": Path(emotion)} if emotion else None
-                prepared = self.engine.prepare_avatar(Path(value), emotion_images=emotions,
-                                                      cache_dir=avatar_cache_dir())
-                cond = self.engine.conditions(prepared, "emotion" if emotion else None)
-            self._conditions[key] = cond
+                prepared = engine.prepare_avatar(Path(value), expected_faces=faces, emotion_images=emotions,
+                                                 cache_dir=avatar_cache_dir())
+                emotion = "emotion" if emotion else None
+            self._conditions[key] = (engine, engine.conditions(prepared, emotion))
         return self._conditions[key]
+
+    def conditions(self, avatar: str, emotion: str | None) -> Conditions:
+        """The avatar's conditions (see `prepared`)."""
+        return self.prepared(avatar, emotion)[1]
+
+
+def avatar_faces(spec: str, speakers: int) -> int:
+    """How many faces an avatar has: 1 for demo:SEED, 2 for duo:SEED, the boxes of a folder's avatar.json;
+    a photo is taken to have `speakers` faces (the detector must find them)."""
+    kind, value = parse_avatar(spec)
+    if kind == "folder":
+        from app.avatars import AVATAR_SPEC, read_face_boxes
+
+        try:
+            return len(read_face_boxes(json.loads((Path(value) / AVATAR_SPEC).read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{value}: not an avatar folder ({type(exc).__name__}: {exc})") from None
+    return {"demo": 1, "duo": 2}.get(kind, speakers)
+
+
+def _faces_mismatch(avatar: str, faces: int, speakers: int) -> str:
+    has = f"avatar {avatar} has {faces} face{'s' if faces > 1 else ''}"
+    if faces < speakers:
+        return f"{has}, --speakers {speakers} needs {speakers}"
+    return f"{has}: pass --speakers {faces} with a voice per face (one voice cannot drive {faces} faces)"
+
+
+def _dialogue_fields(tracks: list[dict]) -> dict:
+    """The manifest's record of a dialogue: every speaker's track, and a warning when some were padded."""
+    padded = [t for t in tracks if t["padded_s"] > 0]
+    fields: dict = {"speakers": len(tracks), "tracks": tracks}
+    if padded:
+        fields["warning"] = "; ".join(f"speaker {t['speaker']} ({t['input']}) is {t['padded_s']} s shorter than "
+                                      "the longest track: padded with silence" for t in padded)
+    return fields
 
 
 def avatar_cache_dir() -> Path:
