@@ -1,6 +1,8 @@
 // avatarcast page: one WebRTC call to the server. The microphone (or an audio file played through
 // WebAudio) goes up as the mic track; the avatar's video and the audio it speaks come back.
 // Signaling is one POST /offer after ICE gathering completes (the server does not trickle).
+// A two-face avatar can hold a dialogue: the caller drives the left face, and the right face is driven by
+// an audio file of the server's media folder (GET /media) or by the right channel of a stereo microphone.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -34,6 +36,46 @@ function mode() {
   return document.querySelector('input[name="mode"]:checked').value;
 }
 
+function voices() {
+  const faces = call.config.faces[$("avatar-select").value] || 1;
+  return faces >= 2 ? document.querySelector('input[name="voices"]:checked').value : "one";
+}
+
+// the dialogue choices show only for an avatar with two faces; the file list is the server's own
+async function fillDialogue() {
+  const faces = call.config.faces[$("avatar-select").value] || 1;
+  $("dialogue").hidden = faces < 2;
+  $("voice-row").hidden = voices() !== "file";
+  if (voices() !== "file" || call.media) return;
+  try {
+    call.media = (await (await fetch("/media")).json()).files;
+  } catch (err) {
+    call.media = [];
+  }
+  $("voice-select").replaceChildren(...call.media.map((f) => new Option(f, f)));
+  $("voice-hint").textContent = call.media.length ? "plays once the call connects"
+    : "the server has no media files (AVATARCAST_MEDIA_DIR)";
+}
+
+// the fields /offer takes for a two-person call (none for one voice)
+function dialogueFields() {
+  const v = voices();
+  if (v === "file") {
+    if (!$("voice-select").value) throw new Error("choose the second voice's file");
+    return { speakers: 2, second_voice: $("voice-select").value };
+  }
+  return v === "stereo" ? { speakers: 2, stereo_split: true } : {};
+}
+
+// browsers send mono Opus unless the offer says the microphone is stereo
+function announceStereo(sdp) {
+  const m = sdp.match(/a=rtpmap:(\d+) opus\/48000\/2/i);
+  if (!m) return sdp;
+  const fmtp = new RegExp(`a=fmtp:${m[1]} (.*)`);
+  return fmtp.test(sdp) ? sdp.replace(fmtp, (line, params) => `a=fmtp:${m[1]} ${params};stereo=1;sprop-stereo=1`)
+    : sdp.replace(m[0], `${m[0]}\r\na=fmtp:${m[1]} stereo=1;sprop-stereo=1`);
+}
+
 async function loadConfig() {
   const res = await fetch("/config");
   call.config = await res.json();
@@ -42,6 +84,7 @@ async function loadConfig() {
   avatarSel.replaceChildren(...Object.keys(cfg.avatars).map((name) => new Option(name, name)));
   avatarSel.value = cfg.default_avatar;
   fillEmotions();
+  fillDialogue();
   $("codec-select").replaceChildren(...cfg.codecs.map((c) => new Option(c.toUpperCase(), c)));
   $("codec-select").value = cfg.default_codec;
   $("file-hint").textContent = `up to ${(cfg.upload_limit_bytes / 1048576).toFixed(0)} MB; it plays as your mic`;
@@ -56,11 +99,17 @@ function fillEmotions() {
 
 // ---- the mic track: the microphone, or a file played through WebAudio -------------------------------
 async function voiceTrack() {
+  const stereo = voices() === "stereo"; // processing would mix the channels down
   call.micStream = await navigator.mediaDevices.getUserMedia({
-    audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+    audio: stereo ? { channelCount: 2, echoCancellation: false, noiseSuppression: false, autoGainControl: false }
+      : { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     video: false,
   });
-  return call.micStream.getAudioTracks()[0];
+  const track = call.micStream.getAudioTracks()[0];
+  if (stereo && (track.getSettings().channelCount || 1) < 2) {
+    throw new Error("this microphone is mono: a split needs a stereo input, or choose a server file as the second voice");
+  }
+  return track;
 }
 
 async function fileTrack() {
@@ -105,6 +154,7 @@ async function startCall() {
   $("call").disabled = true;
   setStatus("connecting", "asking for the microphone…");
   try {
+    const dialogue = dialogueFields();
     call.micTrack = await inputTrack();
     const pc = new RTCPeerConnection({ iceServers: call.config.ice_servers });
     call.pc = pc;
@@ -126,7 +176,9 @@ async function startCall() {
       } else if (s === "disconnected" || s === "closed") endedByServer();
     };
     setStatus("connecting", "connecting…");
-    await pc.setLocalDescription(await pc.createOffer());
+    const offer = await pc.createOffer();
+    if (dialogue.stereo_split) offer.sdp = announceStereo(offer.sdp);
+    await pc.setLocalDescription(offer);
     await gatheringComplete(pc);
     const res = await fetch("/offer", {
       method: "POST",
@@ -134,7 +186,7 @@ async function startCall() {
       body: JSON.stringify({
         sdp: pc.localDescription.sdp, type: "offer", mode: mode(),
         avatar: $("avatar-select").value, emotion: $("emotion-select").value || null,
-        codec: $("codec-select").value,
+        codec: $("codec-select").value, ...dialogue,
       }),
     });
     const answer = await res.json();
@@ -273,7 +325,8 @@ window.addEventListener("DOMContentLoaded", async () => {
   }
   $("call").addEventListener("click", startCall);
   $("hangup").addEventListener("click", () => hangUp(true));
-  $("avatar-select").addEventListener("change", () => { fillEmotions(); changeEmotion(); });
+  $("avatar-select").addEventListener("change", () => { fillEmotions(); fillDialogue(); changeEmotion(); });
+  document.querySelectorAll('input[name="voices"]').forEach((r) => r.addEventListener("change", fillDialogue));
   $("emotion-select").addEventListener("change", changeEmotion);
   document.querySelectorAll('input[name="mode"]').forEach((r) => r.addEventListener("change", switchInput));
   $("file-input").addEventListener("change", () => { if (call.pc && mode() === "file") switchInput(); });

@@ -92,6 +92,7 @@ def fake_session(sid: str, *, emotion: str | None = "neutral", paused: bool = Fa
                   "repeated": 10, "dropped_overflow": 0, "dropped_late": dropped_late, "dropped_trim": 0,
                   "max_level": 9},
         "latency_ms": {"p50": p50, "p95": p50 + 41.5, "last": p50 + 3.0}, "speaking": True,
+        "speakers": 1, "dialogue": None,
         "engine": {"session": f"s{int(seed)}", "frames": 18000, "idle_frames": 200, "blocks": 1500,
                    "dropped_input_samples": 0, "dropped_frames": 0,
                    "stage_ms": {"features": 1.2 * seed, "denoise": 38.4 * seed, "decode": 21.7 * seed,
