@@ -107,8 +107,14 @@ def _demo_sessions(bundle, count: int, seed: int = 0) -> list[Conditions]:
     g = torch.Generator().manual_seed(seed)
     h, w = (x // bundle.vae.cfg.spatial_factor for x in bundle.frame_hw)
     motion = 0.25 if bundle.dit.cfg.motion_condition else None
-    return [Conditions(reference=torch.randn(1, bundle.vae.cfg.z_dim, 1, h, w, generator=g), motion=motion)
+    device = next(bundle.dit.parameters()).device
+    return [Conditions(reference=torch.randn(1, bundle.vae.cfg.z_dim, 1, h, w, generator=g).to(device), motion=motion)
             for _ in range(count)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: a block is done when the device says so
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -119,19 +125,20 @@ def dit_throughput(bundle, options: EngineOptions, counts: tuple[int, ...], bloc
     batch holds different block indices, as a live engine's does."""
     gen = CausalGenerator(bundle.dit, options.causal)
     n, dim = options.causal.block_frames, bundle.dit.cfg.audio_dim
+    device = next(bundle.dit.parameters()).device
 
     def streams(count: int) -> list:
         states = []
         for i, cond in enumerate(_demo_sessions(bundle, count)):
             st = gen.init_state(cond, seed=i)
-            gen.prefill_reference(st, torch.zeros(1, 1, 4, dim))
+            gen.prefill_reference(st, torch.zeros(1, 1, 4, dim, device=device))
             for _ in range(i):  # stagger the sessions
-                gen.generate_block(st, torch.zeros(1, n, 4, dim))
+                gen.generate_block(st, torch.zeros(1, n, 4, dim, device=device))
             states.append(st)
         return states
 
     runs = {(c, batched): streams(c) for c in counts for batched in (False, True)}
-    audio = [torch.randn(1, n, 4, dim) for _ in range(max(counts))]
+    audio = [torch.randn(1, n, 4, dim).to(device) for _ in range(max(counts))]
     wall = dict.fromkeys(runs, 0.0)
     for _ in range(blocks):
         for (c, batched), states in runs.items():
@@ -141,6 +148,7 @@ def dit_throughput(bundle, options: EngineOptions, counts: tuple[int, ...], bloc
             else:
                 for st, a in zip(states, audio):
                     gen.generate_block(st, a)
+            _sync(device)
             wall[(c, batched)] += time.perf_counter() - t0
     out = {}
     for c in counts:
@@ -171,15 +179,16 @@ async def _stream_all(engine: AvatarEngine, conds: list[Conditions], seconds: fl
 
 
 def run_batched(counts: tuple[int, ...] = (1, 2, 4), dit_blocks: int = 20, seconds: float = 6.0,
-                threads: int | None = None) -> dict:
+                threads: int | None = None, device: str = "cpu", decoder: str = "auto") -> dict:
     from app.render_worker import load_models
     from avatar.engine import preset_options
 
     if threads:
         torch.set_num_threads(threads)
-    bundle = load_models("demo", device="cpu")
-    base = preset_options("demo", warmup=True)
-    out: dict = {"model": bundle.name, "device": "cpu", "threads": torch.get_num_threads(),
+    bundle = load_models("demo", device=device)
+    base = preset_options("demo", warmup=True, decoder=decoder)
+    out: dict = {"model": bundle.name, "device": str(next(bundle.dit.parameters()).device), "decoder": decoder,
+                 "threads": torch.get_num_threads(),
                  "causal": {"block_frames": base.causal.block_frames, "window_frames": base.causal.window_frames,
                             "steps": len(base.causal.steps), "guidance_passes": base.causal.guidance.passes},
                  "dit_fps": {}, "engine_fps": {}}
@@ -213,9 +222,14 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=6.0, help="--batched: speech per session")
     p.add_argument("--dit-blocks", type=int, default=20, help="--batched: blocks per session, DiT alone")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the library's)")
+    p.add_argument("--device", default="cpu", help="--batched: cpu | cuda | auto")
+    p.add_argument("--counts", default="1,2,4", help="--batched: session counts")
+    p.add_argument("--decoder", default="auto", help="--batched: the engine's VAE decoder (auto | onnx | torch)")
     a = p.parse_args()
     if a.batched:
-        print(json.dumps(run_batched(dit_blocks=a.dit_blocks, seconds=a.seconds, threads=a.threads), indent=2))
+        counts = tuple(int(c) for c in a.counts.split(","))
+        print(json.dumps(run_batched(counts, dit_blocks=a.dit_blocks, seconds=a.seconds, threads=a.threads,
+                                     device=a.device, decoder=a.decoder), indent=2))
         return
     print(json.dumps(run(blocks=a.blocks, preset=a.preset, vae=a.vae, height=a.size, width=a.size), indent=2))
 
