@@ -114,9 +114,10 @@ def render(
                                                      "(columns: audio, avatar, emotion, output; for dialogue "
                                                      "audio_1 .. audio_N in place of audio)")],
     out: Annotated[Path, typer.Option("--out", help="output directory")],
-    avatar: Annotated[str | None, typer.Option(help="portrait image, `avatar new` folder, or demo:SEED (stylised "
-                                                    "identity SEED of the demo face renderer); default: the "
-                                                    "built-in drawn avatar `serve` uses")] = None,
+    avatar: Annotated[str | None, typer.Option(help="portrait image, `avatar new` folder, demo:SEED (stylised "
+                                                    "identity SEED of the demo face renderer) or duo:SEED (two "
+                                                    "faces: SEED and SEED+1); default: the built-in drawn avatar "
+                                                    "`serve` uses (with --speakers 2: sketch-duo)")] = None,
     emotion: Annotated[str | None, typer.Option(help="emotion reference image; for demo:SEED avatars one of "
                                                      "neutral, happy, sad, surprised; for a folder one of its "
                                                      "emotions")] = None,
