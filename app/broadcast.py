@@ -75,16 +75,17 @@ def run_broadcast(req: BroadcastRequest, echo: Callable[[str], None] = print,
     if req.avatar is not None and not req.avatar.exists():  # a portrait image or an `avatar new` folder
         raise FileNotFoundError(f"{req.avatar}: no such portrait file or avatar folder")
 
-    from app.avatars import EngineBackend, prepare_avatars
     from app.render_worker import load_models
+    from app.workers.scenes import scene_backend
     from avatar.engine import AvatarEngine, preset_options
 
     models = load_models(req.model)
     engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="auto", max_sessions=1))
     engine.start()
+    backend = None
     try:
-        avatars, default = prepare_avatars(engine, req.avatar)
-        backend = EngineBackend(engine, avatars, default)
+        backend = scene_backend(engine, req.avatar)
+        default = backend.default_avatar
         faces = backend.faces()
         if req.avatar is None and speakers > faces.get(default, 1):  # a dialogue on the built-in pair
             default = next((name for name, n in sorted(faces.items()) if n >= speakers), default)
@@ -99,6 +100,8 @@ def run_broadcast(req: BroadcastRequest, echo: Callable[[str], None] = print,
                f"to {target.display} (Ctrl-C to stop)")
         snap = asyncio.run(_broadcast(backend, default, req, target, options, status))
     finally:
+        if backend is not None:
+            backend.stop()
         engine.stop()
     echo(json.dumps(snap, indent=2))
     return 1 if snap["state"] == "failed" else 0

@@ -292,7 +292,7 @@ def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:
 
 
 def _run_in_process(settings: Settings, echo: Callable[[str], None]) -> None:
-    from app.avatars import EngineBackend, prepare_avatars
+    from app.workers.scenes import scene_backend
     from avatar.engine import AvatarEngine, preset_options
 
     models = load_models(settings.model)
@@ -300,15 +300,18 @@ def _run_in_process(settings: Settings, echo: Callable[[str], None]) -> None:
                                                  max_sessions=settings.max_sessions,
                                                  threads=settings.compute_threads()))
     engine.start()
+    backend = None
     try:
-        avatars, default = prepare_avatars(engine, Path(settings.avatar) if settings.avatar else None)
-        app = create_app(settings, EngineBackend(engine, avatars, default))
+        backend = scene_backend(engine, Path(settings.avatar) if settings.avatar else None)
+        app = create_app(settings, backend)
         echo(f"avatarcast: model {engine.models.name} in this process ({engine.decoder_provider} decoder, "
              f"{settings.compute_threads()} compute threads), "
-             f"avatars {sorted(avatars)}, up to {settings.max_sessions} sessions")
+             f"avatars {sorted(backend.catalog())}, up to {settings.max_sessions} sessions")
         _announce_address(settings, echo)
         web.run_app(app, host=settings.host, port=settings.port, print=None)
     finally:
+        if backend is not None:
+            backend.stop()
         engine.stop()
 
 

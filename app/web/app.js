@@ -45,6 +45,7 @@ function voices() {
 async function fillDialogue() {
   const faces = call.config.faces[$("avatar-select").value] || 1;
   $("dialogue").hidden = faces < 2;
+  document.querySelector(".frame").classList.toggle("wide", faces >= 2);
   $("voice-row").hidden = voices() !== "file";
   if (voices() !== "file" || call.media) return;
   try {

@@ -82,8 +82,8 @@ class _Live:
 
 class EngineWorker:
     def __init__(self, spec: WorkerSpec) -> None:
-        from app.avatars import EngineBackend, prepare_avatars
         from app.render_worker import load_models
+        from app.workers.scenes import scene_backend
         from avatar.engine import AvatarEngine, preset_options
 
         self.spec = spec
@@ -94,11 +94,10 @@ class EngineWorker:
                                                           warmup=spec.warmup, **batch))
         self.engine.start()
         try:
-            avatars, default = prepare_avatars(self.engine, Path(spec.avatar) if spec.avatar else None)
+            self.backend = scene_backend(self.engine, Path(spec.avatar) if spec.avatar else None)
         except BaseException:
             self.engine.stop()
             raise
-        self.backend = EngineBackend(self.engine, avatars, default)
         self._sessions: dict[int, _Live] = {}
         self._send: Send | None = None
         self._heartbeat: asyncio.Task | None = None
@@ -186,6 +185,7 @@ class EngineWorker:
             self.close_session(key)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        self.backend.stop()
         self.engine.stop()
 
     # ---- out --------------------------------------------------------------------------------------------
@@ -266,7 +266,8 @@ class EngineWorker:
             "load": round(max(generate_ms, decode_ms) / (window_s * 1e3), 3),
             "block_ms": round(statistics.median(self._block_ms), 2) if self._block_ms else None,
             "stalled_s": round(now - self._progress_at, 2) if self._sessions else 0.0,
-            "engine_running": self.engine.running,  # False: a thread of the engine died (the worker is useless)
+            # False: a thread of an engine died (the worker is useless)
+            "engine_running": all(e.running for e in self.backend.engines),
             "rss_bytes": _rss_bytes(),
         }
 

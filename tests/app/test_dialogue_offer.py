@@ -154,3 +154,37 @@ async def test_combinations_that_cannot_work_are_clear_400s(served, media):
     assert spy.opened == []  # every refusal came before any engine session
     await peer.close()
     await asyncio.sleep(0)
+
+
+async def test_a_worker_process_serves_the_two_faces_with_one_voice_each():
+    """The same through an engine worker process: Open carries the speakers, each Push its speaker; the
+    two-face avatar comes out twice the model's width (its faces at the model's size, side by side)."""
+    from app.workers.engine_worker import WorkerSpec
+    from app.workers.pool import PoolOptions, WorkerPool
+    from avatar.types import AvatarFrame
+    from streaming.webrtc.errors import LiveError
+
+    pool = WorkerPool(WorkerSpec(model="tiny", threads=1, decoder="torch", heartbeat_s=0.25, warmup=False),
+                      PoolOptions(workers=1, tick_s=0.05))
+    await pool.start()
+    try:
+        assert pool.faces() == {BUILTIN_AVATAR: 1, BUILTIN_DUO: 2}
+        with pytest.raises(LiveError) as err:
+            pool.open(BUILTIN_AVATAR, None, speakers=2)
+        assert err.value.code == "too_few_faces"
+        session = pool.open(BUILTIN_DUO, None, speakers=2)
+        with pytest.raises(ValueError, match="speaker 2 outside 0..1"):
+            session.push_audio(np.zeros(480, np.float32), RATE, speaker=2)
+        session.push_audio(speech(1.0), RATE, speaker=1)
+        frames = []
+        async for item in session:
+            if isinstance(item, AvatarFrame):
+                frames.append(item)
+                if len(frames) == 25:
+                    break
+        session.close()
+        h, w = pool.info["frame_hw"]
+        assert frames[-1].video.shape == (h, 2 * w, 3)
+        assert max(float(np.abs(f.audio).max()) for f in frames) > 0.05  # speaker 2's voice comes back out
+    finally:
+        await pool.stop()

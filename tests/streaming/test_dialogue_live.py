@@ -1,9 +1,10 @@
 """Two-person dialogue, live: two voices drive the two faces of a two-face avatar independently.
 
-1. The demo model (loaded as the service loads it) in a live session with two tracks: speech on speaker 0
-   and silence on speaker 1, then swapped. The speaking face's mouth moves and the silent one's stays
-   still: the mouth-opening variance (the demo model card's FAA probe) of the silent face is at most
-   10 % of the speaking face's, both ways round.
+1. The demo model, loaded and wired as the service does (`scene_backend`: the built-in two-face avatar
+   generated at twice the model's width), in a live session with two tracks: speech on speaker 0 and
+   silence on speaker 1, then swapped. The speaking face's mouth moves and the silent one's stays still:
+   the mouth-opening variance (the demo model card's FAA probe) of the silent face is at most 10 % of
+   the speaking face's, both ways round.
 2. A broadcast of two audio files of different lengths into an HLS file target (random TINY weights):
    both voices reach the one session, the shorter one goes silent, the stream has picture and sound.
 3. What cannot work is refused with a clear error: more voices than faces, an audio file with one
@@ -13,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app.avatars import BUILTIN_AVATAR, BUILTIN_DUO, EngineBackend, png_bytes
+from app.avatars import BUILTIN_AVATAR, BUILTIN_DUO, EngineBackend
 from audio.resample import PcmFormat, resample_audio
 from avatar.types import AvatarFrame
 from streaming.broadcasts import BroadcastManager
@@ -46,24 +46,36 @@ def speech(seconds: float) -> np.ndarray:
 # ---- 1. the demo model: the speaking face's mouth moves, the silent one's does not -----------------------
 @pytest.fixture(scope="module")
 def demo_pair():
-    """The embedded demo model as `serve` loads it, generating the pair scene it was trained on, and a
-    two-face avatar of two held-out identities (the pair renderer's boxes: speaker 0 left)."""
+    """The embedded demo model as `serve` loads it and the avatars it serves (head motion off, as the
+    demo model's FAA figure is measured: a moving head is not a moving mouth), with the built-in
+    two-face avatar's mouth boxes in the frames it generates (speaker 0 left)."""
+    from app.avatars import BUILTIN_DUO_SEED
     from app.render_worker import demo_model_available, load_models
-    from avatar.drawn.face import NEUTRAL, Identity, render_pair
+    from app.workers.scenes import scene_backend
+    from avatar.drawn.emotions import rest_state
+    from avatar.drawn.face import Identity, render_pair
     from avatar.engine import AvatarEngine, preset_options
-    from avatar.faces import FixedBoxes
 
     if not demo_model_available():
         pytest.skip("the demo model's weights are not in the tree")
-    models = replace(load_models("demo"), frame_hw=PAIR_HW, decoder_backend=None)
-    engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="torch", max_sessions=1)).start()
-    image, infos = render_pair(Identity.from_seed(1_000_011), NEUTRAL, Identity.from_seed(1_000_023), NEUTRAL,
-                               PAIR_HW)
-    duo = engine.prepare_avatar(png_bytes(image), detector=FixedBoxes([i.face_box for i in infos]),
-                                expected_faces=2)
-    # head motion off (as the demo model's FAA figure is measured): a moving head is not a moving mouth
-    yield EngineBackend(engine, {"duo": duo}, "duo", motion=0.0), [i.mouth_box for i in infos]
+    models = load_models("demo")
+    engine = AvatarEngine(models, preset_options(models.dit.cfg.name, decoder="torch", max_sessions=1,
+                                                 warmup=False)).start()
+    backend = scene_backend(engine, motion=0.0)
+    duo = backend.wide[2].avatars[BUILTIN_DUO]
+    assert duo.size_hw == PAIR_HW
+    ids = [Identity.from_seed(BUILTIN_DUO_SEED + k) for k in range(2)]
+    _, infos = render_pair(ids[0], rest_state("neutral"), ids[1], rest_state("neutral"), (256, 512))
+    yield backend, [_in_crop(i.mouth_box, i.face_box, box) for i, box in zip(infos, duo.boxes)]
+    backend.stop()
     engine.stop()
+
+
+def _in_crop(mouth, face, box) -> tuple[int, int, int, int]:
+    """A mouth box of the drawn scene in the prepared crop, placed by its face's box in both."""
+    sx, sy = (box.x1 - box.x0) / (face[2] - face[0]), (box.y1 - box.y0) / (face[3] - face[1])
+    return (int(box.x0 + (mouth[0] - face[0]) * sx), int(box.y0 + (mouth[1] - face[1]) * sy),
+            int(round(box.x0 + (mouth[2] - face[0]) * sx)), int(round(box.y0 + (mouth[3] - face[1]) * sy)))
 
 
 def mouth_variance(frames: np.ndarray, box) -> float:
@@ -76,7 +88,7 @@ async def test_each_voice_moves_only_its_own_face(demo_pair):
     backend, mouths = demo_pair
     talk = speech(SEGMENT_S)
     quiet = np.zeros_like(talk)
-    session = backend.open("duo", None, speakers=2)  # what a two-person call or broadcast opens
+    session = backend.open(BUILTIN_DUO, None, speakers=2)  # what a two-person call or broadcast opens
     try:
         for left, right in ((talk, quiet), (quiet, talk)):  # face 0 speaks, then face 1
             session.push_audio(left, RATE, speaker=0)
