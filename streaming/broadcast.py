@@ -26,11 +26,13 @@ stream (pts 0, new SPS/PPS).
 
 Encoding and network writes run on one I/O thread per connection; the event loop only moves frames.
 Timeouts. FFmpeg opens an RTMP output without a timeout and holding the GIL (PyAV's avio_open), so a
-server that accepts and never answers would freeze the whole process: every RTMP attempt first does
-the RTMP handshake on the event loop (`probe_rtmp`, `write_timeout_s` for the connect and the answer)
-and opens the real output only when the server answers. Writes run without the GIL and time out after
-`write_timeout_s`; the abandoned thread stays until its write returns, so at most `max_stuck_writers`
-such threads may exist: while that many are blocked, attempts fail without starting another.
+server that accepts and never answers would freeze the process that opens it. RTMP outputs are
+therefore muxed in a child process (`streaming.sink_process.ProcessSink`): each write answers within
+`write_timeout_s` or the child is killed, and the I/O thread is free again. Every RTMP attempt first
+does the RTMP handshake on the event loop (`probe_rtmp`), so a dead or non-RTMP server costs no
+process. HLS writes run in this process without the GIL and time out after `write_timeout_s`; an
+abandoned thread stays until its write returns, so at most `max_stuck_writers` such threads may exist:
+while that many are blocked, attempts fail without starting another.
 Sources (streaming/broadcast_sources.py): an engine session itself, a live call's pacer, and an
 engine session driven by an audio file or URL. This module never imports torch.
 """
@@ -56,6 +58,7 @@ from avatar.types import DEFAULT_FPS, AvatarFrame, SessionError, SessionItem
 from streaming.clock import MediaClock
 from streaming.filesink import AvSink
 from streaming.pacer import Pacer, PacerOptions, Slot
+from streaming.sink_process import ProcessSink, prewarm_in_background
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +187,9 @@ class BroadcastOptions:
                             trim_above_frames=None, history_slots=self.max_lag_frames + 2)
 
 
-def open_sink(target: Target, options: BroadcastOptions, *, resume: bool = False) -> AvSink:
-    """The file sink's muxer on a live target: low-latency H.264 (no B-frames, fixed GOP) + stereo AAC."""
+def open_sink(target: Target, options: BroadcastOptions, *, resume: bool = False) -> AvSink | ProcessSink:
+    """The file sink's muxer on a live target: low-latency H.264 (no B-frames, fixed GOP) + stereo AAC;
+    for RTMP in a child process (`streaming.sink_process`), bounded by `write_timeout_s` per write."""
     g = str(options.gop_frames)
     video = {"preset": options.preset, "tune": "zerolatency", "g": g, "keyint_min": g, "bf": "0",
              "sc_threshold": "0",  # keyframes only on the GOP grid: regular HLS segments, joinable streams
@@ -201,8 +205,11 @@ def open_sink(target: Target, options: BroadcastOptions, *, resume: bool = False
             flags += ["append_list", "discont_start"]
         container, fmt = {"hls_time": f"{options.hls_time_s:g}", "hls_list_size": str(options.hls_list_size),
                           "hls_flags": "+".join(flags), "hls_segment_type": options.hls_segment_type}, "hls"
-    return AvSink(target.location, format=fmt, container_options=container, video_options=video,
+    kwargs = dict(target=target.location, format=fmt, container_options=container, video_options=video,
                   audio_bit_rate=options.audio_bitrate, video_bit_rate=options.video_bitrate, audio_layout="stereo")
+    if target.kind == "rtmp":  # FFmpeg's RTMP open can hang its process for good: not this one
+        return ProcessSink(kwargs, timeout_s=options.write_timeout_s)
+    return AvSink(**kwargs)
 
 
 RTMP_HANDSHAKE = 1 + 1536  # C0/S0 (version) + C1/S1 (time, zero, 1528 random bytes)
@@ -374,7 +381,10 @@ class Broadcaster:
     # ---- output timeline ------------------------------------------------------------------------------------
     async def _send_loop(self) -> None:
         opts, clock, pacer = self.options, self.clock, self.pacer
-        # 1. pre-roll: the pacer starts the clock once start_frames are in (here: the source ended early)
+        # 1. pre-roll: the pacer starts the clock once start_frames are in (here: the source ended early);
+        #    meanwhile the RTMP muxers' fork server starts (a cold start takes a second, once per process)
+        if self.target.kind == "rtmp":
+            prewarm_in_background()
         while pacer.level < opts.start_frames and not self._source_done and not self._stop:
             await clock.sleep_until(clock.now() + POLL_S)
         if not pacer.level:

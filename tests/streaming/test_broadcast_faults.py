@@ -1,6 +1,6 @@
 """Broadcast faults against the RTMP connection logic (127.0.0.1 only): a server that accepts and never
-answers, writes that never return, links that drop before they are stable. Thread counts stay flat and
-every failure is bounded in time."""
+answers, one that completes the handshake and then stalls, writes that never return, links that drop
+before they are stable. Thread and process counts stay flat and every failure is bounded in time."""
 
 from __future__ import annotations
 
@@ -101,3 +101,86 @@ async def test_at_most_max_stuck_writers_threads_stay_blocked():
     finally:
         release.set()
     await until(lambda: not _io_threads(), 5, "the released writers to finish")
+
+
+class HandshakeThenStall:
+    """An RTMP server (127.0.0.1 only) that completes the handshake (C0+C1 -> S0+S1+S2, reads C2) and then
+    never answers FFmpeg's `connect`: the open that once froze the whole process for good."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.handshakes = 0
+        self._conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn = self.listener.accept()[0]
+            except TimeoutError:
+                continue
+            self._conns.append(conn)
+            threading.Thread(target=self._handshake, args=(conn,), daemon=True).start()
+
+    def _handshake(self, conn: socket.socket) -> None:
+        try:
+            c0c1 = b""
+            while len(c0c1) < 1537:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                c0c1 += chunk
+            conn.sendall(b"\x03" + bytes(1536) + c0c1[1:1537])  # S0, S1, S2 (the echo of C1)
+            self.handshakes += 1  # then hold the connection: nothing more is ever sent
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for c in self._conns:
+            c.close()
+        self.listener.close()
+
+
+async def test_an_rtmp_server_that_stalls_after_the_handshake_never_freezes_the_process():
+    """FFmpeg's RTMP open waits forever for the `connect` answer with the GIL held; the muxer runs in a
+    child process that is killed after write_timeout_s, so the event loop keeps running, each attempt
+    fails in bounded time, and no thread or process is left behind."""
+    import multiprocessing
+
+    server = HandshakeThenStall()
+    lags: list[float] = []
+
+    async def ticker() -> None:  # the event loop's own heartbeat: a frozen process stops it
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.05)
+            lags.append(time.monotonic() - t - 0.05)
+
+    tick = asyncio.get_running_loop().create_task(ticker())
+    threads_before = threading.active_count()
+    try:
+        opts = BroadcastOptions(start_frames=1, write_timeout_s=3.0, retry_initial_s=0.01, retry_max_s=0.02,
+                                max_attempts=3)
+        b = Broadcaster(f"rtmp://127.0.0.1:{server.port}/live/stalled", opts)
+        t0 = time.monotonic()
+        snap = await asyncio.wait_for(b.run(frames(None)), 60)
+        assert snap["state"] == "failed" and snap["failed_attempts"] == 3, snap
+        # the broadcaster's own write timeout, or the sink's (whichever fires first: both are 3 s)
+        assert any(t in snap["last_error"] for t in ("no progress for 3 s", "no answer from the output for 3 s"))
+        assert server.handshakes == 2 * 3  # each attempt: the handshake check, then FFmpeg got past it too
+        assert time.monotonic() - t0 < 3 * (3.0 + 2.0) + 5
+        assert max(lags) < 1.0, max(lags)  # the loop never froze (it did for good before)
+        await until(lambda: not multiprocessing.active_children() and not _io_threads(), 10,
+                    "the muxer processes and I/O threads to go")
+        assert threading.active_count() <= threads_before + 1
+    finally:
+        tick.cancel()
+        server.close()
