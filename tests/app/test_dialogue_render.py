@@ -213,3 +213,12 @@ def test_avatar_new_folders_of_either_format_render(tmp_path, duo):
     assert code == 0 and results["hi"]["status"] == "done"
     code, results = _render([str(stereo), "--avatar", str(duo), "--speakers", "2", *TINY], tmp_path / "duo-out")
     assert code == 0 and results["hi2"]["status"] == "done"
+
+
+def test_fusion_drives_each_face_from_its_own_channel_too(tmp_path, duo):
+    stereo = tmp_path / "pair.wav"
+    sf.write(stereo, np.stack([np.full(6400, 0.1, np.float32), np.zeros(6400, np.float32)], 1), 16_000)
+    code, results = _render([str(stereo), "--avatar", str(duo), "--speakers", "2", "--mode", "fusion", "--steps", "2",
+                             *TINY], tmp_path / "out")
+    assert code == 0 and results["pair"]["status"] == "done" and results["pair"]["frames"] == 10
+    assert _decode(tmp_path / "out" / "pair.mp4")[0].shape[1:] == (32, 64, 3)
