@@ -20,6 +20,10 @@ stored and applied at the next pause in the speech that is going out (a voice-ac
 outgoing audio): the session is closed and a new one opened with the new conditions, the mic is
 re-pointed at it, and the pacer plays the old session's buffered tail then repeats the last picture
 until the new session's first frames arrive (about one generation block).
+
+A two-person call (`Offer.speakers` 2) opens a session with two voices: the mic is speaker 1 and
+speaker 2 is a media file played from the moment the call connects (`SecondVoice`), or the mic's right
+channel (`stereo_split`); both follow the call across session changes (streaming/webrtc/dialogue.py).
 """
 
 from __future__ import annotations

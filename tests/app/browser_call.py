@@ -98,7 +98,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def start_server(log) -> tuple[Any, str]:
+async def start_server(log, media_dir: Path | None = None) -> tuple[Any, str]:
     """`avatarcast serve` on 127.0.0.1 (no ICE hosts configured: it must see the loopback bind itself)."""
     port = free_port()
     cli = Path(sys.executable).with_name("avatarcast")
@@ -106,6 +106,8 @@ async def start_server(log) -> tuple[Any, str]:
     env = {**os.environ, "AVATARCAST_ADMIN_TOKEN": TOKEN, "AVATARCAST_MODEL": "tiny", "AVATARCAST_WORKERS": "0",
            "AVATARCAST_MAX_SESSIONS": "2", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.pop("AVATARCAST_ICE_HOSTS", None)
+    if media_dir is not None:  # the files a two-person call may take as its second voice
+        env["AVATARCAST_MEDIA_DIR"] = str(media_dir)
     proc = await asyncio.create_subprocess_exec(*cmd, "serve", "--host", "127.0.0.1", "--port", str(port),
                                                 stdout=log, stderr=log, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -179,16 +181,29 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     server_log = open(profile / "server.log", "wb")
     proc = server = None
     try:
-        server, url = await start_server(server_log)
+        media = None
+        if args.dialogue:
+            media = profile / "media"
+            media.mkdir()
+            shutil.copy(args.wav, media / "guest.wav")
+        server, url = await start_server(server_log, media)
         async with ClientSession() as http:
             admin = Admin(http, url)
-            out["aiortc"] = await aiortc_call(url, admin, args.frames, args.timeout)
+            if not args.dialogue:
+                out["aiortc"] = await aiortc_call(url, admin, args.frames, args.timeout)
             proc, devtools_port = await launch_chromium(args.chromium, args.wav, f"{url}/", profile, log)
             targets = await (await http.get(f"http://127.0.0.1:{devtools_port}/json/list")).json()
             page = next(t for t in targets if t["type"] == "page")
             async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
                 cdp = DevTools(ws)
                 await cdp.poll("window.avatarcast && window.avatarcast.ready === true", 30, "the page to load")
+                if args.dialogue:  # the two-face avatar, the caller on the left, a server file on the right
+                    await cdp.evaluate("(() => { const a = document.getElementById('avatar-select'); "
+                                       "a.value = 'sketch-duo'; a.dispatchEvent(new Event('change')); "
+                                       "const r = document.querySelector('input[name=voices][value=file]'); "
+                                       "r.checked = true; r.dispatchEvent(new Event('change')); return true; })()")
+                    await cdp.poll("document.getElementById('voice-select').options.length > 0", 10,
+                                   "the media folder's files in the second-voice picker")
                 await cdp.evaluate("document.getElementById('call').click(); true", gesture=True)
                 state = ("JSON.stringify({status: avatarcast.status, frames: avatarcast.framesRendered, "
                          "stats: avatarcast.stats, session: avatarcast.sessionId, "
@@ -256,6 +271,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=75)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--screenshot", type=Path, default=None, help="save a PNG of the page mid-call")
+    parser.add_argument("--dialogue", action="store_true", help="a two-person call: sketch-duo, a media file as "
+                                                                 "the second voice")
     print(json.dumps(asyncio.run(run(parser.parse_args()))))
 
 

@@ -54,15 +54,14 @@ def _missing() -> tuple[list[str] | None, str | None]:
     return cmd, None
 
 
-@pytest.fixture(scope="module")
-def browser_call() -> dict:
+def _drive(*args: str) -> dict:
     namespace, reason = _missing()
     if reason is not None or namespace is None:
         if REQUIRED:
             pytest.fail(f"AVATARCAST_REQUIRE_BROWSER=1 but {reason}")
         pytest.skip(reason)
     cmd = [*namespace, "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
-           sys.executable, str(DRIVER), "--wav", str(WAV), "--frames", "75", "--timeout", "60"]
+           sys.executable, str(DRIVER), "--wav", str(WAV), "--frames", "75", "--timeout", "60", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -71,6 +70,16 @@ def browser_call() -> dict:
     assert result["ok"], (f"{result.get('error')}\npage: {result.get('page')}\n{result.get('chromium_log_tail')}"
                           f"\nserver: {result.get('server_log_tail')}")
     return result
+
+
+@pytest.fixture(scope="module")
+def browser_call() -> dict:
+    return _drive()
+
+
+@pytest.fixture(scope="module")
+def dialogue_call() -> dict:
+    return _drive("--dialogue")
 
 
 def test_an_aiortc_client_calls_the_server_in_a_loopback_only_namespace(browser_call):
@@ -97,3 +106,13 @@ def test_chromium_plays_the_avatar_over_loopback_only(browser_call):
 def test_hanging_up_frees_the_session(browser_call):
     assert browser_call["closed_reason"] == "bye"
     assert browser_call["peers_after"] == 0 and browser_call["engine_sessions_after"] == 0
+
+
+def test_chromium_holds_a_dialogue_with_a_media_file_as_the_second_voice(dialogue_call):
+    page, server = dialogue_call["page"], dialogue_call["server"]
+    assert page["status"] == "live" and page["frames"] >= 75, page
+    assert server["avatar"] == "sketch-duo" and server["speakers"] == 2
+    voice = server["dialogue"]["second_voice"]
+    assert voice["source"] == "guest.wav" and voice["pushed_s"] > 1.0 and voice["error"] is None, voice
+    assert server["mic"]["frames"] > 100  # the caller is speaker 1 as ever
+    assert dialogue_call["closed_reason"] == "bye" and dialogue_call["engine_sessions_after"] == 0
