@@ -51,13 +51,14 @@ class RayEngineWorker:
         # a Ray worker's node is its address in the cluster
         return {**self.worker.hello(), "host": ray.util.get_node_ip_address()}
 
-    async def open_session(self, key: int, avatar: str, emotion: str | None, same_clock: bool) -> None:
-        self.worker.open_session(key, avatar, emotion, same_clock)
+    async def open_session(self, key: int, avatar: str, emotion: str | None, same_clock: bool,
+                           speakers: int = 1) -> None:
+        self.worker.open_session(key, avatar, emotion, same_clock, speakers)
 
-    async def push_audio(self, chunks: list[tuple[int, Any, int, float]]) -> None:
-        """Audio of any sessions, in order: (key, mono float32 PCM, sample rate, gateway send time)."""
-        for key, pcm, rate, sent_at in chunks:
-            self.worker.push_audio(key, pcm, rate, sent_at)
+    async def push_audio(self, chunks: list[tuple[int, Any, int, float, int]]) -> None:
+        """Audio of any sessions, in order: (key, mono float32 PCM, sample rate, gateway send time, speaker)."""
+        for key, pcm, rate, sent_at, speaker in chunks:
+            self.worker.push_audio(key, pcm, rate, sent_at, speaker)
 
     async def end_segment(self, key: int) -> None:
         self.worker.end_segment(key)
@@ -163,13 +164,13 @@ class RayLink:
                     batch.append(self._commands.get_nowait())
                 except queue.Empty:
                     break
-            chunks: list[tuple[int, Any, int, float]] = []
+            chunks: list[tuple[int, Any, int, float, int]] = []
             try:
                 for cmd in batch:
                     if cmd is None:
                         return
                     if isinstance(cmd, Push):
-                        chunks.append((cmd.key, cmd.pcm, cmd.sample_rate, cmd.sent_at))
+                        chunks.append((cmd.key, cmd.pcm, cmd.sample_rate, cmd.sent_at, cmd.speaker))
                         continue
                     if chunks:
                         self._call(ray, self.actor.push_audio, chunks)
@@ -182,7 +183,7 @@ class RayLink:
 
     def _method(self, cmd: Command) -> tuple:
         if isinstance(cmd, Open):
-            return self.actor.open_session, cmd.key, cmd.avatar, cmd.emotion, cmd.same_clock
+            return self.actor.open_session, cmd.key, cmd.avatar, cmd.emotion, cmd.same_clock, cmd.speakers
         if isinstance(cmd, EndSegment):
             return self.actor.end_segment, cmd.key
         if isinstance(cmd, Interrupt):

@@ -47,11 +47,11 @@ def test_markers_info_and_commands_round_trip():
         assert decode_output(encode_info(kind, {"pid": 12, "catalog": {"a": ["x"]}})).info == {"pid": 12,
                                                                                               "catalog": {"a": ["x"]}}
     pcm = np.linspace(-1, 1, 960, dtype=np.float32)
-    push = decode_command(encode_command(Push(9, pcm, 44_100, 17.25)))
-    assert (push.key, push.sample_rate, push.sent_at) == (9, 44_100, 17.25)
+    push = decode_command(encode_command(Push(9, pcm, 44_100, 17.25, speaker=1)))
+    assert (push.key, push.sample_rate, push.sent_at, push.speaker) == (9, 44_100, 17.25, 1)
     np.testing.assert_array_equal(push.pcm, pcm)
-    for cmd in (Open(1, "sketch", None, True), Open(2, "sketch", "happy"), EndSegment(3), Interrupt(4, 7), Close(5),
-                Stop()):
+    for cmd in (Open(1, "sketch", None, True), Open(2, "sketch", "happy"), Open(6, "sketch-duo", None, speakers=2),
+                EndSegment(3), Interrupt(4, 7), Close(5), Stop()):
         assert decode_command(encode_command(cmd)) == cmd
 
 
