@@ -190,6 +190,24 @@ def meets(value, rule: tuple[str, object]) -> bool | None:
             "|x|<=": lambda: abs(value) <= bar}[op]()
 
 
+KEPT_SECTIONS = ("Dialogue",)  # written by hand from measurements `eval demo` does not make: kept as they are
+
+
+def kept_sections(card: Path) -> list[str]:
+    """The KEPT_SECTIONS of an existing card, verbatim (heading included), each ending in a blank line."""
+    if not card.exists():
+        return []
+    out, keep = [], False
+    for line in card.read_text().splitlines():
+        if line.startswith("## "):
+            keep = line[3:].strip() in KEPT_SECTIONS
+        if keep:
+            out.append(line)
+    if out and out[-1]:
+        out.append("")
+    return out
+
+
 def write_model_card(dest: Path, result: dict, training: dict) -> Path:
     """model_card.md from an `eval demo` result and a training summary (written atomically)."""
     rows = []
@@ -223,6 +241,7 @@ def write_model_card(dest: Path, result: dict, training: dict) -> Path:
         *([f"Real-time factor over the short lip-sync sessions (start-up included): {result['rtf_clips']}."]
           if "rtf_clips" in result else []),
         "",
+        *kept_sections(dest / "model_card.md"),
         "## Limits",
         "- 128x128 pixels, 25 fps, stylised drawn faces only; photos are out of its domain.",
         "- Trained in a few CPU hours (times above): blurrier than its teacher (eyes and hair edges soften,",

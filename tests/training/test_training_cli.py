@@ -75,3 +75,13 @@ def test_model_card_shows_the_teachers_emotion_lifts_beside_the_generated_ones(t
     result = {"emotion_lift": {"happy": 0.1}, "emotion_lift_teacher": {"happy": 0.3}, "rtf_clips": 0.8}
     card = write_model_card(tmp_path, result, {}).read_text()
     assert "generated {'happy': 0.1}, teacher {'happy': 0.3}" in card and "start-up included): 0.8" in card
+
+
+def test_rewriting_the_model_card_keeps_its_hand_written_dialogue_section(tmp_path):
+    from training.demo import write_model_card
+
+    write_model_card(tmp_path, {"lipsync_r": 0.7}, {})
+    card = (tmp_path / "model_card.md").read_text()
+    (tmp_path / "model_card.md").write_text(card.replace("## Limits", "## Dialogue\nTwo faces, measured.\n\n## Limits"))
+    text = write_model_card(tmp_path, {"lipsync_r": 0.9}, {}).read_text()
+    assert text.count("## Dialogue\nTwo faces, measured.\n\n## Limits") == 1 and "| 0.9 |" in text
