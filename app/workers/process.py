@@ -17,13 +17,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import queue
 import signal
 import socket
 import threading
 from typing import Callable
 
-from app.workers.protocol import (FATAL, HELLO, Command, Output, Stop, decode_command, decode_output,
+from app.workers.protocol import (FATAL, HELLO, Command, Outbox, Output, Stop, decode_command, decode_output,
                                   encode_command, encode_info)
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 OnMessages = Callable[[list[Output]], None]  # called on the link's reader thread
 OnLost = Callable[[str], None]  # called once, on the link's reader thread
 BATCH = 64  # messages handed over at once at most
-COMMAND_QUEUE = 2048  # commands waiting for the pipe (at 50 audio chunks a second per call: seconds of audio)
 
 
 # ---- worker side -----------------------------------------------------------------------------------------------
@@ -100,7 +98,7 @@ class ProcessLink:
         self.host = socket.gethostname()
         self._process = None
         self._conn = None
-        self._commands: queue.Queue[Command | None] = queue.Queue(maxsize=COMMAND_QUEUE)
+        self._outbox = Outbox()
 
     def start(self, on_messages: OnMessages, on_lost: OnLost) -> None:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or CUDA state
@@ -113,12 +111,8 @@ class ProcessLink:
         threading.Thread(target=self._write, name=f"{self.name}-send", daemon=True).start()
 
     def send(self, cmd: Command) -> bool:
-        """Queue a command for the worker; False when the worker has stopped reading (queue full)."""
-        try:
-            self._commands.put_nowait(cmd)
-            return True
-        except queue.Full:
-            return False
+        """Queue a command for the worker; False when the worker has stopped reading (outbox full)."""
+        return self._outbox.put(cmd)
 
     def kill(self) -> None:
         """SIGKILL (also ends a stopped or wedged process); the reader thread then sees EOF."""
@@ -139,10 +133,7 @@ class ProcessLink:
                 log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
             self.kill()
             self._process.join(5)
-        try:
-            self._commands.put_nowait(None)  # ends the sender thread
-        except queue.Full:
-            pass
+        self._outbox.close()
 
     # ---- threads ------------------------------------------------------------------------------------------
     def _read(self, on_messages: OnMessages, on_lost: OnLost) -> None:
@@ -176,10 +167,10 @@ class ProcessLink:
 
     def _write(self) -> None:
         while True:
-            cmd = self._commands.get()
-            if cmd is None:
-                return
-            try:
-                self._conn.send_bytes(encode_command(cmd))
-            except (OSError, ValueError):  # the worker is gone; the reader reports it
-                return
+            for cmd in self._outbox.take():
+                if cmd is None:
+                    return
+                try:
+                    self._conn.send_bytes(encode_command(cmd))
+                except (OSError, ValueError):  # the worker is gone; the reader reports it
+                    return

@@ -15,6 +15,7 @@ not start; JSON info with "error").
 from __future__ import annotations
 
 import json
+import queue
 import struct
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -74,6 +75,7 @@ class Stop(NamedTuple):
 
 
 Command = Open | Push | EndSegment | Interrupt | Close | Stop
+COMMAND_QUEUE = 2048  # commands waiting for a worker's sender thread (see Outbox)
 _COMMAND_KINDS = {Open: OPEN, Push: PUSH, EndSegment: END_SEGMENT, Interrupt: INTERRUPT, Close: CLOSE, Stop: STOP}
 
 
@@ -110,6 +112,38 @@ def decode_command(buf: bytes) -> Command:
     if kind == STOP:
         return Stop(key)
     raise ProtocolError(f"unknown command kind {kind}")
+
+
+class Outbox:
+    """The gateway's commands for one worker, waiting for that link's sender thread. Bounded: at 50 audio
+    chunks a second per call, COMMAND_QUEUE holds seconds of audio; past it the worker has stopped reading,
+    and `put` says so (the caller fails the session) instead of blocking the event loop."""
+
+    def __init__(self, maxsize: int = COMMAND_QUEUE) -> None:
+        self._queue: queue.Queue[Command | None] = queue.Queue(maxsize=maxsize)
+
+    def put(self, cmd: Command) -> bool:
+        try:
+            self._queue.put_nowait(cmd)
+            return True
+        except queue.Full:
+            return False
+
+    def close(self) -> None:
+        """Ends the sender thread once it has sent what is queued (a full outbox: the worker is gone)."""
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def take(self) -> list[Command | None]:
+        """Blocks for the next command, then takes whatever else is queued with it (None: closed)."""
+        batch = [self._queue.get()]
+        while True:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                return batch
 
 
 # ---- worker -> gateway --------------------------------------------------------------------------------------

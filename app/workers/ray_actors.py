@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from typing import Any, Callable
 
-from app.workers.protocol import HELLO, Close, Command, EndSegment, Interrupt, Open, Output, Push, decode_output
+from app.workers.protocol import (HELLO, Close, Command, EndSegment, Interrupt, Open, Outbox, Output, Push,
+                                  decode_output)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class RayLink:
         self.pid: int | None = None
         self.host = ""
         self.actor = None
-        self._commands: queue.Queue[Command | None] = queue.Queue(maxsize=2048)
+        self._outbox = Outbox()
         self._stopping = False
 
     def start(self, on_messages: Callable[[list[Output]], None], on_lost: Callable[[str], None]) -> None:
@@ -107,11 +107,7 @@ class RayLink:
         threading.Thread(target=self._write, name=f"{self.name}-send", daemon=True).start()
 
     def send(self, cmd: Command) -> bool:
-        try:
-            self._commands.put_nowait(cmd)
-            return True
-        except queue.Full:
-            return False
+        return self._outbox.put(cmd)
 
     def kill(self) -> None:
         import ray
@@ -126,10 +122,7 @@ class RayLink:
         import ray
 
         self._stopping = True
-        try:
-            self._commands.put_nowait(None)
-        except queue.Full:
-            pass
+        self._outbox.close()
         if self.actor is not None:
             try:
                 ray.get(self.actor.stop.remote(), timeout=timeout_s)
@@ -158,12 +151,7 @@ class RayLink:
         import ray
 
         while True:
-            batch = [self._commands.get()]
-            while True:
-                try:
-                    batch.append(self._commands.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._outbox.take()
             chunks: list[tuple[int, Any, int, float, int]] = []
             try:
                 for cmd in batch:
