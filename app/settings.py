@@ -18,7 +18,7 @@
 | avatar | AVATARCAST_AVATAR | none: the built-in drawn avatar |
 | video_codec | AVATARCAST_VIDEO_CODEC | vp8 (or h264; the page can choose per call) |
 | hls_dir | AVATARCAST_HLS_DIR | broadcasts (relative to the working directory): admin HLS outputs go only here |
-| media_dir | AVATARCAST_MEDIA_DIR | none: the admin API broadcasts audio files only from this folder |
+| media_dir | AVATARCAST_MEDIA_DIR | none: the folder the admin API broadcasts audio files from, and the second voices a two-person call may pick (`GET /media`) |
 | audio_urls | AVATARCAST_AUDIO_URLS | off: audio URLs the admin API may broadcast (off, public, or all: private addresses too) |
 | ice_hosts | AVATARCAST_ICE_HOSTS | the loopback address when host is one, else none: addresses offered as extra ICE host candidates |
 | calls_per_client | AVATARCAST_CALLS_PER_CLIENT | 2 (calls one remote address may hold at once, connecting ones included) |
