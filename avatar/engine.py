@@ -124,7 +124,7 @@ class EngineOptions:
     warmup: bool = True  # run the real path once at start, so the first user does not pay for it
     max_batch: int = 1  # causal mode: ready sessions whose next blocks share one batched DiT call (1: one at a
     # time). 1 by default: on 2 CPU cores the demo DiT is compute-bound and 4 sessions batched ran only ~8%
-    # faster than one at a time (`python -m benchmarks.bench_engine --batched`); larger devices gain more.
+    # faster than one at a time (`python -m benchmarks.bench_engine --batched`); on an H200 3.1x faster.
     # Other modes always generate one session at a time
     decode_ahead: int = 1  # generated blocks waiting for the decode thread (the worker waits beyond);
     # 0: no decode thread, each block is generated and decoded in turn on the worker
@@ -132,6 +132,9 @@ class EngineOptions:
     # decode thread (one ONNX thread that sleeps when idle, next to the DiT: demo model, 2 cores, one run:
     # real-time factor 2.07, vs 1.39 decoding in turn with 2 threads each); in turn, `threads`
     poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
+    max_lateness_s: float = 1.0  # overload: a session further behind than this is no more urgent than one
+    # exactly this late, and among those the least recently served goes first. Plain earliest-deadline-first
+    # let sessions that fell behind keep the earliest deadlines for good: a new call got no frame at all
     threads: int | None = None  # compute threads (torch intra-op, ONNX Runtime intra-op); None: the
     # libraries' defaults (every core). A live server wants fewer: on 2 cores, 4 calls' codecs and a
     # 2-thread torch fight over the cores and denoising runs 1.6x slower than with 1 thread
@@ -206,6 +209,7 @@ class AvatarEngine:
         self._decode_jobs: queue.Queue[GeneratedUnit] = queue.Queue(maxsize=max(1, options.decode_ahead))
         self._ids = itertools.count(1)
         self.failures = 0
+        self._served: dict[str, float] = {}  # session id -> when the worker last took its block (its own)
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # DiT calls per batch size
         self.decoder_provider = "torch"
         self.warmup_ms = 0.0
@@ -382,12 +386,16 @@ class AvatarEngine:
             with self._lock:
                 for sid in [k for k, s in self.sessions.items() if s.closed]:
                     del self.sessions[sid]  # its caches go with it
+                    self._served.pop(sid, None)
                 ready = [s for s in self.sessions.values() if s.ready(now)]
             if not ready:
                 self._wake.wait(self.options.poll_s)
                 self._wake.clear()
                 continue
-            for unit in self._generate(self._batch(ready)):  # at most one unit per session, in order
+            batch = self._batch(ready)
+            served = time.monotonic()
+            self._served.update((s.id, served) for s in batch)
+            for unit in self._generate(batch):  # at most one unit per session, in order
                 if self._decode_thread is None:
                     self._finish(unit)
                     continue
@@ -399,9 +407,11 @@ class AvatarEngine:
                         pass
 
     def _batch(self, ready: list[AvatarSession]) -> list[AvatarSession]:
-        """The earliest-due session, then the others ready now whose next block can share its DiT call,
-        earliest deadline first, up to `max_batch` sessions."""
-        ready = sorted(ready, key=lambda s: s.deadline())
+        """The most urgent session, then the others ready now whose next block can share its DiT call, most
+        urgent first, up to `max_batch` sessions. Urgency: the earliest deadline, no earlier than
+        `max_lateness_s` ago; among sessions that late, the least recently served."""
+        oldest = time.monotonic() - self.options.max_lateness_s
+        ready = sorted(ready, key=lambda s: (max(s.deadline(), oldest), self._served.get(s.id, 0.0)))
         first, n = ready[0], self.options.max_batch
         batch_key = getattr(self.generator, "batch_key", None)  # causal mode only
         key = batch_key(first.state) if n > 1 and batch_key is not None else None

@@ -387,3 +387,24 @@ async def test_a_live_input_is_topped_up_with_silence_on_the_clock_and_speech_re
     np.testing.assert_array_equal(out[spoken], speech)  # every sample, in order (the speech has no zeros)
     assert (last + 1 - first - speech.size) / 16_000 < 8 * 0.04  # silence inside it: less than a block
     assert all(f.idle for f in frames if (f.pts + 1) * 640 <= first)
+
+
+def test_an_overloaded_engine_serves_a_new_session_instead_of_only_the_late_ones(bundle):
+    """Earliest deadline first, except that lateness counts only up to max_lateness_s: sessions that far
+    behind take turns (least recently served first), so a new call is not starved by late ones."""
+    class Late:  # what _batch reads of a session: its id and next deadline
+        def __init__(self, sid: str, deadline: float) -> None:
+            self.id, self._deadline, self.state = sid, deadline, None
+
+        def deadline(self) -> float:
+            return self._deadline
+
+    eng = AvatarEngine(bundle, EngineOptions(max_lateness_s=1.0, warmup=False))  # not started: _batch alone
+    now = time.monotonic()
+    late_a, late_b, new = Late("a", now - 9.0), Late("b", now - 8.0), Late("c", now - 1.5)
+    eng._served.update(a=now - 0.02, b=now - 0.01)  # the late ones were served just now, the new one never
+    assert eng._batch([late_a, late_b, new]) == [new]
+    eng._served["c"] = now
+    assert eng._batch([late_a, late_b, new]) == [late_a]  # then turns, least recently served first
+    on_time = [Late("d", now + 0.3), Late("e", now + 0.1)]
+    assert eng._batch(on_time) == [on_time[1]]  # within the bound: earliest deadline first, as before
