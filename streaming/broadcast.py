@@ -43,6 +43,7 @@ import asyncio
 import os
 import ssl
 import concurrent.futures
+import functools
 import logging
 import time
 from collections import deque
@@ -443,7 +444,10 @@ class Broadcaster:
                     raise TimeoutError(f"{len(self._stuck)} earlier connections are still blocked in a write")
                 if self._probe is not None and self.target.kind == "rtmp":
                     await self._probe(self.target, self.options.write_timeout_s)
-                self._sink = self._sink_factory(self.target, self.options, resume=self.stats.connections > 0)
+                # off the loop: an RTMP sink starts its muxer process (and waits for the fork server once)
+                self._sink = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(self._sink_factory, self.target, self.options,
+                                            resume=self.stats.connections > 0))
             except OSError as exc:  # refused, no RTMP answer, or e.g. the HLS directory cannot be created
                 self._connection_failed(exc, was_live=False)
                 self.stats.dropped_offline += 1
