@@ -56,6 +56,8 @@ class QuietReporter:
     def finished(self, result: dict) -> None:
         if result["status"] == "failed":
             print(f"failed: {result['input']}: {result['error']}", file=self.err)
+        elif result.get("warning"):  # e.g. a dialogue's shorter speaker padded with silence
+            print(f"warning: {result['input']}: {result['warning']}", file=self.err)
 
     def summary(self, manifest: dict) -> None:
         pass
@@ -186,7 +188,8 @@ def _line(result: dict) -> str:
         return f"{'✗' if result['status'] == 'failed' else '-'} {result['input']}: {result['error']}"
     verb = "done" if result["status"] == "done" else "already done"
     rtf = f", RTF {result['rtf']}" if result.get("rtf") else ""
-    return f"✓ {result['input']} -> {result['output']} ({verb}: {result['frames']} frames{rtf})"
+    warning = f"; warning: {result['warning']}" if result.get("warning") else ""
+    return f"✓ {result['input']} -> {result['output']} ({verb}: {result['frames']} frames{rtf}{warning})"
 
 
 def make_reporter(quiet: bool = False, json_lines: bool = False) -> Reporter:

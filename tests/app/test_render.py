@@ -393,6 +393,19 @@ def test_reporters_show_frames_rate_rtf_and_eta(tmp_path):
     assert events[2]["fps"] > 0 and events[2]["rtf"] == round(events[2]["fps"] / 25, 2) and events[2]["eta_s"] > 0
     assert events[4]["error"].startswith("AudioReadError") and events[5]["failed"] == 1
 
+    from app.render_progress import QuietReporter
+
+    padded = {**done, "warning": "speaker 2 (b.wav) is 1.5 s shorter than the longest track: padded with silence"}
+    err = io.StringIO()
+    QuietReporter(err).finished(padded)
+    assert err.getvalue() == f"warning: a.wav: {padded['warning']}\n"  # --quiet says it too
+    buf = io.StringIO()
+    rich = RichReporter(Console(file=buf, width=200, force_terminal=False))
+    rich.begin(jobs[:1])
+    rich.finished(padded)
+    rich.summary({**manifest, "summary": {"files": 1, "done": 1, "skipped": 0, "failed": 0}})
+    assert "RTF 2.0; warning: speaker 2 (b.wav) is 1.5 s shorter" in buf.getvalue()
+
 
 def test_the_demo_model_folder_loads_with_its_lora_merged(tmp_path):
     """The shipped layout: model.safetensors (core) + lora.safetensors (own file) + vae.safetensors."""
