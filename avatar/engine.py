@@ -132,6 +132,7 @@ class EngineOptions:
     # decode thread (one ONNX thread that sleeps when idle, next to the DiT: demo model, 2 cores, one run:
     # real-time factor 2.07, vs 1.39 decoding in turn with 2 threads each); in turn, `threads`
     poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
+    session_prefix: str = "s"  # session ids are prefix + a counter: engines sharing a report need their own
     max_lateness_s: float = 1.0  # overload: a session further behind than this is no more urgent than one
     # exactly this late, and among those the least recently served goes first. Plain earliest-deadline-first
     # let sessions that fell behind keep the earliest deadlines for good: a new call got no frame at all
@@ -327,7 +328,7 @@ class AvatarEngine:
             live = [s for s in self.sessions.values() if not s.closed]
             if len(live) >= self.options.max_sessions:
                 raise EngineFull(f"{len(live)} sessions open; the limit is {self.options.max_sessions}")
-            sid = f"s{next(self._ids)}"
+            sid = f"{self.options.session_prefix}{next(self._ids)}"
             h, w = cond.latent_hw
             backend = self.models.decoder_backend or self.models.vae
             session = AvatarSession(sid, self.generator, cond, FrameDecoder(backend, h, w), self.models.features,

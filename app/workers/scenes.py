@@ -59,9 +59,9 @@ class SceneBackend:
     def snapshot(self) -> EngineSnapshot:
         """The model-sized engine's, with every engine's sessions and failures."""
         snap = self.main.snapshot()
-        for faces, b in self.wide.items():
-            other = b.snapshot()  # each engine numbers its own sessions: s1, s2, ...
-            snap["sessions"] = {**snap["sessions"], **{f"{faces}faces-{sid}": v for sid, v in other["sessions"].items()}}
+        for b in self.wide.values():
+            other = b.snapshot()  # its session ids have a prefix of their own ("2faces-s1")
+            snap["sessions"] = {**snap["sessions"], **other["sessions"]}
             snap["failures"] += other["failures"]
         return snap
 
@@ -86,7 +86,8 @@ def scene_backend(engine: AvatarEngine, portrait: Path | None = None, motion: fl
             if faces not in engines:
                 h, w = engine.models.frame_hw
                 models = replace(engine.models, frame_hw=(h, w * faces), decoder_backend=None)
-                engines[faces] = AvatarEngine(models, replace(engine.options, decoder="torch", warmup=False)).start()
+                engines[faces] = AvatarEngine(models, replace(engine.options, decoder="torch", warmup=False,
+                                                              session_prefix=f"{faces}faces-s")).start()
             wide_avatars.setdefault(faces, {})[name] = _prepare_wide(engines[faces], name, faces, portrait)
             del avatars[name]
     except BaseException:
