@@ -39,44 +39,74 @@ def _io_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("broadcast-io")]
 
 
+class StallingRtmpServer:
+    """A server on 127.0.0.1 that accepts and then never answers: right away (`handshake=False`: nothing
+    is ever read or written), or after completing the RTMP handshake (C0+C1 -> S0+S1+S2), never answering
+    FFmpeg's `connect` (the open that once froze the whole process for good)."""
+
+    def __init__(self, handshake: bool) -> None:
+        self.handshake = handshake
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.handshakes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn = self.listener.accept()[0]
+            except TimeoutError:
+                continue
+            self.accepted.append(conn)  # held open until close()
+            if self.handshake:
+                threading.Thread(target=self._handshake, args=(conn,), daemon=True).start()
+
+    def _handshake(self, conn: socket.socket) -> None:
+        try:
+            c0c1 = b""
+            while len(c0c1) < 1537:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                c0c1 += chunk
+            conn.sendall(b"\x03" + bytes(1536) + c0c1[1:1537])  # S0, S1, S2 (the echo of C1)
+            self.handshakes += 1  # then hold the connection: nothing more is ever sent
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for c in self.accepted:
+            c.close()
+        self.listener.close()
+
+
 async def test_a_stalled_rtmp_server_costs_no_thread_and_fails_in_bounded_time():
     """A server that accepts TCP and never answers (127.0.0.1 only): FFmpeg's open of that output has no
     timeout and holds the GIL (the whole process froze), so every attempt must fail on the handshake
     check, within write_timeout_s, without starting an I/O thread."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])  # held open, never read from nor written to
-            except TimeoutError:
-                continue
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
+    server = StallingRtmpServer(handshake=False)
     threads_before = threading.active_count()
     try:
         opts = BroadcastOptions(start_frames=1, write_timeout_s=0.2, retry_initial_s=0.01, retry_max_s=0.02,
                                 max_attempts=20)
-        b = Broadcaster(f"rtmp://127.0.0.1:{listener.getsockname()[1]}/live/stalled", opts)
+        b = Broadcaster(f"rtmp://127.0.0.1:{server.port}/live/stalled", opts)
         t0 = time.monotonic()
         snap = await asyncio.wait_for(b.run(frames(None)), 30)
         assert snap["state"] == "failed" and snap["failed_attempts"] == 20, snap
         assert "no RTMP handshake answer within 0.2 s" in snap["last_error"], snap["last_error"]
         assert time.monotonic() - t0 < 20 * (0.2 + 0.02) + 3  # each attempt bounded by the timeout
-        assert len(accepted) == 20  # every attempt really reached the server
+        assert len(server.accepted) == 20  # every attempt really reached the server
         assert threading.active_count() <= threads_before + 1 and not _io_threads()  # flat: nothing leaked
     finally:
-        stop.set()
-        acceptor.join(2)
-        for c in accepted:
-            c.close()
-        listener.close()
+        server.close()
 
 
 async def test_at_most_max_stuck_writers_threads_stay_blocked():
@@ -104,59 +134,13 @@ async def test_at_most_max_stuck_writers_threads_stay_blocked():
     await until(lambda: not _io_threads(), 5, "the released writers to finish")
 
 
-class HandshakeThenStall:
-    """An RTMP server (127.0.0.1 only) that completes the handshake (C0+C1 -> S0+S1+S2, reads C2) and then
-    never answers FFmpeg's `connect`: the open that once froze the whole process for good."""
-
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self.handshakes = 0
-        self._conns: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        self.listener.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn = self.listener.accept()[0]
-            except TimeoutError:
-                continue
-            self._conns.append(conn)
-            threading.Thread(target=self._handshake, args=(conn,), daemon=True).start()
-
-    def _handshake(self, conn: socket.socket) -> None:
-        try:
-            c0c1 = b""
-            while len(c0c1) < 1537:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                c0c1 += chunk
-            conn.sendall(b"\x03" + bytes(1536) + c0c1[1:1537])  # S0, S1, S2 (the echo of C1)
-            self.handshakes += 1  # then hold the connection: nothing more is ever sent
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        for c in self._conns:
-            c.close()
-        self.listener.close()
-
-
 async def test_an_rtmp_server_that_stalls_after_the_handshake_never_freezes_the_process():
     """FFmpeg's RTMP open waits forever for the `connect` answer with the GIL held; the muxer runs in a
     child process that is killed after write_timeout_s, so the event loop keeps running, each attempt
     fails in bounded time, and no thread or process is left behind."""
     import multiprocessing
 
-    server = HandshakeThenStall()
+    server = StallingRtmpServer(handshake=True)
     lags: list[float] = []
 
     async def ticker() -> None:  # the event loop's own heartbeat: a frozen process stops it
