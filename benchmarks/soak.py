@@ -76,7 +76,6 @@ class SoakState:
     renders: Tally = field(default_factory=Tally)
     call_fps: list[float] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
-    paused: asyncio.Event = field(default_factory=asyncio.Event)  # set: no new work starts
 
     def error(self, text: str) -> None:
         self.error_count += 1
@@ -171,18 +170,12 @@ async def wait_idle(http, url: str, server: subprocess.Popen, state: SoakState, 
 
 
 # ---- the load ----------------------------------------------------------------------------------------------
-async def wait_resumed(state: SoakState, stop_at: float) -> bool:
-    while state.paused.is_set() and time.monotonic() < stop_at:
-        await asyncio.sleep(0.2)
-    return time.monotonic() < stop_at
-
-
 async def call_loop(http, url: str, speech: np.ndarray, opts: SoakOptions, state: SoakState, stop_at: float,
                     slot: int) -> None:
     from streaming.webrtc.testing import LoopbackClient
 
     await asyncio.sleep(slot * opts.gap_s)  # stagger the slots
-    while await wait_resumed(state, stop_at):
+    while time.monotonic() < stop_at:
         client = LoopbackClient(speech, keep_video=False)
         try:
             body = {"sdp": await client.offer(), "type": "offer"}
@@ -209,7 +202,7 @@ async def broadcast_loop(http, url: str, rtmp, opts: SoakOptions, state: SoakSta
     from streaming.filesink import probe_media
 
     n = 0
-    while await wait_resumed(state, stop_at):
+    while time.monotonic() < stop_at:
         n += 1
         key = f"soak{n}"
         t0 = time.monotonic()
@@ -251,7 +244,7 @@ async def render_loop(clip: Path, work: Path, opts: SoakOptions, state: SoakStat
 
     n = 0
     await asyncio.sleep(min(30.0, opts.render_every_s / 2))  # not at the same moment as the first broadcast
-    while await wait_resumed(state, stop_at):
+    while time.monotonic() < stop_at:
         n += 1
         t0, out = time.monotonic(), work / f"render{n}"
         try:
@@ -289,14 +282,12 @@ async def load(http, url: str, server, rtmp, speech, clip, work, opts: SoakOptio
                seconds: float) -> None:
     """Everything at once for `seconds`; returns when every piece of work that started has ended."""
     stop_at = time.monotonic() + seconds
-    state.paused.clear()
     tasks = [call_loop(http, url, speech, opts, state, stop_at, i) for i in range(opts.calls)]
     tasks.append(render_loop(clip, work, opts, state, stop_at))
     tasks.append(sampler(http, url, server, opts, state, stop_at))
     if rtmp is not None:
         tasks.append(broadcast_loop(http, url, rtmp, opts, state, stop_at))
     await asyncio.gather(*tasks)
-    state.paused.set()
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
@@ -335,7 +326,6 @@ async def run(opts: SoakOptions) -> dict:
     from streaming.webrtc.testing import loopback_candidates_only
 
     state = SoakState()
-    state.paused.set()
     work = Path(tempfile.mkdtemp(prefix="avatarcast-soak-"))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
