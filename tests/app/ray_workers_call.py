@@ -92,8 +92,16 @@ async def run() -> dict[str, Any]:
             before_b = frames(b)
             os.kill(killed_pid, signal.SIGKILL)
             out["noticed_s"] = round(await until(lambda: wa.state == "dead", 10, "the killed actor noticed"), 3)
-            await asyncio.sleep(2.0)
+            # The other call's frames over the next 2 s, sampled every 50 ms: the property is that they keep
+            # coming (no long stall), not a rate; the healthy worker takes on the moved call meanwhile.
+            last_n, last_t, stall, t_end = before_b, time.monotonic(), 0.0, time.monotonic() + 2.0
+            while (now := time.monotonic()) < t_end:
+                if (n := frames(b)) > last_n:
+                    last_n, last_t = n, now
+                stall = max(stall, now - last_t)
+                await asyncio.sleep(0.05)
             out["other_call_frames_in_2s"] = frames(b) - before_b
+            out["other_call_longest_stall_s"] = round(max(stall, time.monotonic() - last_t), 3)
             out["other_call_restarts"] = service.get(b).restarts
             out["moved_call"] = {"restarts": service.get(a).restarts, "error": service.get(a).error,
                                  "now_on_healthy_worker": worker_of(a) is wb}

@@ -50,7 +50,11 @@ def test_two_ray_actors_survive_one_killed_mid_call():
     assert {w["state"] for w in before.values()} == {"ready"} and all(w["host"] == "127.0.0.1" for w in before.values())
     assert got["calls_on_distinct_workers"]
     assert got["noticed_s"] < 2.0
-    assert got["other_call_frames_in_2s"] >= 25 and got["other_call_restarts"] == 0
+    # The other call keeps making frames: no gap between the counts its worker reports (each heartbeat, a
+    # block at a time) reaches 1.5 s, half the pool's heartbeat timeout, whatever rate a loaded CPU allows
+    # while that worker also takes on the moved call (a quiet 2-core machine: 48 frames, 0.6 s at most).
+    assert got["other_call_longest_stall_s"] < 1.5 and got["other_call_frames_in_2s"] >= 10, got
+    assert got["other_call_restarts"] == 0
     moved = got["moved_call"]
     assert moved["restarts"] == 1 and WORKER_STOPPED in moved["error"] and moved["now_on_healthy_worker"]
     assert got["new_call_on_restarted_worker"]
