@@ -56,10 +56,13 @@ def eval_demo(
     clips: Annotated[int, typer.Option(help="held-out corpus clips to use")] = 2,
     stream: Annotated[float, typer.Option(help="seconds of the drift stream")] = 300.0,
     drift_window: Annotated[float, typer.Option(help="seconds compared at the stream's start and end")] = 60.0,
+    latency: Annotated[float, typer.Option(help="seconds of speech fed in real time to a live session for "
+                                                "latency_ms")] = 12.0,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     card: Annotated[bool, typer.Option(help="write the shipped model's model_card.md from this result")] = False,
 ) -> None:
-    """Lip sync, identity, seams, drift, emotion, FAA leak, speed vs the teacher, on held-out data."""
+    """Lip sync, identity, seams, drift, emotion, FAA leak, speed and live latency vs the teacher, on held-out
+    data."""
     from app.render_worker import DEMO_MODEL_DIR, load_models
     from audio.io import read_audio
     from training.demo import write_model_card
@@ -67,8 +70,11 @@ def eval_demo(
 
     if stream <= 2 * drift_window:
         raise ValueError(f"--stream ({stream} s) must be longer than twice --drift-window ({drift_window} s)")
+    if latency <= 0:
+        raise ValueError(f"--latency ({latency} s) must be positive")
     speech = [read_audio(p) for p in audio] if audio else held_out_speech(corpus, clips)
-    result = evaluate(load_models(model), speech, EvalConfig(stream_s=stream, drift_window_s=drift_window))
+    result = evaluate(load_models(model), speech, EvalConfig(stream_s=stream, drift_window_s=drift_window,
+                                                             latency_s=latency))
     text = json.dumps(result, indent=2)
     if out is not None:
         tmp = out.with_name(out.name + ".tmp")

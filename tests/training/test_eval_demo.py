@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 
 from audio.io import read_audio
 from training.dataset import HELD_OUT_IDENTITY_BASE, make_clip, make_pair_clip
-from training.evaluate import KEYS, lipsync, mean_psnr, openings, seam_ratio, unit_starts
+from training.evaluate import (KEYS, emotion_effect, emotion_summary, lipsync, mean_psnr, openings, same_order,
+                               seam_ratio, unit_starts)
 from training.probes import mouth_corner_lift
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "audio" / "speech_en_us_male.wav"
@@ -68,6 +70,63 @@ def test_teacher_emotions_and_the_silent_face_pass_their_probes(speech):
     assert b.var() <= 0.01 * a.var()
 
 
+def test_emotion_effect_is_the_generated_lift_spread_over_the_teachers():
+    """The issue's numbers: generated h/n/s -0.037/-0.043/-0.045 vs the teacher's +0.043/-0.046/-0.111."""
+    generated = {"happy": -0.037, "neutral": -0.043, "sad": -0.045}
+    teacher = {"happy": 0.043, "neutral": -0.046, "sad": -0.111}
+    assert emotion_effect(generated, teacher) == pytest.approx(0.008 / 0.154)
+    assert same_order(generated, teacher)
+    swapped = {"happy": -0.043, "neutral": -0.037, "sad": -0.045}  # same spread, happy below neutral
+    assert emotion_effect(swapped, teacher) == pytest.approx(0.008 / 0.154) and not same_order(swapped, teacher)
+    assert not same_order({"happy": 0.1, "neutral": 0.1, "sad": 0.0}, teacher)  # a tie is not an order
+    assert emotion_effect(generated, {k: 0.02 for k in teacher}) is None  # no teacher effect to reproduce
+    summary = emotion_summary({7: (generated, teacher), 9: ({"happy": 0.1, "neutral": 0.0, "sad": -0.054}, teacher)})
+    assert summary == {"per_identity": {"7": 0.0519, "9": 1.0}, "min": 0.0519, "order_ok": {"7": True, "9": True}}
+    assert json.loads(json.dumps(summary)) == summary  # seeds are JSON keys as they are
+
+
+@pytest.fixture(scope="module")
+def live_engine():
+    """Random TINY models with short live blocks (2 latents, 320 ms) and the torch decoder on its thread."""
+    from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
+    from avatar.generator import CausalOptions
+
+    opts = EngineOptions(causal=CausalOptions(block_frames=2, sink_frames=1, window_frames=2, steps=(1000, 500)),
+                         max_sessions=1, decoder="torch")
+    with AvatarEngine(ModelBundle.random("tiny", "tiny", seed=0), opts) as eng:
+        yield eng
+
+
+def _live(engine, speech, seconds=3.0):
+    import asyncio
+
+    import torch
+
+    from avatar.generator import Conditions
+    from training.evaluate import _live_session
+
+    cond = Conditions(reference=torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(0)))
+    return asyncio.run(_live_session(engine, cond, speech, seconds, idle_s=0.3))
+
+
+@pytest.mark.timeout(120)
+def test_live_latency_is_measured_per_frame_and_a_delayed_session_measures_later(live_engine, speech, monkeypatch):
+    from avatar.decoder import FrameDecoder
+    from training.evaluate import percentiles_ms
+
+    first, latencies = _live(live_engine, speech)
+    # 3 s of speech at 25 fps: a frame for nearly every 40 ms of it (a frame whose first sample is silence
+    # the session inserted, as the one straddling the idle, has no push to measure from)
+    assert 60 <= len(latencies) <= 76 and min(latencies) > 0 and 0 < first < 5
+    base = percentiles_ms(latencies)
+    assert 0 < base["p50"] <= base["p95"]
+    decode = FrameDecoder.decode
+    monkeypatch.setattr(FrameDecoder, "decode", lambda self, z: (time.sleep(0.25), decode(self, z))[1])
+    _, delayed = _live(live_engine, speech)
+    slow = percentiles_ms(delayed)
+    assert slow["p50"] > base["p50"] + 150, (base, slow)  # every frame of a block leaves 250 ms later
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_eval_demo_runs_end_to_end_on_a_random_tiny_model(tmp_path):
@@ -85,7 +144,7 @@ def test_eval_demo_runs_end_to_end_on_a_random_tiny_model(tmp_path):
     sf.write(short, read_audio(FIXTURE)[: 16_000 * 2], 16_000)
     out = tmp_path / "eval.json"
     res = CliRunner().invoke(cli, ["eval", "demo", "--model", "tiny", "--audio", str(short), "--stream", "6",
-                                   "--drift-window", "2", "--out", str(out)])
+                                   "--drift-window", "2", "--latency", "3", "--out", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
     assert set(KEYS) <= set(result)
@@ -96,5 +155,11 @@ def test_eval_demo_runs_end_to_end_on_a_random_tiny_model(tmp_path):
         assert np.isfinite(result[key]), key
     assert 0 < result["first_frame_s"] < 30 and result["rtf"] > 0 and result["rtf_clips"] > 0
     assert set(result["emotion_lift_teacher"]) == {"happy", "neutral", "sad"}
+    latency = result["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] < 30_000
+    effect = result["emotion_effect"]
+    assert set(effect["per_identity"]) == set(effect["order_ok"]) == {str(i) for i in result["identities"]}
+    assert effect["min"] == min(effect["per_identity"].values()) >= 0
+    assert result["emotion_order_ok"] == all(effect["order_ok"].values())
     bad = CliRunner().invoke(cli, ["eval", "demo", "--stream", "3", "--drift-window", "2"])
     assert bad.exit_code != 0 and "must be longer" in str(bad.exception)
