@@ -35,10 +35,16 @@ def test_train_demo_passes_its_options_into_the_plan(monkeypatch, tmp_path):
 def test_model_card_marks_each_target_met_missed_or_unmeasured(tmp_path):
     from training.demo import TARGETS, write_model_card
 
-    result = {"lipsync_r": 0.82, "identity_psnr_db": 21.5, "lipsync_lag_frames": -1, "rtf": None}
+    result = {"lipsync_r": 0.82, "identity_psnr_db": 21.5, "lipsync_lag_frames": -1, "rtf": None,
+              "latency_ms": {"p50": 380.0, "p95": 610.0}, "emotion_effect": {"per_identity": {"7": 0.4}, "min": 0.4,
+                                                                           "order_ok": {"7": True}}}
     card = write_model_card(tmp_path, result, {"vae": "9000 steps"}).read_text()
     rows = {ln.split("`")[1]: ln for ln in card.splitlines() if ln.startswith("| `")}
     assert set(rows) == set(TARGETS)
+    assert rows["latency_ms.p50"] == "| `latency_ms.p50` | 380.0 | <= 400.0 | yes |"  # nested values, by path
+    assert rows["emotion_effect.min"] == "| `emotion_effect.min` | 0.4 | >= 0.5 | **no** |"
+    assert rows["first_frame_s"].endswith("| n/a |")
+    assert "p50 / p95: 380.0 / 610.0 ms" in card and "by identity: {'7': 0.4}" in card
     assert rows["lipsync_r"].endswith("| yes |") and rows["identity_psnr_db"].endswith("| **no** |")
     assert rows["lipsync_lag_frames"].endswith("| abs(lipsync_lag_frames) <= 1 | yes |")
     assert rows["rtf"].endswith("| n/a |")
