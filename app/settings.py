@@ -5,6 +5,7 @@
 | host | AVATARCAST_HOST | 127.0.0.1 (this machine only; use 0.0.0.0 to serve the LAN) |
 | port | AVATARCAST_PORT | 8080 |
 | max_sessions | AVATARCAST_MAX_SESSIONS | 4 calls per engine worker |
+| max_load | AVATARCAST_MAX_LOAD | 0.9: a worker with calls takes one more only if its measured engine load per call, times its calls plus one, stays at or under this (0: slots only) |
 | workers | AVATARCAST_WORKERS | 1: engine worker processes (0: the engine in the server's own process; ray: Ray actors) |
 | ray_address | AVATARCAST_RAY_ADDRESS | none: with workers=ray, a Ray cluster started here (else `ray start`'s address) |
 | ray_workers | AVATARCAST_RAY_WORKERS | 0: one Ray actor per GPU of the cluster (1 on a cluster without GPUs) |
@@ -116,6 +117,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_sessions: int = 4
+    max_load: float = 0.9  # admission by measured engine load (app/workers/pool.py PoolOptions.max_load)
     ice_servers: tuple[IceServer, ...] = ()
     admin_token: str = field(default="", repr=False)
     admin_token_generated: bool = False  # True: nobody set one, so it must be printed at start
@@ -145,6 +147,9 @@ class Settings:
             raise ValueError(f"port must be 0-65535, not {self.port}")
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, not {self.max_sessions}")
+        if not 0 <= self.max_load <= 1:
+            raise ValueError(f"max_load is the engine's busy share a worker may reach (0: off; 0.9 keeps "
+                             f"headroom), not {self.max_load}")
         if self.upload_limit_bytes < 1 or self.max_body_bytes < 1024:
             raise ValueError("upload_limit_bytes must be positive and max_body_bytes at least 1024")
         if self.idle_timeout_s <= 0 or self.connect_timeout_s <= 0:
@@ -178,13 +183,13 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Environment first, then the non-None `overrides` (the CLI's options)."""
         env = os.environ if env is None else env
-        conv: dict[str, Any] = {"port": int, "max_sessions": int, "upload_limit_bytes": int, "max_body_bytes": int,
+        conv: dict[str, Any] = {"port": int, "max_sessions": int, "max_load": float, "upload_limit_bytes": int, "max_body_bytes": int,
                                 "idle_timeout_s": float, "connect_timeout_s": float, "engine_threads": int, "ray_workers": int,
                                 "ice_servers": parse_ice_servers, "ice_hosts": parse_ice_hosts,
                                 "calls_per_client": int, "offers_per_minute": int, "max_call_s": float,
                                 "conditions_per_minute": int}
         values: dict[str, Any] = {}
-        for name in ("host", "port", "max_sessions", "ice_servers", "admin_token", "upload_limit_bytes",
+        for name in ("host", "port", "max_sessions", "max_load", "ice_servers", "admin_token", "upload_limit_bytes",
                      "max_body_bytes", "idle_timeout_s", "connect_timeout_s", "avatar", "video_codec", "hls_dir",
                      "media_dir", "audio_urls", "engine_threads", "workers", "ray_address", "ray_workers", "model", "ice_hosts",
                      "calls_per_client", "offers_per_minute", "max_call_s", "conditions_per_minute"):

@@ -8,7 +8,10 @@ loop (the links' threads only hand batches over with `call_soon_threadsafe`).
 
 Placement: a new call goes to the ready worker with the most headroom, free slots x (1 - load), where
 load is the busy share of the worker's engine measured over its last heartbeat; when every worker
-is full, `open` raises CapacityError (the HTTP layer answers 503 with Retry-After).
+is full, `open` raises CapacityError (the HTTP layer answers 503 with Retry-After). With `max_load` set
+(`avatarcast serve`: 0.9), a worker also counts as full once one more call would load its engine past that
+share of real time, measured: a call it could not serve in real time is refused rather than admitted to
+slow every call on it.
 
 Supervision (a task ticking every `tick_s`): a worker is dead when its process or actor ends (the
 link sees EOF at once; a worker exits by itself on a CUDA error, which poisons its device context),
@@ -73,6 +76,11 @@ class PoolOptions:
     max_backoff_s: float = 30.0
     stable_after_s: float = 60.0  # up this long: the next restart starts from backoff_s again
     queue_frames: int = 50  # frames waiting for a session's reader at most (2 s at 25 fps)
+    max_load: float = 0.0  # admission by measured cost: a worker that has sessions takes one more only if
+    # its engine's load (busy share of wall time) per session at the last heartbeat, times the sessions it
+    # would then hold, stays at or under this; sessions cost about the same each (on 2 CPU cores batching
+    # gained nothing), so a call the worker could not serve in real time is refused with 503 instead of
+    # slowing every call on it. 0: slots only (max_sessions)
     tick_s: float = 0.1
 
     def __post_init__(self) -> None:
@@ -82,6 +90,8 @@ class PoolOptions:
             raise ValueError(f"a worker pool needs at least one worker, not {self.workers}")
         if min(self.heartbeat_timeout_s, self.stall_timeout_s, self.start_timeout_s, self.backoff_s, self.tick_s) <= 0:
             raise ValueError("the pool's timeouts, backoff and tick must be positive")
+        if self.max_load < 0:
+            raise ValueError(f"max_load is a busy share (0: off), not {self.max_load}")
 
 
 class WorkerHandle:
@@ -216,6 +226,14 @@ class WorkerHandle:
         load = min(0.95, max(0.0, float(self.stats.get("load") or 0.0)))
         return self.free_slots * (1.0 - load)
 
+    def load_with_one_more(self) -> float:
+        """The engine's predicted load with one more session: its load per session at the last heartbeat
+        times the sessions it would then hold (sessions opened since count too). 0 before any is measured."""
+        measured = len(self.stats.get("sessions") or {})
+        if not measured:
+            return 0.0
+        return float(self.stats.get("load") or 0.0) / measured * (len(self.sessions) + 1)
+
     def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> WorkerSession:
         assert self.link is not None
         session = WorkerSession(self, next(self._keys), self.pool.options.queue_frames, speakers)
@@ -337,7 +355,9 @@ class WorkerPool:
 
     def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> WorkerSession:
         """A session on the ready worker with the most headroom; CapacityError when none has room.
-        `speakers` voices need as many faces (ValueError before any worker is asked)."""
+        `speakers` voices need as many faces (ValueError before any worker is asked). A call moving off a
+        dead worker is admitted like a new one: loading a healthy worker past real time would make its
+        own calls notice the death."""
         check_speakers(avatar, speakers, self._faces)
         ready = [h for h in self.handles if h.state == "ready"]
         if not ready:
@@ -347,6 +367,14 @@ class WorkerPool:
             used = sum(len(h.sessions) for h in ready)
             raise CapacityError(f"every avatar worker is full ({used} sessions on {len(ready)} workers); "
                                 "try again later")
+        limit = self.options.max_load
+        if limit:
+            fit = [h for h in candidates if not h.sessions or h.load_with_one_more() <= limit]
+            if not fit:
+                least = min(h.load_with_one_more() for h in candidates)
+                raise CapacityError(f"every avatar worker is at its real-time limit (one more call would load "
+                                    f"the least busy to {least:.2f}, the limit is {limit:.2f}); try again later")
+            candidates = fit
         best = max(candidates, key=lambda h: (h.headroom(), h.free_slots, -self.handles.index(h)))
         return best.open(avatar, emotion, speakers)
 
@@ -381,12 +409,13 @@ def worker_pool(settings: Settings) -> WorkerPool:
         _connect_ray(settings.ray_address)
         count = settings.ray_workers or _cluster_gpus() or 1
         spec = _spec(settings, threads=settings.engine_threads or 1)  # an actor holds one CPU of its node
-        return WorkerPool(spec, PoolOptions(workers=count, backend="ray", ray_address=settings.ray_address))
+        return WorkerPool(spec, PoolOptions(workers=count, backend="ray", ray_address=settings.ray_address,
+                                            max_load=settings.max_load))
     if settings.local_workers < 1:
         raise ValueError("a worker pool needs workers >= 1 (0 runs the engine in the server's process)")
     spec = _spec(settings, threads=settings.threads_per_worker())
     log.info("starting %d engine worker processes (%d compute threads each)", settings.local_workers, spec.threads)
-    return WorkerPool(spec, PoolOptions(workers=settings.local_workers))
+    return WorkerPool(spec, PoolOptions(workers=settings.local_workers, max_load=settings.max_load))
 
 
 def _spec(settings: Settings, threads: int) -> WorkerSpec:

@@ -153,8 +153,61 @@ async def test_audio_a_stalled_worker_cannot_take_is_counted_and_close_tells_the
         await asyncio.wait_for(s.__anext__(), 1)
 
 
+async def test_a_worker_sessions_stage_times_come_from_its_frames_over_the_wire_the_audio_wait_too():
+    """The worker measures each block's wait for audio and compute; the frames carry them to the gateway,
+    whose session counts one entry per block (every frame of a block carries the same times)."""
+    s = WorkerSession(FakeHandle(), key=1, max_frames=10)
+    blocks = [Timing(wait_ms=330.0, features_ms=1.0, denoise_ms=20.0, decode_ms=9.0),
+              Timing(wait_ms=350.0, features_ms=2.0, denoise_ms=22.0, decode_ms=8.0)]
+    for pts, timing in enumerate([blocks[0]] * 3 + [blocks[1]] * 3):
+        f = AvatarFrame(**{**frame(pts).__dict__, "timing": timing})
+        s.deliver(decode_output(encode_item(1, 0, f, 0.0)), same_clock=False)
+    assert {k: list(v) for k, v in s.stats.stage_ms.items()} == {
+        "wait": [330.0, 350.0], "features": [1.0, 2.0], "denoise": [20.0, 22.0], "decode": [9.0, 8.0],
+        "block": [30.0, 32.0]}
+    assert s.stats.blocks == 2 and s.stats.frames == 6
+
+
 def test_only_errors_that_poison_the_device_retire_a_worker():
     assert poisons_the_device("RuntimeError: CUDA error: an illegal memory access was encountered")
     assert poisons_the_device("RuntimeError: CUDNN_STATUS_EXECUTION_FAILED")
     assert not poisons_the_device("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert not poisons_the_device("ValueError: bad audio")
+
+
+class FakeLink:
+    """A worker link that takes every command (no process)."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.sent: list = []
+
+    def send(self, cmd) -> bool:
+        self.sent.append(cmd)
+        return True
+
+
+def test_admission_by_measured_load_refuses_the_call_a_worker_could_not_serve_in_real_time():
+    """max_load: a worker with calls takes one more only while load per call x (calls + 1) <= max_load;
+    the call goes to the worker that stays under it; sessions opened since the last heartbeat count."""
+    from app.workers.engine_worker import WorkerSpec
+    from app.workers.pool import CapacityError, PoolOptions, WorkerPool
+
+    pool = WorkerPool(WorkerSpec(model="tiny", max_sessions=4), PoolOptions(workers=2, max_load=0.9))
+    for h, load in zip(pool.handles, (0.5, 0.2), strict=True):
+        h.link, h.state, h.info = FakeLink(h.id), "ready", {"max_sessions": 4}
+        h.open("a", None)  # one call each, measured at the heartbeat below
+        h.stats = {"load": load, "sessions": {str(k): {} for k in h.sessions}}
+    busy, light = pool.handles
+    assert busy.load_with_one_more() == pytest.approx(1.0) and light.load_with_one_more() == pytest.approx(0.4)
+    assert pool.open("a", None).worker_id == light.id  # 0.4 fits, 1.0 would not
+    assert light.load_with_one_more() == pytest.approx(0.6)  # the new call counts before any heartbeat
+    pool.open("a", None)
+    assert light.load_with_one_more() == pytest.approx(0.8)
+    pool.open("a", None)  # light now holds 4 calls: no free slot; busy is past the load limit
+    with pytest.raises(CapacityError, match=r"real-time limit .* 1\.00, the limit is 0\.90"):
+        pool.open("a", None)
+    # without the limit, the slots alone decide
+    pool.options = PoolOptions(workers=2, max_load=0.0)
+    assert pool.open("a", None).worker_id == busy.id
+    with pytest.raises(ValueError, match="busy share"):
+        PoolOptions(max_load=-1)

@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from app.server import SERVICE, create_app, service_options
 from app.settings import Settings
 from app.workers.engine_worker import WorkerSpec
-from app.workers.pool import PoolOptions, WorkerPool
+from app.workers.pool import PoolOptions, WorkerPool, worker_pool
 from app.workers.session import WORKER_STOPPED
 from streaming.webrtc.testing import LoopbackClient, loopback_candidates_only
 
@@ -245,8 +245,11 @@ def test_worker_settings_come_from_env_and_are_checked():
     s = Settings.from_env({"AVATARCAST_WORKERS": "3", "AVATARCAST_MAX_SESSIONS": "2", "AVATARCAST_ENGINE_THREADS": "6"})
     assert s.local_workers == 3 and s.threads_per_worker() == 2 and service_options(s, workers=3).max_sessions == 6
     assert Settings.from_env({"AVATARCAST_WORKERS": "ray", "AVATARCAST_RAY_ADDRESS": "10.0.0.1:6379"}).local_workers == 0
+    assert s.max_load == 0.9 and Settings.from_env({"AVATARCAST_MAX_LOAD": "0"}).max_load == 0.0
+    assert worker_pool(Settings.from_env({"AVATARCAST_MAX_LOAD": "0.6"})).options.max_load == 0.6  # not started
     for bad in ({"AVATARCAST_WORKERS": "many"}, {"AVATARCAST_WORKERS": "-1"}, {"AVATARCAST_RAY_ADDRESS": "x:1"},
-                {"AVATARCAST_MODEL": "huge"}, {"AVATARCAST_RAY_WORKERS": "-2", "AVATARCAST_WORKERS": "ray"}):
+                {"AVATARCAST_MODEL": "huge"}, {"AVATARCAST_RAY_WORKERS": "-2", "AVATARCAST_WORKERS": "ray"},
+                {"AVATARCAST_MAX_LOAD": "1.5"}, {"AVATARCAST_MAX_LOAD": "lots"}):
         with pytest.raises(ValueError):
             Settings.from_env(bad)
     json.dumps(PoolOptions().__dict__)  # plain values: they cross into worker processes
