@@ -26,10 +26,14 @@ class Guidance:
 
     2-pass: v = v(neg text, no audio) + s·(v(text, audio) − v(neg text, no audio)), s = audio_scale.
     3-pass (text_scale set): v = v_nt + s_text·(v_na − v_nt) + s_audio·(v_full − v_na).
+    emotion: the branches without audio also see the neutral reference as their emotion image, so the
+    audio scale guides the emotion too, at no extra pass (for models trained with emotion dropout to the
+    reference, as the demo model's emotion stage is).
     """
 
     audio_scale: float = 1.0
     text_scale: float | None = None
+    emotion: bool = False
 
     @property
     def passes(self) -> int:
@@ -142,7 +146,7 @@ class GuidedModel:
             start_frame = tuple(f for f in start_frame for _ in range(k))  # one per row
         v = self.dit(rows(x).to(dt), rows(t), ctx, y=rows(y), audio=a, face_audio=fa,
                      face_mask=rows(_stack([c.face_mask for c in conds], "face masks")),
-                     emotion=rows(_stack([c.emotion for c in conds], "an emotion reference")),
+                     emotion=self._emotion_rows(conds, k, rows),
                      reference=rows(_stack([c.reference for c in conds], "a reference")),
                      motion=motion, cache=cache, start_frame=start_frame, frame_mask=frame_mask)
         if k == 1:
@@ -152,6 +156,14 @@ class GuidedModel:
         if k == 2:
             return cfg2(v[:, 0], v[:, 1], g.audio_scale)
         return cfg3(v[:, 0], v[:, 1], v[:, 2], g.text_scale, g.audio_scale)
+
+    def _emotion_rows(self, conds: Sequence[Conditions], k: int, rows) -> torch.Tensor | None:
+        """(S*k, 16, 1, h, w) emotion images: every branch the session's own, or with emotion guidance the
+        conditional branch its own and the unconditional ones the neutral reference."""
+        emotion = _stack([c.emotion for c in conds], "an emotion reference")
+        if emotion is None or k == 1 or not self.guidance.emotion:
+            return rows(emotion)
+        return torch.cat([torch.cat([c.emotion] + [c.reference] * (k - 1)) for c in conds])
 
     def _session_contexts(self, conds: Sequence[Conditions], k: int) -> torch.Tensor | None:
         """(S*k, L, text_dim) branch contexts of every session, or None when no session has one (the DiT's

@@ -56,6 +56,10 @@ class DiTTrainConfig:
     pair_fraction: float = 0.25  # stage audio: batches of two-face scenes for the FAA
     mouth_weight: float = 4.0  # loss weight of latent cells where a mouth moves (~2-3% of a frame): lip
     # motion is a few pixels, and an unweighted loss spends the model on backgrounds and hair
+    emotion_dropout: float = 0.0  # rows whose emotion image is the neutral reference itself: the branch
+    # that emotion guidance (Guidance.emotion) subtracts at inference
+    emotion_weight: float = 1.0  # loss weight where the emotion image differs from the reference (mouth
+    # corners, brows): a smile moves a few latent cells, which an unweighted loss barely notices
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 200
@@ -121,16 +125,34 @@ def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g
     kw = {}
     if cfg.stage != "base":
         keep = (torch.rand(b, generator=g) >= cfg.audio_dropout).float()
+        emotion = batch["emotion"]  # (B, 16, 1, h, w)
+        if cfg.emotion_dropout:
+            neutral = torch.rand(b, generator=g) < cfg.emotion_dropout
+            emotion = torch.where(neutral[:, None, None, None, None], ref, emotion)
         kw = dict(audio=batch["audio"] * keep[:, None, None, None],
                   face_audio=batch["face_audio"] * keep[:, None, None, None, None],
-                  face_mask=batch["masks"], emotion=batch["emotion"])
+                  face_mask=batch["masks"], emotion=emotion)
     frame_mask = block_causal_frame_mask(f, cfg.block_latents, first_block_frames=1)
     v = dit(xt, sigma_to_timestep(sigma), None, y=y, reference=ref, motion=batch["motion"], frame_mask=frame_mask,
             **kw)
     target = velocity_target(x0, eps)
     err = (v[:, :, 1:] - target[:, :, 1:]).pow(2)  # (B, 16, n, h, w)
-    weight = (1 + (cfg.mouth_weight - 1) * batch["mouth"])[:, None, None]  # (B, 1, 1, h, w); all 1: the mean
+    weight = 1 + (cfg.mouth_weight - 1) * batch["mouth"]  # (B, h, w); all 1: the mean
+    if cfg.emotion_weight != 1.0 and cfg.stage != "base":
+        weight = weight + (cfg.emotion_weight - 1) * emotion_change_map(kw["emotion"], ref)  # dropped rows: 0
+    weight = weight[:, None, None]  # (B, 1, 1, h, w)
     return (err * weight).sum() / (weight.sum() * err.shape[1] * err.shape[2])
+
+
+EMOTION_CHANGE_SCALE = 0.1  # demo latents: a happy or sad image differs from the neutral one by up to
+# 0.14-0.36 (channel mean), a surprised one by up to 0.8-1.0, in 0-30 of 256 cells; a neutral one by 0
+
+
+def emotion_change_map(emotion: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) in [0, 1]: where the emotion image's latent differs from the neutral reference's (channel
+    mean of the absolute difference over EMOTION_CHANGE_SCALE, clipped at 1); 0 for a neutral image."""
+    d = (emotion.float() - reference.float()).abs().mean(dim=1)[:, 0]  # (B, h, w)
+    return (d / EMOTION_CHANGE_SCALE).clamp(max=1.0)
 
 
 # ---- the loop -----------------------------------------------------------------------------------

@@ -281,6 +281,22 @@ def test_the_motion_condition_reaches_the_dit():
     assert not torch.allclose(out[0.0], out[1.0]) and not torch.allclose(out[None], out[0.0])
 
 
+def test_emotion_guidance_gives_the_unconditional_branch_the_reference_as_its_emotion(dit):
+    """Guidance(emotion=True): v = v(no audio, emotion = reference) + s·(v(audio, emotion) − that), in one
+    call; batched sessions each get their own reference in their unconditional row."""
+    conds = [_cond(1), _cond(2)]
+    x, t, audio = torch.randn(2, 16, 2, H, W), torch.tensor([500.0]), _audio(2)
+    plain, guided = GuidedModel(dit, Guidance()), GuidedModel(dit, Guidance(audio_scale=2.0, emotion=True))
+    with torch.no_grad():
+        got = guided.many(x, t, conds, [audio, audio], [None, None])
+        for i, c in enumerate(conds):
+            full = plain(x[i:i + 1], t, c, audio)
+            neutral = plain(x[i:i + 1], t, replace(c, emotion=c.reference), torch.zeros_like(audio))
+            assert torch.allclose(got[i:i + 1], neutral + 2.0 * (full - neutral), atol=1e-5)
+        without = GuidedModel(dit, Guidance(audio_scale=2.0)).many(x, t, conds, [audio, audio], [None, None])
+    assert not torch.allclose(got, without, atol=1e-4)  # the emotion image does reach the unconditional branch
+
+
 def test_noise_correlation_shares_a_fixed_draw_across_blocks_until_reset(dit):
     with pytest.raises(ValueError, match="noise_correlation"):
         CausalOptions(noise_correlation=1.5)
