@@ -60,6 +60,7 @@ class GeneratedUnit(NamedTuple):
     features_ms: float
     denoise_ms: float
     started: float  # perf_counter at the start of `generate`
+    wait_ms: float  # the unit's audio arriving (TakenUnit.wait_ms)
 
 
 class TakenUnit(NamedTuple):
@@ -71,6 +72,7 @@ class TakenUnit(NamedTuple):
     epoch: int
     features_ms: float
     started: float
+    wait_ms: float  # its first output sample arriving -> the last sample its features need arriving
 
 
 class AvatarSession:
@@ -292,14 +294,26 @@ class AvatarSession:
             self._count_silence()
             feats = [t.take_features(need.start, need.stop) for t in self.tracks]
             epoch = self._epoch
+            wait_ms = self._wait_ms(v0, self._needed_samples(need.stop))
         # 3. features -> (1, n, 4, D) per latent frame (latent 0: video frame 0 replicated)
         audio, face_audio = self._audio_tensors(feats, unit.audio_first)
-        return TakenUnit(audio, face_audio, v0, epoch, (time.perf_counter() - t_start) * 1e3, t_start)
+        return TakenUnit(audio, face_audio, v0, epoch, (time.perf_counter() - t_start) * 1e3, t_start, wait_ms)
+
+    def _wait_ms(self, first_video: int, needed: int) -> float:
+        """How long the unit waited for its audio: its first output sample arriving (pushed, or silence
+        inserted) on any track -> the last sample its features need arriving on every track. Live speech
+        waits about the unit's duration + the features' lookahead; audio pushed ahead waits ~0."""
+        first = frame_sample_bounds(first_video, self.out_rate, self.fps)[0]
+        firsts = [t.arrived_at(first) for t in self.tracks]
+        lasts = [t.arrived_at(min(needed, t.pcm.end) - 1) for t in self.tracks]
+        if None in firsts or None in lasts:  # not expected: the audio is on the timeline until consumed
+            return 0.0
+        return max(0.0, (max(lasts) - min(firsts)) * 1e3)
 
     def generated(self, taken: TakenUnit, latents: torch.Tensor, denoise_ms: float) -> GeneratedUnit:
         """Step 4's latents, on their way to `finish`."""
         return GeneratedUnit(self, latents, taken.first_video, taken.epoch, taken.features_ms, denoise_ms,
-                             taken.started)
+                             taken.started, taken.wait_ms)
 
     @torch.no_grad()
     def finish(self, unit: GeneratedUnit) -> None:
@@ -310,10 +324,10 @@ class AvatarSession:
         t_dec = time.perf_counter()
         decode_ms = (t_dec - t_dec0) * 1e3
         # 6. pair every frame with its audio and hand it out
-        self._emit(video, unit.first_video, unit.epoch, features_ms=unit.features_ms, denoise_ms=unit.denoise_ms,
-                   decode_ms=decode_ms)
-        for name, ms in (("features", unit.features_ms), ("denoise", unit.denoise_ms), ("decode", decode_ms),
-                         ("block", (t_dec - unit.started) * 1e3)):
+        self._emit(video, unit.first_video, unit.epoch, wait_ms=unit.wait_ms, features_ms=unit.features_ms,
+                   denoise_ms=unit.denoise_ms, decode_ms=decode_ms)
+        for name, ms in (("wait", unit.wait_ms), ("features", unit.features_ms), ("denoise", unit.denoise_ms),
+                         ("decode", decode_ms), ("block", (t_dec - unit.started) * 1e3)):
             self.stats.stage_ms[name].append(ms)
         self.stats.blocks += 1
 

@@ -5,10 +5,14 @@ pass-through when the rates match, so outgoing audio is the incoming audio, samp
 in a `PcmBuffer` addressed by absolute sample index; the same samples, resampled to 16 kHz, feed the
 audio front end's feature stream, whose frame k is the session's video frame `feature_origin + k`.
 Silence inserted to keep video flowing (idle, end of segment) is marked as padding, so frames know they
-are idle, and counted.
+are idle, and counted. When each sample reached the timeline (pushed or inserted) is kept while the
+sample is, so a block can say how long it waited for its audio.
 """
 
 from __future__ import annotations
+
+import time
+from collections import deque
 
 import numpy as np
 
@@ -28,6 +32,9 @@ class SpeakerTrack:
         self.silence_samples = 0  # inserted by pad() and truncate_at(), at the output rate
         self._to_out: StreamResampler | None = None
         self._to_16k = StreamResampler(PcmFormat(out_rate), out_rate=MODEL_SAMPLE_RATE)
+        # (pcm end after an append, time.monotonic()), trimmed with the audio; the bound only matters for a
+        # caller pushing tiny chunks far ahead (80 s of 20 ms packets)
+        self._arrivals: deque[tuple[int, float]] = deque(maxlen=4096)
         self._restart_features(0)
 
     def _restart_features(self, video_frame: int) -> None:
@@ -54,9 +61,22 @@ class SpeakerTrack:
 
     def _append(self, x: np.ndarray, padding: bool) -> None:
         self.pcm.append(x, padding=padding)
+        self._arrived()
         new = self.stream.push(self._to_16k.process(x))
         if new.size:
             self.feats = np.concatenate([self.feats, new])
+
+    def _arrived(self) -> None:
+        if self._arrivals and self._arrivals[-1][0] == self.pcm.end:
+            return  # nothing appended (an empty push): keep the earlier time for those samples
+        self._arrivals.append((self.pcm.end, time.monotonic()))
+
+    def arrived_at(self, sample: int) -> float | None:
+        """time.monotonic() when output-rate sample `sample` reached the timeline (None: not yet, or gone)."""
+        for end, at in self._arrivals:  # oldest first; about one block's packets since `consumed` trimmed it
+            if end > sample:
+                return at
+        return None
 
     # ---- output ----------------------------------------------------------------------------------
     @property
@@ -83,7 +103,10 @@ class SpeakerTrack:
         if cut > 0:
             self.feats = self.feats[cut:]
             self.feat_base = video_frame
-        self.pcm.trim(video_frame * self.out_rate // self.fps)
+        first_kept = video_frame * self.out_rate // self.fps
+        self.pcm.trim(first_kept)
+        while self._arrivals and self._arrivals[0][0] <= first_kept:  # no earlier sample is looked up again
+            self._arrivals.popleft()
 
     def truncate_at(self, video_frame: int) -> int:
         """Barge-in: drop everything from `video_frame` on and restart the feature stream there."""
@@ -93,6 +116,9 @@ class SpeakerTrack:
             gap = boundary - self.pcm.end  # (the feature stream restarts at the cut: it needs none of it)
             self.pcm.append(np.zeros(gap, np.float32), padding=True)
             self.silence_samples += gap
+        while self._arrivals and self._arrivals[-1][0] > boundary:  # those samples are gone; new ones come
+            self._arrivals.pop()
+        self._arrived()
         self._to_16k.reset()
         if self._to_out is not None:
             self._to_out.reset()

@@ -34,7 +34,7 @@ def frames_for_samples(num_samples: int, sample_rate: int, fps: int) -> int:
 class Timing:
     """Where one frame's latency went, in milliseconds (0 where a stage did not run for it)."""
 
-    queued_audio_ms: float = 0.0  # audio waiting for its block (block duration + lookahead)
+    wait_ms: float = 0.0  # the block's audio arriving: its first sample -> its last needed one (lookahead incl.)
     features_ms: float = 0.0
     denoise_ms: float = 0.0
     decode_ms: float = 0.0
@@ -96,7 +96,7 @@ class SessionStats:
     nonfinite_input_samples: int = 0
     silence_inserted_s: float = 0.0  # input filled with silence: live audio late or missing, a segment's tail
     stage_ms: dict[str, deque] = field(default_factory=lambda: {k: deque(maxlen=200) for k in
-                                                                ("features", "denoise", "decode", "block")})
+                                                                ("wait", "features", "denoise", "decode", "block")})
 
 
 class AvatarSessionProtocol(Protocol):

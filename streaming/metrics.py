@@ -5,8 +5,9 @@ What is measured, and where:
 - sessions: a gauge of live peers, counters of sessions opened / ended (by reason) / offers rejected;
 - frames: video frames sent, frames repeated on underrun, frames dropped by the pacer (by reason:
   overflow, late, trim);
-- per-stage timings (`avatarcast_stage_seconds{stage}`): features / denoise / decode per generation
-  block, emit (last input sample pushed -> frame ready) and pacer (frame ready -> frame sent) per frame;
+- per-stage timings (`avatarcast_stage_seconds{stage}`): wait (for the block's audio) / features / denoise /
+  decode per generation block, emit (last input sample pushed -> frame ready) and pacer (frame ready ->
+  frame sent) per frame;
 - latency (`avatarcast_latency_seconds`): a mic sample's arrival at the server -> the frame carrying
   it leaving on the video track (speech frames only).
 """
@@ -57,7 +58,7 @@ class LiveMetrics:
 
     def observe_block(self, timing: Timing) -> None:
         """Stage timings of one generation block (every frame of a block carries the same ones)."""
-        for stage in ("features", "denoise", "decode"):
+        for stage in ("wait", "features", "denoise", "decode"):
             self.stage.labels(stage).observe(getattr(timing, f"{stage}_ms") / 1000.0)
 
     def observe_frame(self, timing: Timing) -> None:

@@ -33,7 +33,7 @@ _FRAME = struct.Struct("<IqIHIBHHI5fd")  # epoch, pts, rate, fps, segment, idle,
 _SEGMENT = struct.Struct("<IIq")  # epoch, segment, pts
 _EPOCH = struct.Struct("<I")
 _PUSH = struct.Struct("<IdB")  # sample rate, gateway send time (time.monotonic), speaker
-_TIMING = ("queued_audio_ms", "features_ms", "denoise_ms", "decode_ms", "emit_ms")
+_TIMING = ("wait_ms", "features_ms", "denoise_ms", "decode_ms", "emit_ms")
 
 
 class ProtocolError(ValueError):

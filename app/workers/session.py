@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from app.workers.pool import WorkerHandle
 
 WORKER_STOPPED = "the avatar worker stopped — call again"
-STAGES = ("features", "denoise", "decode", "block")
+STAGES = ("features", "denoise", "decode", "block")  # the engine's compute per block; "block" is their sum
 WORKER_COUNTERS = ("dropped_input_samples", "dropped_frames", "nonfinite_input_samples", "silence_inserted_s")
 
 
@@ -204,6 +204,7 @@ class WorkerSession:
             st.blocks += 1
             for name, ms in zip(STAGES, (*block, sum(block))):
                 st.stage_ms[name].append(ms)
+            st.stage_ms["wait"].append(t.wait_ms)  # measured on the worker's clock, a duration: no hop to add
 
     def ended_by_worker(self) -> None:
         """The worker closed this session (after its SessionError, or a refused open)."""

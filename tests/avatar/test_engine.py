@@ -408,3 +408,34 @@ def test_an_overloaded_engine_serves_a_new_session_instead_of_only_the_late_ones
     assert eng._batch([late_a, late_b, new]) == [late_a]  # then turns, least recently served first
     on_time = [Late("d", now + 0.3), Late("e", now + 0.1)]
     assert eng._batch(on_time) == [on_time[1]]  # within the bound: earliest deadline first, as before
+
+
+async def test_a_block_waits_for_its_audio_as_long_as_the_audio_takes_to_arrive(engine):
+    """stage_ms["wait"]: a block's first sample arriving -> the last sample its features need arriving
+    (pushed, or silence put in). Audio pushed all at once waits for nothing; live audio in 20 ms packets
+    on the clock (and the silence topping up the idle before it) waits about a block (2 latents, 320 ms)
+    plus the features' lookahead. Every frame carries its block's wait."""
+    ahead = engine.open_session(_cond(), SessionOptions(realtime=False))
+    ahead.push_audio(_speech(2.0, 16_000), 16_000)
+    ahead.end_segment()
+    frames, _ = await _collect(ahead)
+    ahead.close()
+    waits = list(ahead.stats.stage_ms["wait"])
+    assert len(waits) == ahead.stats.blocks >= 6
+    assert max(waits[:-1]) < 20, waits  # the last block's tail is silence put in when it is taken
+    assert {f.timing.wait_ms for f in frames} == set(waits)
+
+    live = engine.open_session(_cond(), SessionOptions(realtime=True, sample_rate=16_000))
+    await asyncio.sleep(0.3)
+    speech = _speech(1.6, 16_000)
+    start = time.monotonic()
+    for i in range(0, speech.size, 320):
+        await asyncio.sleep(max(0.0, start + i / 16_000 - time.monotonic()))
+        live.push_audio(speech[i:i + 320], 16_000)
+    frames, _ = await _collect(live, until_segment_end=False, max_frames=40)
+    live.close()
+    waits = list(live.stats.stage_ms["wait"])
+    block_ms = 1000 * 4 * OPTS.block_frames / 25
+    lookahead_ms = engine.models.features.timing.lookahead_ms
+    assert len(waits) >= 4 and block_ms - 40 <= float(np.median(waits)) <= block_ms + lookahead_ms + 60, \
+        (waits, lookahead_ms)
