@@ -175,10 +175,14 @@ class LatencyReport(TypedDict, closed=True):
 
 
 class StageMs(TypedDict):
+    """Medians over the last 200 blocks (frames for pacing), ms; None until one was measured."""
+
+    wait: float | None  # a block's audio arriving: its first sample -> the last one it needs (lookahead incl.)
     features: float | None
     denoise: float | None
     decode: float | None
-    block: float | None
+    block: float | None  # features + denoise + decode (+ the hand-offs between them)
+    pacing: float | None  # a frame entering the call's pacer -> its video track handing it to the transport
 
 
 class SessionEngineReport(TypedDict):

@@ -20,7 +20,7 @@ from rich.text import Text
 
 HISTORY_POINTS = 120  # per series: two minutes at one poll a second
 SPARK_BARS = "▁▂▃▄▅▆▇█"
-STAGES = ("features", "denoise", "decode", "block")  # engine per-block timings, ms
+STAGES = ("wait", "features", "denoise", "decode", "block", "pacing")  # per-stage medians, ms (api_schema.StageMs)
 COLUMNS: tuple[tuple[str, str], ...] = (  # (column key, header); what matters most first, for narrow terminals
     ("id", "session"), ("state", "state"), ("fps", "fps"), ("latency", "latency"), ("queue", "queue"),
     ("dropped", "drops"), ("uptime", "uptime"), ("avatar", "avatar"), ("emotion", "emotion"), ("peer", "peer"),
@@ -197,7 +197,7 @@ def event_line(event: Mapping[str, Any], tz: tzinfo | None = None, with_session:
 
 def detail_panel(s: Mapping[str, Any] | None, history: Mapping[str, Sequence[float]],
                  events: Iterable[Mapping[str, Any]] = (), tz: tzinfo | None = None) -> RenderableType:
-    """The selected session: its numbers, sparklines (fps, latency, ms per engine stage), recent events."""
+    """The selected session: its numbers, sparklines (fps, latency, ms per stage), recent events."""
     if s is None:
         return Text("No session selected: the sessions table is empty, or pick a row with ↑/↓.", "dim")
     pending = s.get("pending")

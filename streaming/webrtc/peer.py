@@ -204,6 +204,7 @@ class LivePeer:
         self._last_block: tuple[float, float, float] | None = None
         self._sent_at: deque[float] = deque(maxlen=50)
         self._latency_ms: deque[float] = deque(maxlen=250)
+        self._pacing_ms: deque[float] = deque(maxlen=200)  # per frame sent: in the pacer -> to the transport
 
     # ---- setup --------------------------------------------------------------------------------------
     async def negotiate(self) -> RTCSessionDescription:
@@ -362,6 +363,8 @@ class LivePeer:
         if latency is not None:
             self._latency_ms.append(latency * 1e3)
         pacer_s = None if slot.repeated or slot.arrived_at is None else now - slot.arrived_at
+        if pacer_s is not None:
+            self._pacing_ms.append(pacer_s * 1e3)
         self.metrics.observe_sent(pacer_s, latency)
 
     # ---- control ----------------------------------------------------------------------------------------
@@ -467,10 +470,12 @@ class LivePeer:
         engine: dict[str, Any] = {"session": None if self.session is None else self.session.id}
         if self.session is not None:
             stats = self.session.stats
+            # the session's stages (wait for audio, then compute per block), then this call's own: pacing
+            stages = {**stats.stage_ms, "pacing": self._pacing_ms}
             engine.update(frames=stats.frames, idle_frames=stats.idle_frames, blocks=stats.blocks,
                           dropped_input_samples=stats.dropped_input_samples, dropped_frames=stats.dropped_frames,
                           stage_ms={k: round(statistics.median(list(v)), 2) if v else None
-                                    for k, v in stats.stage_ms.items()})
+                                    for k, v in stages.items()})
         now = time.monotonic()
         return {
             "id": self.id, "state": self.state, "connection": self.pc.connectionState, "end_reason": self.end_reason,

@@ -96,7 +96,7 @@ def fake_session(sid: str, *, emotion: str | None = "neutral", paused: bool = Fa
         "engine": {"session": f"s{int(seed)}", "frames": 18000, "idle_frames": 200, "blocks": 1500,
                    "dropped_input_samples": 0, "dropped_frames": 0,
                    "stage_ms": {"features": 1.2 * seed, "denoise": 38.4 * seed, "decode": 21.7 * seed,
-                                "block": 61.3 * seed}},
+                                "block": 61.3 * seed, "wait": 352.0 * seed, "pacing": 24.5 * seed}},
     }
 
 
@@ -426,6 +426,7 @@ def test_panels_are_pure_functions_of_snapshot_data():
     for _ in range(4):
         h = update_history(h, fake_snapshot(TWO_SESSIONS)["metrics"], limit=3)
     assert h[live["id"]]["fps"] == [24.98] * 3 and h[live["id"]]["denoise"] == [38.4] * 3
+    assert h[live["id"]]["wait"] == [352.0] * 3 and h[live["id"]]["pacing"] == [24.5] * 3  # audio wait, gateway
     assert update_history(h, fake_snapshot(TWO_SESSIONS[:1])["metrics"]).keys() == {live["id"]}  # ended: dropped
     assert real_time_factor({"latency_budget": ENGINE["latency_budget"]}) == round(61.3 / 480, 3)
     assert real_time_factor({"latency_budget": {"block_ms": 480.0}}) is None

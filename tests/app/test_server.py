@@ -144,6 +144,7 @@ async def test_a_call_with_admin_control_and_events_while_abuse_is_refused(clien
     mine = next(s for s in snap["sessions"] if s["id"] == sid)
     assert mine["codec"] == "H264" and mine["video"]["fps"] > 5 and mine["mode"] == "file"
     assert mine["engine"]["stage_ms"]["denoise"] > 0 and snap["engine"]["latency_budget"]["total_ms"] > 0
+    assert mine["engine"]["stage_ms"]["wait"] > 0 and mine["engine"]["stage_ms"]["pacing"] > 0  # audio in, frames out
     changed = await client.post(f"/admin/sessions/{sid}/conditions", json={"emotion": "happy"}, headers=AUTH)
     assert changed.status in (200, 202) and (await changed.json())["emotion"] == "happy"
     await expect_error(await client.post(f"/admin/sessions/{sid}/conditions", json={"emotion": "bored"},

@@ -229,6 +229,10 @@ async def test_avatarcast_serve_runs_a_call_on_its_default_worker_and_stops_clea
                 while await fresh() < 25:
                     assert time.monotonic() < deadline, "no frames from the worker"
                     await asyncio.sleep(0.25)
+                async with http.get(f"{url}/sessions/{sid}") as r:
+                    stages = (await r.json())["engine"]["stage_ms"]
+                # the wait for audio is measured in the worker process and crosses with the frames; pacing here
+                assert stages["wait"] > 0 and stages["decode"] > 0 and stages["pacing"] > 0, stages
                 await peer.close()
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

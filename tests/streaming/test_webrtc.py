@@ -114,6 +114,10 @@ async def test_call_round_trip_fps_decoding_audio_and_bye_frees_everything(servi
     assert max(lags) - min(lags) <= counted + 0.1, (windows, pacer, counted)  # + the lag estimate's resolution
     assert snap["codec"] == "VP8" and snap["state"] == "connected" and snap["mic"]["frames"] > 150
     assert 0 < snap["latency_ms"]["p50"] < 3000 and snap["video"]["fps"] > 5  # moving; the rate is bench_live's
+    # where it goes, stage by stage: live mic audio fills a 12-frame block in about 480 ms; frames wait in the
+    # pacer for their slot (a block arrives at once and plays over its 480 ms)
+    stages = snap["engine"]["stage_ms"]
+    assert 300 < stages["wait"] < 1500 and 0 < stages["pacing"] < 1000 and stages["denoise"] > 0, stages
     # the server offers 127.0.0.1 itself (aioice leaves loopback out) beside its LAN addresses, which the
     # loopback client ignores: every check and packet of the call goes to 127.0.0.1
     cands = [ln for ln in peer.pc.localDescription.sdp.splitlines() if ln.startswith("a=candidate")]
