@@ -437,5 +437,6 @@ async def test_a_block_waits_for_its_audio_as_long_as_the_audio_takes_to_arrive(
     waits = list(live.stats.stage_ms["wait"])
     block_ms = 1000 * 4 * OPTS.block_frames / 25
     lookahead_ms = engine.models.features.timing.lookahead_ms
-    assert len(waits) >= 4 and block_ms - 40 <= float(np.median(waits)) <= block_ms + lookahead_ms + 60, \
+    # (+ up to a top-up period, 20 ms, for silence; the margins are for a loaded machine's late packets)
+    assert len(waits) >= 4 and block_ms - 60 <= float(np.median(waits)) <= block_ms + lookahead_ms + 100, \
         (waits, lookahead_ms)
