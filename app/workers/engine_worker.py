@@ -46,6 +46,9 @@ class WorkerSpec:
     heartbeat_s: float = 0.5
     warmup: bool = True
     max_batch: int | None = None  # sessions per batched DiT call (avatar/engine.py); None: the engine's default
+    nice: int = 5  # a local worker process's CPU priority below the gateway's (os.nice): the gateway moves
+    # every call's packets on one event loop and must not wait behind denoising, which needs throughput,
+    # not milliseconds (CFS: nice 5 weighs a third of nice 0; idle cores still go to the worker)
 
 
 # Failures after which the process's CUDA context is unusable (every later call fails too); an out-of-memory

@@ -38,6 +38,8 @@ def worker_main(conn, spec) -> None:
     import asyncio
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the gateway's: it stops workers in order
+    if spec.nice:
+        os.nice(spec.nice)  # below the gateway on this machine (WorkerSpec.nice)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {os.getpid()} %(levelname)s %(message)s")
     from app.workers.engine_worker import EngineWorker
 
