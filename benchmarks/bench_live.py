@@ -110,7 +110,7 @@ def _fresh_fps(before: dict, after: dict) -> float:
 
 
 # ---- the server: the real HTTP app, the gateway, its engine (workers) and live service ---------------
-def _backend(settings, workers: int, model: str, decoder: str, max_batch: int | None = None):
+def _backend(settings, workers: int, model: str, decoder: str, max_batch: int | None = None, nice: int = 5):
     """The in-process engine (workers 0) or a pool of engine worker processes; the engine to stop after."""
     if workers == 0:
         from app.avatars import EngineBackend, prepare_avatars
@@ -128,12 +128,12 @@ def _backend(settings, workers: int, model: str, decoder: str, max_batch: int | 
     from app.workers.pool import PoolOptions, WorkerPool
 
     spec = WorkerSpec(model=model, max_sessions=settings.max_sessions, threads=settings.threads_per_worker(),
-                      decoder=decoder, max_batch=max_batch)
+                      decoder=decoder, max_batch=max_batch, nice=nice)
     return WorkerPool(spec, PoolOptions(workers=workers)), None
 
 
 async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads: int, workers: int = 1,
-               model: str = "tiny", max_batch: int | None = None) -> dict:
+               model: str = "tiny", max_batch: int | None = None, nice: int = 5) -> dict:
     import multiprocessing
 
     from aiohttp import web
@@ -147,7 +147,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
     settings = Settings(host="127.0.0.1", max_sessions=per_worker, admin_token="bench-live-token-000",
                         engine_threads=threads, workers=str(workers), model=model, calls_per_client=sessions,
                         offers_per_minute=max(12, 2 * sessions))
-    backend, engine = _backend(settings, workers, model, decoder, max_batch)
+    backend, engine = _backend(settings, workers, model, decoder, max_batch, nice)
     app = create_app(settings, backend, options=service_options(settings, workers=max(1, workers)))
     runner = web.AppRunner(app, shutdown_timeout=2)
     await runner.setup()  # a worker pool starts here: its first worker ready
@@ -218,6 +218,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
         "benchmark": "live", "sessions": sessions, "seconds": seconds, "model": engine_snap["model"],
         "workers": workers, "engine": "in the server's process" if workers == 0 else f"{workers} worker processes",
         "max_batch": max_batch or "engine default",
+        "worker_nice": nice if workers else None,
         "decoder": engine_snap["decoder"], "codec": codec, "cpu_count": os.cpu_count(),
         "engine_threads": settings.compute_threads() if workers == 0 else settings.threads_per_worker(),
         "clients": "separate process, over HTTP /offer",
@@ -241,9 +242,9 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
 
 
 def run(sessions: int = 4, seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8", threads: int = 0,
-        workers: int = 1, model: str = "tiny", max_batch: int | None = None) -> dict:
+        workers: int = 1, model: str = "tiny", max_batch: int | None = None, nice: int = 5) -> dict:
     """N concurrent loopback calls for `seconds` each; returns the report (see the module docstring)."""
-    return asyncio.run(_run(sessions, seconds, decoder, codec, threads, workers, model, max_batch))
+    return asyncio.run(_run(sessions, seconds, decoder, codec, threads, workers, model, max_batch, nice))
 
 
 def compare(seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8", threads: int = 0,
@@ -272,13 +273,16 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="one call: in-process engine vs one worker")
     parser.add_argument("--max-batch", type=int, default=None, help="sessions per batched DiT call (default: "
                         "the engine's)")
+    parser.add_argument("--worker-nice", default="5", help="worker processes' nice increment, or a comma-"
+                        "separated list: each count runs once per value, interleaved (0: the gateway's priority)")
     args = parser.parse_args()
     if args.compare:
         print(json.dumps(compare(args.seconds, args.decoder, args.codec, args.threads, args.model), indent=2))
         return
     counts = [int(n) for n in args.sessions.split(",")]
-    reports = [run(n, args.seconds, args.decoder, args.codec, args.threads, args.workers, args.model, args.max_batch)
-               for n in counts]
+    nices = [int(v) for v in args.worker_nice.split(",")]
+    reports = [run(n, args.seconds, args.decoder, args.codec, args.threads, args.workers, args.model, args.max_batch,
+                   nice) for n in counts for nice in nices]
     print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
 
 
