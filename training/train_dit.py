@@ -44,6 +44,7 @@ AUDIO_MODULES = ("audio_proj.", "audio_cond_projs.", "face_audio_embedding.", "f
 @dataclass(frozen=True)
 class DiTTrainConfig:
     stage: str = "base"  # "base" | "audio" | "emotion" (the AEM alone, on the finished audio stage)
+    name: str | None = None  # the run's folder, checkpoint and log name (dit_<name>); None: the stage's
     steps: int = 3000
     batch: int = 4
     window_latents: int = 9  # after the reference: 3 blocks of 3
@@ -203,14 +204,15 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
     dit = build_model(cfg, dit_cfg, init)
     params = trainable_parameters(dit, cfg.stage)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    ckpt = out / f"dit_{cfg.stage}_train.pt"
+    run = f"dit_{cfg.name or cfg.stage}"
+    ckpt = out / f"{run}_train.pt"
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         dit.load_state_dict(state["dit"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-        log.info("resuming DiT %s training at step %d", cfg.stage, step)
+        log.info("resuming DiT %s training at step %d", run, step)
     data = Batches(store)
     t0 = time.monotonic()
     logf = (out / "dit_log.jsonl").open("a")
@@ -229,7 +231,7 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
         opt.step()
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            rec = {"stage": f"dit_{cfg.stage}", "step": step, "lr": round(lr, 7), "loss": round(float(loss.detach()), 5),
+            rec = {"stage": run, "step": step, "lr": round(lr, 7), "loss": round(float(loss.detach()), 5),
                    "pairs": bool(pairs), "elapsed_s": round(time.monotonic() - t0, 1)}
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -244,6 +246,6 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
     from models.loading import save_dit
 
     dit.eval()
-    folder = save_dit(dit, out / f"dit_{cfg.stage}")
+    folder = save_dit(dit, out / run)
     (folder / "train_config.json").write_text(json.dumps({**cfg.__dict__, "lora": bool(lora_state_dict(dit))}))
     return folder

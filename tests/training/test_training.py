@@ -513,3 +513,30 @@ def test_vae_curriculum_runs_each_stage_once_in_order_and_resumes_mid_way(tmp_pa
     torch.save({"step": 9200}, tmp_path / "vae_train.pt")
     assert not train_vae_curriculum(plan, left=lambda: 1.0)
     assert len(calls) == 1 and not (tmp_path / "vae.safetensors").exists()
+
+
+def test_emotion_dropout_shows_the_reference_and_the_emotion_weight_counts_only_where_it_differs():
+    batch = Batches._window(_latent_clip(0), s=1, n=6)
+    batch = {k: torch.as_tensor(v)[None].repeat(2, *([1] * np.ndim(v))) for k, v in batch.items()}
+    batch["mouth"] = torch.zeros(2, 4, 4)
+    ref = batch["latents"][:, :, :1].clone()
+    batch["emotion"] = ref.clone()
+    batch["emotion"][1, :, :, 3, 3] += 1.0  # sample 1's emotion image differs from its reference in one cell
+    seen = []
+
+    class Echo(torch.nn.Module):  # records the emotion images it is given; errs in cell (3, 3) only
+        def forward(self, xt, *a, emotion=None, **k):
+            seen.append(emotion)
+            out = torch.zeros_like(xt)
+            out[..., 3, 3] = 10.0
+            return out
+
+    def loss(**kw):
+        cfg = DiTTrainConfig(stage="emotion", window_latents=6, audio_dropout=0.0, **kw)
+        return float(dit_loss(Echo(), batch, cfg, torch.Generator().manual_seed(0)))
+
+    plain, weighted = loss(), loss(emotion_weight=6.0)
+    assert torch.equal(seen[0], batch["emotion"]) and weighted > 1.5 * plain  # sample 1's (3, 3) counts 6x
+    dropped = loss(emotion_dropout=1.0, emotion_weight=6.0)
+    assert torch.equal(seen[-1], ref)  # every row sees the neutral reference as its emotion image...
+    assert dropped == pytest.approx(plain, rel=1e-6)  # ...and, showing no change, weighs nothing extra
