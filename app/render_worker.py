@@ -186,6 +186,7 @@ def demo_model_available(folder: Path = DEMO_MODEL_DIR) -> bool:
 def load_demo_models(folder: Path = DEMO_MODEL_DIR, device: str = "auto") -> ModelBundle:
     """The shipped demo model: DiT core + its LoRA (merged at load) + the DEMO VAE + mel features."""
     from audio.features.mel import MelConfig, MelFeatures
+    from avatar.domain import DEMO_DOMAIN
     from models.config import VAE_DEMO_SIZE
     from models.loading import load_dit
     from models.vae_loading import load_vae
@@ -196,7 +197,8 @@ def load_demo_models(folder: Path = DEMO_MODEL_DIR, device: str = "auto") -> Mod
     dit, _ = load_dit(folder, merge_lora=True, device=dev)
     vae = load_vae(folder / "vae.safetensors").to(dev)
     features = MelFeatures(MelConfig(n_mels=dit.cfg.audio_dim))
-    return ModelBundle("demo", dit.eval(), vae.eval(), features, frame_hw=VAE_DEMO_SIZE, checkpoint=str(folder))
+    return ModelBundle("demo", dit.eval(), vae.eval(), features, frame_hw=VAE_DEMO_SIZE, checkpoint=str(folder),
+                       domain=DEMO_DOMAIN)  # drawn faces only: a photo gets a warning (avatar/domain.py)
 
 
 # ---- resume sidecars ----------------------------------------------------------------------------------
@@ -280,6 +282,7 @@ class Renderer:
         self.engine = AvatarEngine(self.models, self.options).start()
         self._engines = {1: self.engine}  # by faces in the frame
         self._conditions: dict[tuple[str, str | None], tuple[AvatarEngine, Conditions]] = {}
+        self._warnings: dict[tuple[str, str | None], str] = {}  # avatars out of the model's domain
 
     def close(self) -> None:
         for engine in self._engines.values():
@@ -308,6 +311,9 @@ class Renderer:
                     "rtf": round(duration / wall, 3)}  # rtf: media seconds per wall second (>1: faster than real time)
             if self.settings.speakers > 1:
                 done.update(_dialogue_fields(tracks))
+            warnings = [w for w in (self._warnings.get((job.avatar, job.emotion)), done.get("warning")) if w]
+            if warnings:  # the portrait is out of the model's domain, and/or a speaker was padded
+                done["warning"] = "; ".join(warnings)
             write_json_atomic(sidecar_path(job.output), {"key": job.key, "settings": self.settings.output_key(),
                                                          "emotion": job.emotion, "result": done})
         except Exception as exc:  # one bad input must not stop the batch
@@ -459,6 +465,8 @@ class Renderer:
                                                  cache_dir=avatar_cache_dir())
                 emotion = "emotion" if emotion else None
             self._conditions[key] = (engine, engine.conditions(prepared, emotion))
+            if prepared.warning:
+                self._warnings[key] = prepared.warning
         return self._conditions[key]
 
     def conditions(self, avatar: str, emotion: str | None) -> Conditions:

@@ -31,6 +31,7 @@ import torch
 from audio.features.base import AudioFeatures
 from avatar.chunking import LiveFusionGenerator, LiveFusionOptions, OverlapGenerator, OverlapOptions
 from avatar.decoder import FrameDecoder
+from avatar.domain import ModelDomain, roundtrip_psnr
 from avatar.faces import make_detector
 from avatar.generator import CausalGenerator, CausalOptions, Conditions, Guidance
 from avatar.reference import PreparedAvatar, prepare_avatar
@@ -68,6 +69,8 @@ class ModelBundle:
     frame_hw: tuple[int, int] = (128, 128)  # pixels the model generates
     decoder_backend: object | None = None  # OnnxVaeDecoder when exported; the torch VAE otherwise
     checkpoint: str | None = None  # where the weights were read from; None: random weights
+    domain: ModelDomain | None = None  # what the model was trained to draw (the demo model: drawn faces);
+    # None: anything (real weights), and portraits are not checked
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
@@ -339,10 +342,21 @@ class AvatarEngine:
 
     def prepare_avatar(self, source, *, expected_faces: int = 1, emotion_images: dict | None = None,
                        detector=None, cache_dir=None) -> PreparedAvatar:
-        """A portrait (path or bytes) -> cropped image, face masks on the token grid, latents (cached)."""
-        return prepare_avatar(source, self.models.frame_hw, detector or make_detector(),
-                              encode_image=self.models.encode_image, expected_faces=expected_faces,
-                              emotion_images=emotion_images, cache_dir=cache_dir, encoder_id=self.models.encoder_id)
+        """A portrait (path or bytes) -> cropped image, face masks on the token grid, latents (cached).
+        With a model domain, one VAE decode of the reference checks the portrait against it: out of the
+        domain, the avatar carries a warning (logged here), and is used all the same."""
+        avatar = prepare_avatar(source, self.models.frame_hw, detector or make_detector(),
+                                encode_image=self.models.encode_image, expected_faces=expected_faces,
+                                emotion_images=emotion_images, cache_dir=cache_dir,
+                                encoder_id=self.models.encoder_id)
+        domain = self.models.domain
+        if domain is None or avatar.reference_latent is None:
+            return avatar
+        psnr = roundtrip_psnr(self.models.vae, avatar.image, avatar.reference_latent)
+        warning = domain.warning(psnr, avatar.source_name)
+        if warning is not None:
+            log.warning("%s", warning)
+        return replace(avatar, warning=warning)
 
     def conditions(self, avatar: PreparedAvatar, emotion: str | None = None,
                    motion: float | None = None) -> Conditions:

@@ -250,6 +250,7 @@ class PreparedAvatar:
     emotion_latents: Mapping[str, torch.Tensor]  # emotion name -> (1, C, 1, H/8, W/8)
     content_hash: str  # hex digest of every input; also the cache entry's name
     source_name: str  # the file it came from, for messages
+    warning: str | None = None  # why the model will draw it badly (out of its domain: avatar/domain.py)
 
     @property
     def num_characters(self) -> int:
