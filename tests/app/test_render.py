@@ -4,6 +4,8 @@ kill, bad inputs in a batch, fusion on long clips, CSV manifests, and the Ray ba
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import json
 import os
 import shutil
@@ -256,6 +258,36 @@ def test_csv_manifest_with_portraits_emotions_and_outputs(tmp_path, local):
     assert "is one of neutral, happy, sad, surprised" in rows[3]["error"]
     _check_mp4(out / "lessons" / "first.mp4", tmp_path / "one.wav")
     assert any((tmp_path / "cache" / "avatars").iterdir())  # the portrait was prepared once and cached
+    assert not any("warning" in r for r in rows)  # random TINY weights declare no domain: a photo is fine
+
+
+def test_a_portrait_out_of_the_models_domain_renders_with_a_warning(tmp_path, monkeypatch):
+    import cv2
+    from skimage.data import astronaut
+
+    from app import render_worker
+    from avatar.domain import ModelDomain
+
+    load = render_worker.load_models
+    # a domain no portrait reaches, so the TINY model warns about any: the path matters here, not the
+    # threshold (tests/avatar/test_domain.py measures the demo model's)
+    strict = ModelDomain("drawn faces", min_psnr_db=200.0)
+    monkeypatch.setattr(render_worker, "load_models", lambda *a, **k: dataclasses.replace(load(*a, **k), domain=strict))
+    cv2.imwrite(str(tmp_path / "me.png"), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
+    audio = _speech_like(tmp_path / "hello.wav", 0.4)
+    out, err = tmp_path / "out", io.StringIO()
+    backend = InProcessBackend(FAST)
+    try:
+        first = render_batch([str(audio)], out, avatar=str(tmp_path / "me.png"), settings=FAST, backend=backend,
+                             reporter=QuietReporter(err))
+    finally:
+        backend.close()
+    r = first["results"][0]
+    assert r["status"] == "done" and r["frames"] > 0  # a warning, never a refusal
+    assert "me.png looks unlike the drawn faces" in r["warning"] and "Using real weights" in r["warning"]
+    assert f"warning: {audio}: {r['warning']}\n" in err.getvalue()  # --quiet says it on stderr
+    again = render_batch([str(audio)], out, avatar=str(tmp_path / "me.png"), settings=FAST, reporter=QuietReporter())
+    assert again["results"][0]["status"] == "skipped" and again["results"][0]["warning"] == r["warning"]
 
 
 def test_inputs_expand_from_directories_globs_and_report_collisions(tmp_path):
@@ -350,8 +382,6 @@ def test_ray_backend_renders_the_same_files_as_local_on_loopback_only(tmp_path, 
 
 
 def test_reporters_show_frames_rate_rtf_and_eta(tmp_path):
-    import io
-
     from rich.console import Console
 
     from app.render_progress import JsonLinesReporter, RichReporter
