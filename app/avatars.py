@@ -183,7 +183,7 @@ def prepare_avatars(engine: AvatarEngine, portrait: Path | None = None) -> tuple
         else:
             avatars[name] = engine.prepare_avatar(portrait)
         default = name
-        log.info("avatar %r prepared from %s", name, portrait)
+        log.info("avatar %r prepared from %s", name, portrait)  # a warning was logged if out of the domain
     return avatars, default
 
 
@@ -209,6 +209,9 @@ class EngineBackend:
 
     def faces(self) -> dict[str, int]:
         return {name: a.num_characters for name, a in self.avatars.items()}
+
+    def avatar_warnings(self) -> dict[str, str]:
+        return {name: a.warning for name, a in self.avatars.items() if a.warning}
 
     def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> AvatarSession:
         """`speakers` voices drive as many faces (left to right); one voice drives the leftmost face."""

@@ -94,7 +94,8 @@ async def config(request: web.Request) -> web.Response:
     service, settings = request.app[SERVICE], request.app[SETTINGS]
     backend = service.backend
     return web.json_response({
-        "avatars": backend.catalog(), "faces": backend.faces(), "default_avatar": backend.default_avatar,
+        "avatars": backend.catalog(), "faces": backend.faces(), "avatar_warnings": backend.avatar_warnings(),
+        "default_avatar": backend.default_avatar,
         "codecs": list(VIDEO_CODECS), "default_codec": settings.video_codec, "modes": list(MODES),
         "upload_limit_bytes": settings.upload_limit_bytes,
         "ice_servers": [s.as_dict() for s in settings.ice_servers],
@@ -285,6 +286,7 @@ def run_server(settings: Settings, echo: Callable[[str], None] = print) -> None:
         echo(f"avatarcast: {n} engine worker{'s' if n > 1 else ''} ({kind}{'es' if n > 1 and kind == 'process' else ''}"
              f"{'s' if n > 1 and kind != 'process' else ''}), model {w.get('model')} ({w.get('decoder')} decoder), "
              f"avatars {sorted(pool.catalog())}, up to {settings.max_sessions} sessions each")
+        _announce_warnings(pool.avatar_warnings(), echo)
         _announce_address(settings, echo)
 
     app.on_startup.append(announce)
@@ -307,12 +309,19 @@ def _run_in_process(settings: Settings, echo: Callable[[str], None]) -> None:
         echo(f"avatarcast: model {engine.models.name} in this process ({engine.decoder_provider} decoder, "
              f"{settings.compute_threads()} compute threads), "
              f"avatars {sorted(backend.catalog())}, up to {settings.max_sessions} sessions")
+        _announce_warnings(backend.avatar_warnings(), echo)
         _announce_address(settings, echo)
         web.run_app(app, host=settings.host, port=settings.port, print=None)
     finally:
         if backend is not None:
             backend.stop()
         engine.stop()
+
+
+def _announce_warnings(warnings: dict[str, str], echo: Callable[[str], None]) -> None:
+    """Avatars the model will draw badly (a photo given to the demo model): said at start, and on the page."""
+    for name, warning in sorted(warnings.items()):
+        echo(f"avatarcast: warning: avatar {name!r}: {warning}")
 
 
 def _announce_address(settings: Settings, echo: Callable[[str], None]) -> None:

@@ -271,6 +271,7 @@ class PageConfig(TypedDict, closed=True):
 
     avatars: dict[str, list[str]]  # avatar name -> its emotion names
     faces: dict[str, int]  # avatar name -> its faces (a two-person call needs 2)
+    avatar_warnings: dict[str, str]  # avatar name -> why the model will draw it badly (e.g. a photo, demo model)
     default_avatar: str
     codecs: list[str]
     default_codec: str

@@ -91,7 +91,15 @@ async function loadConfig() {
   $("file-hint").textContent = `up to ${(cfg.upload_limit_bytes / 1048576).toFixed(0)} MB; it plays as your mic`;
 }
 
+// e.g. a photo given to the drawn-face demo model: the server measured it and says why it will smear
+function showAvatarWarning() {
+  const warning = (call.config.avatar_warnings || {})[$("avatar-select").value] || "";
+  $("avatar-warning").textContent = warning;
+  $("avatar-warning").hidden = !warning;
+}
+
 function fillEmotions() {
+  showAvatarWarning();
   const emotions = call.config.avatars[$("avatar-select").value] || [];
   const sel = $("emotion-select");
   sel.replaceChildren(new Option("(none)", ""), ...emotions.map((e) => new Option(e, e)));

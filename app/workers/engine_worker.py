@@ -116,6 +116,7 @@ class EngineWorker:
         snap = self.engine.snapshot()
         return {"pid": os.getpid(), "host": socket.gethostname(), "boot_id": boot_id(),
                 "catalog": self.backend.catalog(), "faces": self.backend.faces(), "default_avatar": self.backend.default_avatar,
+                "avatar_warnings": self.backend.avatar_warnings(),
                 "max_sessions": self.spec.max_sessions, "checkpoint": self.backend.checkpoint,
                 "model": snap["model"], "mode": snap["mode"], "device": snap["device"], "decoder": snap["decoder"],
                 "warmup_ms": snap["warmup_ms"], "frame_hw": list(self.engine.models.frame_hw)}

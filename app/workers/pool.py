@@ -270,6 +270,7 @@ class WorkerPool:
         self.default_avatar = ""
         self._catalog: dict[str, list[str]] = {}
         self._faces: dict[str, int] = {}
+        self._warnings: dict[str, str] = {}
         self._info: dict[str, Any] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
@@ -305,6 +306,7 @@ class WorkerPool:
         if not self._catalog:
             self._catalog, self._info = catalog, handle.info
             self._faces = {str(k): int(v) for k, v in (handle.info.get("faces") or {}).items()}
+            self._warnings = {str(k): str(v) for k, v in (handle.info.get("avatar_warnings") or {}).items()}
             self.default_avatar = str(handle.info.get("default_avatar") or "")
         elif catalog != self._catalog:
             log.error("worker %s serves avatars %s, the others %s; calls may fail on it", handle.id,
@@ -352,6 +354,9 @@ class WorkerPool:
 
     def faces(self) -> dict[str, int]:
         return self._faces
+
+    def avatar_warnings(self) -> dict[str, str]:
+        return self._warnings
 
     def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> WorkerSession:
         """A session on the ready worker with the most headroom; CapacityError when none has room.

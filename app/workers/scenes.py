@@ -50,6 +50,9 @@ class SceneBackend:
     def faces(self) -> dict[str, int]:
         return {name: b.avatars[name].num_characters for name, b in self._by_avatar.items()}
 
+    def avatar_warnings(self) -> dict[str, str]:
+        return {name: b.avatars[name].warning for name, b in self._by_avatar.items() if b.avatars[name].warning}
+
     def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> AvatarSession:
         check_speakers(avatar, speakers, self.faces())
         if avatar not in self._by_avatar:

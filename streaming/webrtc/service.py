@@ -48,6 +48,11 @@ class ServiceBackend(SessionBackend, Protocol):
         """Avatar name -> how many faces it has (how many voices a session on it can take)."""
         ...
 
+    def avatar_warnings(self) -> dict[str, str]:
+        """Avatar name -> why the model will draw it badly (a photo given to the drawn-face demo model);
+        avatars without a warning are left out."""
+        ...
+
 
 class Keep(enum.Enum):
     """A condition a change request leaves as the call has it."""

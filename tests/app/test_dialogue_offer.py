@@ -169,6 +169,7 @@ async def test_a_worker_process_serves_the_two_faces_with_one_voice_each():
     await pool.start()
     try:
         assert pool.faces() == {BUILTIN_AVATAR: 1, BUILTIN_DUO: 2}
+        assert pool.avatar_warnings() == {}  # the worker's hello: TINY weights declare no domain to be out of
         with pytest.raises(LiveError) as err:
             pool.open(BUILTIN_AVATAR, None, speakers=2)
         assert err.value.code == "too_few_faces"

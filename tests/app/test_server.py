@@ -62,6 +62,7 @@ async def test_page_config_health_and_metrics(client):
     cfg = await (await client.get("/config")).json()
     assert cfg["avatars"] == {BUILTIN_AVATAR: sorted(EMOTIONS), BUILTIN_DUO: sorted(EMOTIONS)}
     assert cfg["faces"] == {BUILTIN_AVATAR: 1, BUILTIN_DUO: 2} and cfg["default_avatar"] == BUILTIN_AVATAR
+    assert cfg["avatar_warnings"] == {}  # TINY weights declare no domain: nothing is out of it
     assert cfg["codecs"] == ["vp8", "h264"] and cfg["modes"] == ["voice", "file"] and cfg["ice_servers"] == []
     assert cfg["upload_limit_bytes"] == 20 * 1024 * 1024
     health = await (await client.get("/healthz")).json()
@@ -189,6 +190,43 @@ async def applied_change(client: TestClient, path: str, headers: dict, body: dic
     resp = await client.post(path, json=body, headers=headers)
     assert resp.status == 200, (path, body, await resp.text())
     return await resp.json()
+
+
+async def test_the_page_warns_about_a_portrait_out_of_the_models_domain_and_calls_it_anyway(tmp_path):
+    """A model that declares a domain (the demo model: drawn faces) checks each avatar as it is prepared;
+    one out of it is named in /config's avatar_warnings, which the page shows beside the avatar picker,
+    and a call on it is served all the same."""
+    import cv2
+    from skimage.data import astronaut
+
+    from app.server import _announce_warnings
+    from app.workers.scenes import scene_backend
+    from avatar.domain import ModelDomain
+    from avatar.engine import AvatarEngine, EngineOptions, ModelBundle
+
+    cv2.imwrite(str(tmp_path / "me.png"), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
+    # no portrait reaches this domain, so the TINY model warns about each: the path matters here, not the
+    # threshold (tests/avatar/test_domain.py measures the demo model's)
+    models = dataclasses.replace(ModelBundle.random("tiny", "tiny"), domain=ModelDomain("drawn faces", 200.0))
+    settings = Settings(admin_token=TOKEN, max_sessions=2, idle_timeout_s=10, connect_timeout_s=10)
+    with AvatarEngine(models, EngineOptions(max_sessions=2, decoder="torch")) as engine:
+        backend = scene_backend(engine, tmp_path / "me.png")
+        try:
+            async with TestClient(TestServer(create_app(settings, backend))) as client:
+                cfg = await (await client.get("/config")).json()
+                assert set(cfg["avatar_warnings"]) == set(cfg["avatars"]) == {BUILTIN_AVATAR, BUILTIN_DUO, "me"}
+                warning = cfg["avatar_warnings"]["me"]
+                assert "me.png looks unlike the drawn faces" in warning and "Using real weights" in warning
+                assert 'id="avatar-warning"' in await (await client.get("/")).text()
+                assert "avatar_warnings" in await (await client.get("/static/app.js")).text()
+                peer, answer = await start_call(client, avatar="me")  # a warning, never a refusal
+                assert answer["avatar"] == "me"
+                await peer.close()
+        finally:
+            backend.stop()
+    said: list[str] = []
+    _announce_warnings({"me": warning}, said.append)  # what `avatarcast serve` prints at start
+    assert said == [f"avatarcast: warning: avatar 'me': {warning}"]
 
 
 async def test_the_page_and_the_admin_api_change_conditions_by_one_rule(engine):

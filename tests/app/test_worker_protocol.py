@@ -186,6 +186,23 @@ class FakeLink:
         return True
 
 
+def test_the_pool_serves_the_avatar_warnings_of_its_first_ready_worker():
+    """A worker's hello names the avatars its model will draw badly (a photo given to the demo model); the
+    pool answers them for the page (/config) as it does the catalog."""
+    from app.workers.engine_worker import WorkerSpec
+    from app.workers.pool import PoolOptions, WorkerPool
+
+    pool = WorkerPool(WorkerSpec(model="demo", avatar="me.jpg"), PoolOptions(workers=2))
+    warning = "me.jpg looks unlike the drawn faces this model was trained on (VAE round trip 21.9 dB < 24 dB)"
+    first, second = pool.handles
+    first.info = {"catalog": {"sketch": [], "me": []}, "faces": {"sketch": 1, "me": 1}, "default_avatar": "me",
+                  "avatar_warnings": {"me": warning}}
+    pool.worker_ready(first)
+    second.info = {**first.info, "avatar_warnings": {}}
+    pool.worker_ready(second)  # the first ready worker's answers stand
+    assert pool.avatar_warnings() == {"me": warning} and pool.default_avatar == "me"
+
+
 def test_admission_by_measured_load_refuses_the_call_a_worker_could_not_serve_in_real_time():
     """max_load: a worker with calls takes one more only while load per call x (calls + 1) <= max_load;
     the call goes to the worker that stays under it; sessions opened since the last heartbeat count."""
