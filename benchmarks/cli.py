@@ -23,6 +23,17 @@ def bench_dit(
     typer.echo(json.dumps(run(blocks=blocks, preset=preset), indent=2))
 
 
+@bench_app.command("domain")
+def bench_domain(
+    identities: Annotated[int, typer.Option(help="held-out drawn identities (4 emotions each)")] = 100,
+    pairs: Annotated[int, typer.Option(help="held-out two-face scenes")] = 30,
+) -> None:
+    """The demo model's domain check: VAE round-trip PSNR of held-out drawn faces vs offline photos."""
+    from benchmarks.bench_domain import run
+
+    typer.echo(json.dumps(run(identities, pairs), indent=2))
+
+
 @bench_app.command("vae")
 def bench_vae(
     latents: Annotated[int, typer.Option(help="latent frames in the long RSS stream (3750 = 10 min)")] = 3750,
