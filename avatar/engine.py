@@ -136,6 +136,9 @@ class EngineOptions:
     # real-time factor 2.07, vs 1.39 decoding in turn with 2 threads each); in turn, `threads`
     poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
     session_prefix: str = "s"  # session ids are prefix + a counter: engines sharing a report need their own
+    emotion_as_reference: bool = False  # a one-face avatar's chosen emotion image is also its reference (the
+    # character image the DiT keeps), for models fine-tuned so (training: reference_from_emotion); the AEM
+    # alone moved the demo model's expression by ~5 % of the teacher's
     max_lateness_s: float = 1.0  # overload: a session further behind than this is no more urgent than one
     # exactly this late, and among those the least recently served goes first. Plain earliest-deadline-first
     # let sessions that fell behind keep the earliest deadlines for good: a new call got no frame at all
@@ -372,8 +375,14 @@ class AvatarEngine:
         if self.models.dit.cfg.motion_condition and motion is None:
             motion = DEFAULT_MOTION
         masks = torch.from_numpy(np.array(avatar.masks))[None].to(dev)  # (1, chars, h/2, w/2)
-        return Conditions(reference=avatar.reference_latent.to(dev), face_mask=masks,
-                          emotion=avatar.emotion_latents[emotion].to(dev) if emotion else None, motion=motion)
+        reference = avatar.reference_latent.to(dev)
+        emotion_latent = avatar.emotion_latents[emotion].to(dev) if emotion else None
+        if emotion_latent is not None and self.options.emotion_as_reference and avatar.num_characters == 1:
+            # one face: its emotion image is framed as the portrait is (cropped around its face), so it can
+            # stand in for it; a scene's emotion images are cropped around one face and cannot
+            return Conditions(reference=emotion_latent, face_mask=masks, emotion=emotion_latent, motion=motion,
+                              neutral=reference)
+        return Conditions(reference=reference, face_mask=masks, emotion=emotion_latent, motion=motion)
 
     def close_session(self, session_id: str) -> None:
         s = self.sessions.get(session_id)

@@ -73,6 +73,8 @@ class Conditions:
     emotion: torch.Tensor | None = None  # (1, 16, 1, h, w) emotion-reference latent (AEM)
     face_mask: torch.Tensor | None = None  # (1, chars, h/2, w/2) token-grid masks (FAA)
     motion: float | None = None  # head-motion intensity 0 (still) .. 1, for models trained with it
+    neutral: torch.Tensor | None = None  # the portrait's latent where `reference` is an emotion image's
+    # (EngineOptions.emotion_as_reference): what emotion guidance's unconditional branch sees as emotion
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -163,7 +165,8 @@ class GuidedModel:
         emotion = _stack([c.emotion for c in conds], "an emotion reference")
         if emotion is None or k == 1 or not self.guidance.emotion:
             return rows(emotion)
-        return torch.cat([torch.cat([c.emotion] + [c.reference] * (k - 1)) for c in conds])
+        return torch.cat([torch.cat([c.emotion] + [c.reference if c.neutral is None else c.neutral] * (k - 1))
+                          for c in conds])
 
     def _session_contexts(self, conds: Sequence[Conditions], k: int) -> torch.Tensor | None:
         """(S*k, L, text_dim) branch contexts of every session, or None when no session has one (the DiT's

@@ -45,6 +45,11 @@ AUDIO_MODULES = ("audio_proj.", "audio_cond_projs.", "face_audio_embedding.", "f
 class DiTTrainConfig:
     stage: str = "base"  # "base" | "audio" | "emotion" (the AEM alone, on the finished audio stage)
     name: str | None = None  # the run's folder, checkpoint and log name (dit_<name>); None: the stage's
+    finetune: bool = False  # stage "audio": continue a finished model (init, its LoRA kept apart) instead of
+    # starting the audio side afresh on a base
+    reference_from_emotion: bool = False  # the reference (latent 0) is the clip's emotion image, not the
+    # neutral portrait: the model learns to keep the reference's expression, so an emotion image given as
+    # the reference (EngineOptions.emotion_as_reference) shows its emotion while the face talks
     steps: int = 3000
     batch: int = 4
     window_latents: int = 9  # after the reference: 3 blocks of 3
@@ -115,6 +120,8 @@ def frame_sigmas(b: int, frames: int, cfg: DiTTrainConfig, g: torch.Generator) -
 
 def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g: torch.Generator) -> torch.Tensor:
     x0 = batch["latents"]  # (B, 16, 1 + n, h, w)
+    if cfg.reference_from_emotion:
+        x0 = torch.cat([batch["emotion"].to(x0.dtype), x0[:, :, 1:]], dim=2)
     b, _, f = x0.shape[:3]
     sigma = frame_sigmas(b, f, cfg, g)  # (B, F)
     eps = torch.randn(x0.shape, generator=g)
@@ -170,11 +177,12 @@ def trainable_parameters(dit: WanDiT, stage: str) -> list[torch.nn.Parameter]:
 
 def build_model(cfg: DiTTrainConfig, dit_cfg: DiTConfig, init: Path | None) -> WanDiT:
     torch.manual_seed(cfg.seed)
-    if cfg.stage == "emotion":  # the finished audio stage, its LoRA kept apart (saved as its own file again)
+    if cfg.stage == "emotion" or cfg.finetune:  # a finished model, its LoRA kept apart (saved apart again)
         from models.loading import load_dit
 
         if init is None:
-            raise ValueError("the emotion stage starts from a trained audio stage: pass init")
+            raise ValueError(f"the {cfg.stage} stage {'fine-tune' if cfg.finetune else ''} starts from a trained "
+                             "audio stage: pass init")
         return load_dit(init, config=dit_cfg, merge_lora=False)[0]
     dit = WanDiT(dit_cfg)
     if init is not None:

@@ -440,3 +440,32 @@ async def test_a_block_waits_for_its_audio_as_long_as_the_audio_takes_to_arrive(
     # (+ up to a top-up period, 20 ms, for silence; the margins are for a loaded machine's late packets)
     assert len(waits) >= 4 and block_ms - 60 <= float(np.median(waits)) <= block_ms + lookahead_ms + 100, \
         (waits, lookahead_ms)
+
+
+def test_emotion_as_reference_swaps_a_one_face_avatar_s_reference_and_keeps_a_scene_s(bundle):
+    """EngineOptions.emotion_as_reference: with an emotion chosen, a one-face avatar's reference is its
+    emotion image's latent (the portrait's kept as `neutral` for emotion guidance); a two-face scene's
+    emotion images are cropped around one face, so its reference stays the portrait."""
+    from app.avatars import png_bytes
+    from avatar.drawn.emotions import rest_state
+    from avatar.drawn.face import NEUTRAL, Identity, render, render_pair
+    from avatar.faces import FixedBoxes
+
+    idt, other = Identity.from_seed(3), Identity.from_seed(4)
+    one, info = render(idt, NEUTRAL, (128, 128))
+    two, infos = render_pair(idt, NEUTRAL, other, NEUTRAL, (128, 256))
+    happy_one = render(idt, rest_state("happy"), (128, 128))[0]
+    happy_two = render_pair(idt, rest_state("happy"), other, rest_state("happy"), (128, 256))[0]
+    eng = AvatarEngine(bundle, EngineOptions(causal=OPTS, decoder="torch", warmup=False, emotion_as_reference=True))
+    solo = eng.prepare_avatar(png_bytes(one), detector=FixedBoxes([info.face_box]), expected_faces=1,
+                              emotion_images={"happy": png_bytes(happy_one)})
+    c = eng.conditions(solo, "happy")
+    assert torch.equal(c.reference, solo.emotion_latents["happy"]) and torch.equal(c.neutral, solo.reference_latent)
+    plain = eng.conditions(solo, None)
+    assert torch.equal(plain.reference, solo.reference_latent) and plain.neutral is None
+    scene = eng.prepare_avatar(png_bytes(two), detector=FixedBoxes([i.face_box for i in infos]), expected_faces=2,
+                               emotion_images={"happy": png_bytes(happy_two)})
+    c2 = eng.conditions(scene, "happy")
+    assert torch.equal(c2.reference, scene.reference_latent) and c2.neutral is None
+    off = AvatarEngine(bundle, EngineOptions(causal=OPTS, decoder="torch", warmup=False))
+    assert torch.equal(off.conditions(solo, "happy").reference, solo.reference_latent)

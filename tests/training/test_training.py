@@ -540,3 +540,20 @@ def test_emotion_dropout_shows_the_reference_and_the_emotion_weight_counts_only_
     dropped = loss(emotion_dropout=1.0, emotion_weight=6.0)
     assert torch.equal(seen[-1], ref)  # every row sees the neutral reference as its emotion image...
     assert dropped == pytest.approx(plain, rel=1e-6)  # ...and, showing no change, weighs nothing extra
+
+
+def test_reference_from_emotion_puts_the_emotion_image_where_the_reference_goes():
+    batch = Batches._window(_latent_clip(0), s=1, n=6)
+    batch = {k: torch.as_tensor(v)[None] for k, v in batch.items()}
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, xt, t, ctx, *, y=None, reference=None, **k):
+            seen.update(x_ref=xt[:, :, :1].clone(), y_ref=y[:, :16, :1].clone(), reference=reference.clone())
+            return torch.zeros_like(xt)
+
+    cfg = DiTTrainConfig(stage="audio", window_latents=6, reference_from_emotion=True)
+    dit_loss(Spy(), batch, cfg, torch.Generator().manual_seed(0))
+    emotion = batch["emotion"].float()
+    assert all(torch.equal(v, emotion) for v in seen.values())  # latent 0 (clean), y's reference, the injection
+    assert not torch.equal(emotion, batch["latents"][:, :, :1])  # (the clip's own reference differs)
