@@ -7,8 +7,7 @@
                 on clips moving at speech speed (a latent's change drawn across its 4 frames)
     4. latents  clips encoded with it, mel features, FAA masks
     5. base     the DiT on teacher latents with reference injection (no audio)
-    6. audio    LoRA + Audio Pack + FAA + AEM on the frozen base, then the AEM alone (emotion), then once
-                more with emotion dropout for emotion guidance (emotion_v2)
+    6. audio    LoRA + Audio Pack + FAA + AEM on the frozen base, then the AEM alone (emotion)
     7. export   weights and model card into the shipped model folder
 
 Each stage skips work already on disk; the training stages checkpoint, so rerunning the command (or
@@ -52,14 +51,6 @@ class DemoPlan:
     emotion_steps: int = 800
     emotion_lr: float = 3e-3  # the AEM alone: at 5e-4 its gates barely moved (0.025 -> 0.035)
     emotion_clean_context: float = 0.3  # fewer clean-context blocks: more blocks whose expression comes from the AEM
-    # then the AEM once more, so the emotion image changes the face: with clean context the model copied the
-    # expression from earlier frames and the AEM learned ~5 % of the teacher's effect. Nearly no clean
-    # context, 1-latent blocks (the live block), the emotion image swapped for the neutral reference in some
-    # rows (the branch emotion guidance subtracts) and the loss weighted where the emotion image differs
-    emotion_v2_steps: int = 600
-    emotion_v2_clean_context: float = 0.1
-    emotion_v2_dropout: float = 0.15
-    emotion_v2_weight: float = 6.0
     latent_clips: int | None = 120  # encode only this many single-face clips (+ a quarter as many pairs):
     # eager conv3d encodes a clip in 4-6 s on 2 cores
     seed: int = 0
@@ -119,15 +110,6 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
                                      clean_context=plan.emotion_clean_context, seed=plan.seed)
         if train_dit(latents, out, emotion_cfg, init=final, stop_after=left()) is None:
             return {**done, "stopped_in": "emotion"}
-    emotion_v2 = out / "dit_emotion_v2"
-    if plan.emotion_v2_steps and not (emotion_v2 / "model.safetensors").exists():
-        v2_cfg = DiTTrainConfig(stage="emotion", name="emotion_v2", steps=plan.emotion_v2_steps, lr=plan.emotion_lr,
-                                clean_context=plan.emotion_v2_clean_context, block_latents=1,
-                                emotion_dropout=plan.emotion_v2_dropout, emotion_weight=plan.emotion_v2_weight,
-                                seed=plan.seed)
-        init = emotion if (emotion / "model.safetensors").exists() else final
-        if train_dit(latents, out, v2_cfg, init=init, stop_after=left()) is None:
-            return {**done, "stopped_in": "emotion_v2"}
     # 7. export
     export(out)
     done["exported_to"] = str(DEMO_MODEL_DIR)
@@ -167,9 +149,9 @@ def train_vae_curriculum(plan: DemoPlan, left=lambda: None) -> bool:
 def export(out: Path, dest: Path = DEMO_MODEL_DIR) -> None:
     """Copy the trained weights into the shipped folder (VAE, DiT core, LoRA as its own file) + logs.
     The DiT keeps our folder layout (model.safetensors + lora.safetensors), so `load_dit(dest)` merges the
-    LoRA at load. The DiT is the last emotion stage's that ran, else the audio stage's."""
+    LoRA at load. The DiT is the emotion stage's where it ran, else the audio stage's."""
     dest.mkdir(parents=True, exist_ok=True)
-    dit = next(out / d for d in ("dit_emotion_v2", "dit_emotion", "dit_audio") if (out / d / "model.safetensors").exists())
+    dit = out / "dit_emotion" if (out / "dit_emotion" / "model.safetensors").exists() else out / "dit_audio"
     shutil.copy2(out / "vae.safetensors", dest / "vae.safetensors")
     shutil.copy2(dit / "model.safetensors", dest / "model.safetensors")
     shutil.copy2(dit / "lora.safetensors", dest / "lora.safetensors")
@@ -194,7 +176,7 @@ def training_summary(logs: list[dict]) -> dict[str, str]:
 
 
 TARGETS = {  # the demo model's quality bar: (comparison, threshold); "a.b" reads result["a"]["b"]
-    "lipsync_r": (">=", 0.8), "lipsync_lag_frames": ("|x|<=", 1), "identity_psnr_db": (">=", 26.0),
+    "lipsync_r": (">=", 0.8), "lipsync_lag_frames": ("==", 0), "identity_psnr_db": (">=", 26.0),
     "seam_ratio": ("<=", 1.15), "drift_db": ("|x|<=", 1.0), "emotion_order_ok": ("==", True),
     "emotion_effect.min": (">=", 0.5), "faa_leak": ("<=", 0.1), "rtf": (">=", 1.5),
     "first_frame_s": ("<=", 0.5), "latency_ms.p50": ("<=", 400.0),
@@ -278,13 +260,15 @@ def write_model_card(dest: Path, result: dict, training: dict) -> Path:
         "- 128x128 pixels, 25 fps, stylised drawn faces only; photos are out of its domain.",
         "- Trained in a few CPU hours (times above): blurrier than its teacher (eyes and hair edges soften,",
         "  see identity PSNR), and on some faces the mouth opens less than the teacher's. Generation uses",
-        "  3 steps with audio CFG 2 (two DiT passes per step).",
+        "  3 steps with audio CFG 2 (two DiT passes per step) on 1-latent (160 ms) blocks.",
         "- Seams: the DiT re-rolls fine detail from one latent (4 frames) to the next, about twice as much",
         "  as the teacher's latents change, so the picture shimmers a little at 6 Hz. The VAE's last decoder",
         "  rounds (clips moving at speech speed) draw a latent's change across its 4 frames instead of at",
         "  its first, but the step into a latent is still the largest one (seam ratio above).",
-        "- The emotion reference moves the mouth corners in the right order but weakly: a few percent of the",
-        "  teacher's spread (lifts above).",
+        "- Emotion: a one-face avatar's chosen emotion image is its reference, with emotion guidance (the",
+        "  unconditional branch sees the neutral portrait); the AEM alone moved the mouth corners by a few",
+        "  percent of the teacher's spread. The VAE caps the effect: its own round trip keeps 44 % of the",
+        "  emotion images' mouth-corner spread on face 1000011 (0.087 of 0.199) and 80 % on 1000023.",
         "- Continue training with `avatarcast train demo` (every stage resumes).",
         "",
     ])
