@@ -110,7 +110,7 @@ def _fresh_fps(before: dict, after: dict) -> float:
 
 
 # ---- the server: the real HTTP app, the gateway, its engine (workers) and live service ---------------
-def _backend(settings, workers: int, model: str, decoder: str, max_batch: int | None = None, nice: int = 5):
+def _backend(settings, workers: int, model: str, decoder: str, max_batch: int | None = None, nice: int = 0):
     """The in-process engine (workers 0) or a pool of engine worker processes; the engine to stop after."""
     if workers == 0:
         from app.avatars import EngineBackend, prepare_avatars
@@ -133,7 +133,7 @@ def _backend(settings, workers: int, model: str, decoder: str, max_batch: int | 
 
 
 async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads: int, workers: int = 1,
-               model: str = "tiny", max_batch: int | None = None, nice: int = 5) -> dict:
+               model: str = "tiny", max_batch: int | None = None, nice: int = 0) -> dict:
     import multiprocessing
 
     from aiohttp import web
@@ -242,7 +242,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
 
 
 def run(sessions: int = 4, seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8", threads: int = 0,
-        workers: int = 1, model: str = "tiny", max_batch: int | None = None, nice: int = 5) -> dict:
+        workers: int = 1, model: str = "tiny", max_batch: int | None = None, nice: int = 0) -> dict:
     """N concurrent loopback calls for `seconds` each; returns the report (see the module docstring)."""
     return asyncio.run(_run(sessions, seconds, decoder, codec, threads, workers, model, max_batch, nice))
 
@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="one call: in-process engine vs one worker")
     parser.add_argument("--max-batch", type=int, default=None, help="sessions per batched DiT call (default: "
                         "the engine's)")
-    parser.add_argument("--worker-nice", default="5", help="worker processes' nice increment, or a comma-"
+    parser.add_argument("--worker-nice", default="0", help="worker processes' nice increment, or a comma-"
                         "separated list: each count runs once per value, interleaved (0: the gateway's priority)")
     args = parser.parse_args()
     if args.compare:

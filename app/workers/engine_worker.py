@@ -46,9 +46,10 @@ class WorkerSpec:
     heartbeat_s: float = 0.5
     warmup: bool = True
     max_batch: int | None = None  # sessions per batched DiT call (avatar/engine.py); None: the engine's default
-    nice: int = 5  # a local worker process's CPU priority below the gateway's (os.nice): the gateway moves
-    # every call's packets on one event loop and must not wait behind denoising, which needs throughput,
-    # not milliseconds (CFS: nice 5 weighs a third of nice 0; idle cores still go to the worker)
+    nice: int = 0  # a local worker process's CPU priority below the gateway's (os.nice increment). A trade,
+    # not a fix: 8 TINY calls on 2 cores (bench_live --worker-nice 5,0,5,0, one run) at nice 5 had gateway
+    # loop stalls p99 29-45 ms vs 63-73, but 17-19 fresh fps per call vs 20-23 and 2.9-3.3 s latency vs
+    # 1.7-2.0: where the cores are short, the calls lose more from a starved engine than from a late loop
 
 
 # Failures after which the process's CUDA context is unusable (every later call fails too); an out-of-memory
