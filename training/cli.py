@@ -58,6 +58,10 @@ def eval_demo(
     drift_window: Annotated[float, typer.Option(help="seconds compared at the stream's start and end")] = 60.0,
     latency: Annotated[float, typer.Option(help="seconds of speech fed in real time to a live session for "
                                                 "latency_ms")] = 12.0,
+    held_out_engine: Annotated[str, typer.Option(help="speech engine no training clip came from, for "
+                                                      "held_out_engine's lip sync: flite (installed with apt-get "
+                                                      "if missing) | none")] = "flite",
+    engine_clips: Annotated[int, typer.Option(help="clips of the held-out engine (one voice each, in turn)")] = 4,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     card: Annotated[bool, typer.Option(help="write the shipped model's model_card.md from this result")] = False,
 ) -> None:
@@ -72,9 +76,20 @@ def eval_demo(
         raise ValueError(f"--stream ({stream} s) must be longer than twice --drift-window ({drift_window} s)")
     if latency <= 0:
         raise ValueError(f"--latency ({latency} s) must be positive")
+    if held_out_engine not in ("flite", "none"):
+        raise ValueError(f"--held-out-engine must be flite or none, not {held_out_engine!r}")
     speech = [read_audio(p) for p in audio] if audio else held_out_speech(corpus, clips)
+    other = None
+    if held_out_engine == "flite":
+        from training.corpus import ToolUnavailable
+        from training.engines import flite_held_out_speech
+
+        try:
+            other = ("flite", flite_held_out_speech(engine_clips))
+        except ToolUnavailable as exc:  # the rest of the eval still runs; the JSON says why this part did not
+            other = ("flite", str(exc))
     result = evaluate(load_models(model), speech, EvalConfig(stream_s=stream, drift_window_s=drift_window,
-                                                             latency_s=latency))
+                                                             latency_s=latency), held_out_engine=other)
     text = json.dumps(result, indent=2)
     if out is not None:
         tmp = out.with_name(out.name + ".tmp")

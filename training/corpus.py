@@ -287,37 +287,53 @@ PAUSE_S = (0.2, 1.0)  # silence between sentences
 EDGE_S = (0.1, 0.4)  # silence before the first and after the last sentence
 
 
-class EspeakUnavailable(RuntimeError):
-    """espeak-ng is missing and could not be installed."""
+class ToolUnavailable(RuntimeError):
+    """A speech engine's program is missing and could not be installed."""
 
 
-def ensure_espeak(install: bool = True) -> str:
-    """Path of ``espeak-ng``, installing it with apt-get (as root, or via ``sudo -n``) if missing."""
-    found = shutil.which("espeak-ng")
+EspeakUnavailable = ToolUnavailable
+
+
+def ensure_tool(exe: str, package: str, install: bool = True) -> str:
+    """Path of program `exe`, installing Debian `package` with apt-get (as root, or via ``sudo -n``) if missing."""
+    found = shutil.which(exe)
     if found or not install:
         if found:
             return found
-        raise EspeakUnavailable("espeak-ng is not installed; install it with `apt-get install -y espeak-ng`")
+        raise ToolUnavailable(f"{exe} is not installed; install it with `apt-get install -y {package}`")
     apt = shutil.which("apt-get")
     if apt is None:
-        raise EspeakUnavailable("espeak-ng is not installed and there is no apt-get to install it; "
-                                "install espeak-ng with your system's package manager")
+        raise ToolUnavailable(f"{exe} is not installed and there is no apt-get to install it; "
+                              f"install {package} with your system's package manager")
     prefix: list[str] = []
     if hasattr(os, "geteuid") and os.geteuid() != 0:
         if shutil.which("sudo") is None:
-            raise EspeakUnavailable("espeak-ng is not installed and installing it needs root: "
-                                    "run `sudo apt-get install -y espeak-ng`")
+            raise ToolUnavailable(f"{exe} is not installed and installing it needs root: "
+                                  f"run `sudo apt-get install -y {package}`")
         prefix = ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "--no-install-recommends", "espeak-ng"]):
+    for cmd in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "--no-install-recommends", package]):
         done = subprocess.run(prefix + cmd, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise EspeakUnavailable(f"installing espeak-ng failed ({' '.join(cmd)}): {' | '.join(tail)}")
-    found = shutil.which("espeak-ng")
+            raise ToolUnavailable(f"installing {package} failed ({' '.join(cmd)}): {' | '.join(tail)}")
+    found = shutil.which(exe)
     if not found:
-        raise EspeakUnavailable("apt-get reported success but espeak-ng is still not on PATH")
+        raise ToolUnavailable(f"apt-get reported success but {exe} is still not on PATH")
     return found
+
+
+def ensure_espeak(install: bool = True) -> str:
+    """Path of ``espeak-ng``, installing it if missing (`ensure_tool`)."""
+    return ensure_tool("espeak-ng", "espeak-ng", install)
+
+
+def trim_silence(wav: np.ndarray, engine: str, what: str) -> np.ndarray:
+    """`wav` without its leading/trailing near-silence (below -50 dBFS); an engine's silent output is an error."""
+    loud = np.flatnonzero(np.abs(wav) > _TRIM)
+    if loud.size == 0:
+        raise RuntimeError(f"{engine} produced silence for {what}")
+    return wav[loud[0]: loud[-1] + 1]
 
 
 def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50) -> np.ndarray:
@@ -335,10 +351,7 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
         if done.returncode != 0 or "does not exist" in err or not out.exists():
             raise RuntimeError(f"espeak-ng failed for voice {voice!r}: {err.strip() or done.returncode}")
         wav = read_audio(out)
-    loud = np.flatnonzero(np.abs(wav) > _TRIM)
-    if loud.size == 0:
-        raise RuntimeError(f"espeak-ng produced silence for voice {voice!r} and text {text[:40]!r}")
-    return wav[loud[0]: loud[-1] + 1]
+    return trim_silence(wav, "espeak-ng", f"voice {voice!r} and text {text[:40]!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,10 +437,14 @@ def render_clip(plan: dict) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
         pieces += [wav, np.zeros(int(gap * sr), np.float32)]
         cursor += wav.size + int(gap * sr)
     audio = np.concatenate(pieces)
-    speech = np.concatenate([audio[a:b] for a, b, _ in segments]).astype(np.float64)
-    gain = 10 ** (SPEECH_DBFS / 20) / max(float(np.sqrt(np.mean(speech ** 2))), 1e-6)
+    return at_speech_level(audio, np.concatenate([audio[a:b] for a, b, _ in segments])), segments
+
+
+def at_speech_level(audio: np.ndarray, speech: np.ndarray) -> np.ndarray:
+    """`audio` scaled so that its `speech` parts have SPEECH_DBFS RMS (never clipping), float32."""
+    gain = 10 ** (SPEECH_DBFS / 20) / max(float(np.sqrt(np.mean(speech.astype(np.float64) ** 2))), 1e-6)
     gain = min(gain, 0.98 / max(float(np.abs(audio).max()), 1e-6))  # never clip
-    return (audio * gain).astype(np.float32), segments
+    return (audio * gain).astype(np.float32)
 
 
 def build_corpus(out_dir: str | Path, n_clips: int, seed: int = 0, *, workers: int = 2,

@@ -19,6 +19,8 @@ Every number compares generated frames with what the teacher renders for the sam
   long drift stream (steady state); rtf_clips: the same over the short lip-sync sessions, whose
   per-session start-up (avatar prefill, the first block, the flush at the end) it includes;
 - first_frame_s: live session, seconds from the first pushed audio to the first frame that carries it;
+- held_out_engine: lipsync_r and its lag on speech from a synthesis engine no training clip came from
+  (flite: training/engines.py), when asked for;
 - latency_ms: the same live session fed `latency_s` of speech in real time as 20 ms packets: for each
   speech frame, the wall time from the push of the packet carrying its first audio sample to the session
   yielding the frame (the frame's other samples arrived later, so this bounds theirs); p50 and p95.
@@ -260,32 +262,46 @@ async def _live_session(engine, cond, audio: np.ndarray, seconds: float,
 
 
 # ---- the evaluation -----------------------------------------------------------------------------
-def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig()) -> dict:
-    """All metrics for `models` (a ModelBundle) on held-out `speech` clips (16 kHz mono float32)."""
+def _speaking(engine, speech: list[np.ndarray], cfg: EvalConfig, size) -> dict[str, float | int | None]:
+    """Each identity speaks each clip (blinks off, motion 0): lip sync, identity, seams and speed."""
+    rs, lags, psnrs, seams, gen_s, wall_s = [], [], [], [], 0.0, 0.0
+    for ident in cfg.identities:
+        for wav in speech:
+            clip = make_clip(wav, ident, motion=0.0, size=size, seed=cfg.seed, blinks=False)
+            frames, wall = asyncio.run(_run_session(engine, _conditions(engine, clip), clip.audio))
+            n = min(len(frames), clip.num_frames)
+            r, lag = lipsync(openings(frames[:n], clip.mouth_boxes[0, :n]), clip.states[0, :n, 0])
+            rs.append(r)
+            lags.append(lag)
+            psnrs.append(mean_psnr(frames[:n], clip.frames[:n]))
+            seams.append(seam_ratio(frames[:n], unit_starts(engine.options, n)))
+            gen_s, wall_s = gen_s + n / 25, wall_s + wall
+    finite = [r for r in rs if np.isfinite(r)]  # a mouth that never moves has no correlation at all
+    return {"lipsync_r": round(float(np.mean(finite)), 4) if finite else None,
+            "lipsync_lag_frames": int(np.median(lags)), "identity_psnr_db": round(float(np.mean(psnrs)), 3),
+            "seam_ratio": round(float(np.mean(seams)), 4), "rtf_clips": round(gen_s / wall_s, 3)}
+
+
+def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
+             held_out_engine: tuple[str, list[np.ndarray] | str] | None = None) -> dict:
+    """All metrics for `models` (a ModelBundle) on held-out `speech` clips (16 kHz mono float32).
+    `held_out_engine`: (engine name, its clips), lip sync measured on them too; or (name, why there are
+    none), reported as such."""
     if not speech:
         raise ValueError("evaluation needs at least one held-out speech clip")
     size = tuple(models.frame_hw)
     out: dict[str, object] = {}
     with _engine(models) as engine:
         # 1. lip sync, identity and seams: each identity speaks each clip, blinks off, motion 0
-        rs, lags, psnrs, seams, gen_s, wall_s = [], [], [], [], 0.0, 0.0
-        for ident in cfg.identities:
-            for wav in speech:
-                clip = make_clip(wav, ident, motion=0.0, size=size, seed=cfg.seed, blinks=False)
-                frames, wall = asyncio.run(_run_session(engine, _conditions(engine, clip), clip.audio))
-                n = min(len(frames), clip.num_frames)
-                r, lag = lipsync(openings(frames[:n], clip.mouth_boxes[0, :n]), clip.states[0, :n, 0])
-                rs.append(r)
-                lags.append(lag)
-                psnrs.append(mean_psnr(frames[:n], clip.frames[:n]))
-                seams.append(seam_ratio(frames[:n], unit_starts(engine.options, n)))
-                gen_s, wall_s = gen_s + n / 25, wall_s + wall
-        finite = [r for r in rs if np.isfinite(r)]  # a mouth that never moves has no correlation at all
-        out["lipsync_r"] = round(float(np.mean(finite)), 4) if finite else None
-        out["lipsync_lag_frames"] = int(np.median(lags))
-        out["identity_psnr_db"] = round(float(np.mean(psnrs)), 3)
-        out["seam_ratio"] = round(float(np.mean(seams)), 4)
-        out["rtf_clips"] = round(gen_s / wall_s, 3)
+        out.update(_speaking(engine, speech, cfg, size))
+        if held_out_engine is not None:  # the same on speech from an engine no training clip came from
+            name, clips = held_out_engine
+            if isinstance(clips, str):
+                out["held_out_engine"] = {"engine": name, "error": clips}
+            else:
+                got = _speaking(engine, clips, cfg, size)
+                out["held_out_engine"] = {"engine": name, "clips": len(clips), "lipsync_r": got["lipsync_r"],
+                                          "lipsync_lag_frames": got["lipsync_lag_frames"]}
         # 2. emotion: each identity speaks the same audio with each emotion reference; corner lift on the
         # generated mouth against the teacher's, identity by identity
         lifts_by_id = {}

@@ -366,3 +366,21 @@ def test_build_corpus_with_espeak(tmp_path):
     assert [c.clip_id for c in corpus.read_index(tmp_path)] == [c.clip_id for c in clips]
     with pytest.raises(ValueError, match="was built with"):
         corpus.build_corpus(tmp_path, 3, seed=5)
+
+
+def test_flite_reads_held_out_sentences_at_the_corpus_level():
+    """The held-out engine family's clips: flite voices in turn, speech at SPEECH_DBFS, nothing clipped."""
+    if shutil.which("flite") is None:
+        pytest.skip("flite is not installed (`apt-get install -y flite`); eval demo installs it when asked")
+    from training.corpus import SPEECH_DBFS
+    from training.engines import flite_held_out_speech, synthesize_flite
+
+    clips = flite_held_out_speech(2, install=False)
+    assert len(clips) == 2 and all(c.dtype == np.float32 and c.size > 3 * 16_000 for c in clips)
+    for c in clips:
+        loud = c[np.abs(c) > 1e-3]
+        assert abs(20 * np.log10(np.sqrt(np.mean(loud.astype(np.float64) ** 2))) - SPEECH_DBFS) < 3
+        assert np.abs(c).max() < 0.99
+    assert not np.allclose(clips[0][:16_000], clips[1][:16_000])  # another voice, other sentences
+    with pytest.raises(ValueError, match="non-empty"):
+        synthesize_flite("  ")

@@ -68,10 +68,11 @@ def test_eval_card_refuses_a_result_that_is_not_the_demo_model(monkeypatch, tmp_
     import training.evaluate as evaluate
 
     monkeypatch.setattr(worker, "load_models", lambda name: name)
-    monkeypatch.setattr(evaluate, "evaluate", lambda models, speech, cfg: {"model": "tiny", "lipsync_r": 0.1})
+    monkeypatch.setattr(evaluate, "evaluate", lambda models, speech, cfg, held_out_engine: {"model": "tiny"})
     wav = tmp_path / "a.wav"
     sf.write(wav, np.zeros(16_000, np.float32), 16_000)
-    result = runner.invoke(app, ["eval", "demo", "--model", "tiny", "--audio", str(wav), "--card"])
+    result = runner.invoke(app, ["eval", "demo", "--model", "tiny", "--audio", str(wav), "--held-out-engine", "none",
+                                 "--card"])
     assert result.exit_code != 0 and "describes the shipped demo model" in str(result.exception)
 
 
