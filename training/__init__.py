@@ -4,6 +4,7 @@ animate   animate(wav16k, identity_seed, fps, motion, emotion, seed) -> [FaceSta
           (avatar/drawn: the renderer and emotions, shared with the runtime's built-in avatars)
 probes    mouth_opening, mouth_corner_lift, psnr: measurements shared by the tests and the eval
 corpus    espeak-ng speech: ensure_espeak, synthesize, build_corpus (train / held-out by voice and sentence)
+engines   speech from an engine never trained on (flite), for the eval's held-out engine family
 dataset   make_clip, make_pair_clip -> Clip; ClipStore (.npz shards); build_clip_store (corpus -> clips)
 train_vae / latents / train_dit / schedule   the VAE, the latent store, the DiT stages, one lr schedule
 demo      the resumable plan (`avatarcast train demo`) and the model card; evaluate: `avatarcast eval demo`
