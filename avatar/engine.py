@@ -317,8 +317,10 @@ class AvatarEngine:
 
     @property
     def running(self) -> bool:
-        """Its worker thread (and decode thread, when it has one) is alive: what a health check asks."""
-        return self._thread is not None and self._thread.is_alive() and \
+        """Its worker thread (and decode thread, when it has one) is alive and none has died: what a health
+        check asks. A dying thread records why before it fails the sessions, so a call ended by its death
+        never sees the engine still running while that thread unwinds."""
+        return self.stopped_because is None and self._thread is not None and self._thread.is_alive() and \
             (self._decode_thread is None or self._decode_thread.is_alive())
 
     def __enter__(self) -> AvatarEngine:
