@@ -98,8 +98,9 @@ def run_broadcast(req: BroadcastRequest, echo: Callable[[str], None] = print,
                              f"available: {backend.catalog()[default]}")
         status(f"avatarcast: model {engine.models.name}, avatar {default!r}, broadcasting {' + '.join(sources)} "
                f"to {target.display} (Ctrl-C to stop)")
-        if default in backend.avatar_warnings():  # e.g. a photo given to the drawn-face demo model
-            status(f"avatarcast: warning: avatar {default!r}: {backend.avatar_warnings()[default]}")
+        warning = backend.avatar_warnings().get(default)  # e.g. a photo given to the drawn-face demo model
+        if warning:
+            status(f"avatarcast: warning: avatar {default!r}: {warning}")
         snap = asyncio.run(_broadcast(backend, default, req, target, options, status))
     finally:
         if backend is not None:

@@ -79,7 +79,7 @@ def eval_demo(
     if held_out_engine not in ("flite", "none"):
         raise ValueError(f"--held-out-engine must be flite or none, not {held_out_engine!r}")
     speech = [read_audio(p) for p in audio] if audio else held_out_speech(corpus, clips)
-    other = None
+    other, unavailable = None, None
     if held_out_engine == "flite":
         from training.corpus import ToolUnavailable
         from training.engines import flite_held_out_speech
@@ -87,9 +87,11 @@ def eval_demo(
         try:
             other = ("flite", flite_held_out_speech(engine_clips))
         except ToolUnavailable as exc:  # the rest of the eval still runs; the JSON says why this part did not
-            other = ("flite", str(exc))
+            unavailable = {"engine": "flite", "error": str(exc)}
     result = evaluate(load_models(model), speech, EvalConfig(stream_s=stream, drift_window_s=drift_window,
                                                              latency_s=latency), held_out_engine=other)
+    if unavailable is not None:
+        result["held_out_engine"] = unavailable
     text = json.dumps(result, indent=2)
     if out is not None:
         tmp = out.with_name(out.name + ".tmp")

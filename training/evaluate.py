@@ -283,10 +283,9 @@ def _speaking(engine, speech: list[np.ndarray], cfg: EvalConfig, size) -> dict[s
 
 
 def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
-             held_out_engine: tuple[str, list[np.ndarray] | str] | None = None) -> dict:
+             held_out_engine: tuple[str, list[np.ndarray]] | None = None) -> dict:
     """All metrics for `models` (a ModelBundle) on held-out `speech` clips (16 kHz mono float32).
-    `held_out_engine`: (engine name, its clips), lip sync measured on them too; or (name, why there are
-    none), reported as such."""
+    `held_out_engine`: (engine name, its clips), lip sync measured on them too."""
     if not speech:
         raise ValueError("evaluation needs at least one held-out speech clip")
     size = tuple(models.frame_hw)
@@ -296,12 +295,9 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
         out.update(_speaking(engine, speech, cfg, size))
         if held_out_engine is not None:  # the same on speech from an engine no training clip came from
             name, clips = held_out_engine
-            if isinstance(clips, str):
-                out["held_out_engine"] = {"engine": name, "error": clips}
-            else:
-                got = _speaking(engine, clips, cfg, size)
-                out["held_out_engine"] = {"engine": name, "clips": len(clips), "lipsync_r": got["lipsync_r"],
-                                          "lipsync_lag_frames": got["lipsync_lag_frames"]}
+            got = _speaking(engine, clips, cfg, size)
+            out["held_out_engine"] = {"engine": name, "clips": len(clips), "lipsync_r": got["lipsync_r"],
+                                      "lipsync_lag_frames": got["lipsync_lag_frames"]}
         # 2. emotion: each identity speaks the same audio with each emotion reference; corner lift on the
         # generated mouth against the teacher's, identity by identity
         lifts_by_id = {}
