@@ -165,9 +165,14 @@ PRESET_DEFAULTS: dict[str, dict] = {
     # 1-latent blocks: a frame waits for at most 160 ms of audio, not 480 (eval demo: latency p50 768 ->
     # 331 ms, lip sync 0.751 -> 0.733, seams 1.28 -> 1.23, real-time factor 1.9 -> 1.4-1.8).
     # Emotion: the emotion image as the reference and emotion guidance moved the mouth-corner lift 8x and 4x
-    # further (held-out faces 1000011 / 1000023: 0.35 / 1.04 of the teacher's spread, from 0.04 / 0.28)
+    # further (held-out faces 1000011 / 1000023: 0.35 / 1.04 of the teacher's spread, from 0.04 / 0.28).
+    # One noise draw per session (noise_correlation 1): a face with nothing to say no longer re-rolls its
+    # detail every latent. A silent listener's mouth region changed 0.92 grey levels a frame, now 0.27
+    # (the speaker's 1.67 -> 1.40); eval demo, one run against the shipped figures: lip sync 0.733 ->
+    # 0.748, flite 0.685 -> 0.699, FAA leak 0.0078 -> 0.0011, emotion effect min 0.35 -> 0.40, seams
+    # 1.23 -> 1.25 (less motion inside a latent), PSNR unchanged
     "demo": dict(mode="causal", emotion_as_reference=True,
-                 causal=CausalOptions(block_frames=1, window_frames=6, steps=(1000, 750, 500),
+                 causal=CausalOptions(block_frames=1, window_frames=6, steps=(1000, 750, 500), noise_correlation=1.0,
                                       guidance=Guidance(audio_scale=2.0, emotion=True))),
     "wan2.1-t2v-1.3b": dict(mode="causal", causal=CausalOptions(block_frames=3, window_frames=12,
                                                                  steps=(1000, 750, 500, 250), shift=5.0)),
@@ -423,10 +428,15 @@ class AvatarEngine:
                 self._wake.wait(self.options.poll_s)
                 self._wake.clear()
                 continue
-            batch = self._batch(ready)
-            served = time.monotonic()
-            self._served.update((s.id, served) for s in batch)
-            for unit in self._generate(batch):  # at most one unit per session, in order
+            held = [s for s in ready if s.must_hold(now)]
+            if held:  # behind by more than max_lag_s: catch up first, a held block costs a fraction of one
+                units = self._hold(held)
+            else:
+                batch = self._batch(ready)
+                served = time.monotonic()
+                self._served.update((s.id, served) for s in batch)
+                units = self._generate(batch)
+            for unit in units:  # at most one unit per session, in order
                 if self._decode_thread is None:
                     self._finish(unit)
                     continue
@@ -489,6 +499,16 @@ class AvatarEngine:
                 continue
             self._count_batch(1)
             units.append(s.generated(t, x, (time.perf_counter() - t0) * 1e3))
+        return units
+
+    def _hold(self, sessions: list[AvatarSession]) -> list[GeneratedUnit]:
+        """Each late session's next unit, held (AvatarSession.hold); a failing session is failed."""
+        units = []
+        for s in sessions:
+            try:
+                units.append(s.hold())
+            except Exception as exc:
+                self._failed(s, exc)
         return units
 
     def _count_batch(self, size: int) -> None:
@@ -556,7 +576,7 @@ class AvatarEngine:
             "sessions": {sid: {"frames": s.stats.frames, "idle_frames": s.stats.idle_frames,
                                "blocks": s.stats.blocks, "next_pts": s.next_video,
                                "dropped_input_samples": s.stats.dropped_input_samples,
-                               "dropped_frames": s.stats.dropped_frames}
+                               "dropped_frames": s.stats.dropped_frames, "held_frames": s.stats.held_frames}
                          for sid, s in sessions},
             "failures": self.failures,
             "batch_sizes": batch_sizes,

@@ -358,6 +358,24 @@ class CausalGenerator:
             st.next_frame += n
         return [x0] if one else list(x0.split(1))
 
+    @torch.no_grad()
+    def hold_block(self, state: CausalState, latent: torch.Tensor, audio: torch.Tensor | None,
+                   face_audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Catch-up for a session behind real time: the next block is `latent` (1, 16, 1, h, w), the last one
+        generated, held; only the clean pass runs, so the cache and the cursor move on as if the block had
+        been generated (guidance passes, not steps x passes + passes). Returns the held block (1, 16, N, h, w).
+
+        audio: (1, N, 4, D) the block's features, as for `generate_block` (its K/V hear what was said)."""
+        if state.next_frame == 0:
+            raise RuntimeError("prefill_reference() first: there is nothing to hold before the reference")
+        n = audio.shape[1] if audio is not None else self.options.block_frames
+        x = latent[:, :, -1:].expand(-1, -1, n, -1, -1).contiguous()  # (1, 16, N, h, w)
+        t_clean = torch.full((1,), sigma_to_timestep(self.options.context_sigma), device=x.device)
+        self.model.many(x, t_clean, [state.cond], [audio], [face_audio], cache=state.cache,
+                        start_frame=state.next_frame)
+        state.next_frame += n
+        return x
+
     def _noise(self, state: CausalState, shape) -> torch.Tensor:
         """Unit-variance noise for a block; `noise_correlation` of its variance is the session's fixed draw."""
         dev = state.cond.reference.device

@@ -11,7 +11,10 @@ a block whose audio is later than `jitter_ms`, and a segment's last block, are c
 Bounds, and what happens at them:
 - input audio: `max_buffered_audio_s` per speaker; beyond it the oldest samples are dropped (counted);
 - output: at `max_pending_frames` unsent frames the session is not scheduled (generation pauses;
-  nothing is computed only to be thrown away).
+  nothing is computed only to be thrown away);
+- lateness (live, causal generation): a block due more than `max_lag_s` ago is held instead of generated
+  (`hold`): its frames repeat the last frame, with all of their audio, at a fraction of a block's cost
+  (counted as `held_frames`). An engine that cannot keep up shows fewer fresh frames, never a growing delay.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class SessionOptions:
     max_pending_frames: int = 50
     speakers: int = 1  # >1: one audio stream and one FAA face mask per speaker
     seed: int = 0
+    max_lag_s: float | None = 1.5  # live: hold blocks due longer ago than this (None: never; a block is
+    # generated once its audio is in, ~0.3-0.7 s after its first frame's time, so this is the delay a
+    # caller can be left behind by before the avatar gives up fresh frames to catch up)
 
 
 class GeneratedUnit(NamedTuple):
@@ -61,6 +67,7 @@ class GeneratedUnit(NamedTuple):
     denoise_ms: float
     started: float  # perf_counter at the start of `generate`
     wait_ms: float  # the unit's audio arriving (TakenUnit.wait_ms)
+    held_frames: int = 0  # > 0: a held unit (`hold`): that many frames repeat the last one, nothing to decode
 
 
 class TakenUnit(NamedTuple):
@@ -103,6 +110,8 @@ class AvatarSession:
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=512)  # (end sample, wall time) per push
         self.state = generator.init_state(cond, seed=options.seed)  # CausalState or OverlapState
         self.next_video = 0  # next video frame to emit (its pts); generation may be one block ahead
+        self._last_latent: torch.Tensor | None = None  # the worker's: what `hold` repeats
+        self._last_frame: np.ndarray | None = None  # the decoding thread's: what a held unit shows
         if options.realtime:
             self._call_in_loop(self._top_up)
 
@@ -252,6 +261,12 @@ class AvatarSession:
         """When this session's next block to generate is due on the wall clock (earliest first)."""
         return self.t0 + self._taken_to / self.fps
 
+    def must_hold(self, now: float) -> bool:
+        """A live session whose next block is due more than `max_lag_s` ago, and that can hold it."""
+        lag = self.options.max_lag_s
+        return (self.options.realtime and lag is not None and now - self.deadline() > lag
+                and self._last_latent is not None and hasattr(self.generator, "hold_block"))
+
     def fail(self, message: str) -> None:
         self._failed = message
         self._post(SessionError(message))
@@ -275,6 +290,16 @@ class AvatarSession:
         # 4. generate the latents (a batching engine runs this step for several sessions at once)
         latents = self.generator.generate_unit(self.state, taken.audio, taken.face_audio)
         return self.generated(taken, latents, (time.perf_counter() - t_gen) * 1e3)
+
+    @torch.no_grad()
+    def hold(self) -> GeneratedUnit:
+        """Steps 1-3, then the held block instead of step 4 (`must_hold`): the audio is taken off the
+        timeline as for a generated block, so frames and audio stay in step and none of it is lost."""
+        taken = self.take_unit()
+        t_gen = time.perf_counter()
+        latents = self.generator.hold_block(self.state, self._last_latent, taken.audio, taken.face_audio)
+        unit = self.generated(taken, latents, (time.perf_counter() - t_gen) * 1e3)
+        return unit._replace(held_frames=self._taken_to - taken.first_video)
 
     def take_unit(self) -> TakenUnit:
         """Steps 1-3: take the next unit's audio off the timeline, as the generator's input tensors."""
@@ -312,6 +337,7 @@ class AvatarSession:
 
     def generated(self, taken: TakenUnit, latents: torch.Tensor, denoise_ms: float) -> GeneratedUnit:
         """Step 4's latents, on their way to `finish`."""
+        self._last_latent = latents[:, :, -1:]
         return GeneratedUnit(self, latents, taken.first_video, taken.epoch, taken.features_ms, denoise_ms,
                              taken.started, taken.wait_ms)
 
@@ -319,6 +345,13 @@ class AvatarSession:
     def finish(self, unit: GeneratedUnit) -> None:
         """Steps 5-6 of a unit from `generate`, units in order: decode, pair frames with audio, emit."""
         t_dec0 = time.perf_counter()
+        if unit.held_frames:  # 5'. a held unit repeats the last frame; its latents never reach the decoder,
+            # whose caches stay at that frame. Not a block: the stage figures stay those of generated ones
+            video = np.repeat(self._last_frame[None], unit.held_frames, axis=0)
+            self._emit(video, unit.first_video, unit.epoch, held=True, wait_ms=unit.wait_ms,
+                       features_ms=unit.features_ms, denoise_ms=unit.denoise_ms)
+            self.stats.held_frames += unit.held_frames
+            return
         # 5. decode to frames (the decoder's causal caches follow the units in order)
         video = self.decoder.decode(unit.latents)
         t_dec = time.perf_counter()
@@ -341,7 +374,7 @@ class AvatarSession:
             face = torch.stack(grouped)[None].to(dev)  # (1, speakers, n, 4, D)
         return audio, face
 
-    def _emit(self, video: np.ndarray, v0: int, epoch: int, **timing_ms) -> None:
+    def _emit(self, video: np.ndarray, v0: int, epoch: int, held: bool = False, **timing_ms) -> None:
         now = time.monotonic()
         with self._lock:
             for i, img in enumerate(video):
@@ -355,7 +388,7 @@ class AvatarSession:
                 timing = Timing(emit_ms=(now - arrived) * 1e3 if arrived else 0.0, **timing_ms)
                 frame = AvatarFrame(video=img, audio=np.clip(pcm, -1, 1) if len(self.tracks) > 1 else pcm,
                                     sample_rate=self.out_rate, pts=v, fps=self.fps, segment=self._segment_of(b),
-                                    idle=idle, timing=timing)
+                                    idle=idle, held=held, timing=timing)
                 if epoch == self._epoch:
                     self._post(frame)
                 self.stats.frames += 1
@@ -365,6 +398,7 @@ class AvatarSession:
                     if epoch == self._epoch:
                         self._post(SegmentEnd(segment=seg, pts=v))
             self.next_video = v0 + len(video)
+            self._last_frame = video[-1]
             keep = self.generator.history_latents  # an overlap prefix needs its audio again
             next_first = self.generator.next_unit(self.state).first
             keep_from = video_frames_for_block(max(0, next_first - keep), 1).start if keep else self.next_video

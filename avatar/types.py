@@ -55,6 +55,7 @@ class AvatarFrame:
     fps: int = DEFAULT_FPS
     segment: int = 0  # which speech segment the audio belongs to; idle frames keep the last one
     idle: bool = False  # generated without speech (silence-driven motion)
+    held: bool = False  # a repeat of the last frame: the session fell behind real time (`max_lag_s`)
     timing: Timing = field(default_factory=Timing)
 
     @property
@@ -93,6 +94,7 @@ class SessionStats:
     blocks: int = 0
     dropped_input_samples: int = 0
     dropped_frames: int = 0  # unsent frames discarded by interrupt()
+    held_frames: int = 0  # frames that repeat the last one because the session fell behind (`max_lag_s`)
     nonfinite_input_samples: int = 0
     silence_inserted_s: float = 0.0  # input filled with silence: live audio late or missing, a segment's tail
     stage_ms: dict[str, deque] = field(default_factory=lambda: {k: deque(maxlen=200) for k in

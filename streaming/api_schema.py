@@ -37,6 +37,7 @@ class EngineSessionStats(TypedDict):
     next_pts: int
     dropped_input_samples: int
     dropped_frames: int
+    held_frames: int  # repeats of the last frame: the session fell behind real time by more than max_lag_s
 
 
 class EngineSnapshot(TypedDict):
@@ -194,6 +195,7 @@ class SessionEngineReport(TypedDict):
     blocks: NotRequired[int]
     dropped_input_samples: NotRequired[int]
     dropped_frames: NotRequired[int]
+    held_frames: NotRequired[int]
     stage_ms: NotRequired[StageMs]
 
 

@@ -212,7 +212,8 @@ def detail_panel(s: Mapping[str, Any] | None, history: Mapping[str, Sequence[flo
         f"{s.get('codec') or '–'} {s.get('mode') or ''} · sent {video.get('sent', 0)} frames · "
         f"latency p50 {_num(lat.get('p50'), '{:.0f}')} / p95 {_num(lat.get('p95'), '{:.0f}')} ms · "
         f"queue {pacer.get('level', '–')} (max {pacer.get('max_level', '–')}) · "
-        f"repeated {pacer.get('repeated', 0)} · dropped {dropped_frames(s)} · swaps {s.get('swaps', 0)} · "
+        f"repeated {pacer.get('repeated', 0)} · held {engine.get('held_frames', 0)} · dropped {dropped_frames(s)} · "
+        f"swaps {s.get('swaps', 0)} · "
         f"restarts {s.get('restarts', 0)} · mic {_num(mic.get('seconds'), '{:.0f}')} s"
         f"{' · speaking' if s.get('speaking') else ''} · engine {engine.get('session') or '–'}", "dim")
     if s.get("error"):

@@ -261,7 +261,7 @@ class EngineWorker:
             sessions[str(key)] = {"frames": st.frames, "idle_frames": st.idle_frames, "blocks": st.blocks,
                                   "next_pts": live.session.next_video,
                                   "dropped_input_samples": st.dropped_input_samples,
-                                  "dropped_frames": st.dropped_frames,
+                                  "dropped_frames": st.dropped_frames, "held_frames": st.held_frames,
                                   "nonfinite_input_samples": st.nonfinite_input_samples,
                                   "silence_inserted_s": round(st.silence_inserted_s, 3)}
         return {

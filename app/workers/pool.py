@@ -395,7 +395,7 @@ class WorkerPool:
                 st = s.stats
                 sessions[s.id] = {"frames": st.frames, "idle_frames": st.idle_frames, "blocks": st.blocks,
                                   "next_pts": s.next_video, "dropped_input_samples": st.dropped_input_samples,
-                                  "dropped_frames": st.dropped_frames}
+                                  "dropped_frames": st.dropped_frames, "held_frames": st.held_frames}
         ready = [h for h in self.handles if h.state == "ready" and h.stats]
         busiest = max(ready, key=lambda h: len(h.sessions), default=None)
         info = self._info

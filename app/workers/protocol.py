@@ -29,7 +29,8 @@ HELLO, HEARTBEAT, FRAME, SEGMENT_END, SESSION_ERROR, SESSION_CLOSED, FATAL = 1, 
 OPEN, PUSH, END_SEGMENT, INTERRUPT, CLOSE, STOP = 10, 11, 12, 13, 14, 15
 
 _HEAD = struct.Struct("<BI")  # kind, session key (0 for worker-wide messages)
-_FRAME = struct.Struct("<IqIHIBHHI5fd")  # epoch, pts, rate, fps, segment, idle, h, w, samples, timing x5, sent
+_FRAME = struct.Struct("<IqIHIBHHI5fd")  # epoch, pts, rate, fps, segment, flags (idle 1, held 2), h, w,
+# samples, timing x5, sent
 _SEGMENT = struct.Struct("<IIq")  # epoch, segment, pts
 _EPOCH = struct.Struct("<I")
 _PUSH = struct.Struct("<IdB")  # sample rate, gateway send time (time.monotonic), speaker
@@ -172,7 +173,8 @@ def encode_item(key: int, epoch: int, item: SessionItem, sent_at: float) -> byte
         if video.ndim != 3 or video.shape[2] != 3 or audio.ndim != 1:
             raise ProtocolError(f"a frame is (H, W, 3) video and (samples,) audio, got {video.shape} {audio.shape}")
         t = item.timing
-        head = _FRAME.pack(epoch, item.pts, item.sample_rate, item.fps, item.segment, item.idle, video.shape[0],
+        flags = item.idle | item.held << 1
+        head = _FRAME.pack(epoch, item.pts, item.sample_rate, item.fps, item.segment, flags, video.shape[0],
                            video.shape[1], audio.size, *(getattr(t, name) for name in _TIMING), sent_at)
         return b"".join((_HEAD.pack(FRAME, key), head, video.data, audio.data))
     if isinstance(item, SegmentEnd):
@@ -190,14 +192,14 @@ def decode_output(buf: bytes) -> Output:
     kind, key = _head(buf)
     body = memoryview(buf)[_HEAD.size:]
     if kind == FRAME:
-        (epoch, pts, rate, fps, segment, idle, h, w, n, *timing, sent_at) = _FRAME.unpack_from(body)
+        (epoch, pts, rate, fps, segment, flags, h, w, n, *timing, sent_at) = _FRAME.unpack_from(body)
         pixels = h * w * 3
         if len(body) != _FRAME.size + pixels + 4 * n:
             raise ProtocolError(f"frame message of {len(body)} bytes does not hold {h}x{w} video and {n} samples")
         video = np.frombuffer(body, np.uint8, pixels, _FRAME.size).reshape(h, w, 3)  # (H, W, 3), read-only view
         audio = np.frombuffer(body, np.float32, n, _FRAME.size + pixels)  # (samples,)
         frame = AvatarFrame(video=video, audio=audio, sample_rate=rate, pts=pts, fps=fps, segment=segment,
-                            idle=bool(idle), timing=Timing(**dict(zip(_TIMING, timing))))
+                            idle=bool(flags & 1), held=bool(flags & 2), timing=Timing(**dict(zip(_TIMING, timing))))
         return Output(FRAME, key, epoch, frame, sent_at=sent_at)
     if kind == SEGMENT_END:
         epoch, segment, pts = _SEGMENT.unpack_from(body)

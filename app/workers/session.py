@@ -198,6 +198,9 @@ class WorkerSession:
         st.frames += 1
         st.idle_frames += frame.idle
         self.next_video = frame.pts + 1
+        if frame.held:  # not a generated block: the stage figures stay those of generated ones
+            st.held_frames += 1
+            return
         block = (t.features_ms, t.denoise_ms, t.decode_ms)
         if block != self._last_block:  # every frame of a block carries that block's stage times
             self._last_block = block

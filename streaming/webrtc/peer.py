@@ -474,6 +474,7 @@ class LivePeer:
             stages = {**stats.stage_ms, "pacing": self._pacing_ms}
             engine.update(frames=stats.frames, idle_frames=stats.idle_frames, blocks=stats.blocks,
                           dropped_input_samples=stats.dropped_input_samples, dropped_frames=stats.dropped_frames,
+                          held_frames=stats.held_frames,
                           stage_ms={k: round(statistics.median(list(v)), 2) if v else None
                                     for k, v in stages.items()})
         now = time.monotonic()

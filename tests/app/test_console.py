@@ -94,7 +94,7 @@ def fake_session(sid: str, *, emotion: str | None = "neutral", paused: bool = Fa
         "latency_ms": {"p50": p50, "p95": p50 + 41.5, "last": p50 + 3.0}, "speaking": True,
         "speakers": 1, "dialogue": None,
         "engine": {"session": f"s{int(seed)}", "frames": 18000, "idle_frames": 200, "blocks": 1500,
-                   "dropped_input_samples": 0, "dropped_frames": 0,
+                   "dropped_input_samples": 0, "dropped_frames": 0, "held_frames": 48,
                    "stage_ms": {"features": 1.2 * seed, "denoise": 38.4 * seed, "decode": 21.7 * seed,
                                 "block": 61.3 * seed, "wait": 352.0 * seed, "pacing": 24.5 * seed}},
     }
@@ -112,7 +112,7 @@ ENGINE_STATS = {"model": "random-tiny", "mode": "causal", "device": "cuda:0", "d
                 "latency_budget": {"block_ms": 480.0, "lookahead_ms": 7.5, "features_ms": 1.2, "denoise_ms": 38.4,
                                    "decode_ms": 21.7, "total_ms": 548.8},
                 "sessions": {"s1": {"frames": 18000, "idle_frames": 200, "blocks": 1500, "next_pts": 18000,
-                                    "dropped_input_samples": 0, "dropped_frames": 0}},
+                                    "dropped_input_samples": 0, "dropped_frames": 0, "held_frames": 48}},
                 "workers": WORKER_RATES}  # /admin/metrics' engine
 ENGINE = {**{k: v for k, v in ENGINE_STATS.items() if k != "workers"}, "checkpoint": "/models/demo/dit.safetensors", "sessions": 2, "rtf": 0.127,
           "memory": {"rss_bytes": 1_932_735_283, "cuda_allocated_bytes": 3_221_225_472,

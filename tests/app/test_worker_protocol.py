@@ -5,6 +5,7 @@ oldest frame (never a marker), and interrupts drop what was queued and what is s
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -33,8 +34,11 @@ def test_frames_cross_bit_exact(hw):
     assert isinstance(got, AvatarFrame)
     np.testing.assert_array_equal(got.video, f.video)
     np.testing.assert_array_equal(got.audio, f.audio)
-    assert (got.pts, got.sample_rate, got.fps, got.segment, got.idle) == (41, 48_000, 25, 3, True)
+    assert (got.pts, got.sample_rate, got.fps, got.segment, got.idle, got.held) == (41, 48_000, 25, 3, True, False)
     assert got.timing == f.timing
+    for idle, held in ((False, True), (True, True), (False, False)):  # a held frame (the session fell behind)
+        got = decode_output(encode_item(7, 2, replace(f, idle=idle, held=held), 0.0)).item
+        assert (got.idle, got.held) == (idle, held)
 
 
 def test_markers_info_and_commands_round_trip():
