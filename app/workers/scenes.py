@@ -19,7 +19,7 @@ from app.avatars import (BUILTIN_AVATAR, BUILTIN_DUO, BUILTIN_DUO_SEED, EngineBa
                          prepare_avatars, prepare_stylised, stylised_avatar)
 from avatar.engine import AvatarEngine
 from avatar.reference import PreparedAvatar
-from avatar.session import AvatarSession
+from avatar.session import AvatarSession, SessionOptions
 from streaming.api_schema import EngineSnapshot, WorkerStatus
 from streaming.webrtc.dialogue import check_speakers
 
@@ -77,9 +77,13 @@ class SceneBackend:
             b.engine.stop()
 
 
-def scene_backend(engine: AvatarEngine, portrait: Path | None = None, motion: float | None = None) -> SceneBackend:
+def scene_backend(engine: AvatarEngine, portrait: Path | None = None, motion: float | None = None,
+                  options: SessionOptions | None = None) -> SceneBackend:
     """The built-in avatars and the user's (`prepare_avatars`), each multi-face one prepared again on an
-    engine of its scene's width (started here, no warm-up: the first dialogue pays for its first block)."""
+    engine of its scene's width (started here, no warm-up: the first dialogue pays for its first block).
+    Its decoder is the engine's choice: ONNX decodes a demo two-face latent in ~100 ms where torch takes
+    ~620 (one run, 2 cores), and the export for the new width (~7 s) is cached on disk. `options`: the
+    sessions' options (default: live, 48 kHz)."""
     avatars, default = prepare_avatars(engine, portrait)
     multi = {name: a.num_characters for name, a in avatars.items() if a.num_characters > 1}
     engines: dict[int, AvatarEngine] = {}
@@ -89,7 +93,7 @@ def scene_backend(engine: AvatarEngine, portrait: Path | None = None, motion: fl
             if faces not in engines:
                 h, w = engine.models.frame_hw
                 models = replace(engine.models, frame_hw=(h, w * faces), decoder_backend=None)
-                engines[faces] = AvatarEngine(models, replace(engine.options, decoder="torch", warmup=False,
+                engines[faces] = AvatarEngine(models, replace(engine.options, warmup=False,
                                                               session_prefix=f"{faces}faces-s")).start()
             wide_avatars.setdefault(faces, {})[name] = _prepare_wide(engines[faces], name, faces, portrait)
             del avatars[name]
@@ -97,8 +101,8 @@ def scene_backend(engine: AvatarEngine, portrait: Path | None = None, motion: fl
         for e in engines.values():
             e.stop()
         raise
-    main = EngineBackend(engine, avatars, default if default in avatars else BUILTIN_AVATAR, motion=motion)
-    wide = {faces: EngineBackend(engines[faces], named, next(iter(named)), motion=motion)
+    main = EngineBackend(engine, avatars, default if default in avatars else BUILTIN_AVATAR, options, motion)
+    wide = {faces: EngineBackend(engines[faces], named, next(iter(named)), options, motion)
             for faces, named in wide_avatars.items()}
     if multi:
         log.info("multi-face avatars %s generate at %s", sorted(multi),
