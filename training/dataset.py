@@ -206,6 +206,10 @@ class ClipPlan:
     emotions: tuple[str, ...]
     motion: float
     seed: int
+    silent: int | None = None  # a listener scene: this face hears silence while the other one speaks
+
+
+LISTENER_PREFIX = "listen_"
 
 
 def plan_clips(corpus_clips, seed: int = 0, *, pair_fraction: float = 0.15,
@@ -237,25 +241,53 @@ def plan_clips(corpus_clips, seed: int = 0, *, pair_fraction: float = 0.15,
     return plans
 
 
+def plan_listeners(corpus_clips, seed: int = 0, *, fraction: float = 0.0,
+                   train_identities: int = 10_000) -> list[ClipPlan]:
+    """Two-face scenes where one face speaks (a corpus clip) and the other listens (silence): what a
+    dialogue looks like between turns, which the two-voice pairs of `plan_clips` never show. About
+    `fraction` of the corpus clips get one, keyed ``listen_<clip id>``; its own random stream, so the
+    plans of `plan_clips` do not change with it."""
+    plans = []
+    for c in sorted(corpus_clips, key=lambda c: c.clip_id):
+        rng = np.random.default_rng([int(seed), int(c.clip_id.rsplit("_", 1)[-1]), 0x115])
+        if rng.random() >= fraction:
+            continue
+        held = HELD_OUT_IDENTITY_BASE
+        lo, hi = (0, train_identities) if c.split == "train" else (held, held + 10**6)
+        names = sorted(EMOTIONS)
+        plans.append(ClipPlan(
+            key=LISTENER_PREFIX + c.clip_id, split=c.split, corpus_clips=(c.clip_id,),
+            identity_seeds=tuple(int(v) for v in rng.integers(lo, hi, size=2)),
+            emotions=tuple(names[int(k)] for k in rng.integers(len(names), size=2)),
+            motion=float(rng.integers(0, 5)) / 4, seed=int(rng.integers(2**31)), silent=int(rng.integers(2))))
+    return plans
+
+
 def build_clip_store(corpus_dir: str | Path, store: ClipStore, seed: int = 0, *,
                      size: tuple[int, int] = (128, 128), pair_fraction: float = 0.15,
-                     train_identities: int = 10_000, shard: tuple[int, int] = (0, 1)) -> list[ClipPlan]:
+                     train_identities: int = 10_000, shard: tuple[int, int] = (0, 1),
+                     listener_fraction: float = 0.0) -> list[ClipPlan]:
     """Render every corpus clip (this shard's share) into ``store``; existing keys are skipped.
 
-    Pairs are rendered at ``(height, 2 * width)``. Returns the plans (the JSON of them is also written
-    as ``plans.json`` next to the clips).
+    Pairs and listener scenes (`plan_listeners`) are rendered at ``(height, 2 * width)``. Returns the
+    plans (the JSON of them is also written as ``plans.json`` next to the clips).
     """
     from audio.io import read_audio
     from training.corpus import read_index
 
     index = {c.clip_id: c for c in read_index(corpus_dir)}
     plans = plan_clips(index.values(), seed, pair_fraction=pair_fraction, train_identities=train_identities)
+    plans += plan_listeners(index.values(), seed, fraction=listener_fraction, train_identities=train_identities)
     k, n = shard
     for i, p in enumerate(plans):
         if i % n != k or p.key in store:
             continue
         wavs = [read_audio(Path(corpus_dir) / index[cid].path) for cid in p.corpus_clips]
-        if len(wavs) == 1:
+        if p.silent is not None:
+            wavs.insert(p.silent, np.zeros_like(wavs[0]))
+            clip = make_pair_clip(wavs[0], wavs[1], *p.identity_seeds, p.motion, p.emotions,
+                                  (size[0], 2 * size[1]), p.seed)
+        elif len(wavs) == 1:
             clip = make_clip(wavs[0], p.identity_seeds[0], p.motion, p.emotions[0], size, p.seed)
         else:
             clip = make_pair_clip(wavs[0], wavs[1], *p.identity_seeds, p.motion, p.emotions,

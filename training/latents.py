@@ -21,7 +21,7 @@ import torch
 from audio.features.base import AudioFeatures
 from avatar.faces import FaceBox, face_mask_for_grid, rasterise_box
 from models.vae import WanVAE
-from training.dataset import Clip, ClipStore
+from training.dataset import LISTENER_PREFIX, Clip, ClipStore
 
 MASK_SCALE = 1.6  # face box enlargement for FAA masks; two-face scenes are also cut at the midline
 
@@ -130,13 +130,16 @@ def build_latents(clips: ClipStore, vae: WanVAE, features: AudioFeatures, out: L
                   splits: dict[str, str] | None = None, log=print, *, limit: int | None = None,
                   shard: tuple[int, int] = (0, 1)) -> int:
     """Encode every clip not yet in `out` (resumable). `splits`: clip key -> 'train' | 'heldout'.
-    `limit`: only the first `limit` single-face clips and a quarter as many two-face ones (sorted keys);
-    `shard` (i, n): only every n-th of those from i, so n processes can share the work."""
+    `limit`: only the first `limit` single-face clips, a quarter as many two-voice pairs and a quarter as
+    many listener scenes (sorted keys); `shard` (i, n): only every n-th of those from i, so n processes
+    can share the work."""
     done = 0
     keys = clips.keys()
     if limit is not None:
         pairs = [k for k in keys if k.startswith("pair_")]
-        keys = [k for k in keys if not k.startswith("pair_")][:limit] + pairs[:max(1, limit // 4)]
+        listeners = [k for k in keys if k.startswith(LISTENER_PREFIX)]
+        singles = [k for k in keys if not k.startswith(("pair_", LISTENER_PREFIX))]
+        keys = singles[:limit] + pairs[:max(1, limit // 4)] + listeners[:limit // 4]
     for key in keys[shard[0]::shard[1]]:
         if key in out:
             continue

@@ -6,19 +6,22 @@ test needs espeak-ng itself (skipped, with the reason, when it is absent).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from audio.io import read_audio
 from avatar.drawn.emotions import EMOTIONS, emotion_reference, rest_state
 from avatar.drawn.face import HAIR_STYLES, NEUTRAL, STATE_FIELDS, FaceState, Identity, render, render_pair
 from training import corpus
 from training.animate import animate, frame_dbfs, speech_gate
-from training.dataset import HELD_OUT_IDENTITY_BASE, ClipStore, make_clip, make_pair_clip, plan_clips
+from training.dataset import (HELD_OUT_IDENTITY_BASE, LISTENER_PREFIX, ClipStore, build_clip_store, make_clip,
+                              make_pair_clip, plan_clips, plan_listeners)
 from training.probes import mouth_corner_lift, mouth_opening, psnr
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "audio"
@@ -338,6 +341,33 @@ def test_clip_plans_keep_held_out_identities_apart():
         held = p.split == "heldout"
         assert all((s >= HELD_OUT_IDENTITY_BASE) == held for s in p.identity_seeds)
         assert all(split_of[c] == p.split for c in p.corpus_clips)
+
+
+def test_listener_scenes_have_their_own_plans_and_one_silent_face(speech, tmp_path):
+    clips = [corpus.CorpusClip(clip_id=f"clip_{i:06d}", split="heldout" if i % 4 == 0 else "train",
+                               path=f"wavs/clip_{i:06d}.wav", voice="en-us", language="en", rate=170, pitch=50,
+                               sentence_ids=(), segments=(), num_samples=0) for i in range(40)]
+    assert plan_listeners(clips, seed=1) == []  # off by default: the shipped plans are unchanged
+    plans = plan_listeners(clips, seed=1, fraction=0.5)
+    assert plans == plan_listeners(clips, seed=1, fraction=0.5) and 10 <= len(plans) <= 30
+    assert {p.silent for p in plans} == {0, 1} and all(p.key == LISTENER_PREFIX + p.corpus_clips[0] for p in plans)
+    assert all((s >= HELD_OUT_IDENTITY_BASE) == (p.split == "heldout") for p in plans for s in p.identity_seeds)
+    assert all(p.silent is None for p in plan_clips(clips, seed=1, pair_fraction=0.3))
+
+    # one corpus clip, stored: the listener scene's silent face hears nothing and never opens its mouth
+    (tmp_path / "corpus" / "wavs").mkdir(parents=True)
+    sf.write(tmp_path / "corpus" / "wavs" / "clip_000000.wav", speech[0][:16000 * 2], 16000)
+    index = {"clips": [dataclasses.asdict(dataclasses.replace(clips[0], split="train"))]}
+    (tmp_path / "corpus" / "index.json").write_text(json.dumps(index))
+    store = ClipStore(tmp_path / "clips")
+    plans = build_clip_store(tmp_path / "corpus", store, seed=3, size=(64, 64), listener_fraction=1.0)
+    listener = next(p for p in plans if p.silent is not None)
+    clip = store.read(listener.key)
+    silent, speaking = listener.silent, 1 - listener.silent
+    assert clip.frames.shape[1:] == (64, 128, 3) and not clip.audio[silent].any() and clip.audio[speaking].any()
+    mouth = STATE_FIELDS.index("mouth_open")
+    assert np.all(clip.states[silent, :, mouth] == 0) and clip.states[speaking, :, mouth].max() > 0.3
+    assert json.loads((store.root / "plans.json").read_text())[-1]["silent"] == silent
 
 
 def test_ensure_espeak_reports_a_missing_binary(monkeypatch):
