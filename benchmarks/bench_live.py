@@ -105,8 +105,11 @@ def _client_process(url: str, sessions: int, seconds: float, codec: str, conn) -
 
 
 def _fresh_fps(before: dict, after: dict) -> float:
-    """Fresh (non-repeated) frames per second of call time between two pacer snapshots."""
-    return round((after["played"] - before["played"]) / max(1e-9, after["slots"] - before["slots"]) * 25, 2)
+    """Fresh frames per second of call time between two call snapshots: frames the pacer played that it
+    did not repeat and the engine did not hold (a session behind real time repeats its last frame)."""
+    held = (after["engine"].get("held_frames") or 0) - (before["engine"].get("held_frames") or 0)
+    played = after["pacer"]["played"] - before["pacer"]["played"] - held
+    return round(played / max(1e-9, after["pacer"]["slots"] - before["pacer"]["slots"]) * 25, 2)
 
 
 # ---- the server: the real HTTP app, the gateway, its engine (workers) and live service ---------------
@@ -171,7 +174,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
             # steady state: pacer counts from STEADY_AFTER_S into the call to its end (the first
             # second or so is the pipeline filling up, sent as repeated frames)
             await asyncio.sleep(STEADY_AFTER_S)
-            early = {sid: service.peers[sid].snapshot()["pacer"] for sid in connected["connected"]
+            early = {sid: service.peers[sid].snapshot() for sid in connected["connected"]
                      if sid in service.peers}
             loop_lag.reset()
             clients = await loop.run_in_executor(None, here.recv)
@@ -188,8 +191,9 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
                     **client,
                     "server_fps": snap["video"]["fps"],
                     # new pictures per second of call time: below 25 the engine is not keeping up
-                    "new_frame_fps": _fresh_fps({"played": 0, "slots": 0}, snap["pacer"]),
-                    "steady_new_frame_fps": _fresh_fps(early[client["session"]], snap["pacer"]),
+                    "new_frame_fps": _fresh_fps({"pacer": {"played": 0, "slots": 0}, "engine": {}}, snap),
+                    "steady_new_frame_fps": _fresh_fps(early[client["session"]], snap),
+                    "held_frames": snap["engine"].get("held_frames", 0),
                     "latency_ms_p50": snap["latency_ms"]["p50"],
                     "latency_ms_p95": snap["latency_ms"]["p95"],
                     "repeated_frames": snap["pacer"]["repeated"],
