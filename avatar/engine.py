@@ -159,7 +159,10 @@ class EngineOptions:
 # bidirectional checkpoints run overlapping chunks with its published sampler (shift 5, 13-frame
 # overlap = 4 latents, 2-pass audio CFG at 4.5) at the low end of its 20-50 step range.
 PRESET_DEFAULTS: dict[str, dict] = {
-    "tiny": dict(mode="causal", causal=CausalOptions()),
+    # tiny: its DiT calls are overhead, not arithmetic, so ready sessions share them. bench_live, 16 calls on
+    # 2 cores, two runs each way: 5.0 / 1.9 fresh fps per call batched by 8, 1.1 / 0.3 one at a time (the
+    # transport alone sent only 16-17 fps there); at 8 calls ~25 either way
+    "tiny": dict(mode="causal", causal=CausalOptions(), max_batch=8),
     # demo: audio CFG 2 (its audio stage dropped audio 10% of the time) opens the mouth about as wide as
     # the teacher's (scale 1: half as wide on some faces; 3 overshoots); 3 steps pay for the second pass.
     # 1-latent blocks: a frame waits for at most 160 ms of audio, not 480 (eval demo: latency p50 768 ->

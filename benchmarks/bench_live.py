@@ -109,7 +109,8 @@ def _fresh_fps(before: dict, after: dict) -> float:
     did not repeat and the engine did not hold (a session behind real time repeats its last frame)."""
     held = (after["engine"].get("held_frames") or 0) - (before["engine"].get("held_frames") or 0)
     played = after["pacer"]["played"] - before["pacer"]["played"] - held
-    return round(played / max(1e-9, after["pacer"]["slots"] - before["pacer"]["slots"]) * 25, 2)
+    # (held frames the pacer dropped late were never played: at 0 the call showed only held frames)
+    return max(0.0, round(played / max(1e-9, after["pacer"]["slots"] - before["pacer"]["slots"]) * 25, 2))
 
 
 # ---- the server: the real HTTP app, the gateway, its engine (workers) and live service ---------------
