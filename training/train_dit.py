@@ -65,6 +65,8 @@ class DiTTrainConfig:
     # motion is a few pixels, and an unweighted loss spends the model on backgrounds and hair
     emotion_dropout: float = 0.0  # rows whose emotion image is the neutral reference itself: the branch
     # that emotion guidance (Guidance.emotion) subtracts at inference
+    audio_augment: float = 0.0  # share of windows that hear an augmented copy of their clip's audio (another
+    # pitch, noise, a room, a phone line, another level: training/augment.py) where the store has one
     emotion_weight: float = 1.0  # loss weight where the emotion image differs from the reference (mouth
     # corners, brows): a smile moves a few latent cells, which an unweighted loss barely notices. Both,
     # in a 600-step AEM-only stage on the demo model (dropout 0.15, weight 6): no gain either
@@ -77,8 +79,13 @@ class DiTTrainConfig:
 class Batches:
     """Random training windows from a latent store (held in memory: the demo set is small)."""
 
-    def __init__(self, store: LatentStore, split: str = "train") -> None:
-        clips = [store.read(k) for k in store.keys()]
+    def __init__(self, store: LatentStore, split: str = "train", augmented=None) -> None:
+        """`augmented`: a training.augment.AugmentedFeatures with variants of some clips' features."""
+        keys = store.keys()
+        clips = [store.read(k) for k in keys]
+        # clip index -> (variants, faces, frames, D) augmented features, where there are any
+        self.variants = {id(c): augmented.read(k) for k, c in zip(keys, clips)
+                         if augmented is not None and k in augmented}
         self.singles = [c for c in clips if c.split == split and c.faces == 1]
         self.pairs = [c for c in clips if c.split == split and c.faces == 2]
         if not self.singles:
@@ -91,14 +98,20 @@ class Batches:
         for _ in range(cfg.batch):
             c = pool[int(rng.integers(len(pool)))]
             s = int(rng.integers(1, c.num_latents - n + 1))  # window start (latent index >= 1)
-            items.append(self._window(c, s, n))
+            features = c.features
+            if cfg.audio_augment and id(c) in self.variants and rng.random() < cfg.audio_augment:
+                variants = self.variants[id(c)]
+                features = variants[int(rng.integers(len(variants)))]
+            items.append(self._window(c, s, n, features))
         return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
 
     @staticmethod
-    def _window(c: LatentClip, s: int, n: int) -> dict[str, np.ndarray]:
+    def _window(c: LatentClip, s: int, n: int, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """`features`: (faces, frames, D) to hear instead of the clip's own (an augmented copy)."""
+        features = c.features if features is None else features
         lat = np.concatenate([c.latents[:, :1], c.latents[:, s:s + n]], axis=1).astype(np.float32)
         v0 = 4 * s - 3
-        per_face = np.stack([group_by_latent(c.features[f, v0:v0 + 4 * n], s) for f in range(c.faces)])
+        per_face = np.stack([group_by_latent(features[f, v0:v0 + 4 * n], s) for f in range(c.faces)])
         silent = np.zeros_like(per_face[:, :1])  # the reference frame hears nothing
         per_face = np.concatenate([silent, per_face], axis=1)  # (F, 1 + n, 4, D)
         mouth = c.mouth if c.mouth is not None else np.zeros(c.latents.shape[2:], np.float32)
@@ -207,8 +220,10 @@ def build_model(cfg: DiTTrainConfig, dit_cfg: DiTConfig, init: Path | None) -> W
 
 
 def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainConfig(),
-              dit_cfg: DiTConfig = DEMO, init: Path | None = None, stop_after: float | None = None) -> Path | None:
-    """Train (or resume) one stage. Returns the saved model folder when the stage's steps are done."""
+              dit_cfg: DiTConfig = DEMO, init: Path | None = None, stop_after: float | None = None,
+              augmented=None) -> Path | None:
+    """Train (or resume) one stage. Returns the saved model folder when the stage's steps are done.
+    `augmented`: augmented feature variants (training.augment.AugmentedFeatures) for `cfg.audio_augment`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dit = build_model(cfg, dit_cfg, init)
@@ -223,7 +238,7 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log.info("resuming DiT %s training at step %d", run, step)
-    data = Batches(store)
+    data = Batches(store, augmented=augmented)
     t0 = time.monotonic()
     logf = (out / "dit_log.jsonl").open("a")
     dit.train()

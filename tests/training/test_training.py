@@ -33,6 +33,43 @@ def test_training_window_keeps_the_reference_first_and_audio_aligned(tmp_path):
     assert np.array_equal(w["audio"][1, :, 0], c.features[0, 9:13, 0])
 
 
+def test_augmented_variants_change_what_the_audio_path_hears_and_nothing_else(tmp_path):
+    from audio.features.mel import MelConfig, MelFeatures
+    from training.augment import _FUNCS, AUGMENTATIONS, AugmentedFeatures, augment, augmented_features
+
+    rate, rng = 16_000, np.random.default_rng(0)
+    t = np.arange(rate) / rate
+    speech = (0.2 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
+    for name in AUGMENTATIONS:  # each one alone: same length, finite, audibly different
+        y = _FUNCS[name](speech, np.random.default_rng(1))
+        assert y.shape == speech.shape and np.isfinite(y).all() and np.abs(y - speech).mean() > 1e-3, name
+    y, names = augment(speech, rng)
+    assert len(set(names)) == 2 and set(names) <= set(AUGMENTATIONS)
+    feats = MelFeatures(MelConfig(n_mels=48))
+    clean = feats(speech, 26)
+    variants = augmented_features(feats, np.stack([speech, speech]), 26, variants=3, seed=5)
+    assert variants.shape == (3, 2, 26, 48) and not np.allclose(variants[0, 0], clean, atol=1e-3)
+    np.testing.assert_array_equal(variants, augmented_features(feats, np.stack([speech, speech]), 26, 3, seed=5))
+    store = AugmentedFeatures(tmp_path / "aug")
+    store.write("clip_000001", variants)
+    assert "clip_000001" in store and np.array_equal(store.read("clip_000001"), variants)
+
+    # training windows hear a variant as often as audio_augment says; the pictures stay the clip's
+    latents = LatentStore(tmp_path / "latents")
+    c = _latent_clip(1)
+    latents.write("clip_000001", c)
+    store.write("clip_000001", np.stack([np.full_like(c.features, -1.0), np.full_like(c.features, -2.0)]))
+    data = Batches(latents, augmented=store)
+    cfg = DiTTrainConfig(batch=1, window_latents=4)
+    heard = []
+    for i in range(40):
+        w = data.sample(np.random.default_rng(i), DiTTrainConfig(batch=1, window_latents=4, audio_augment=0.5), False)
+        heard.append(max(0, -int(w["audio"][0, 1:].min())))  # 0: the clip's own (>= 0), 1 or 2: a variant
+    assert set(heard) == {0, 1, 2} and 10 <= heard.count(0) <= 30
+    plain = [data.sample(np.random.default_rng(i), cfg, False)["audio"][0, 1:].min() for i in range(10)]
+    assert min(plain) >= 0  # audio_augment 0 (the default): always the clip's own
+
+
 def test_noise_levels_per_block_with_clean_context():
     cfg = DiTTrainConfig(window_latents=9, block_latents=3, clean_context=1.0)
     sig = frame_sigmas(256, 10, cfg, torch.Generator().manual_seed(0))
