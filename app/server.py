@@ -304,7 +304,8 @@ def _run_in_process(settings: Settings, echo: Callable[[str], None]) -> None:
     engine.start()
     backend = None
     try:
-        backend = scene_backend(engine, Path(settings.avatar) if settings.avatar else None)
+        backend = scene_backend(engine, Path(settings.avatar) if settings.avatar else None,
+                                options=settings.session_options())
         app = create_app(settings, backend)
         echo(f"avatarcast: model {engine.models.name} in this process ({engine.decoder_provider} decoder, "
              f"{settings.compute_threads()} compute threads), "

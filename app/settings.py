@@ -5,6 +5,7 @@
 | host | AVATARCAST_HOST | 127.0.0.1 (this machine only; use 0.0.0.0 to serve the LAN) |
 | port | AVATARCAST_PORT | 8080 |
 | max_sessions | AVATARCAST_MAX_SESSIONS | 4 calls per engine worker |
+| max_lag_s | AVATARCAST_MAX_LAG_S | 1.5: a call whose next block is due longer ago than this holds blocks (repeats its last frame, all audio kept) until it is back within it (0: never, the delay grows instead) |
 | max_load | AVATARCAST_MAX_LOAD | 0.9: a worker with calls takes one more only if its measured engine load per call, times its calls plus one, stays at or under this (0: slots only) |
 | workers | AVATARCAST_WORKERS | 1: engine worker processes (0: the engine in the server's own process; ray: Ray actors) |
 | ray_address | AVATARCAST_RAY_ADDRESS | none: with workers=ray, a Ray cluster started here (else `ray start`'s address) |
@@ -118,6 +119,7 @@ class Settings:
     port: int = 8080
     max_sessions: int = 4
     max_load: float = 0.9  # admission by measured engine load (app/workers/pool.py PoolOptions.max_load)
+    max_lag_s: float = 1.5  # catch-up bound of a live call (avatar/session.py SessionOptions.max_lag_s); 0: never
     ice_servers: tuple[IceServer, ...] = ()
     admin_token: str = field(default="", repr=False)
     admin_token_generated: bool = False  # True: nobody set one, so it must be printed at start
@@ -147,6 +149,9 @@ class Settings:
             raise ValueError(f"port must be 0-65535, not {self.port}")
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, not {self.max_sessions}")
+        if self.max_lag_s < 0:
+            raise ValueError(f"max_lag_s is how far behind a call may fall before it holds blocks (0: never), "
+                             f"not {self.max_lag_s}")
         if not 0 <= self.max_load <= 1:
             raise ValueError(f"max_load is the engine's busy share a worker may reach (0: off; 0.9 keeps "
                              f"headroom), not {self.max_load}")
@@ -179,17 +184,25 @@ class Settings:
         elif len(self.admin_token) < 16:
             raise ValueError("the admin token must be at least 16 characters")
 
+    def session_options(self):
+        """The avatar.session.SessionOptions every live session of the service is opened with (48 kHz out,
+        the catch-up bound). Imported here: settings are read by commands that never load a model."""
+        from audio.pcm import MEDIA_SAMPLE_RATE
+        from avatar.session import SessionOptions
+
+        return SessionOptions(realtime=True, sample_rate=MEDIA_SAMPLE_RATE, max_lag_s=self.max_lag_s or None)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Environment first, then the non-None `overrides` (the CLI's options)."""
         env = os.environ if env is None else env
-        conv: dict[str, Any] = {"port": int, "max_sessions": int, "max_load": float, "upload_limit_bytes": int, "max_body_bytes": int,
+        conv: dict[str, Any] = {"port": int, "max_sessions": int, "max_load": float, "max_lag_s": float, "upload_limit_bytes": int, "max_body_bytes": int,
                                 "idle_timeout_s": float, "connect_timeout_s": float, "engine_threads": int, "ray_workers": int,
                                 "ice_servers": parse_ice_servers, "ice_hosts": parse_ice_hosts,
                                 "calls_per_client": int, "offers_per_minute": int, "max_call_s": float,
                                 "conditions_per_minute": int}
         values: dict[str, Any] = {}
-        for name in ("host", "port", "max_sessions", "max_load", "ice_servers", "admin_token", "upload_limit_bytes",
+        for name in ("host", "port", "max_sessions", "max_load", "max_lag_s", "ice_servers", "admin_token", "upload_limit_bytes",
                      "max_body_bytes", "idle_timeout_s", "connect_timeout_s", "avatar", "video_codec", "hls_dir",
                      "media_dir", "audio_urls", "engine_threads", "workers", "ray_address", "ray_workers", "model", "ice_hosts",
                      "calls_per_client", "offers_per_minute", "max_call_s", "conditions_per_minute"):

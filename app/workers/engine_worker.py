@@ -46,6 +46,7 @@ class WorkerSpec:
     heartbeat_s: float = 0.5
     warmup: bool = True
     max_batch: int | None = None  # sessions per batched DiT call (avatar/engine.py); None: the engine's default
+    max_lag_s: float = 1.5  # a live session's catch-up bound (SessionOptions.max_lag_s); 0: never hold
     nice: int = 0  # a local worker process's CPU priority below the gateway's (os.nice increment). A trade,
     # not a fix: 8 TINY calls on 2 cores (bench_live --worker-nice 5,0,5,0, one run) at nice 5 had gateway
     # loop stalls p99 29-45 ms vs 63-73, but 17-19 fresh fps per call vs 20-23 and 2.9-3.3 s latency vs
@@ -88,7 +89,9 @@ class EngineWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         from app.render_worker import load_models
         from app.workers.scenes import scene_backend
+        from audio.pcm import MEDIA_SAMPLE_RATE
         from avatar.engine import AvatarEngine, preset_options
+        from avatar.session import SessionOptions
 
         self.spec = spec
         models = load_models(spec.model)
@@ -98,7 +101,8 @@ class EngineWorker:
                                                           warmup=spec.warmup, **batch))
         self.engine.start()
         try:
-            self.backend = scene_backend(self.engine, Path(spec.avatar) if spec.avatar else None)
+            live = SessionOptions(realtime=True, sample_rate=MEDIA_SAMPLE_RATE, max_lag_s=spec.max_lag_s or None)
+            self.backend = scene_backend(self.engine, Path(spec.avatar) if spec.avatar else None, options=live)
         except BaseException:
             self.engine.stop()
             raise

@@ -425,7 +425,7 @@ def worker_pool(settings: Settings) -> WorkerPool:
 
 def _spec(settings: Settings, threads: int) -> WorkerSpec:
     return WorkerSpec(model=settings.model, max_sessions=settings.max_sessions, threads=threads,
-                      avatar=settings.avatar)
+                      avatar=settings.avatar, max_lag_s=settings.max_lag_s)
 
 
 def _cluster_gpus() -> int:

@@ -253,9 +253,13 @@ def test_worker_settings_come_from_env_and_are_checked():
     assert Settings.from_env({"AVATARCAST_WORKERS": "ray", "AVATARCAST_RAY_ADDRESS": "10.0.0.1:6379"}).local_workers == 0
     assert s.max_load == 0.9 and Settings.from_env({"AVATARCAST_MAX_LOAD": "0"}).max_load == 0.0
     assert worker_pool(Settings.from_env({"AVATARCAST_MAX_LOAD": "0.6"})).options.max_load == 0.6  # not started
+    # the catch-up bound of live calls reaches the workers' sessions; 0 turns holding off
+    assert s.session_options().max_lag_s == 1.5 and s.session_options().realtime
+    never = Settings.from_env({"AVATARCAST_MAX_LAG_S": "0"})
+    assert never.session_options().max_lag_s is None and worker_pool(never).spec.max_lag_s == 0.0
     for bad in ({"AVATARCAST_WORKERS": "many"}, {"AVATARCAST_WORKERS": "-1"}, {"AVATARCAST_RAY_ADDRESS": "x:1"},
                 {"AVATARCAST_MODEL": "huge"}, {"AVATARCAST_RAY_WORKERS": "-2", "AVATARCAST_WORKERS": "ray"},
-                {"AVATARCAST_MAX_LOAD": "1.5"}, {"AVATARCAST_MAX_LOAD": "lots"}):
+                {"AVATARCAST_MAX_LOAD": "1.5"}, {"AVATARCAST_MAX_LOAD": "lots"}, {"AVATARCAST_MAX_LAG_S": "-1"}):
         with pytest.raises(ValueError):
             Settings.from_env(bad)
     json.dumps(PoolOptions().__dict__)  # plain values: they cross into worker processes
