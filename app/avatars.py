@@ -187,6 +187,12 @@ def prepare_avatars(engine: AvatarEngine, portrait: Path | None = None) -> tuple
     return avatars, default
 
 
+def live_session_options(max_lag_s: float | None = SessionOptions.max_lag_s) -> SessionOptions:
+    """What the service opens every live session with: realtime, 48 kHz out, the catch-up bound
+    (SessionOptions.max_lag_s; 0 or None: never hold)."""
+    return SessionOptions(realtime=True, sample_rate=MEDIA_SAMPLE_RATE, max_lag_s=max_lag_s or None)
+
+
 class EngineBackend:
     """`streaming.webrtc.service.ServiceBackend` over an `AvatarEngine`: realtime 48 kHz sessions."""
 
@@ -196,7 +202,7 @@ class EngineBackend:
         if default_avatar not in avatars:
             raise ValueError(f"default avatar {default_avatar!r} is not among {sorted(avatars)}")
         self.engine, self.avatars, self.default_avatar = engine, avatars, default_avatar
-        self.options = options or SessionOptions(realtime=True, sample_rate=MEDIA_SAMPLE_RATE)
+        self.options = options or live_session_options()
         self.motion = motion
         self._conditions: dict[tuple[str, str | None], Any] = {}
 

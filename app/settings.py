@@ -187,10 +187,9 @@ class Settings:
     def session_options(self):
         """The avatar.session.SessionOptions every live session of the service is opened with (48 kHz out,
         the catch-up bound). Imported here: settings are read by commands that never load a model."""
-        from audio.pcm import MEDIA_SAMPLE_RATE
-        from avatar.session import SessionOptions
+        from app.avatars import live_session_options
 
-        return SessionOptions(realtime=True, sample_rate=MEDIA_SAMPLE_RATE, max_lag_s=self.max_lag_s or None)
+        return live_session_options(self.max_lag_s)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -64,12 +64,17 @@ def level(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 _FUNCS = {"pitch": pitch, "noise": noise, "reverb": reverb, "telephone": telephone, "level": level}
 
 
+def apply(x: np.ndarray, names, rng: np.random.Generator) -> np.ndarray:
+    """The augmentations `names`, in that order, to 16 kHz mono `x`."""
+    for name in names:
+        x = _FUNCS[name](x, rng)
+    return x
+
+
 def augment(x: np.ndarray, rng: np.random.Generator, count: int = 2) -> tuple[np.ndarray, tuple[str, ...]]:
     """`count` different augmentations of 16 kHz mono `x`, in a random order -> (audio, their names)."""
     names = tuple(str(n) for n in rng.choice(AUGMENTATIONS, size=count, replace=False))
-    for name in names:
-        x = _FUNCS[name](x, rng)
-    return x, names
+    return apply(x, names, rng), names
 
 
 def augmented_features(features: AudioFeatures, audio: np.ndarray, num_video: int, variants: int,
@@ -79,13 +84,8 @@ def augmented_features(features: AudioFeatures, audio: np.ndarray, num_video: in
     out = []
     for v in range(variants):
         names = np.random.default_rng([seed, v]).choice(AUGMENTATIONS, size=2, replace=False)
-        faces = []
-        for f, track in enumerate(audio):
-            rng = np.random.default_rng([seed, v, f])
-            x = track.astype(np.float32)
-            for name in names:
-                x = _FUNCS[name](x, rng)
-            faces.append(features(x, num_video))
+        faces = [features(apply(track.astype(np.float32), names, np.random.default_rng([seed, v, f])), num_video)
+                 for f, track in enumerate(audio)]
         out.append(np.stack(faces))
     return np.stack(out).astype(np.float32)
 

@@ -88,10 +88,9 @@ class _Live:
 class EngineWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         from app.render_worker import load_models
+        from app.avatars import live_session_options
         from app.workers.scenes import scene_backend
-        from audio.pcm import MEDIA_SAMPLE_RATE
         from avatar.engine import AvatarEngine, preset_options
-        from avatar.session import SessionOptions
 
         self.spec = spec
         models = load_models(spec.model)
@@ -101,8 +100,8 @@ class EngineWorker:
                                                           warmup=spec.warmup, **batch))
         self.engine.start()
         try:
-            live = SessionOptions(realtime=True, sample_rate=MEDIA_SAMPLE_RATE, max_lag_s=spec.max_lag_s or None)
-            self.backend = scene_backend(self.engine, Path(spec.avatar) if spec.avatar else None, options=live)
+            self.backend = scene_backend(self.engine, Path(spec.avatar) if spec.avatar else None,
+                                         options=live_session_options(spec.max_lag_s))
         except BaseException:
             self.engine.stop()
             raise
