@@ -14,7 +14,9 @@ service is healthy); `new_frame_fps` is how many of those were fresh pictures
 from the engine (the rest repeat the last one), over the whole call; `steady_new_frame_fps` the same
 from STEADY_AFTER_S on, once the pipeline has filled: below 25 the engine is not keeping up.
 `first_frame_ms` is the client's wait from sending its offer to its first video frame. The gateway's
-event-loop stalls (`loop_lag_ms`, p99: how late a 10 ms timer woke) are sampled over the steady part.
+event-loop stalls (`loop_lag_ms`, p99: how late a 10 ms timer woke) are sampled over the steady part, and
+so is `cpu_percent`: what the gateway, each worker process and the clients' process used (100 = one core),
+next to what the machine has (`cpu_count` x 100), so a run says whether the cores ran out.
 Prints JSON.
 
     python -m benchmarks.bench_live --sessions 4 --seconds 10                 # one worker process
@@ -104,6 +106,36 @@ def _client_process(url: str, sessions: int, seconds: float, codec: str, conn) -
     asyncio.run(_clients(url, sessions, seconds, codec, conn))
 
 
+class _CpuMeter:
+    """CPU time of the gateway (this process), the worker processes and the clients' process between
+    `start()` and `stop()`, in percent of one core."""
+
+    def __init__(self, workers: list[int], clients: int) -> None:
+        import psutil
+
+        self._procs = {"gateway": psutil.Process(), "clients": psutil.Process(clients),
+                       **{f"worker_{k}": psutil.Process(pid) for k, pid in enumerate(workers)}}
+        self._t0, self._cpu0 = 0.0, {}
+
+    def _cpu(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self._procs.items():
+            try:
+                t = proc.cpu_times()
+                out[name] = t.user + t.system
+            except Exception:  # noqa: BLE001 - a process that ended (a killed worker) drops out
+                pass
+        return out
+
+    def start(self) -> None:
+        self._t0, self._cpu0 = time.perf_counter(), self._cpu()
+
+    def stop(self) -> dict[str, float]:
+        dt, now = time.perf_counter() - self._t0, self._cpu()
+        used = {k: round(100 * (now[k] - self._cpu0[k]) / dt, 1) for k in now if k in self._cpu0}
+        return {**used, "total": round(sum(used.values()), 1), "machine": 100 * (os.cpu_count() or 1)}
+
+
 def _fresh_fps(before: dict, after: dict) -> float:
     """Fresh frames per second of call time between two call snapshots: frames the pacer played that it
     did not repeat and the engine did not hold (a session behind real time repeats its last frame)."""
@@ -178,7 +210,11 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
             early = {sid: service.peers[sid].snapshot() for sid in connected["connected"]
                      if sid in service.peers}
             loop_lag.reset()
+            cpu = _CpuMeter([h.link.pid for h in getattr(backend, "handles", []) if h.link and h.link.pid],
+                            proc.pid)
+            cpu.start()
             clients = await loop.run_in_executor(None, here.recv)
+            cpu_percent = cpu.stop()
             if isinstance(clients, dict):
                 raise RuntimeError(f"benchmark clients failed: {clients['error']}")
             lag = loop_lag.summary()
@@ -240,6 +276,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
         "latency_ms_p50": round(float(np.median(latencies)), 1) if latencies else None,
         "first_frame_ms": round(float(np.median(first_frames)), 1) if first_frames else None,
         "loop_lag_ms": lag,
+        "cpu_percent": cpu_percent,
         "latency_budget_ms": engine_snap["latency_budget"],
         "per_session": per_session,
         "ended_calls": ended,
