@@ -118,13 +118,15 @@ class _CpuMeter:
         self._t0, self._cpu0 = 0.0, {}
 
     def _cpu(self) -> dict[str, float]:
+        import psutil
+
         out = {}
         for name, proc in self._procs.items():
             try:
                 t = proc.cpu_times()
-                out[name] = t.user + t.system
-            except Exception:  # noqa: BLE001 - a process that ended (a killed worker) drops out
-                pass
+            except psutil.Error:  # a process that ended (a killed worker) drops out
+                continue
+            out[name] = t.user + t.system
         return out
 
     def start(self) -> None:
