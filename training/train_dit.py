@@ -207,7 +207,12 @@ def build_model(cfg: DiTTrainConfig, dit_cfg: DiTConfig, init: Path | None) -> W
         state = base.state_dict()
         if cfg.stage == "audio":  # the audio side starts from its own init, whatever the base file holds
             state = {k: v for k, v in state.items() if not k.startswith(AUDIO_MODULES)}
-        dit.load_state_dict(state, strict=False)
+        unused = dit.load_state_dict(state, strict=False).unexpected_keys
+        if unused:  # e.g. a finished model's folder: its LoRA file wraps q, k, v... as `.base_layer.`, which a
+            # fresh model would silently skip, training those layers from random weights
+            raise ValueError(f"{init}: {len(unused)} weights have no place in a fresh {cfg.stage} model (e.g. "
+                             f"{unused[0]}); for a model with a LoRA file pass a folder with its model.safetensors "
+                             "alone, or fine-tune it (finetune=True)")
     # The base never hears audio: its per-layer audio projections stay at zero, so the audio path is a
     # no-op (a base used on its own is not disturbed by untrained adapters, and the audio stage starts
     # from exactly the base's output); a resumed checkpoint overwrites this

@@ -218,6 +218,25 @@ def test_a_base_model_is_deaf_so_it_runs_alone_in_the_engine(tmp_path):
         torch.testing.assert_close(dit(x, t, None, y=y, audio=audio), dit(x, t, None, y=y))
 
 
+def test_a_stage_refuses_an_init_whose_lora_wrapped_weights_it_would_skip(tmp_path):
+    """A finished model's folder (core + LoRA file) loads with q, k, v... wrapped as `.base_layer.`: a fresh
+    base or audio model has no place for them and would train those layers from random weights."""
+    from models.loading import save_dit
+    from training.train_dit import build_model
+
+    cfg = TINY.replace(lora_rank=4, lora_alpha=4.0)
+    finished = _trained_tiny_dit()
+    inject_lora(finished, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    folder = save_dit(finished, tmp_path / "finished")
+    assert (folder / "lora.safetensors").exists()
+    with pytest.raises(ValueError, match="no place in a fresh base model.*base_layer"):
+        build_model(DiTTrainConfig(stage="base"), cfg, folder)
+    core = tmp_path / "core"
+    core.mkdir()
+    (core / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    build_model(DiTTrainConfig(stage="base"), cfg, core)  # its core alone loads
+
+
 def test_psnr_by_latent_reports_each_latent_of_the_stream():
     from training.train_vae import drift_check, psnr_by_latent, teacher_clip
 
