@@ -57,6 +57,8 @@ class VaeTrainConfig:
     # waypoints): on two-state clips a frame moves ~1/40 of a state, so what a decoder draws between two
     # latents costs it almost nothing, and it draws a latent's change as one step at its first frame
     waypoints: tuple[int, int] = (2, 6)  # frames between the fast clips' random expression states
+    mouth_weight: float = 1.0  # loss weight (l1, mse, motion) inside each frame's mouth box: the mouth is
+    # ~3 % of a frame, and what lip sync, emotion (mouth corners) and a still silent face are measured on
     seed: int = 0
     identities: int = 100_000  # identity seeds drawn from [0, identities); held-out seeds live above it
     log_every: int = 25
@@ -79,8 +81,20 @@ def teacher_clip(rng: np.random.Generator, frames: int, size: tuple[int, int], i
                  first_seed: int = 0, waypoints: tuple[int, int] | None = None) -> np.ndarray:
     """(frames, H, W, 3) uint8: one identity (seed in [first_seed, first_seed + identities)) moving
     smoothly between two random states (see `clip_states` for `waypoints`)."""
+    return teacher_clip_and_mouths(rng, frames, size, identities, first_seed, waypoints)[0]
+
+
+def teacher_clip_and_mouths(rng: np.random.Generator, frames: int, size: tuple[int, int], identities: int,
+                            first_seed: int = 0, waypoints: tuple[int, int] | None = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """`teacher_clip` and its (frames, H, W) bool mouth masks (each frame's mouth box)."""
     idt = Identity.from_seed(first_seed + int(rng.integers(identities)))
-    return np.stack([render(idt, FaceState.from_array(s), size)[0] for s in clip_states(rng, frames, waypoints)])
+    drawn = [render(idt, FaceState.from_array(s), size) for s in clip_states(rng, frames, waypoints)]
+    masks = np.zeros((frames, *size), bool)
+    for mask, (_, info) in zip(masks, drawn):
+        x0, y0, x1, y1 = info.mouth_box
+        mask[y0:y1, x0:x1] = True
+    return np.stack([frame for frame, _ in drawn]), masks
 
 
 def clip_states(rng: np.random.Generator, frames: int, waypoints: tuple[int, int] | None = None) -> np.ndarray:
@@ -103,13 +117,17 @@ def clip_states(rng: np.random.Generator, frames: int, waypoints: tuple[int, int
     return states
 
 
-def _training_clip(rng: np.random.Generator, frames: int, cfg: VaeTrainConfig) -> np.ndarray:
+def _training_clip(rng: np.random.Generator, frames: int, cfg: VaeTrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A teacher clip and its mouth masks, cropped alike, colours maybe swapped: ((T, c, c, 3), (T, c, c))."""
     fast = cfg.fast_motion > 0 and rng.random() < cfg.fast_motion  # no extra draw when off: old runs replay
-    return teacher_clip(rng, frames, cfg.size, cfg.identities, waypoints=cfg.waypoints if fast else None)
+    clip, masks = teacher_clip_and_mouths(rng, frames, cfg.size, cfg.identities,
+                                          waypoints=cfg.waypoints if fast else None)
+    both = random_crop(np.concatenate([clip, masks[..., None].astype(np.uint8)], axis=-1), cfg.crop, rng)
+    return swap_colours(both[..., :3], rng, cfg.colour_swap), both[..., 3].astype(bool)
 
 
 def random_crop(clip: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
-    """The same random crop (multiple-of-8 offsets) of every frame of a (T, H, W, 3) clip."""
+    """The same random crop (multiple-of-8 offsets) of every frame of a (T, H, W, C) clip."""
     h, w = clip.shape[1:3]
     if crop >= min(h, w):
         return clip
@@ -178,10 +196,12 @@ def jitter_sequence(shape: tuple[int, ...], rms: float, corr: float, noise: torc
 
 
 def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch.Generator,
-             warm_frames: int = 0, latent_std: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             warm_frames: int = 0, latent_std: torch.Tensor | None = None,
+             mouths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss on `video[:, :, warm_frames:]`; the first `warm_frames` (0 or 1 + 4k) only fill the caches.
 
-    latent_std: (z,) the encoder's per-channel latent std, the unit of `cfg.latent_jitter`."""
+    latent_std: (z,) the encoder's per-channel latent std, the unit of `cfg.latent_jitter`.
+    mouths: (B, T, H, W) bool, where `cfg.mouth_weight` applies (l1, mse and motion; mean weight 1)."""
     enc = dec = None
     jitter = None
     if cfg.latent_jitter > 0:
@@ -198,19 +218,27 @@ def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch
             z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise)
             _, dec = decode_raw(vae, z if jitter is None else z + jitter[:, :, :z.shape[2]])
         video = video[:, :, warm_frames:]
+    weight = None
+    if mouths is not None and cfg.mouth_weight != 1.0:
+        weight = 1.0 + (cfg.mouth_weight - 1.0) * mouths[:, None, warm_frames:].float()  # (B, 1, T, H, W)
+        weight = weight / weight.mean()
     with torch.set_grad_enabled(not cfg.decoder_only and torch.is_grad_enabled()):
         mu, logvar, _ = encode_stats(vae, video, enc)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise)
     if jitter is not None:
         z = z + jitter[:, :, jitter.shape[2] - z.shape[2]:]
     recon, _ = decode_raw(vae, z, dec)
-    l1 = (recon - video).abs().mean()
-    mse = (recon - video).pow(2).mean()
+    weighted = (lambda e: e.mean()) if weight is None else (lambda e: (e * weight).mean())  # noqa: E731
+    l1 = weighted((recon - video).abs())
+    mse = weighted((recon - video).pow(2))
     dx = lambda v: v[..., :, 1:] - v[..., :, :-1]  # noqa: E731
     dy = lambda v: v[..., 1:, :] - v[..., :-1, :]  # noqa: E731
     edge = (dx(recon) - dx(video)).abs().mean() + (dy(recon) - dy(video)).abs().mean()
     dt = lambda v: v[:, :, 1:] - v[:, :, :-1]  # noqa: E731
-    motion = (dt(recon) - dt(video)).abs().mean() if video.shape[2] > 1 else recon.new_zeros(())
+    motion = recon.new_zeros(())
+    if video.shape[2] > 1:  # a frame difference weighs as its later frame
+        err = (dt(recon) - dt(video)).abs()
+        motion = err.mean() if weight is None else (err * weight[:, :, 1:]).mean()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
     total = l1 + cfg.mse_weight * mse + cfg.edge_weight * edge + cfg.motion_weight * motion + cfg.kl_weight * kl
     return {"loss": total, "l1": l1, "mse": mse, "edge": edge, "motion": motion, "kl": kl}
@@ -317,12 +345,12 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         warm_frames = 1 + vae_cfg.temporal_factor * (warm - 1) if warm else 0
         length = warm_frames + vae_cfg.temporal_factor * cfg.latents if warm else frames  # a continuation
         # is whole 4-frame chunks
-        clips = np.stack([swap_colours(random_crop(_training_clip(rng, length, cfg), cfg.crop, rng), rng, cfg.colour_swap)
-                          for _ in range(cfg.batch)])
+        clips, mouths = zip(*(_training_clip(rng, length, cfg) for _ in range(cfg.batch)))
         lr = stage_lr(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        losses = vae_loss(vae, to_video_tensor(clips), cfg, noise, warm_frames, latent_std)
+        losses = vae_loss(vae, to_video_tensor(np.stack(clips)), cfg, noise, warm_frames, latent_std,
+                          torch.from_numpy(np.stack(mouths)))
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -483,6 +511,8 @@ def main() -> None:
                    help="rms of AR(1) noise on the decoded latents, in latent std units (a DiT's error)")
     p.add_argument("--fast-motion", type=float, default=VaeTrainConfig.fast_motion,
                    help="share of clips whose expression moves at speech speed (waypoints every 2-6 frames)")
+    p.add_argument("--mouth-weight", type=float, default=VaeTrainConfig.mouth_weight,
+                   help="loss weight inside the mouth box (l1, mse, motion), relative to the rest of the frame")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", type=Path, default=None, metavar="VAE",
                    help="print PSNR by latent index of a saved VAE (or training checkpoint) and exit")
@@ -504,7 +534,8 @@ def main() -> None:
     print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents, warmup=a.warmup, batch=a.batch,
                                           lr=a.lr, first_step=a.first_step, mse_weight=a.mse_weight,
                                           motion_weight=a.motion_weight, decoder_only=a.decoder_only,
-                                          latent_jitter=a.latent_jitter, fast_motion=a.fast_motion)))
+                                          latent_jitter=a.latent_jitter, fast_motion=a.fast_motion,
+                                          mouth_weight=a.mouth_weight)))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,34 @@ def test_vae_training_resumes_from_its_checkpoint_and_measures_latent_stats(tmp_
     assert vae.cfg.latents_std != VAE_DEMO.latents_std and all(s > 0 for s in vae.cfg.latents_std)
 
 
+def test_the_vae_loss_weighs_the_mouth_box_as_told():
+    """mouth_weight w: an error inside the mouth box costs w times one outside it (mean weight 1), and the
+    masks follow the mouth as the clip moves; a weight of 1 is the unweighted loss."""
+    from training.train_vae import teacher_clip, teacher_clip_and_mouths
+
+    clip, masks = teacher_clip_and_mouths(np.random.default_rng(0), 5, (64, 64), 100)
+    assert masks.shape == clip.shape[:3] and 0.005 < masks.mean() < 0.2
+    np.testing.assert_array_equal(clip, teacher_clip(np.random.default_rng(0), 5, (64, 64), 100))
+    mouth_rgb = clip[masks].astype(float).mean(0)
+    assert np.abs(mouth_rgb - clip[~masks].astype(float).mean(0)).max() > 10  # the box is on the mouth
+    torch.manual_seed(0)
+    vae = WanVAE(VAE_DEMO).eval()
+    video = to_video_tensor(clip[None])
+    mouths = torch.from_numpy(masks[None])
+
+    def loss(w, where):
+        cfg = VaeTrainConfig(mouth_weight=w, edge_weight=0.0, kl_weight=0.0, motion_weight=0.0)
+        with torch.no_grad():  # the same recon every time (seeded); +4 moves every target pixel away from it
+            out = vae_loss(vae, video + 4.0 * where, cfg, torch.Generator().manual_seed(0), mouths=mouths)
+        return float(out["l1"])
+
+    inside = torch.from_numpy(masks).float()[None, None]
+    base = loss(1.0, torch.zeros_like(inside))
+    gain_1 = loss(1.0, inside) - base
+    gain_8 = loss(8.0, inside) - loss(8.0, torch.zeros_like(inside))
+    assert gain_8 > 3 * gain_1 > 0  # a mouth error weighs ~8 / mean weight as much
+
+
 def test_vae_stream_continuation_equals_one_pass():
     """The warm-up split (no-grad prefix, then a continuation from its caches) is the same computation."""
     from training.train_vae import decode_raw, encode_stats, teacher_clip
