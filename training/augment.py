@@ -9,16 +9,13 @@ share of its windows (`DiTTrainConfig.audio_augment`). The DSP is librosa's and 
 
 from __future__ import annotations
 
-import os
-import uuid
-from pathlib import Path
-
 import librosa
 import numpy as np
 from scipy.signal import butter, fftconvolve, sosfilt
 
 from audio.features.base import AudioFeatures
 from audio.pcm import MODEL_SAMPLE_RATE
+from training.latents import KeyedFiles
 
 AUGMENTATIONS = ("pitch", "noise", "reverb", "telephone", "level")
 
@@ -90,23 +87,13 @@ def augmented_features(features: AudioFeatures, audio: np.ndarray, num_video: in
     return np.stack(out).astype(np.float32)
 
 
-class AugmentedFeatures:
+class AugmentedFeatures(KeyedFiles):
     """Augmented feature variants per latent-store key, one .npy each, written atomically."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, key: str) -> Path:
-        return self.root / f"{key}.npy"
-
-    def __contains__(self, key: str) -> bool:
-        return self.path(key).exists()
+    suffix = ".npy"
 
     def write(self, key: str, feats: np.ndarray) -> None:
-        tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp.npy"
-        np.save(tmp, feats)
-        os.replace(tmp, self.path(key))
+        self._write_atomic(key, lambda tmp: np.save(tmp, feats))
 
     def read(self, key: str) -> np.ndarray:
         return np.load(self.path(key))

@@ -13,6 +13,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -94,29 +95,40 @@ def encode_clip(vae: WanVAE, features: AudioFeatures, clip: Clip, split: str = "
                       mouth=mouth_latent_mask(clip, tuple(latents.shape[2:])))
 
 
-class LatentStore:
-    """One .npz per clip, written atomically; small enough to hold in memory for training."""
+class KeyedFiles:
+    """A directory of one `<key><suffix>` file per key, each written atomically (a temporary file, then
+    a rename: a reader or a resumed build never sees half of one)."""
+
+    suffix = ".npz"
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path:
-        return self.root / f"{key}.npz"
+        return self.root / f"{key}{self.suffix}"
 
     def __contains__(self, key: str) -> bool:
         return self.path(key).exists()
 
     def keys(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.npz"))
+        return sorted(p.name[:-len(self.suffix)] for p in self.root.glob(f"*{self.suffix}"))
+
+    def _write_atomic(self, key: str, save: Callable[[Path], None]) -> None:
+        tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp{self.suffix}"
+        save(tmp)
+        os.replace(tmp, self.path(key))
+
+
+class LatentStore(KeyedFiles):
+    """One .npz per clip, written atomically; small enough to hold in memory for training."""
 
     def write(self, key: str, lc: LatentClip) -> None:
-        tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp.npz"
         extra = {} if lc.mouth is None else {"mouth": lc.mouth}
-        np.savez(tmp, latents=lc.latents, emotion=lc.emotion, features=lc.features, masks=lc.masks, **extra,
-                 meta=np.frombuffer(json.dumps({"motion": lc.motion, "emotions": lc.emotions,
-                                                "split": lc.split}).encode(), np.uint8))
-        os.replace(tmp, self.path(key))
+        meta = np.frombuffer(json.dumps({"motion": lc.motion, "emotions": lc.emotions, "split": lc.split}).encode(),
+                             np.uint8)
+        self._write_atomic(key, lambda tmp: np.savez(tmp, latents=lc.latents, emotion=lc.emotion,
+                                                     features=lc.features, masks=lc.masks, **extra, meta=meta))
 
     def read(self, key: str) -> LatentClip:
         with np.load(self.path(key)) as z:
