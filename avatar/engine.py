@@ -5,9 +5,9 @@ whose next frame is due first (earliest deadline), and with `max_batch` > 1 the 
 whose next blocks can share its DiT call (causal mode: one batched call per denoising pass, each session
 on its own KV cache); it generates their blocks and hands them, in order, to the decode thread through a
 bounded queue (`decode_ahead` batches; when it is full the worker waits: nothing is dropped), so the DiT
-works on batch n+1 while the VAE decodes batch n, latent by latent, going round its sessions. A failure
-inside a session closes that session with an error item while the others continue; a batched call that
-fails is re-run one session at a time, so only the session at fault gets the error.
+works on batch n+1 while the VAE decodes batch n, latent by latent, going round its sessions. A failure inside a session closes that session with
+an error item while the others continue; a batched call that fails is re-run one session at a time, so
+only the session at fault gets the error.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ class EngineOptions:
     # time). 1 by default: on 2 CPU cores the demo DiT is compute-bound and 4 sessions batched ran only ~8%
     # faster than one at a time (`python -m benchmarks.bench_engine --batched`); on an H200 3.1x faster.
     # Other modes always generate one session at a time
-    decode_ahead: int = 1  # generated batches (a block per session) waiting for the decode thread (the
-    # worker waits beyond); 0: no decode thread, each batch is generated and decoded in turn on the worker
+    decode_ahead: int = 1  # generated batches (a block per session) waiting for the decode thread (the worker waits beyond);
+    # 0: no decode thread, each block is generated and decoded in turn on the worker
     decode_threads: int | None = None  # ONNX Runtime intra-op threads of the decoder. None: 1 beside the
     # decode thread (one ONNX thread that sleeps when idle, next to the DiT: demo model, 2 cores, one run:
     # real-time factor 2.07, vs 1.39 decoding in turn with 2 threads each); in turn, `threads`
@@ -527,9 +527,6 @@ class AvatarEngine:
         while steps:
             for entry in list(steps):
                 session, step = entry
-                if session.closed:  # hung up mid-batch: the rest of its block is not decoded
-                    steps.remove(entry)
-                    continue
                 try:
                     next(step)
                 except StopIteration:
