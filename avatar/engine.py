@@ -4,8 +4,8 @@ Generation never runs on the event loop. The worker picks, among sessions with w
 whose next frame is due first (earliest deadline), and with `max_batch` > 1 the other ready sessions
 whose next blocks can share its DiT call (causal mode: one batched call per denoising pass, each session
 on its own KV cache); it generates their blocks and hands them, in order, to the decode thread through a
-bounded queue (`decode_ahead` batches; when it is full the worker waits: nothing is dropped), so the DiT
-works on batch n+1 while the VAE decodes batch n, latent by latent, going round its sessions. A failure inside a session closes that session with
+bounded queue (`decode_ahead` blocks; when it is full the worker waits: nothing is dropped), so the DiT
+works on block n+1 while the VAE decodes block n. A failure inside a session closes that session with
 an error item while the others continue; a batched call that fails is re-run one session at a time, so
 only the session at fault gets the error.
 """
@@ -129,7 +129,7 @@ class EngineOptions:
     # time). 1 by default: on 2 CPU cores the demo DiT is compute-bound and 4 sessions batched ran only ~8%
     # faster than one at a time (`python -m benchmarks.bench_engine --batched`); on an H200 3.1x faster.
     # Other modes always generate one session at a time
-    decode_ahead: int = 1  # generated batches (a block per session) waiting for the decode thread (the worker waits beyond);
+    decode_ahead: int = 1  # generated blocks waiting for the decode thread (the worker waits beyond);
     # 0: no decode thread, each block is generated and decoded in turn on the worker
     decode_threads: int | None = None  # ONNX Runtime intra-op threads of the decoder. None: 1 beside the
     # decode thread (one ONNX thread that sleeps when idle, next to the DiT: demo model, 2 cores, one run:
@@ -226,7 +226,7 @@ class AvatarEngine:
         self._thread: threading.Thread | None = None
         self._decode_thread: threading.Thread | None = None
         self.stopped_because: str | None = None  # set when a thread of the engine died
-        self._decode_jobs: queue.Queue[list[GeneratedUnit]] = queue.Queue(maxsize=max(1, options.decode_ahead))
+        self._decode_jobs: queue.Queue[GeneratedUnit] = queue.Queue(maxsize=max(1, options.decode_ahead))
         self._ids = itertools.count(1)
         self.failures = 0
         self._served: dict[str, float] = {}  # session id -> when the worker last took its block (its own)
@@ -439,17 +439,16 @@ class AvatarEngine:
                 served = time.monotonic()
                 self._served.update((s.id, served) for s in batch)
                 units = self._generate(batch)
-            if not units:
-                continue
-            if self._decode_thread is None:
-                self._finish(units)
-                continue
-            while not self._stop.is_set():  # a full queue: wait for the decoder (never drop latents)
-                try:
-                    self._decode_jobs.put(units, timeout=0.1)  # at most one unit per session, in order
-                    break
-                except queue.Full:
-                    pass
+            for unit in units:  # at most one unit per session, in order
+                if self._decode_thread is None:
+                    self._finish(unit)
+                    continue
+                while not self._stop.is_set():  # a full queue: wait for the decoder (never drop latents)
+                    try:
+                        self._decode_jobs.put(unit, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
 
     def _batch(self, ready: list[AvatarSession]) -> list[AvatarSession]:
         """The most urgent session, then the others ready now whose next block can share its DiT call, most
@@ -519,31 +518,23 @@ class AvatarEngine:
         with self._lock:  # snapshot() copies it from another thread
             self.batch_sizes[size] += 1
 
-    def _finish(self, units: list[GeneratedUnit]) -> None:
-        """Decode and emit one batch's units (one per session) latent by latent, going round the sessions:
-        each call's next frames are out after one latent decode per session, not after every block of
-        the batch before its own."""
-        steps = [(u.session, u.session.finish_steps(u)) for u in units if not u.session.closed]
-        while steps:
-            for entry in list(steps):
-                session, step = entry
-                try:
-                    next(step)
-                except StopIteration:
-                    steps.remove(entry)
-                except Exception as exc:
-                    steps.remove(entry)
-                    self._failed(session, exc)
+    def _finish(self, unit: GeneratedUnit) -> None:
+        try:
+            unit.session.finish(unit)
+        except Exception as exc:
+            self._failed(unit.session, exc)
 
     def _run_decode(self) -> None:
         """Decode and emit generated blocks in the order they were generated."""
         while not (self._stop.is_set() and self._decode_jobs.empty()):
             try:
-                units = self._decode_jobs.get(timeout=0.1)
+                unit = self._decode_jobs.get(timeout=0.1)
             except queue.Empty:
                 continue
+            if unit.session.closed:
+                continue
             try:
-                self._finish(units)
+                self._finish(unit)
             finally:
                 self._wake.set()  # a session held back by pending frames may be ready again
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -341,16 +341,10 @@ class AvatarSession:
         return GeneratedUnit(self, latents, taken.first_video, taken.epoch, taken.features_ms, denoise_ms,
                              taken.started, taken.wait_ms)
 
+    @torch.no_grad()
     def finish(self, unit: GeneratedUnit) -> None:
         """Steps 5-6 of a unit from `generate`, units in order: decode, pair frames with audio, emit."""
-        for _ in self.finish_steps(unit):
-            pass
-
-    @torch.no_grad()
-    def finish_steps(self, unit: GeneratedUnit) -> Iterator[None]:
-        """`finish`, one latent at a time: each step decodes one latent and emits its frames, so an engine
-        finishing a batch can go round its sessions latent by latent (every call's next frames are out
-        after one decode each, not after the whole batch's blocks)."""
+        t_dec0 = time.perf_counter()
         if unit.held_frames:  # 5'. a held unit repeats the last frame; its latents never reach the decoder,
             # whose caches stay at that frame. Not a block: the stage figures stay those of generated ones
             video = np.repeat(self._last_frame[None], unit.held_frames, axis=0)
@@ -358,25 +352,17 @@ class AvatarSession:
                        features_ms=unit.features_ms, denoise_ms=unit.denoise_ms)
             self.stats.held_frames += unit.held_frames
             return
-        # the block's stage figures as its frames start to go out (a reader that saw them has its figures);
-        # decode and block time once its last latent is out
-        for name, ms in (("wait", unit.wait_ms), ("features", unit.features_ms), ("denoise", unit.denoise_ms)):
+        # 5. decode to frames (the decoder's causal caches follow the units in order)
+        video = self.decoder.decode(unit.latents)
+        t_dec = time.perf_counter()
+        decode_ms = (t_dec - t_dec0) * 1e3
+        # 6. pair every frame with its audio and hand it out
+        self._emit(video, unit.first_video, unit.epoch, wait_ms=unit.wait_ms, features_ms=unit.features_ms,
+                   denoise_ms=unit.denoise_ms, decode_ms=decode_ms)
+        for name, ms in (("wait", unit.wait_ms), ("features", unit.features_ms), ("denoise", unit.denoise_ms),
+                         ("decode", decode_ms), ("block", (t_dec - unit.started) * 1e3)):
             self.stats.stage_ms[name].append(ms)
         self.stats.blocks += 1
-        v0, decode_ms = unit.first_video, 0.0
-        for i in range(unit.latents.shape[2]):
-            # 5. decode one latent to frames (the decoder's causal caches follow the latents in order)
-            t0 = time.perf_counter()
-            video = self.decoder.decode(unit.latents[:, :, i:i + 1])
-            decode_ms += (time.perf_counter() - t0) * 1e3
-            # 6. pair every frame with its audio and hand it out
-            self._emit(video, v0, unit.epoch, wait_ms=unit.wait_ms, features_ms=unit.features_ms,
-                       denoise_ms=unit.denoise_ms, decode_ms=decode_ms)
-            v0 += len(video)
-            if i + 1 < unit.latents.shape[2]:
-                yield
-        self.stats.stage_ms["decode"].append(decode_ms)
-        self.stats.stage_ms["block"].append((time.perf_counter() - unit.started) * 1e3)
 
     def _audio_tensors(self, feats: list[np.ndarray], start_latent: int):
         dev = self.generator.dit.device

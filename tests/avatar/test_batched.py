@@ -254,38 +254,3 @@ def test_max_batch_is_validated(bundle):
 
     with pytest.raises(ValueError, match="max_batch must be at least 1"):
         AvatarEngine(bundle, EngineOptions(max_batch=0))
-
-
-def test_the_decode_thread_goes_round_a_batch_latent_by_latent(bundle):
-    """A batch's blocks are decoded one latent per session in turn: every call's next frames are out after
-    one decode each, instead of the last session of 8 waiting for 7 whole blocks. A session failing midway
-    fails alone; the others finish their blocks."""
-    from avatar.engine import AvatarEngine, EngineOptions
-
-    order, failed = [], {}
-
-    class Session:
-        closed = False
-
-        def __init__(self, name: str, latents: int, bad_at: int | None = None) -> None:
-            self.id, self.latents, self.bad_at = name, latents, bad_at
-
-        def finish_steps(self, unit):
-            for i in range(self.latents):
-                if i == self.bad_at:
-                    raise RuntimeError(f"{self.id} broke at latent {i}")
-                order.append((self.id, i))
-                if i + 1 < self.latents:
-                    yield
-
-        def fail(self, message: str) -> None:
-            failed[self.id] = message
-
-    class Unit:
-        def __init__(self, session) -> None:
-            self.session = session
-
-    eng = AvatarEngine(bundle, EngineOptions(warmup=False))  # not started: the decode step alone
-    eng._finish([Unit(Session("a", 3)), Unit(Session("b", 3, bad_at=1)), Unit(Session("c", 2))])
-    assert order == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2)]
-    assert list(failed) == ["b"] and "broke at latent 1" in failed["b"] and eng.failures == 1
