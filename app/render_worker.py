@@ -423,7 +423,11 @@ class Renderer:
         decoder = FrameDecoder(m.decoder_backend or m.vae, *cond.latent_hw)
         pts = 0
         for j in range(num_latents):
-            for image in decoder.decode(latents[:, :, j:j + 1]):  # 1 frame for latent 0, then 4
+            if j == 0 and num_latents > 1:  # frame 0: the decoder opened at latent 1, as a session's
+                images = decoder.open_at(latents[:, :, 1:2])
+            else:
+                images = decoder.decode(latents[:, :, j:j + 1])  # 1 frame for latent 0, then 4
+            for image in images:
                 if pts < total:
                     a, b = frame_sample_bounds(pts, s.sample_rate, s.fps)
                     chunk = np.zeros(b - a, np.float32)

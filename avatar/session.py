@@ -112,6 +112,8 @@ class AvatarSession:
         self.next_video = 0  # next video frame to emit (its pts); generation may be one block ahead
         self._last_latent: torch.Tensor | None = None  # the worker's: what `hold` repeats
         self._last_frame: np.ndarray | None = None  # the decoding thread's: what a held unit shows
+        self._opening: GeneratedUnit | None = None  # the decoding thread's: the reference alone, waiting
+        # for the first generated latent to open the decoder at (`_decode`)
         if options.realtime:
             self._call_in_loop(self._top_up)
 
@@ -345,6 +347,14 @@ class AvatarSession:
     def finish(self, unit: GeneratedUnit) -> None:
         """Steps 5-6 of a unit from `generate`, units in order: decode, pair frames with audio, emit."""
         t_dec0 = time.perf_counter()
+        if self.decoder.latents_decoded == 0 and unit.first_video == 0 and unit.latents.shape[2] == 1 \
+                and not unit.held_frames:
+            self._opening = unit  # the reference alone (causal): frame 0 waits for the first generated latent
+            return
+        if self._opening is not None and unit.held_frames:  # nothing generated yet: frame 0 from cold
+            opening, self._opening = self._opening, None
+            self._emit(self.decoder.decode(opening.latents), 0, opening.epoch, wait_ms=opening.wait_ms,
+                       features_ms=opening.features_ms, denoise_ms=opening.denoise_ms)
         if unit.held_frames:  # 5'. a held unit repeats the last frame; its latents never reach the decoder,
             # whose caches stay at that frame. Not a block: the stage figures stay those of generated ones
             video = np.repeat(self._last_frame[None], unit.held_frames, axis=0)
@@ -353,16 +363,35 @@ class AvatarSession:
             self.stats.held_frames += unit.held_frames
             return
         # 5. decode to frames (the decoder's causal caches follow the units in order)
-        video = self.decoder.decode(unit.latents)
+        video, opening = self._decode(unit)
         t_dec = time.perf_counter()
         decode_ms = (t_dec - t_dec0) * 1e3
         # 6. pair every frame with its audio and hand it out
-        self._emit(video, unit.first_video, unit.epoch, wait_ms=unit.wait_ms, features_ms=unit.features_ms,
-                   denoise_ms=unit.denoise_ms, decode_ms=decode_ms)
+        timing = dict(wait_ms=unit.wait_ms, features_ms=unit.features_ms, denoise_ms=unit.denoise_ms,
+                      decode_ms=decode_ms)
+        if opening is not None:  # frame 0 keeps its own unit's epoch: an interrupt since then drops it
+            self._emit(video[:1], 0, opening.epoch, **timing)
+            video = video[1:]
+        self._emit(video, unit.first_video, unit.epoch, **timing)
         for name, ms in (("wait", unit.wait_ms), ("features", unit.features_ms), ("denoise", unit.denoise_ms),
                          ("decode", decode_ms), ("block", (t_dec - unit.started) * 1e3)):
             self.stats.stage_ms[name].append(ms)
         self.stats.blocks += 1
+
+    def _decode(self, unit: GeneratedUnit) -> tuple[np.ndarray, GeneratedUnit | None]:
+        """Step 5: `unit`'s frames, and the reference-only unit whose frame 0 leads them, if any. The first
+        generated latent opens the decoder (`FrameDecoder.open_at`) and gives frame 0 in place of the
+        reference latent's: the reference still conditions generation (the KV cache's sink), only the
+        pixels of frame 0 change, and it is emitted with the first block instead of before it."""
+        latents, opening = unit.latents, None
+        if self._opening is not None:  # causal: the reference came alone; this block starts at latent 1
+            opening, self._opening = self._opening, None
+        elif self.decoder.latents_decoded == 0 and unit.first_video == 0 and latents.shape[2] > 1:
+            latents = latents[:, :, 1:]  # chunked generators: the first chunk starts with the reference
+        else:
+            return self.decoder.decode(latents), None
+        frame0 = self.decoder.open_at(latents[:, :, :1])
+        return np.concatenate([frame0, self.decoder.decode(latents)]), opening
 
     def _audio_tensors(self, feats: list[np.ndarray], start_latent: int):
         dev = self.generator.dit.device

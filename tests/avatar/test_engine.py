@@ -122,12 +122,15 @@ async def test_engine_stream_equals_direct_generation(engine, bundle):
     state = gen.init_state(_cond(1), seed=7)
     dec = FrameDecoder(bundle.vae, H // 8, W // 8)
     a0 = torch.from_numpy(group_by_latent(feats[:1], 0))[None]
-    video = [dec.decode(gen.prefill_reference(state, a0))]
-    v = 1
+    gen.prefill_reference(state, a0)
+    video, v = [], 1
     while sum(len(x) for x in video) < len(frames):
         s0 = state.next_frame
         blk = torch.from_numpy(np.ascontiguousarray(group_by_latent(feats[v:v + 8], s0)))[None]
-        video.append(dec.decode(gen.generate_block(state, blk)))
+        latents = gen.generate_block(state, blk)
+        if not video:  # frame 0: the decoder opened at the first generated latent, not the reference's
+            video.append(dec.open_at(latents[:, :, :1]))
+        video.append(dec.decode(latents))
         v += 8
     video = np.concatenate(video)[:len(frames) - 1]  # the last frame's lookahead is padded silence
     for f, img in zip(frames, video):
