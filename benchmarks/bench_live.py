@@ -17,6 +17,8 @@ from STEADY_AFTER_S on, once the pipeline has filled: below 25 the engine is not
 event-loop stalls (`loop_lag_ms`, p99: how late a 10 ms timer woke) are sampled over the steady part, and
 so is `cpu_percent`: what the gateway, each worker process and the clients' process used (100 = one core),
 next to what the machine has (`cpu_count` x 100), so a run says whether the cores ran out.
+`--client-nice` lowers the clients' priority: on a machine this small they compete with the service for
+the same cores, which remote browsers would not.
 Prints JSON.
 
     python -m benchmarks.bench_live --sessions 4 --seconds 10                 # one worker process
@@ -102,7 +104,9 @@ async def _clients(url: str, sessions: int, seconds: float, codec: str, conn) ->
             await client.close()
 
 
-def _client_process(url: str, sessions: int, seconds: float, codec: str, conn) -> None:
+def _client_process(url: str, sessions: int, seconds: float, codec: str, conn, nice: int = 0) -> None:
+    if nice:  # the load generator yields the cores to the service under test, as remote browsers use none
+        os.nice(nice)
     asyncio.run(_clients(url, sessions, seconds, codec, conn))
 
 
@@ -171,7 +175,7 @@ def _backend(settings, workers: int, model: str, decoder: str, max_batch: int | 
 
 
 async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads: int, workers: int = 1,
-               model: str = "tiny", max_batch: int | None = None, nice: int = 0) -> dict:
+               model: str = "tiny", max_batch: int | None = None, nice: int = 0, client_nice: int = 0) -> dict:
     import multiprocessing
 
     from aiohttp import web
@@ -198,7 +202,8 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
     service, loop_lag = app[SERVICE], app[LOOP_LAG]
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_client_process, args=(f"http://127.0.0.1:{port}", sessions, seconds, codec, there))
+    proc = ctx.Process(target=_client_process, args=(f"http://127.0.0.1:{port}", sessions, seconds, codec, there,
+                                                            client_nice))
     loop = asyncio.get_running_loop()
     try:
         with loopback_candidates_only():
@@ -261,7 +266,7 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
         "benchmark": "live", "sessions": sessions, "seconds": seconds, "model": engine_snap["model"],
         "workers": workers, "engine": "in the server's process" if workers == 0 else f"{workers} worker processes",
         "max_batch": max_batch or "engine default",
-        "worker_nice": nice if workers else None,
+        "worker_nice": nice if workers else None, "client_nice": client_nice,
         "decoder": engine_snap["decoder"], "codec": codec, "cpu_count": os.cpu_count(),
         "engine_threads": settings.compute_threads() if workers == 0 else settings.threads_per_worker(),
         "clients": "separate process, over HTTP /offer",
@@ -286,9 +291,11 @@ async def _run(sessions: int, seconds: float, decoder: str, codec: str, threads:
 
 
 def run(sessions: int = 4, seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8", threads: int = 0,
-        workers: int = 1, model: str = "tiny", max_batch: int | None = None, nice: int = 0) -> dict:
+        workers: int = 1, model: str = "tiny", max_batch: int | None = None, nice: int = 0,
+        client_nice: int = 0) -> dict:
     """N concurrent loopback calls for `seconds` each; returns the report (see the module docstring)."""
-    return asyncio.run(_run(sessions, seconds, decoder, codec, threads, workers, model, max_batch, nice))
+    return asyncio.run(_run(sessions, seconds, decoder, codec, threads, workers, model, max_batch, nice,
+                            client_nice))
 
 
 def compare(seconds: float = 8.0, decoder: str = "auto", codec: str = "vp8", threads: int = 0,
@@ -319,14 +326,18 @@ def main() -> None:
                         "the engine's)")
     parser.add_argument("--worker-nice", default="0", help="worker processes' nice increment, or a comma-"
                         "separated list: each count runs once per value, interleaved (0: the gateway's priority)")
+    parser.add_argument("--client-nice", default="0", help="the clients' process's nice increment, or a comma-"
+                        "separated list as for --worker-nice (e.g. 10: the stand-ins for remote browsers take "
+                        "only the CPU the service leaves)")
     args = parser.parse_args()
     if args.compare:
         print(json.dumps(compare(args.seconds, args.decoder, args.codec, args.threads, args.model), indent=2))
         return
     counts = [int(n) for n in args.sessions.split(",")]
     nices = [int(v) for v in args.worker_nice.split(",")]
+    client_nices = [int(v) for v in args.client_nice.split(",")]
     reports = [run(n, args.seconds, args.decoder, args.codec, args.threads, args.workers, args.model, args.max_batch,
-                   nice) for n in counts for nice in nices]
+                   nice, client_nice) for n in counts for nice in nices for client_nice in client_nices]
     print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
 
 
