@@ -148,7 +148,9 @@ class EngineOptions:
 
     def unit_geometry(self) -> tuple[int, int, int]:
         """(latents the first unit ends at, new latents per later unit, lookahead latents) of `mode`."""
-        return {"causal": (1, self.causal.block_frames, 0),  # unit 0 is the reference latent alone
+        c = self.causal  # unit 0 is the reference latent alone, then a first block that may be shorter
+        first = 1 if min(c.first_block_frames, c.block_frames) == c.block_frames else 1 + c.first_block_frames
+        return {"causal": (first, c.block_frames, 0),
                 "overlap": (self.overlap.chunk_frames, self.overlap.chunk_frames - self.overlap.overlap_frames, 0),
                 "fusion": (1 + self.fusion.block_frames, self.fusion.block_frames, self.fusion.lookahead_frames),
                 }[self.mode]

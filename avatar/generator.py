@@ -46,6 +46,8 @@ class Guidance:
 @dataclass(frozen=True)
 class CausalOptions:
     block_frames: int = 3  # latent frames per block (12 video frames = 480 ms at 25 fps)
+    first_block_frames: int = 1  # latent frames of the first block after the reference: the stream's first
+    # frame is drawn from it (FrameDecoder.open_at), so a live call's picture waits for this much audio
     sink_frames: int = 1  # the reference latent stays visible forever
     window_frames: int = 6  # recent latent frames kept in the cache
     steps: tuple[int, ...] = (1000, 750, 500, 250)  # timesteps, warped through the shifted schedule
@@ -60,6 +62,8 @@ class CausalOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise_correlation <= 1.0:
             raise ValueError(f"noise_correlation must be in [0, 1], got {self.noise_correlation}")
+        if not 1 <= self.first_block_frames:
+            raise ValueError(f"first_block_frames must be at least 1, got {self.first_block_frames}")
         if not 0.0 <= self.context_sigma < 1.0:
             raise ValueError(f"context_sigma is a noise level in [0, 1) (σ, not a timestep), got {self.context_sigma}")
 
@@ -264,9 +268,12 @@ class CausalGenerator:
     history_latents = 0  # audio of already generated latents that a later unit needs
 
     def next_unit(self, state: CausalState) -> Unit:
-        """The reference first (latent 0), then blocks of `block_frames`."""
+        """The reference first (latent 0), then a first block of `first_block_frames` (at most
+        `block_frames`), then blocks of `block_frames`."""
         if state.next_frame == 0:
             return Unit(0, 1)
+        if state.next_frame == 1:
+            return Unit(1, min(self.options.first_block_frames, self.options.block_frames))
         return Unit(state.next_frame, self.options.block_frames)
 
     def generate_unit(self, state: CausalState, audio: torch.Tensor | None,
@@ -304,8 +311,8 @@ class CausalGenerator:
             return None
         c = state.cond
         shape = lambda v: None if v is None else tuple(v.shape)  # noqa: E731
-        return (shape(c.reference), shape(c.emotion), shape(c.face_mask), c.motion is None,
-                c.context is None, c.negative_context is None)
+        return (self.next_unit(state).count, shape(c.reference), shape(c.emotion), shape(c.face_mask),
+                c.motion is None, c.context is None, c.negative_context is None)
 
     @torch.no_grad()
     def generate_blocks(self, states: Sequence[CausalState], audios: Sequence[torch.Tensor | None],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -50,8 +52,6 @@ def test_sessions_at_different_blocks_batched_equal_each_alone(dit, context_sigm
     """Three sessions with different avatars join at blocks 0, 2 and 5 of the first one; from then on every
     round is one batched call, so rows sit at different frames, ring offsets and sink positions, and the
     youngest sessions' windows are not yet full (padded keys) while the oldest's has wrapped."""
-    from dataclasses import replace
-
     gen = CausalGenerator(dit, replace(OPTS, context_sigma=context_sigma))
     joins, rounds = [0, 2, 5], 9
     conds = [_avatar(10 + i) for i in range(3)]
@@ -254,3 +254,25 @@ def test_max_batch_is_validated(bundle):
 
     with pytest.raises(ValueError, match="max_batch must be at least 1"):
         AvatarEngine(bundle, EngineOptions(max_batch=0))
+
+
+def test_the_first_block_is_one_latent_and_batches_only_with_first_blocks(dit):
+    """The stream's first picture waits for the first block (`FrameDecoder.open_at`), so that block is one
+    latent whatever `block_frames` is; a session in it cannot share a batched call with one further on."""
+    from avatar.generator import Unit
+
+    gen = CausalGenerator(dit, OPTS)
+    young, old = gen.init_state(_avatar(1), seed=1), gen.init_state(_avatar(1), seed=2)
+    assert gen.batch_key(young) is None  # the reference prefill runs alone
+    units = []
+    for st in (young, old):
+        gen.prefill_reference(st, _audio(0, 0, 1))
+    for _ in range(3):
+        unit = gen.next_unit(old)
+        units.append(unit)
+        gen.generate_block(old, _audio(0, 1, unit.count))
+    assert units == [Unit(1, 1), Unit(2, 2), Unit(4, 2)]
+    assert gen.next_unit(young) == Unit(1, 1) and gen.batch_key(young) != gen.batch_key(old)
+    assert CausalGenerator(dit, replace(OPTS, first_block_frames=5)).next_unit(young) == Unit(1, 2)  # at most a block
+    with pytest.raises(ValueError, match="first_block_frames"):
+        CausalOptions(first_block_frames=0)

@@ -3,8 +3,8 @@
 1. The demo model, loaded and wired as the service does (`scene_backend`: the built-in two-face avatar
    generated at twice the model's width), in a live session with two tracks: speech on speaker 0 and
    silence on speaker 1, then swapped. The speaking face's mouth moves and the silent one's stays still:
-   the mouth-opening variance (the demo model card's FAA probe) of the silent face is at most 10 % of
-   the speaking face's, both ways round.
+   the mouth-opening variance (the demo model card's FAA probe) of the silent face, and the change in its
+   mouth region from frame to frame, are at most 10 % of the speaking face's, both ways round.
 2. A broadcast of two audio files of different lengths into an HLS file target (random TINY weights):
    both voices reach the one session, the shorter one goes silent, the stream has picture and sound.
 3. What cannot work is refused with a clear error: more voices than faces, an audio file with one
@@ -82,6 +82,12 @@ def _in_crop(mouth, face, box) -> tuple[int, int, int, int]:
             int(round(box.x0 + (mouth[2] - face[0]) * sx)), int(round(box.y0 + (mouth[3] - face[1]) * sy)))
 
 
+def mouth_motion(frames: np.ndarray, box) -> float:
+    """Mean absolute frame-to-frame change in a mouth region, in grey levels."""
+    x0, y0, x1, y1 = box
+    return float(np.abs(np.diff(frames[:, y0:y1, x0:x1].astype(np.float32), axis=0)).mean())
+
+
 def mouth_variance(frames: np.ndarray, box) -> float:
     from training.probes import mouth_opening
 
@@ -113,10 +119,14 @@ async def test_each_voice_moves_only_its_own_face(demo_pair):
            for face in (0, 1) for part, clip in (("first", first), ("second", second))}
     left_silent = var[0, "second"] / var[1, "second"]  # face 0 silent while face 1 speaks
     right_silent = var[1, "first"] / var[0, "first"]
+    motion = {(face, part): mouth_motion(clip, mouths[face])
+              for face in (0, 1) for part, clip in (("first", first), ("second", second))}
     print(f"mouth-opening variance {var}; silent / speaking: left face {left_silent:.4f}, "
-          f"right face {right_silent:.4f}")
+          f"right face {right_silent:.4f}; mouth-region motion {motion}")
     assert var[0, "first"] > 1e-3 and var[1, "second"] > 1e-3, var  # the speaking mouth really moves
     assert left_silent <= 0.10 and right_silent <= 0.10, var
+    # and the silent mouth's region changes under a tenth as much as the speaker's, as `render` is measured
+    assert motion[0, "second"] <= 0.1 * motion[1, "second"] and motion[1, "first"] <= 0.1 * motion[0, "first"], motion
 
 
 # ---- 2. a broadcast of two files into an HLS file target --------------------------------------------------
