@@ -331,9 +331,12 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
 
 
 def unit_starts(options, frames: int) -> list[int]:
-    """Video frames at which a new generation unit starts, for EngineOptions `options`."""
+    """Video frames at which a unit after the first starts, for EngineOptions `options`."""
     second, unit, _ = options.unit_geometry()
-    return list(range(4 * second - 3, frames, 4 * unit))
+    starts = list(range(4 * second - 3, frames, 4 * unit))
+    if options.mode == "causal" and second > 1:  # a first block shorter than the rest starts at frame 1
+        starts.insert(0, 1)
+    return starts
 
 
 def _drift(engine, wav: np.ndarray, cfg: EvalConfig, size) -> tuple[float, float]:

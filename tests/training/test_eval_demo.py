@@ -53,7 +53,9 @@ def test_unit_starts_follow_each_generation_mode():
     from avatar.engine import EngineOptions
     from avatar.generator import CausalOptions
 
-    assert unit_starts(EngineOptions(causal=CausalOptions(block_frames=3)), 40) == [1, 13, 25, 37]
+    assert unit_starts(EngineOptions(causal=CausalOptions(block_frames=3, first_block_frames=3)), 40) == [1, 13, 25, 37]
+    assert unit_starts(EngineOptions(causal=CausalOptions(block_frames=3)), 40) == [1, 5, 17, 29]  # a 1-latent first block
+    assert unit_starts(EngineOptions(causal=CausalOptions(block_frames=1)), 14) == [1, 5, 9, 13]
     assert unit_starts(EngineOptions(mode="overlap", overlap=OverlapOptions(chunk_frames=4, overlap_frames=1)),
                        40) == [13, 25, 37]
     assert unit_starts(EngineOptions(mode="fusion", fusion=LiveFusionOptions(block_frames=2)), 30) == [9, 17, 25]
