@@ -54,8 +54,10 @@ class FrameDecoder:
         latent 0) is the portrait's encoding, which the model's own drawing departs from."""
         if self.latents_decoded:
             raise RuntimeError("a decode stream opens once, before its first latent")
-        held = latent[:, :, :1].expand(-1, -1, OPENING_LATENTS, -1, -1).contiguous()
-        return self.decode(held)[-1:]
+        for _ in range(OPENING_LATENTS):  # only the last frame is shown: the others are not converted
+            video, self.state = self.backend.decode_step(self.state, latent[:, :, :1])
+            self.latents_decoded += 1
+        return to_uint8(video[:, :, -1:])
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """latents (1, 16, n, h, w) -> frames (1 or 4 per latent, H, W, 3) uint8, in order."""

@@ -147,10 +147,11 @@ class EngineOptions:
     # 2-thread torch fight over the cores and denoising runs 1.6x slower than with 1 thread
 
     def unit_geometry(self) -> tuple[int, int, int]:
-        """(latents the first unit ends at, new latents per later unit, lookahead latents) of `mode`."""
-        c = self.causal  # unit 0 is the reference latent alone, then a first block that may be shorter
-        first = 1 if min(c.first_block_frames, c.block_frames) == c.block_frames else 1 + c.first_block_frames
-        return {"causal": (first, c.block_frames, 0),
+        """(latents the irregular start ends at, new latents per later unit, lookahead latents) of `mode`:
+        units of the regular size follow from that latent on. Causal: the reference latent alone, and a
+        first block when it is shorter than the rest."""
+        c = self.causal
+        return {"causal": (1 if c.first_block == c.block_frames else 1 + c.first_block, c.block_frames, 0),
                 "overlap": (self.overlap.chunk_frames, self.overlap.chunk_frames - self.overlap.overlap_frames, 0),
                 "fusion": (1 + self.fusion.block_frames, self.fusion.block_frames, self.fusion.lookahead_frames),
                 }[self.mode]

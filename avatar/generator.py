@@ -59,6 +59,11 @@ class CausalOptions:
     # noise keep the same detail, where independent noise re-rolls it every latent (flicker at 4-frame steps)
     noise_correlation: float = 0.0
 
+    @property
+    def first_block(self) -> int:
+        """Latent frames of the first block after the reference (`first_block_frames`, at most a block)."""
+        return min(self.first_block_frames, self.block_frames)
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise_correlation <= 1.0:
             raise ValueError(f"noise_correlation must be in [0, 1], got {self.noise_correlation}")
@@ -273,7 +278,7 @@ class CausalGenerator:
         if state.next_frame == 0:
             return Unit(0, 1)
         if state.next_frame == 1:
-            return Unit(1, min(self.options.first_block_frames, self.options.block_frames))
+            return Unit(1, self.options.first_block)
         return Unit(state.next_frame, self.options.block_frames)
 
     def generate_unit(self, state: CausalState, audio: torch.Tensor | None,
