@@ -35,6 +35,7 @@ from audio.align import group_by_latent, num_video_frames
 from audio.io import audio_duration
 from audio.pcm import MEDIA_SAMPLE_RATE, MODEL_SAMPLE_RATE
 from audio.resample import PcmFormat, resample_audio
+from audio.vad import detect_speech
 from avatar.chunking import FusionOptions, generate_fused
 from avatar.decoder import FrameDecoder
 from avatar.engine import (
@@ -46,6 +47,7 @@ from avatar.engine import (
 )
 from avatar.generator import Conditions
 from avatar.session import SessionOptions
+from avatar.timeline import latent_voice_activity, voiced_frames
 from avatar.types import (
     DEFAULT_FPS,
     AvatarFrame,
@@ -396,13 +398,15 @@ class Renderer:
         as a session does."""
         s, m = self.settings, engine.models
         num_latents = 1 + math.ceil((total - 1) / 4)  # 1 + 4k video frames >= total
-        grouped = []
+        grouped, activity = [], []
         for track in pcm:
             wav16k = resample_audio(track, PcmFormat(s.sample_rate), out_rate=MODEL_SAMPLE_RATE)
             feats = m.features(wav16k, num_video_frames(num_latents))  # (1 + 4k, D)
             grouped.append(torch.from_numpy(np.ascontiguousarray(group_by_latent(feats))))  # (N, 4, D)
+            activity.append(latent_voice_activity(voiced_frames(detect_speech(wav16k)), 0, num_latents))
         audio = torch.stack(grouped).mean(0)[None].to(m.dit.device)  # (1, N, 4, D)
         face_audio = torch.stack(grouped)[None].to(m.dit.device) if len(grouped) > 1 else None  # (1, S, N, 4, D)
+        face_activity = torch.from_numpy(np.stack(activity))[None] if len(grouped) > 1 else None  # (1, S, N)
         mix = np.clip(pcm.sum(0), -1, 1) if len(pcm) > 1 else pcm[0]
         # progress: DiT calls (steps x windows) then decoded latents, shown as a share of the frames
         window = min(self.fusion.window_frames, num_latents)
@@ -417,7 +421,7 @@ class Renderer:
         hook = m.dit.register_forward_hook(tick)
         try:
             latents = generate_fused(m.dit, cond, audio, num_latents, self.fusion, seed=s.seed,
-                                     face_audio=face_audio)  # (1, 16, N, h, w)
+                                     face_audio=face_audio, face_activity=face_activity)  # (1, 16, N, h, w)
         finally:
             hook.remove()
         decoder = FrameDecoder(m.decoder_backend or m.vae, *cond.latent_hw)

@@ -81,8 +81,9 @@ class OverlapGenerator:
         return Unit(start + p, new, context=p)
 
     def generate_unit(self, state: OverlapState, audio: torch.Tensor | None,
-                      face_audio: torch.Tensor | None = None) -> torch.Tensor:
-        return self.generate_chunk(state, audio, face_audio)
+                      face_audio: torch.Tensor | None = None,
+                      face_activity: torch.Tensor | None = None) -> torch.Tensor:
+        return self.generate_chunk(state, audio, face_audio, face_activity)
 
     def chunk_span(self, state: OverlapState) -> tuple[int, int, int]:
         """(first latent of the chunk, prefix length, new latents) for the next chunk."""
@@ -93,7 +94,8 @@ class OverlapGenerator:
 
     @torch.no_grad()
     def generate_chunk(self, state: OverlapState, audio: torch.Tensor | None,
-                       face_audio: torch.Tensor | None = None) -> torch.Tensor:
+                       face_audio: torch.Tensor | None = None,
+                       face_activity: torch.Tensor | None = None) -> torch.Tensor:
         """audio: (1, chunk_frames, 4, D) for latents [start, start + chunk_frames) of `chunk_span`.
         Returns the new latents (1, 16, new, h, w); chunk 0 also returns the reference as its first frame."""
         start, p, new = self.chunk_span(state)
@@ -103,7 +105,8 @@ class OverlapGenerator:
         noise = torch.randn((1, prefix.shape[1], p + new, h, w), generator=state.noise, device=prefix.device)
 
         def fn(x, t, frames):
-            return self.model(x, t, cond, audio, face_audio=face_audio, known_frames=p).float()
+            return self.model(x, t, cond, audio, face_audio=face_audio, face_activity=face_activity,
+                              known_frames=p).float()
 
         x = denoise_with_prefix(fn, noise, prefix, self.sampler, list(range(start, start + p + new)))
         state.tail = x[:, :, -self.options.overlap_frames:]
@@ -154,8 +157,10 @@ class FusionOptions:
 @torch.no_grad()
 def generate_fused(dit: WanDiT, cond: Conditions, audio: torch.Tensor | None, num_frames: int,
                    options: FusionOptions = FusionOptions(), seed: int = 0,
-                   face_audio: torch.Tensor | None = None) -> torch.Tensor:
-    """A whole clip of `num_frames` latents with position-shift fusion. audio: (1, N, 4, D). Returns (1, 16, N, h, w).
+                   face_audio: torch.Tensor | None = None,
+                   face_activity: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole clip of `num_frames` latents with position-shift fusion. audio: (1, N, 4, D); face_activity:
+    (1, speakers, N) (`Guidance.quiet_audio_scale`). Returns (1, 16, N, h, w).
 
     Windows see no known frame: identity comes from the reference channels and reference injection.
     """
@@ -168,7 +173,8 @@ def generate_fused(dit: WanDiT, cond: Conditions, audio: torch.Tensor | None, nu
     def fn(x, t, frames):
         a = None if audio is None else audio[:, frames]
         fa = None if face_audio is None else face_audio[:, :, frames]
-        return model(x, t, cond, a, face_audio=fa).float()
+        act = None if face_activity is None else face_activity[:, :, frames]
+        return model(x, t, cond, a, face_audio=fa, face_activity=act).float()
 
     return position_shift_fusion(fn, noise, FlowMatchSampler.flow(options.steps, options.shift), window,
                                  options.shift_offset)
@@ -260,7 +266,8 @@ class LiveFusionGenerator:
 
     @torch.no_grad()
     def generate_unit(self, state: LiveFusionState, audio: torch.Tensor | None,
-                      face_audio: torch.Tensor | None = None) -> torch.Tensor:
+                      face_audio: torch.Tensor | None = None,
+                      face_activity: torch.Tensor | None = None) -> torch.Tensor:
         """audio: (1, unit.audio_count, 4, D) from latent unit.audio_first. Returns the unit's new latents."""
         unit = self.next_unit(state)
         cond = state.cond
@@ -276,7 +283,9 @@ class LiveFusionGenerator:
             rel = [f - first for f in frames]
             a = None if audio is None else audio[:, rel]
             fa = None if face_audio is None else face_audio[:, :, rel]
-            return self.model(x, t, cond, a, face_audio=fa, known_frames=max(0, p - rel[0])).float()
+            act = None if face_activity is None else face_activity[:, :, rel]
+            return self.model(x, t, cond, a, face_audio=fa, face_activity=act,
+                              known_frames=max(0, p - rel[0])).float()
 
         x, state.shift = bounded_position_shift(fn, noise, prefix, self.sampler, self.options.window_frames,
                                                 self.options.shift_offset, first, state.shift)

@@ -179,7 +179,7 @@ PRESET_DEFAULTS: dict[str, dict] = {
     # 1.23 -> 1.25 (less motion inside a latent), PSNR unchanged
     "demo": dict(mode="causal", emotion_as_reference=True,
                  causal=CausalOptions(block_frames=1, window_frames=6, steps=(1000, 750, 500), noise_correlation=1.0,
-                                      guidance=Guidance(audio_scale=2.0, emotion=True))),
+                                      guidance=Guidance(audio_scale=2.0, emotion=True, quiet_audio_scale=0.0))),
     "wan2.1-t2v-1.3b": dict(mode="causal", causal=CausalOptions(block_frames=3, window_frames=12,
                                                                  steps=(1000, 750, 500, 250), shift=5.0)),
     "wan2.1-t2v-14b": dict(mode="causal", causal=CausalOptions(block_frames=3, window_frames=12,
@@ -488,7 +488,8 @@ class AvatarEngine:
         t0 = time.perf_counter()
         try:
             latents = self.generator.generate_blocks([s.state for s, _ in taken], [t.audio for _, t in taken],
-                                                     [t.face_audio for _, t in taken])
+                                                     [t.face_audio for _, t in taken],
+                                                     [t.face_activity for _, t in taken])
             self._count_batch(len(taken))
             ms = (time.perf_counter() - t0) * 1e3  # each session waited for the whole batch
             return [s.generated(t, x, ms) for (s, t), x in zip(taken, latents)]
@@ -499,7 +500,7 @@ class AvatarEngine:
         for s, t in taken:
             t0 = time.perf_counter()
             try:
-                x = self.generator.generate_unit(s.state, t.audio, t.face_audio)
+                x = self.generator.generate_unit(s.state, t.audio, t.face_audio, t.face_activity)
             except Exception as exc:
                 self._failed(s, exc)
                 continue

@@ -30,11 +30,17 @@ class Guidance:
     audio scale guides the emotion too, at no extra pass. Training with emotion dropout to the reference
     teaches that branch; the demo model, trained without it, still gains (emotion effect 0.28 -> 0.34 and
     0.95 -> 1.02 on two held-out faces, 6 s of held-out speech).
+    quiet_audio_scale: face-aware guidance for several speakers. Inside face i's mask the audio scale
+    is quiet_audio_scale + (audio_scale - quiet_audio_scale)·a_i, a_i in [0, 1] the voice activity of
+    speaker i's audio in that latent (`face_activity`); elsewhere, and without activity, audio_scale.
+    The guided term (with audio − without) on a face whose voice is silent is what the other voices
+    leak into it: scaled by 2 it doubles a listener's mouth motion. None: one scale everywhere.
     """
 
     audio_scale: float = 1.0
     text_scale: float | None = None
     emotion: bool = False
+    quiet_audio_scale: float | None = None
 
     @property
     def passes(self) -> int:
@@ -123,20 +129,23 @@ class GuidedModel:
         return torch.cat([ref, mask], dim=1)  # (1, 17, F, h, w)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditions, audio: torch.Tensor | None, *,
-                 face_audio: torch.Tensor | None = None, known_frames: int = 0,
-                 cache: KVCache | None = None, start_frame: int = 0,
+                 face_audio: torch.Tensor | None = None, face_activity: torch.Tensor | None = None,
+                 known_frames: int = 0, cache: KVCache | None = None, start_frame: int = 0,
                  frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (1, 16, F, h, w), t: (1,) or (1, F); audio: (1, F, 4, D). Returns guided velocity (1, 16, F, h, w)."""
-        return self.many(x, t, [cond], [audio], [face_audio], known_frames=known_frames, cache=cache,
-                         start_frame=start_frame, frame_mask=frame_mask)
+        """x: (1, 16, F, h, w), t: (1,) or (1, F); audio: (1, F, 4, D); face_activity: (1, speakers, F).
+        Returns guided velocity (1, 16, F, h, w)."""
+        return self.many(x, t, [cond], [audio], [face_audio], [face_activity], known_frames=known_frames,
+                         cache=cache, start_frame=start_frame, frame_mask=frame_mask)
 
     def many(self, x: torch.Tensor, t: torch.Tensor, conds: Sequence[Conditions],
-             audios: Sequence[torch.Tensor | None], face_audios: Sequence[torch.Tensor | None], *,
+             audios: Sequence[torch.Tensor | None], face_audios: Sequence[torch.Tensor | None],
+             face_activities: Sequence[torch.Tensor | None] | None = None, *,
              known_frames: int = 0, cache: KVCache | CacheGroup | None = None,
              start_frame: int | Sequence[int] = 0, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """S sessions in one call. x: (S, 16, F, h, w); t: (1,) shared or (S,) / (S, F); audios: S of
-        (1, F, 4, D) or None; start_frame: one for all or one per session. The DiT sees S*k rows, session-
-        major (session s's branches are rows s*k .. s*k+k-1). Returns guided velocity (S, 16, F, h, w)."""
+        (1, F, 4, D) or None; face_activities: S of (1, speakers, F) or None (`Guidance.quiet_audio_scale`);
+        start_frame: one for all or one per session. The DiT sees S*k rows, session-major (session s's
+        branches are rows s*k .. s*k+k-1). Returns guided velocity (S, 16, F, h, w)."""
         k, s = self.guidance.passes, len(conds)
         dt = self.dit.dtype
         if x.shape[0] != s:
@@ -165,9 +174,35 @@ class GuidedModel:
             return v
         g = self.guidance
         v = v.unflatten(0, (s, k))  # (S, k, 16, F, h, w)
+        scale = self.audio_scales(conds, face_activities, v.shape[-3:])
         if k == 2:
-            return cfg2(v[:, 0], v[:, 1], g.audio_scale)
-        return cfg3(v[:, 0], v[:, 1], v[:, 2], g.text_scale, g.audio_scale)
+            return cfg2(v[:, 0], v[:, 1], scale)
+        return cfg3(v[:, 0], v[:, 1], v[:, 2], g.text_scale, scale)
+
+    def audio_scales(self, conds: Sequence[Conditions], face_activities: Sequence[torch.Tensor | None] | None,
+                     fhw: tuple[int, int, int]) -> float | torch.Tensor:
+        """The audio guidance scale: `audio_scale`, or with `quiet_audio_scale` and some session's face
+        activity a map (S, 1, F, h, w) lowering it inside the faces of silent voices (where masks overlap,
+        the more active face's scale)."""
+        g = self.guidance
+        if g.quiet_audio_scale is None or not face_activities or all(a is None for a in face_activities):
+            return g.audio_scale
+        maps = []
+        for cond, act in zip(conds, face_activities):
+            scale = torch.full((1, 1, *fhw), float(g.audio_scale))
+            if act is not None and cond.face_mask is not None:
+                masks = cond.face_mask[0].float().cpu()  # (chars, gh, gw) on the token grid
+                masks = masks.repeat_interleave(fhw[1] // masks.shape[-2], -2).repeat_interleave(
+                    fhw[2] // masks.shape[-1], -1)  # (chars, h, w) on the latent grid
+                a = torch.zeros(masks.shape[0], fhw[0])  # a face without a voice is silent
+                a[:act.shape[1]] = act[0].float().cpu()[:masks.shape[0]]
+                faces = g.quiet_audio_scale + (g.audio_scale - g.quiet_audio_scale) * a  # (chars, F)
+                inside = masks[:, None] > 0  # (chars, 1, h, w)
+                per_face = torch.where(inside, faces[:, :, None, None], torch.tensor(float("-inf")))
+                best = per_face.amax(0)  # (F, h, w)
+                scale = torch.where(torch.isfinite(best), best, scale[0, 0])[None, None]
+            maps.append(scale)
+        return torch.cat(maps).to(conds[0].reference.device)
 
     def _emotion_rows(self, conds: Sequence[Conditions], k: int, rows) -> torch.Tensor | None:
         """(S*k, 16, 1, h, w) emotion images: every branch the session's own, or with emotion guidance the
@@ -282,10 +317,11 @@ class CausalGenerator:
         return Unit(state.next_frame, self.options.block_frames)
 
     def generate_unit(self, state: CausalState, audio: torch.Tensor | None,
-                      face_audio: torch.Tensor | None = None) -> torch.Tensor:
+                      face_audio: torch.Tensor | None = None,
+                      face_activity: torch.Tensor | None = None) -> torch.Tensor:
         if state.next_frame == 0:
             return self.prefill_reference(state, audio, face_audio)
-        return self.generate_block(state, audio, face_audio)
+        return self.generate_block(state, audio, face_audio, face_activity)
 
     @torch.no_grad()
     def prefill_reference(self, state: CausalState, audio: torch.Tensor | None,
@@ -305,9 +341,11 @@ class CausalGenerator:
 
     @torch.no_grad()
     def generate_block(self, state: CausalState, audio: torch.Tensor | None,
-                       face_audio: torch.Tensor | None = None) -> torch.Tensor:
-        """Generate the next block. audio: (1, N, 4, D) features of its latent frames. Returns (1, 16, N, h, w)."""
-        return self.generate_blocks([state], [audio], [face_audio])[0]
+                       face_audio: torch.Tensor | None = None,
+                       face_activity: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate the next block. audio: (1, N, 4, D) features of its latent frames; face_activity:
+        (1, speakers, N) their voice activity (`Guidance.quiet_audio_scale`). Returns (1, 16, N, h, w)."""
+        return self.generate_blocks([state], [audio], [face_audio], [face_activity])[0]
 
     def batch_key(self, state: CausalState) -> tuple | None:
         """Sessions whose keys are equal can generate their next blocks in one batch (`generate_blocks`);
@@ -321,10 +359,12 @@ class CausalGenerator:
 
     @torch.no_grad()
     def generate_blocks(self, states: Sequence[CausalState], audios: Sequence[torch.Tensor | None],
-                        face_audios: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                        face_audios: Sequence[torch.Tensor | None] | None = None,
+                        face_activities: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """The next block of S sessions, each at its own frame, one batched DiT call per pass.
 
-        audios: S of (1, N, 4, D) or None; face_audios: S of (1, chars, N, 4, D) or None. Every session
+        audios: S of (1, N, 4, D) or None; face_audios: S of (1, chars, N, 4, D) or None; face_activities:
+        S of (1, speakers, N) or None (only the guidance of the denoising passes reads them). Every session
         draws its noise from its own stream in the order it would alone and keeps its own cache, so its
         block equals `generate_block` on it alone (to float rounding). Returns S of (1, 16, N, h, w).
         """
@@ -351,7 +391,7 @@ class CausalGenerator:
         # 2. few-step denoising against the caches (each pass overwrites this block's K/V): predict x0,
         #    re-noise it to the next level with each session's noise; the last step lands on x0 itself
         for i in range(len(sampler)):
-            v = self.model.many(x, sampler.timestep(i, ref.device), conds, audios, face_audios,
+            v = self.model.many(x, sampler.timestep(i, ref.device), conds, audios, face_audios, face_activities,
                                 cache=cache, start_frame=starts).float()
             noise = stack([self._noise(st, shape) for st in states]) if i + 1 < len(sampler) else None
             x = sampler.step(x, v, i, noise=noise)

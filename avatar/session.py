@@ -75,6 +75,7 @@ class TakenUnit(NamedTuple):
 
     audio: torch.Tensor | None  # (1, n, 4, D) per latent frame
     face_audio: torch.Tensor | None  # (1, speakers, n, 4, D)
+    face_activity: torch.Tensor | None  # (1, speakers, n): voice activity per latent (several speakers)
     first_video: int
     epoch: int
     features_ms: float
@@ -290,7 +291,7 @@ class AvatarSession:
         taken = self.take_unit()
         t_gen = time.perf_counter()
         # 4. generate the latents (a batching engine runs this step for several sessions at once)
-        latents = self.generator.generate_unit(self.state, taken.audio, taken.face_audio)
+        latents = self.generator.generate_unit(self.state, taken.audio, taken.face_audio, taken.face_activity)
         return self.generated(taken, latents, (time.perf_counter() - t_gen) * 1e3)
 
     @torch.no_grad()
@@ -320,11 +321,21 @@ class AvatarSession:
                     t.pad(max(target - t.pcm.end, self.out_rate // self.fps))
             self._count_silence()
             feats = [t.take_features(need.start, need.stop) for t in self.tracks]
+            activity = self._face_activity(unit)
             epoch = self._epoch
             wait_ms = self._wait_ms(v0, self._needed_samples(need.stop))
         # 3. features -> (1, n, 4, D) per latent frame (latent 0: video frame 0 replicated)
         audio, face_audio = self._audio_tensors(feats, unit.audio_first)
-        return TakenUnit(audio, face_audio, v0, epoch, (time.perf_counter() - t_start) * 1e3, t_start, wait_ms)
+        return TakenUnit(audio, face_audio, activity, v0, epoch, (time.perf_counter() - t_start) * 1e3, t_start,
+                         wait_ms)
+
+    def _face_activity(self, unit: Unit) -> torch.Tensor | None:
+        """(1, speakers, n) voice activity of each speaker over each latent the unit's audio covers, for
+        face-aware guidance (`Guidance.quiet_audio_scale`); None with one speaker."""
+        if len(self.tracks) < 2:
+            return None
+        act = np.stack([t.voice_activity(unit.audio_first, unit.audio_count) for t in self.tracks])
+        return torch.from_numpy(act)[None]
 
     def _wait_ms(self, first_video: int, needed: int) -> float:
         """How long the unit waited for its audio: its first output sample arriving (pushed, or silence

@@ -6,7 +6,8 @@ in a `PcmBuffer` addressed by absolute sample index; the same samples, resampled
 audio front end's feature stream, whose frame k is the session's video frame `feature_origin + k`.
 Silence inserted to keep video flowing (idle, end of segment) is marked as padding, so frames know they
 are idle, and counted. When each sample reached the timeline (pushed or inserted) is kept while the
-sample is, so a block can say how long it waited for its audio.
+sample is, so a block can say how long it waited for its audio. The 16 kHz stream also passes a voice
+activity detector, so a block knows which of several voices are speaking (`voice_activity`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,31 @@ from collections import deque
 
 import numpy as np
 
+from audio.align import video_frames_for_block
 from audio.buffer import PcmBuffer
 from audio.features.base import AudioFeatures
 from audio.pcm import MODEL_SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME
 from audio.resample import PcmFormat, StreamResampler
+from audio.vad import VadConfig, VoiceActivityDetector
+
+VAD_FRAMES_PER_VIDEO_FRAME = SAMPLES_PER_VIDEO_FRAME // VadConfig().frame_samples  # 2 (20 ms in 40 ms)
+
+
+def voiced_frames(decisions: np.ndarray) -> np.ndarray:
+    """16 kHz VAD decisions (one per 20 ms) -> one per complete video frame: speech in any of its 20 ms."""
+    n = decisions.size // VAD_FRAMES_PER_VIDEO_FRAME * VAD_FRAMES_PER_VIDEO_FRAME
+    return np.asarray(decisions[:n], bool).reshape(-1, VAD_FRAMES_PER_VIDEO_FRAME).any(1)
+
+
+def latent_voice_activity(voiced: np.ndarray, first_latent: int, count: int, base: int = 0) -> np.ndarray:
+    """(count,) share of each latent's video frames (`video_frames_for_block`) with speech; `voiced[k]` is
+    video frame `base + k`, frames outside it count as silent."""
+    out = np.zeros(count, np.float32)
+    for i in range(count):
+        frames = video_frames_for_block(first_latent + i, 1)
+        a, b = max(frames.start - base, 0), max(frames.stop - base, 0)
+        out[i] = voiced[a:b].sum() / len(frames)
+    return out
 
 
 class SpeakerTrack:
@@ -42,6 +64,10 @@ class SpeakerTrack:
         self.feature_origin = video_frame  # session video frame of the stream's frame 0
         self.feats = np.zeros((0, self.features.feature_dim), np.float32)
         self.feat_base = video_frame  # session video frame of feats[0]
+        self.vad = VoiceActivityDetector()  # on the 16 kHz stream, so its frames line up with the features'
+        self._vad_pending = np.zeros(0, bool)  # decisions of a video frame not yet complete
+        self.voiced = np.zeros(0, bool)  # per video frame from `voiced_base`: speech in any of its 20 ms
+        self.voiced_base = video_frame
 
     # ---- input -----------------------------------------------------------------------------------
     def push(self, pcm: np.ndarray, fmt: PcmFormat) -> int:
@@ -62,9 +88,15 @@ class SpeakerTrack:
     def _append(self, x: np.ndarray, padding: bool) -> None:
         self.pcm.append(x, padding=padding)
         self._arrived()
-        new = self.stream.push(self._to_16k.process(x))
+        x16 = self._to_16k.process(x)
+        new = self.stream.push(x16)
         if new.size:
             self.feats = np.concatenate([self.feats, new])
+        decisions = np.concatenate([self._vad_pending, self.vad.push(x16)])
+        done = voiced_frames(decisions)
+        if done.size:
+            self.voiced = np.concatenate([self.voiced, done])
+        self._vad_pending = decisions[done.size * VAD_FRAMES_PER_VIDEO_FRAME:]
 
     def _arrived(self) -> None:
         if self._arrivals and self._arrivals[-1][0] == self.pcm.end:
@@ -97,12 +129,20 @@ class SpeakerTrack:
                                f"(have [{self.feat_base}, {self.features_ready}))")
         return self.feats[v0 - self.feat_base:v1 - self.feat_base]
 
+    def voice_activity(self, first_latent: int, count: int) -> np.ndarray:
+        """(count,) share of each latent's video frames with speech (frames not yet heard: silent)."""
+        return latent_voice_activity(self.voiced, first_latent, count, self.voiced_base)
+
     def consumed(self, video_frame: int) -> None:
-        """Frames before `video_frame` are out: drop their features and audio."""
+        """Frames before `video_frame` are out: drop their features, voice activity and audio."""
         cut = video_frame - self.feat_base
         if cut > 0:
             self.feats = self.feats[cut:]
             self.feat_base = video_frame
+        cut = video_frame - self.voiced_base
+        if cut > 0:
+            self.voiced = self.voiced[cut:]
+            self.voiced_base = video_frame
         first_kept = video_frame * self.out_rate // self.fps
         self.pcm.trim(first_kept)
         while self._arrivals and self._arrivals[0][0] <= first_kept:  # no earlier sample is looked up again

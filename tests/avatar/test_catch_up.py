@@ -96,10 +96,10 @@ async def test_a_session_behind_real_time_holds_blocks_and_keeps_every_sample_in
     engine = AvatarEngine(bundle, EngineOptions(causal=OPTS, decoder="torch", decode_ahead=0)).start()
     generate_unit = engine.generator.generate_unit
 
-    def slow(state, audio, face_audio=None):
+    def slow(state, *a, **k):
         if state.next_frame > 0:
             time.sleep(0.55)
-        return generate_unit(state, audio, face_audio)
+        return generate_unit(state, *a, **k)
 
     engine.generator.generate_unit = slow
     try:

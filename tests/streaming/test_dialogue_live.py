@@ -3,8 +3,8 @@
 1. The demo model, loaded and wired as the service does (`scene_backend`: the built-in two-face avatar
    generated at twice the model's width), in a live session with two tracks: speech on speaker 0 and
    silence on speaker 1, then swapped. The speaking face's mouth moves and the silent one's stays still:
-   the mouth-opening variance (the demo model card's FAA probe) of the silent face is at most 10 % of
-   the speaking face's, both ways round.
+   the mouth-opening variance (the demo model card's FAA probe) and the mouth-region motion of the silent
+   face are at most 10 % of the speaking face's, both ways round.
 2. A broadcast of two audio files of different lengths into an HLS file target (random TINY weights):
    both voices reach the one session, the shorter one goes silent, the stream has picture and sound.
 3. What cannot work is refused with a clear error: more voices than faces, an audio file with one
@@ -125,8 +125,9 @@ async def test_each_voice_moves_only_its_own_face(demo_pair):
           f"right face {right_silent:.4f}; mouth-region motion {motion}")
     assert var[0, "first"] > 1e-3 and var[1, "second"] > 1e-3, var  # the speaking mouth really moves
     assert left_silent <= 0.10 and right_silent <= 0.10, var
-    # the mouth-region motion is printed, not bounded here: a face that has just spoken still changes about
-    # 13 % as much as the speaker from 10 frames after the swap on (one that never spoke: 9 %)
+    # the figure, on the frames as generated (no codec to smooth them): the silent face's
+    # mouth-region motion at most 10 % of the speaking one's, both ways round
+    assert motion[1, "first"] <= 0.10 * motion[0, "first"] and motion[0, "second"] <= 0.10 * motion[1, "second"], motion
 
 
 # ---- 2. a broadcast of two files into an HLS file target --------------------------------------------------
