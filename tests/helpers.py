@@ -56,3 +56,26 @@ def randomize_parameters(module: torch.nn.Module, scale: float = 0.05, seed: int
             if not name.startswith(skip) if skip else True:
                 p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
     return module
+
+
+def mouth_boxes(frame_hw: tuple[int, int], folder: Path) -> list[tuple[int, int, int, int]]:
+    """Per face of an `avatar new` folder, its mouth region in a video frame of `frame_hw`: the lower middle
+    of its face box from avatar.json, scaled from the portrait into the frame."""
+    import json
+
+    from PIL import Image
+
+    spec = json.loads((folder / "avatar.json").read_text())
+    with Image.open(folder / spec["portrait"]) as im:
+        sy, sx = frame_hw[0] / im.height, frame_hw[1] / im.width
+    boxes = []
+    for x0, y0, x1, y1 in spec["faces"]:
+        w, h = x1 - x0, y1 - y0
+        boxes.append((int((x0 + 0.25 * w) * sx), int((y0 + 0.65 * h) * sy), int((x1 - 0.25 * w) * sx), int(y1 * sy)))
+    return boxes
+
+
+def mouth_motion(frames: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Mean absolute frame-to-frame change in a region of (T, H, W, 3) frames, in grey levels."""
+    x0, y0, x1, y1 = box
+    return float(np.abs(np.diff(frames[:, y0:y1, x0:x1].astype(np.float32), axis=0)).mean())

@@ -13,12 +13,13 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
-from PIL import Image
 from typer.testing import CliRunner
 
 from app.avatars import BUILTIN_DUO_SEED, BUILTIN_SEED
 from app.cli import app
 from app.render_worker import demo_model_available
+
+from helpers import mouth_boxes, mouth_motion
 
 REPO = Path(__file__).resolve().parents[2]
 SPEECH = REPO / "tests" / "fixtures" / "audio" / "speech_en_us_male.wav"
@@ -68,29 +69,15 @@ def _decode(mp4: Path) -> tuple[np.ndarray, np.ndarray, int]:
     return frames, np.concatenate(chunks, axis=1), rate
 
 
-def _mouth_boxes(frames: np.ndarray, folder: Path) -> list[tuple[int, int, int, int]]:
-    """Per face of the avatar, its mouth region in the video frame: the lower middle of its face box from
-    avatar.json, scaled from the portrait into the frame."""
-    spec = json.loads((folder / "avatar.json").read_text())
-    with Image.open(folder / spec["portrait"]) as im:
-        sy, sx = frames.shape[1] / im.height, frames.shape[2] / im.width
-    boxes = []
-    for x0, y0, x1, y1 in spec["faces"]:
-        w, h = x1 - x0, y1 - y0
-        boxes.append((int((x0 + 0.25 * w) * sx), int((y0 + 0.65 * h) * sy), int((x1 - 0.25 * w) * sx), int(y1 * sy)))
-    return boxes
-
-
 def _mouths(frames: np.ndarray, folder: Path) -> tuple[list[float], list[float]]:
     """Per face: (mean absolute frame-to-frame difference in its mouth region; variance of its mouth
     opening, the probe `avatarcast eval demo` measures the FAA leak with)."""
     from training.probes import mouth_opening
 
-    diffs = np.abs(np.diff(frames.astype(np.float32), axis=0))
     motion, opening = [], []
-    for x0, y0, x1, y1 in _mouth_boxes(frames, folder):
-        motion.append(float(diffs[:, y0:y1, x0:x1].mean()))
-        opening.append(float(np.var([mouth_opening(f, (x0, y0, x1, y1)) for f in frames])))
+    for box in mouth_boxes(frames.shape[1:3], folder):
+        motion.append(mouth_motion(frames, box))
+        opening.append(float(np.var([mouth_opening(f, box) for f in frames])))
     return motion, opening
 
 
