@@ -495,7 +495,8 @@ async def test_a_block_waits_for_its_audio_as_long_as_the_audio_takes_to_arrive(
 def test_emotion_as_reference_swaps_a_one_face_avatar_s_reference_and_keeps_a_scene_s(bundle):
     """EngineOptions.emotion_as_reference: with an emotion chosen, a one-face avatar's reference is its
     emotion image's latent (the portrait's kept as `neutral` for emotion guidance); a two-face scene's
-    emotion images are cropped around one face, so its reference stays the portrait."""
+    emotion images are cropped around one face, so its reference stays the portrait. emotion_strength moves a
+    one-face avatar's emotion reference further from its portrait."""
     from app.avatars import png_bytes
     from avatar.drawn.emotions import rest_state
     from avatar.drawn.face import NEUTRAL, Identity, render, render_pair
@@ -519,3 +520,15 @@ def test_emotion_as_reference_swaps_a_one_face_avatar_s_reference_and_keeps_a_sc
     assert torch.equal(c2.reference, scene.reference_latent) and c2.neutral is None
     off = AvatarEngine(bundle, EngineOptions(causal=OPTS, decoder="torch", warmup=False))
     assert torch.equal(off.conditions(solo, "happy").reference, solo.reference_latent)
+    # emotion_strength: a one-face avatar's emotion reference pushed past its image, from the portrait;
+    # a scene's (emotion crops framed on one face) and the no-emotion conditions are left alone
+    strong = AvatarEngine(bundle, EngineOptions(causal=OPTS, decoder="torch", warmup=False, emotion_as_reference=True,
+                                                emotion_strength=1.5))
+    c3 = strong.conditions(solo, "happy")
+    push = solo.reference_latent + 1.5 * (solo.emotion_latents["happy"] - solo.reference_latent)
+    assert torch.allclose(c3.emotion, push) and torch.allclose(c3.reference, push)
+    assert torch.equal(c3.neutral, solo.reference_latent) and (push - solo.emotion_latents["happy"]).abs().max() > 0.01
+    assert torch.equal(strong.conditions(scene, "happy").emotion, scene.emotion_latents["happy"])
+    assert torch.equal(strong.conditions(solo, None).reference, solo.reference_latent)
+    with pytest.raises(ValueError, match="emotion_strength must be positive"):
+        AvatarEngine(bundle, EngineOptions(causal=OPTS, decoder="torch", warmup=False, emotion_strength=0.0))
