@@ -139,9 +139,8 @@ class EngineOptions:
     emotion_as_reference: bool = False  # a one-face avatar's chosen emotion image is also its reference (the
     # character image the DiT keeps): the demo model keeps its reference's expression as trained, where
     # its AEM alone moved the expression by ~5 % of the teacher's (training: reference_from_emotion)
-    emotion_strength: float = 1.0  # a one-face avatar's emotion reference, in latent space: its neutral
-    # portrait + this x (emotion image - portrait). Above 1 it pushes the expression past the image's, as
-    # guidance does (both crops are framed alike, so the difference is the expression)
+    emotion_strength: float = 1.0  # a one-face avatar's emotion reference in latent space: portrait + this x
+    # (emotion image - portrait); both are framed alike, so above 1 it pushes the expression past the image's
     max_lateness_s: float = 1.0  # overload: a session further behind than this is no more urgent than one
     # exactly this late, and among those the least recently served goes first. Plain earliest-deadline-first
     # let sessions that fell behind keep the earliest deadlines for good: a new call got no frame at all
@@ -179,12 +178,9 @@ PRESET_DEFAULTS: dict[str, dict] = {
     # detail every latent. A silent listener's mouth region changed 0.92 grey levels a frame, now 0.27
     # (the speaker's 1.67 -> 1.40); eval demo, one run against the shipped figures: lip sync 0.733 ->
     # 0.748, flite 0.685 -> 0.699, FAA leak 0.0078 -> 0.0011, emotion effect min 0.35 -> 0.40, seams
-    # 1.23 -> 1.25 (less motion inside a latent), PSNR unchanged.
-    # Two voices: a silent voice's face is guided at scale 0 (quiet_audio_scale): a listener's mouth-region
-    # motion 13 % -> 6.6 % of the speaker's in a live session, 8.6 % -> 2.6 % in a render, the speaker's same.
-    # Emotion strength 1.5: emotion effect (generated / teacher mouth-corner lift spread) on held-out faces
-    # 0.40 / 1.00 -> 0.63 / 1.17 (eval's two), 0.84 / 0.31 / 1.06 -> 1.10 / 0.49 / 1.29 (three others), the
-    # teacher's order kept on all five; PSNR of the emotion clips -0.1 dB (2.0: 0.78 / 1.25, -0.3 dB)
+    # 1.23 -> 1.25 (less motion inside a latent), PSNR unchanged. A silent voice's face guided at 0: a
+    # listener's mouth moves 6.6 % as much as the speaker's live (was 13 %). Emotion strength 1.5: effect
+    # 0.40 / 1.00 -> 0.63 / 1.17 on the eval's held-out faces, 0.31-1.06 -> 0.49-1.29 on three others
     "demo": dict(mode="causal", emotion_as_reference=True, emotion_strength=1.5,
                  causal=CausalOptions(block_frames=1, window_frames=6, steps=(1000, 750, 500), noise_correlation=1.0,
                                       guidance=Guidance(audio_scale=2.0, emotion=True, quiet_audio_scale=0.0))),
