@@ -59,12 +59,6 @@ class FrameDecoder:
             self.latents_decoded += 1
         return to_uint8(video[:, :, -1:])
 
-    def preview(self, latent: torch.Tensor) -> np.ndarray:
-        """`latent` (1, 16, 1, h, w) decoded alone, as the first latent of a stream of its own -> (1, H, W, 3);
-        this stream's state is left as it was."""
-        video, _ = self.backend.decode_step(self.backend.init_state(1, *self.latent_hw), latent[:, :, :1])
-        return to_uint8(video)
-
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """latents (1, 16, n, h, w) -> frames (1 or 4 per latent, H, W, 3) uint8, in order."""
         out = []

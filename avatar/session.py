@@ -115,7 +115,6 @@ class AvatarSession:
         self._last_frame: np.ndarray | None = None  # the decoding thread's: what a held unit shows
         self._opening: GeneratedUnit | None = None  # the decoding thread's: the reference alone, waiting
         # for the first generated latent to open the decoder at (`_decode`)
-        self._poster_sent = False  # the decoding thread's: a live frame 0 went out before the first block
         if options.realtime:
             self._call_in_loop(self._top_up)
 
@@ -361,20 +360,12 @@ class AvatarSession:
         t_dec0 = time.perf_counter()
         if self.decoder.latents_decoded == 0 and unit.first_video == 0 and unit.latents.shape[2] == 1 \
                 and not unit.held_frames:
-            self._opening = unit  # the reference alone (causal): the stream's decoder opens at the first
-            # generated latent. Live, the portrait is frame 0 at once (a poster while the first block
-            # generates: the call's first picture does not wait for it); a render's frame 0 is the model's
-            if self.options.realtime:
-                self._emit(self.decoder.preview(unit.latents), 0, unit.epoch, wait_ms=unit.wait_ms,
-                           features_ms=unit.features_ms, denoise_ms=unit.denoise_ms)
-                self._poster_sent = True
+            self._opening = unit  # the reference alone (causal): frame 0 waits for the first generated latent
             return
         if self._opening is not None and unit.held_frames:  # nothing generated yet: frame 0 from cold
             opening, self._opening = self._opening, None
-            frame0 = self.decoder.decode(opening.latents)
-            if not self._poster_sent:
-                self._emit(frame0, 0, opening.epoch, wait_ms=opening.wait_ms, features_ms=opening.features_ms,
-                           denoise_ms=opening.denoise_ms)
+            self._emit(self.decoder.decode(opening.latents), 0, opening.epoch, wait_ms=opening.wait_ms,
+                       features_ms=opening.features_ms, denoise_ms=opening.denoise_ms)
         if unit.held_frames:  # 5'. a held unit repeats the last frame; its latents never reach the decoder,
             # whose caches stay at that frame. Not a block: the stage figures stay those of generated ones
             video = np.repeat(self._last_frame[None], unit.held_frames, axis=0)
@@ -390,8 +381,7 @@ class AvatarSession:
         timing = dict(wait_ms=unit.wait_ms, features_ms=unit.features_ms, denoise_ms=unit.denoise_ms,
                       decode_ms=decode_ms)
         if opening is not None:  # frame 0 keeps its own unit's epoch: an interrupt since then drops it
-            if not self._poster_sent:
-                self._emit(video[:1], 0, opening.epoch, **timing)
+            self._emit(video[:1], 0, opening.epoch, **timing)
             video = video[1:]
         self._emit(video, unit.first_video, unit.epoch, **timing)
         for name, ms in (("wait", unit.wait_ms), ("features", unit.features_ms), ("denoise", unit.denoise_ms),

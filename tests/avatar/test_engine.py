@@ -139,52 +139,6 @@ async def test_engine_stream_equals_direct_generation(engine, bundle):
     s.close()
 
 
-async def test_a_live_session_shows_the_portrait_before_its_first_block(engine, bundle):
-    """Live, frame 0 is the reference decoded alone and goes out before the first block is generated; the
-    frames after it are the render's (the stream's decoder still opens at the first generated latent)."""
-    pcm = _speech(0.8, 16_000, seed=4)
-    gen = engine.generator
-    unit, blocks, generated = gen.generate_unit, gen.generate_blocks, []
-    loop = asyncio.get_running_loop()
-    frame0 = asyncio.Event()
-
-    def gated(call):
-        def run(states_or_state, *a, **k):
-            first = states_or_state if isinstance(states_or_state, list) else [states_or_state]
-            if any(st.next_frame == 1 for st in first):  # the first block waits until frame 0 is out
-                assert asyncio.run_coroutine_threadsafe(asyncio.wait_for(frame0.wait(), 30), loop).result()
-            generated.append(first[0].next_frame)
-            return call(states_or_state, *a, **k)
-        return run
-
-    gen.generate_unit, gen.generate_blocks = gated(unit), gated(blocks)
-    try:
-        live = engine.open_session(_cond(2), SessionOptions(realtime=True, sample_rate=16_000, seed=5, max_lag_s=None))
-        live.push_audio(pcm, 16_000)
-        frames = []
-        async for item in live:
-            if isinstance(item, AvatarFrame):
-                frames.append(item)
-                frame0.set()
-                if len(frames) == 10:
-                    break
-        live.close()
-    finally:
-        gen.generate_unit, gen.generate_blocks = unit, blocks
-    poster = FrameDecoder(bundle.vae, H // 8, W // 8).decode(_cond(2).reference)
-    np.testing.assert_array_equal(frames[0].video, poster[0])
-    assert generated[:1] == [0]  # only the reference had been generated when frame 0 went out
-    offline = engine.open_session(_cond(2), SessionOptions(realtime=False, sample_rate=16_000, seed=5))
-    offline.push_audio(pcm, 16_000)
-    offline.end_segment()
-    rendered, _ = await _collect(offline)
-    offline.close()
-    assert [f.pts for f in frames] == list(range(10))
-    for got, want in zip(frames[1:], rendered[1:10]):
-        np.testing.assert_array_equal(got.video, want.video)
-    assert not np.array_equal(frames[0].video, rendered[0].video)  # the render's frame 0 is the model's
-
-
 async def test_idle_frames_keep_coming_without_audio(engine):
     s = engine.open_session(_cond(), SessionOptions(realtime=True, sample_rate=16_000, jitter_ms=0))
     frames, _ = await _collect(s, until_segment_end=False, max_frames=9, timeout=60)
