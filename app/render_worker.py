@@ -403,10 +403,11 @@ class Renderer:
             wav16k = resample_audio(track, PcmFormat(s.sample_rate), out_rate=MODEL_SAMPLE_RATE)
             feats = m.features(wav16k, num_video_frames(num_latents))  # (1 + 4k, D)
             grouped.append(torch.from_numpy(np.ascontiguousarray(group_by_latent(feats))))  # (N, 4, D)
-            activity.append(latent_voice_activity(voiced_frames(detect_speech(wav16k)), 0, num_latents))
+            if len(pcm) > 1:  # face-aware guidance: which voices speak, per latent
+                activity.append(latent_voice_activity(voiced_frames(detect_speech(wav16k)), 0, num_latents))
         audio = torch.stack(grouped).mean(0)[None].to(m.dit.device)  # (1, N, 4, D)
         face_audio = torch.stack(grouped)[None].to(m.dit.device) if len(grouped) > 1 else None  # (1, S, N, 4, D)
-        face_activity = torch.from_numpy(np.stack(activity))[None] if len(grouped) > 1 else None  # (1, S, N)
+        face_activity = torch.from_numpy(np.stack(activity))[None] if activity else None  # (1, S, N)
         mix = np.clip(pcm.sum(0), -1, 1) if len(pcm) > 1 else pcm[0]
         # progress: DiT calls (steps x windows) then decoded latents, shown as a share of the frames
         window = min(self.fusion.window_frames, num_latents)

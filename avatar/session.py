@@ -227,7 +227,8 @@ class AvatarSession:
         if self.tracks:
             return
         self.out_rate = self.out_rate or rate
-        self.tracks = [SpeakerTrack(self.features, self.out_rate, self.fps, self.options.max_buffered_audio_s)
+        self.tracks = [SpeakerTrack(self.features, self.out_rate, self.fps, self.options.max_buffered_audio_s,
+                                    detect_voice=self.options.speakers > 1)
                        for _ in range(self.options.speakers)]
 
     def next_span(self) -> tuple[Unit, range, range]:

@@ -47,8 +47,12 @@ def latent_voice_activity(voiced: np.ndarray, first_latent: int, count: int, bas
 class SpeakerTrack:
     """One speaker's audio: output-rate samples + 16 kHz feature stream."""
 
-    def __init__(self, features: AudioFeatures, out_rate: int, fps: int, max_seconds: float) -> None:
+    def __init__(self, features: AudioFeatures, out_rate: int, fps: int, max_seconds: float,
+                 detect_voice: bool = False) -> None:
+        """`detect_voice`: run the voice activity detector (`voice_activity`; a session with several
+        speakers needs it, one with a single voice does not)."""
         self.features = features
+        self.detect_voice = detect_voice
         self.out_rate, self.fps = out_rate, fps
         self.pcm = PcmBuffer(int(max_seconds * out_rate))  # bounded: the oldest samples are dropped (counted)
         self.silence_samples = 0  # inserted by pad() and truncate_at(), at the output rate
@@ -92,11 +96,12 @@ class SpeakerTrack:
         new = self.stream.push(x16)
         if new.size:
             self.feats = np.concatenate([self.feats, new])
-        decisions = np.concatenate([self._vad_pending, self.vad.push(x16)])
-        done = voiced_frames(decisions)
-        if done.size:
-            self.voiced = np.concatenate([self.voiced, done])
-        self._vad_pending = decisions[done.size * VAD_FRAMES_PER_VIDEO_FRAME:]
+        if self.detect_voice:
+            decisions = np.concatenate([self._vad_pending, self.vad.push(x16)])
+            done = voiced_frames(decisions)
+            if done.size:
+                self.voiced = np.concatenate([self.voiced, done])
+            self._vad_pending = decisions[done.size * VAD_FRAMES_PER_VIDEO_FRAME:]
 
     def _arrived(self) -> None:
         if self._arrivals and self._arrivals[-1][0] == self.pcm.end:
@@ -131,6 +136,8 @@ class SpeakerTrack:
 
     def voice_activity(self, first_latent: int, count: int) -> np.ndarray:
         """(count,) share of each latent's video frames with speech (frames not yet heard: silent)."""
+        if not self.detect_voice:
+            raise RuntimeError("this track was made without voice detection (detect_voice=False)")
         return latent_voice_activity(self.voiced, first_latent, count, self.voiced_base)
 
     def consumed(self, video_frame: int) -> None:

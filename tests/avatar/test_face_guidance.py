@@ -125,7 +125,7 @@ def _speech(seconds: float, rate: int) -> np.ndarray:
 
 def test_a_track_s_voice_activity_follows_its_speech_per_latent():
     rate = 48_000
-    track = SpeakerTrack(MelFeatures(), rate, 25, max_seconds=30)
+    track = SpeakerTrack(MelFeatures(), rate, 25, max_seconds=30, detect_voice=True)
     track.pad(rate)  # 1 s of silence (video frames 0-24), then 2 s of speech (25-74), then 1 s silence
     track.push(_speech(2.0, rate), PcmFormat(rate))
     track.pad(rate)
@@ -144,6 +144,8 @@ def test_a_track_s_voice_activity_follows_its_speech_per_latent():
     assert np.array_equal(track.voice_activity(11, 5), act[11:16])
     track.truncate_at(50)
     assert track.voice_activity(13, 2).max() == 0.0  # frames 49-56: cut and not heard again yet
+    with pytest.raises(RuntimeError, match="without voice detection"):  # a one-voice session's tracks skip it
+        SpeakerTrack(MelFeatures(), rate, 25, max_seconds=30).voice_activity(0, 1)
 
 
 

@@ -30,7 +30,7 @@ from streaming.source_policy import SourcePolicy
 from streaming.webrtc.errors import LiveError
 from streaming.webrtc.service import LiveService, ServiceOptions
 
-from helpers import FIXTURES, until
+from helpers import FIXTURES, mouth_motion, until
 
 pytestmark = pytest.mark.timeout(600)
 SPEECH = FIXTURES / "audio" / "speech_en_gb_female.wav"
@@ -80,12 +80,6 @@ def _in_crop(mouth, face, box) -> tuple[int, int, int, int]:
     sx, sy = (box.x1 - box.x0) / (face[2] - face[0]), (box.y1 - box.y0) / (face[3] - face[1])
     return (int(box.x0 + (mouth[0] - face[0]) * sx), int(box.y0 + (mouth[1] - face[1]) * sy),
             int(round(box.x0 + (mouth[2] - face[0]) * sx)), int(round(box.y0 + (mouth[3] - face[1]) * sy)))
-
-
-def mouth_motion(frames: np.ndarray, box) -> float:
-    """Mean absolute frame-to-frame change in a mouth region, in grey levels."""
-    x0, y0, x1, y1 = box
-    return float(np.abs(np.diff(frames[:, y0:y1, x0:x1].astype(np.float32), axis=0)).mean())
 
 
 def mouth_variance(frames: np.ndarray, box) -> float:
