@@ -219,7 +219,9 @@ WAN_VAE_LATENTS_STD: tuple[float, ...] = (
 class VAEConfig(_DictConfig):
     """Architecture of the Wan2.1 causal 3D VAE (upstream `WanVAE_` constructor arguments).
 
-    `dim` is the base width; stage i of the encoder has dim * dim_mult[i] channels. Each of the
+    `dim` is the base width; stage i of the encoder has dim * dim_mult[i] channels. `encoder_dim`, when
+    set, is the encoder's own base width (the decoder keeps `dim`): an encoder runs once per avatar and
+    per training clip, the decoder for every frame, so a wider encoder costs a stream nothing. Each of the
     len(dim_mult) - 1 resampling stages halves H and W; those with temporal_downsample[i] also halve
     time (causally: 1 + 4k frames -> 1 + k latents). Middle attention is always present; upstream's
     `attn_scales` is empty for every released checkpoint and is not supported.
@@ -234,6 +236,7 @@ class VAEConfig(_DictConfig):
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     in_channels: int = 3  # RGB in [-1, 1]
+    encoder_dim: int | None = None  # None: dim
     latents_mean: tuple[float, ...] = WAN_VAE_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN_VAE_LATENTS_STD
 
@@ -250,12 +253,19 @@ class VAEConfig(_DictConfig):
             )
         if any(s <= 0 for s in self.latents_std):
             raise ValueError(f"{self.name}: latents_std must be positive")
+        if self.encoder_dim is not None and self.encoder_dim < 1:
+            raise ValueError(f"{self.name}: encoder_dim must be positive (or None: dim), got {self.encoder_dim}")
 
     # ---- derived fields -------------------------------------------------------------------------
     @property
     def temporal_upsample(self) -> tuple[bool, ...]:
         """Which decoder up-stages double time: the encoder's choice mirrored."""
         return tuple(reversed(self.temporal_downsample))
+
+    @property
+    def encoder_base(self) -> int:
+        """The encoder's base width."""
+        return self.dim if self.encoder_dim is None else self.encoder_dim
 
     @property
     def spatial_factor(self) -> int:

@@ -276,7 +276,7 @@ class Encoder3d(_CausalStack):
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
+        dims = [cfg.encoder_base * m for m in (1, *cfg.dim_mult)]
         self.conv1 = CausalConv3d(cfg.in_channels, dims[0], 3)
         layers: list[nn.Module] = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):

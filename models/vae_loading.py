@@ -103,6 +103,9 @@ def infer_config(state: Mapping[str, torch.Tensor], name: str = "checkpoint") ->
     temporal = tuple(f"encoder.downsamples.{n}.time_conv.weight" in state for n in resamples)
     kw = dict(name=name, dim=dim, z_dim=z_dim, dim_mult=mult, num_res_blocks=per_stage,
               temporal_downsample=temporal, in_channels=in_channels)
+    decoder = state.get("decoder.conv1.weight")  # (dim * dim_mult[-1], z, 3, 3, 3)
+    if decoder is not None and decoder.shape[0] != dim * mult[-1]:  # an encoder wider than its decoder
+        kw.update(dim=decoder.shape[0] // mult[-1], encoder_dim=dim)
     if z_dim != len(WAN_VAE_LATENTS_MEAN):  # Wan2.1's statistics only fit 16 channels
         kw.update(latents_mean=(0.0,) * z_dim, latents_std=(1.0,) * z_dim)
     return VAEConfig(**kw)

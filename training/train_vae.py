@@ -27,6 +27,7 @@ from models.vae_loading import save_vae
 from training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
+WIDEN_NOISE = 1e-3  # relative noise on a widened encoder's copies (training.widen): tells them apart
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class VaeTrainConfig:
     motion_weight: float = 0.0  # L1 between the recon's and the clip's frame-to-frame differences: a decoder
     # that draws each latent's 4 frames alike and jumps into the next (stair steps: seams) pays for it here
     decoder_only: bool = False  # train only conv2 + decoder: the latent space (and a DiT trained on it) stays
+    encoder_only: bool = False  # train only encoder + conv1 against the decoder as it is, on the posterior
+    # mean (no sampling): a latent optimised for the demo decoder draws a held-out face at 32-34 dB where
+    # its encoder's gives 27 (the amortisation gap), so the decoder, and what decoding costs, stay
     latent_jitter: float = 0.0  # rms (in normalised latent units) of noise added to the decoded latents: a
     # generated latent is off by ~0.35 and re-rolls its detail each latent; a decoder taught on exact latents
     # turns that into flicker, one taught on jittered latents learns to draw the clean clip from them anyway
@@ -224,7 +228,7 @@ def vae_loss(vae: WanVAE, video: torch.Tensor, cfg: VaeTrainConfig, noise: torch
         weight = weight / weight.mean()
     with torch.set_grad_enabled(not cfg.decoder_only and torch.is_grad_enabled()):
         mu, logvar, _ = encode_stats(vae, video, enc)
-    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise)
+    z = mu if cfg.encoder_only else mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=noise)
     if jitter is not None:
         z = z + jitter[:, :, jitter.shape[2] - z.shape[2]:]
     recon, _ = decode_raw(vae, z, dec)
@@ -306,11 +310,14 @@ def _checkpoint(out: Path, vae: WanVAE, opt: torch.optim.Optimizer, step: int) -
 
 
 def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VAEConfig = VAE_DEMO,
-              stop_after: float | None = None, finish: bool = True) -> Path:
+              stop_after: float | None = None, finish: bool = True, init: Path | None = None) -> Path:
     """Train (or resume) into out_dir; returns the saved VAE (stats measured) when `steps` are done.
 
     With `finish=False` (a first stage of a curriculum) it returns the checkpoint instead, and the next
-    stage resumes from it with its own config."""
+    stage resumes from it with its own config. `init`: a saved VAE (`save_vae`) this stage starts from
+    at `cfg.first_step` when out_dir has no checkpoint yet."""
+    if cfg.encoder_only and cfg.decoder_only:
+        raise ValueError("encoder_only and decoder_only exclude each other: one of the two must train")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -324,12 +331,33 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log.info("resuming VAE training at step %d", step)
-        if cfg.latents > 1 and 0 < cfg.first_step == step and not time_trained(vae, opt):
+        if cfg.latents > 1 and 0 < cfg.first_step == step and not time_trained(vae, opt) and init is None:
             # a clip stage right after a single-frame one
             inflate_to_video(vae)
             log.info("inflated the single-frame VAE to stream frames as it codes the first")
+    elif init is not None:
+        from models.vae_loading import load_vae
+
+        from training.widen import FACTOR, widen_encoder
+
+        start = load_vae(init)
+        shape = ("dim", "z_dim", "dim_mult", "num_res_blocks", "temporal_downsample", "in_channels")
+        if any(getattr(start.cfg, f) != getattr(vae_cfg, f) for f in shape):
+            raise ValueError(f"{init}: its VAE is not shaped like {vae_cfg.name} ({', '.join(shape)})")
+        if start.cfg.encoder_base * FACTOR == vae_cfg.encoder_base:  # a wider encoder grows from the narrow one
+            start = widen_encoder(start, noise=WIDEN_NOISE, generator=torch.Generator().manual_seed(cfg.seed))
+            log.info("widened %s's encoder to %d", init, vae_cfg.encoder_base)
+        elif start.cfg.encoder_base != vae_cfg.encoder_base:
+            raise ValueError(f"{init}: encoder width {start.cfg.encoder_base} can neither be used nor widened "
+                             f"({FACTOR}x) to {vae_cfg.encoder_base}")
+        vae.load_state_dict(start.state_dict())
+        step = cfg.first_step
+        log.info("starting from %s at step %d", init, step)
     if cfg.decoder_only:  # the encoder and its latent statistics stay as they are; Adam skips gradless weights
         for module in (vae.encoder, vae.conv1):
+            module.requires_grad_(False)
+    if cfg.encoder_only:
+        for module in (vae.decoder, vae.conv2):
             module.requires_grad_(False)
     latent_std = None
     if cfg.latent_jitter > 0:  # the jitter's unit: the encoder's per-channel spread (fixed when decoder_only)
@@ -507,6 +535,12 @@ def main() -> None:
     p.add_argument("--motion-weight", type=float, default=VaeTrainConfig.motion_weight,
                    help="weight of the frame-difference loss (smooth motion across latent boundaries)")
     p.add_argument("--decoder-only", action="store_true", help="train only the decoder: the latent space stays")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="train only the encoder, on the posterior mean, against the decoder as it is")
+    p.add_argument("--encoder-dim", type=int, default=None,
+                   help="the encoder's base width (default: the decoder's); twice --init's widens its encoder")
+    p.add_argument("--init", type=Path, default=None, metavar="VAE",
+                   help="a saved VAE to start from (at --first-step) when --out has no checkpoint")
     p.add_argument("--latent-jitter", type=float, default=VaeTrainConfig.latent_jitter,
                    help="rms of AR(1) noise on the decoded latents, in latent std units (a DiT's error)")
     p.add_argument("--fast-motion", type=float, default=VaeTrainConfig.fast_motion,
@@ -521,7 +555,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if a.check is not None:
         if a.check.suffix == ".pt":
-            vae = WanVAE(VAE_DEMO)
+            vae = WanVAE(VAE_DEMO.replace(encoder_dim=a.encoder_dim))
             vae.load_state_dict(torch.load(a.check, weights_only=True)["vae"])
         else:
             from models.vae_loading import load_vae
@@ -534,8 +568,9 @@ def main() -> None:
     print(train_vae(a.out, VaeTrainConfig(steps=a.steps, latents=a.latents, warmup=a.warmup, batch=a.batch,
                                           lr=a.lr, first_step=a.first_step, mse_weight=a.mse_weight,
                                           motion_weight=a.motion_weight, decoder_only=a.decoder_only,
-                                          latent_jitter=a.latent_jitter, fast_motion=a.fast_motion,
-                                          mouth_weight=a.mouth_weight)))
+                                          encoder_only=a.encoder_only, latent_jitter=a.latent_jitter,
+                                          fast_motion=a.fast_motion, mouth_weight=a.mouth_weight),
+                    vae_cfg=VAE_DEMO.replace(encoder_dim=a.encoder_dim), init=a.init))
 
 
 if __name__ == "__main__":

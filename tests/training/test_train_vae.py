@@ -340,3 +340,76 @@ def test_vae_curriculum_runs_each_stage_once_in_order_and_resumes_mid_way(tmp_pa
     torch.save({"step": 9200}, tmp_path / "vae_train.pt")
     assert not train_vae_curriculum(plan, left=lambda: 1.0)
     assert len(calls) == 1 and not (tmp_path / "vae.safetensors").exists()
+
+
+def test_an_encoder_stage_starts_from_a_saved_vae_and_trains_only_the_encoder(tmp_path):
+    from models.config import VAE_TINY
+    from models.vae_loading import load_vae, save_vae
+    from training.train_vae import train_vae
+
+    torch.manual_seed(0)
+    start = save_vae(WanVAE(VAE_DEMO), tmp_path / "start.safetensors")
+    small = dict(batch=1, crop=32, latents=2, warmup=0, log_every=1, checkpoint_every=1)
+    cfg = VaeTrainConfig(steps=7, first_step=5, encoder_only=True, lr=1e-2, **small)
+    train_vae(tmp_path / "run", cfg, finish=False, init=start)
+    ckpt = torch.load(tmp_path / "run" / "vae_train.pt", weights_only=True)
+    assert ckpt["step"] == 7  # two steps, counted from the stage's first
+    init = load_vae(start).state_dict()
+    moved = {k for k, v in ckpt["vae"].items() if not torch.equal(v, init[k])}
+    assert moved and all(k.startswith(("encoder.", "conv1.")) for k in moved)
+    # the encoder learns the decoder's input exactly: no posterior sample, whatever the noise draws
+    video = to_video_tensor(np.random.default_rng(1).integers(0, 255, (1, 5, 32, 32, 3), dtype=np.uint8))
+    a, b = (vae_loss(load_vae(start), video, cfg, torch.Generator().manual_seed(s))["loss"] for s in (1, 2))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="not shaped like"):
+        train_vae(tmp_path / "other", cfg, vae_cfg=VAE_TINY, finish=False, init=start)
+    with pytest.raises(ValueError, match="exclude each other"):
+        train_vae(tmp_path / "both", VaeTrainConfig(encoder_only=True, decoder_only=True), init=start)
+
+
+def test_a_widened_encoder_encodes_as_the_narrow_one_and_decodes_with_its_decoder(tmp_path):
+    from models.vae_loading import load_vae, save_vae
+    from training.train_vae import encode_stats, teacher_clip
+    from training.widen import FACTOR, widen_encoder
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAE_DEMO).eval()
+    with torch.no_grad():  # trained-like weights everywhere, the attention's output projection included
+        for p in vae.parameters():
+            p.copy_(p + 0.05 * torch.randn_like(p))
+    video = to_video_tensor(teacher_clip(np.random.default_rng(3), 9, (32, 32), 100)[None])
+    wide = widen_encoder(vae).eval()
+    assert wide.cfg.encoder_dim == FACTOR * VAE_DEMO.dim and wide.cfg.dim == VAE_DEMO.dim
+    assert wide.encoder.conv1.weight.shape[0] == FACTOR * vae.encoder.conv1.weight.shape[0]
+    with torch.no_grad():
+        torch.testing.assert_close(encode_stats(wide, video)[0], encode_stats(vae, video)[0], atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(wide.decoder.state_dict().items(),
+                                                           vae.decoder.state_dict().items()))
+    # saved and read back as what it is: the decoder's width and the encoder's own
+    back = load_vae(save_vae(wide, tmp_path / "wide.safetensors"))
+    assert (back.cfg.dim, back.cfg.encoder_dim) == (VAE_DEMO.dim, FACTOR * VAE_DEMO.dim)
+    from models.vae_loading import infer_config
+
+    inferred = infer_config(wide.state_dict())
+    assert (inferred.dim, inferred.encoder_dim) == (VAE_DEMO.dim, FACTOR * VAE_DEMO.dim)
+    assert infer_config(vae.state_dict()).encoder_dim is None
+    # noise tells the copies apart and changes the encoding only a little
+    noisy = widen_encoder(vae, noise=1e-3, generator=torch.Generator().manual_seed(0)).eval()
+    w = noisy.encoder.conv1.weight
+    assert not torch.equal(w[: w.shape[0] // 2], w[w.shape[0] // 2:])
+    with torch.no_grad():
+        torch.testing.assert_close(encode_stats(noisy, video)[0], encode_stats(vae, video)[0], atol=0.05, rtol=0.05)
+
+
+def test_an_encoder_stage_widens_a_narrower_init_and_refuses_other_widths(tmp_path):
+    from models.vae_loading import save_vae
+    from training.train_vae import train_vae
+
+    torch.manual_seed(0)
+    start = save_vae(WanVAE(VAE_DEMO), tmp_path / "start.safetensors")
+    cfg = VaeTrainConfig(steps=4, first_step=3, encoder_only=True, batch=1, crop=32, latents=2, warmup=0)
+    train_vae(tmp_path / "wide", cfg, vae_cfg=VAE_DEMO.replace(encoder_dim=16), finish=False, init=start)
+    ckpt = torch.load(tmp_path / "wide" / "vae_train.pt", weights_only=True)
+    assert ckpt["vae"]["encoder.conv1.weight"].shape[0] == 16 and ckpt["vae"]["decoder.conv1.weight"].shape[0] == 32
+    with pytest.raises(ValueError, match="neither be used nor widened"):
+        train_vae(tmp_path / "odd", cfg, vae_cfg=VAE_DEMO.replace(encoder_dim=12), finish=False, init=start)
