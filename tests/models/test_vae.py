@@ -109,6 +109,11 @@ def test_presets_and_config():
         VAEConfig(name="bad", temporal_downsample=(True,))
     with pytest.raises(ValueError, match="z_dim"):
         VAEConfig(name="bad", z_dim=8)
+    wide = VAE_DEMO.replace(encoder_dim=16)  # an encoder of its own width; the decoder keeps dim
+    assert (wide.encoder_base, VAE_DEMO.encoder_base) == (16, VAE_DEMO.dim)
+    assert VAEConfig.from_dict(wide.to_dict()) == wide
+    with pytest.raises(ValueError, match="encoder_dim must be positive"):
+        VAEConfig(name="bad", encoder_dim=0)
 
 
 def test_diffusers_latent_statistics_match_ours():
