@@ -332,7 +332,8 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         step = state["step"]
         log.info("resuming VAE training at step %d", step)
         if cfg.latents > 1 and 0 < cfg.first_step == step and not time_trained(vae, opt) and init is None:
-            # a clip stage right after a single-frame one
+            # a clip stage right after a single-frame one (a stage begun from a trained `init` has its time
+            # convs trained, though its fresh optimiser never stepped them)
             inflate_to_video(vae)
             log.info("inflated the single-frame VAE to stream frames as it codes the first")
     elif init is not None:
