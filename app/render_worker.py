@@ -185,19 +185,21 @@ def demo_model_available(folder: Path = DEMO_MODEL_DIR) -> bool:
     return all((folder / f).exists() for f in ("model.safetensors", "lora.safetensors", "vae.safetensors"))
 
 
-def load_demo_models(folder: Path = DEMO_MODEL_DIR, device: str = "auto") -> ModelBundle:
-    """The shipped demo model: DiT core + its LoRA (merged at load) + the DEMO VAE + mel features."""
+def load_demo_models(folder: Path = DEMO_MODEL_DIR, device: str = "auto", vae: Path | None = None) -> ModelBundle:
+    """The shipped demo model: DiT core + its LoRA (merged at load) + the DEMO VAE + mel features.
+    `vae`: another VAE file than the folder's (a model still in training)."""
     from audio.features.mel import MelConfig, MelFeatures
     from avatar.domain import DEMO_DOMAIN
     from models.config import VAE_DEMO_SIZE
     from models.loading import load_dit
     from models.vae_loading import load_vae
 
-    if not demo_model_available(folder):
+    vae_file = Path(vae) if vae is not None else Path(folder) / "vae.safetensors"
+    if not all(p.exists() for p in (Path(folder) / "model.safetensors", Path(folder) / "lora.safetensors", vae_file)):
         raise FileNotFoundError(f"{folder}: the demo model's weights (model/lora/vae .safetensors) are missing")
     dev = pick_device(device)
     dit, _ = load_dit(folder, merge_lora=True, device=dev)
-    vae = load_vae(folder / "vae.safetensors").to(dev)
+    vae = load_vae(vae_file).to(dev)
     features = MelFeatures(MelConfig(n_mels=dit.cfg.audio_dim))
     return ModelBundle("demo", dit.eval(), vae.eval(), features, frame_hw=VAE_DEMO_SIZE, checkpoint=str(folder),
                        domain=DEMO_DOMAIN)  # drawn faces only: a photo gets a warning (avatar/domain.py)

@@ -151,7 +151,7 @@ def _portrait(clip: Clip, state, scale: int) -> tuple[np.ndarray, list]:
     return img, [i.face_box for i in infos]
 
 
-def _conditions(engine, clip: Clip, emotion: str | None = None):
+def avatar_conditions(engine, clip: Clip, emotion: str | None = None):
     """The avatar as a user would give it: the identities' neutral portrait (rendered at >= 128 px, which
     prepare_avatar scales to the model's size), their face boxes, and the emotion's reference image."""
     from app.avatars import png_bytes
@@ -167,7 +167,7 @@ def _conditions(engine, clip: Clip, emotion: str | None = None):
     return engine.conditions(prepared, "e" if emotions else None, motion=0.0)  # the teacher runs motion 0
 
 
-async def _run_session(engine, cond, audio: np.ndarray, *, chunk_s: float = 1.0,
+async def run_session(engine, cond, audio: np.ndarray, *, chunk_s: float = 1.0,
                        keep=lambda pts: True) -> tuple[np.ndarray, float]:
     """Push (F, N) 16 kHz audio (one row per speaker) as fast as generation takes it; collect the frames
     `keep(pts)` asks for. Returns (frames, wall seconds)."""
@@ -268,7 +268,7 @@ def _speaking(engine, speech: list[np.ndarray], cfg: EvalConfig, size) -> dict[s
     for ident in cfg.identities:
         for wav in speech:
             clip = make_clip(wav, ident, motion=0.0, size=size, seed=cfg.seed, blinks=False)
-            frames, wall = asyncio.run(_run_session(engine, _conditions(engine, clip), clip.audio))
+            frames, wall = asyncio.run(run_session(engine, avatar_conditions(engine, clip), clip.audio))
             n = min(len(frames), clip.num_frames)
             r, lag = lipsync(openings(frames[:n], clip.mouth_boxes[0, :n]), clip.states[0, :n, 0])
             rs.append(r)
@@ -305,7 +305,7 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
             lifts, taught = {}, {}
             for emotion in EMOTIONS:
                 clip = make_clip(speech[0], ident, emotion=emotion, size=size, seed=cfg.seed, blinks=False)
-                frames, _ = asyncio.run(_run_session(engine, _conditions(engine, clip, emotion), clip.audio))
+                frames, _ = asyncio.run(run_session(engine, avatar_conditions(engine, clip, emotion), clip.audio))
                 lifts[emotion] = mean_corner_lift(frames, clip.mouth_boxes[0])
                 taught[emotion] = mean_corner_lift(clip.frames, clip.mouth_boxes[0])
             lifts_by_id[ident] = (lifts, taught)
@@ -318,7 +318,7 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
         out["drift_db"], out["rtf"] = _drift(engine, speech[0], cfg, size)
         # 4. latency in a live session fed in real time (held-out speech, looped to latency_s)
         clip = make_clip(speech[0], cfg.identities[0], size=size, seed=cfg.seed, blinks=False)
-        first, latencies = asyncio.run(_live_session(engine, _conditions(engine, clip), np.concatenate(speech),
+        first, latencies = asyncio.run(_live_session(engine, avatar_conditions(engine, clip), np.concatenate(speech),
                                                      cfg.latency_s))
         out["first_frame_s"] = round(first, 3)
         out["latency_ms"] = percentiles_ms(latencies)
@@ -351,7 +351,7 @@ def _drift(engine, wav: np.ndarray, cfg: EvalConfig, size) -> tuple[float, float
     # the reference for frame p of the looped stream: the teacher frame at the same place in the clip
     clip = make_clip(wav, cfg.identities[0], size=size, seed=cfg.seed, blinks=False)
     keep = lambda pts: pts < window or pts >= total - window  # noqa: E731
-    frames, wall = asyncio.run(_run_session(engine, _conditions(engine, clip), long[None], keep=keep))
+    frames, wall = asyncio.run(run_session(engine, avatar_conditions(engine, clip), long[None], keep=keep))
     pts = list(range(window)) + list(range(total - window, total))
     scores = [psnr(f, clip.frames[p % clip_frames]) for f, p in zip(frames, pts, strict=False)]
     return round(float(np.mean(scores[window:]) - np.mean(scores[:window])), 3), round(cfg.stream_s / wall, 3)
@@ -363,7 +363,7 @@ def _faa_leak(models, wav: np.ndarray, cfg: EvalConfig, size) -> float | None:
     clip = make_pair_clip(wav, silent, cfg.identities[0], cfg.identities[-1] + 1, size=pair_size,
                           seed=cfg.seed, blinks=False)
     with _engine(replace(models, frame_hw=pair_size, decoder_backend=None)) as engine:
-        frames, _ = asyncio.run(_run_session(engine, _conditions(engine, clip), clip.audio))
+        frames, _ = asyncio.run(run_session(engine, avatar_conditions(engine, clip), clip.audio))
     a = openings(frames, clip.mouth_boxes[0])
     b = openings(frames, clip.mouth_boxes[1])
     if a.var() < 1e-8:  # face A's mouth never moved: there is nothing to leak, the ratio is undefined

@@ -30,7 +30,7 @@ def generated():
     from app.render_worker import load_models
     from audio.io import read_audio
     from training.dataset import make_clip
-    from training.evaluate import EvalConfig, _conditions, _engine, _run_session
+    from training.evaluate import EvalConfig, avatar_conditions, _engine, run_session
 
     speech = read_audio(FIXTURE)[: 16_000 * 4]
     models = load_models("demo")
@@ -38,7 +38,7 @@ def generated():
     with _engine(models) as engine:
         for ident in EvalConfig().identities:
             clip = make_clip(speech, ident, size=tuple(models.frame_hw), blinks=False)
-            frames, _ = asyncio.run(_run_session(engine, _conditions(engine, clip), clip.audio))
+            frames, _ = asyncio.run(run_session(engine, avatar_conditions(engine, clip), clip.audio))
             out.append((frames[: clip.num_frames], clip))
     return out
 

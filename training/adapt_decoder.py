@@ -1,0 +1,266 @@
+"""Decoder adaptation: the VAE decoder fine-tuned on the latents it decodes in use, the DiT's own.
+
+The DiT trains on the encoder's latents of teacher clips, but what a stream decodes is what the DiT
+draws: a few-step, guided estimate that is blurrier than the encoder's latents and opens the mouth less.
+The decoder never saw such latents. Here it learns them: pairs of the finished DiT's latents, generated
+through the live path (`AvatarEngine`: the preset's sampler, guidance, block size and noise) for
+training clips (training identities and voices, the teacher's motion 0, no blinks, some with an emotion
+reference), and the teacher's frames for the same identity and audio. The decoder (with `conv2`) is
+trained on them streamed as a live session decodes them (`FrameDecoder.open_at`, then latent by latent);
+the encoder, whose latents the DiT was trained on, stays as it is, so the DiT's data does not move.
+
+On the demo model (held-out faces and voices, and the held-out speech engine) this is where most of
+its identity PSNR comes from; see the model card for the measured figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avatar.decoder import OPENING_LATENTS
+from models.vae import WanVAE
+from training.dataset import ClipStore, make_clip
+from training.latents import KeyedFiles, LatentStore
+from training.train_vae import decode_raw, to_video_tensor
+
+log = logging.getLogger(__name__)
+
+MOUTH_MARGIN = 2  # pixels around a mouth box that its loss weight also covers (the lips' edge)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    steps: int = 300
+    lr: float = 1e-4
+    batch: int = 2
+    window_latents: int = 4  # latents decoded with gradients per sample (16 frames)
+    warm_latents: int = 3  # decoded before them without: the decoder's causal caches reach ~2 latents back
+    mouth_weight: float = 4.0  # loss weight of mouth-box pixels (mean weight 1)
+    motion_weight: float = 2.0  # L1 on frame differences: a latent's change drawn as the teacher's is
+    boundary_weight: float = 1.0  # extra weight of the differences into a latent's first frame (the
+    # step from the latent before, where a stream's seams are): there every new DiT latent redraws detail
+    emotions: tuple[str, ...] = ("neutral", "neutral", "neutral", "happy", "sad")  # the pairs' emotions, in turn
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 50
+
+
+# ---- pairs ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class DecodePair:
+    latents: np.ndarray  # (16, K, h, w) float32, normalised: the stream's latents 1..K as it decoded them
+    frames: np.ndarray  # (N, H, W, 3) uint8: the teacher's frames 1..N (N <= 4K)
+    mouths: np.ndarray  # (N, 4) the teacher's mouth boxes (x0, y0, x1, y1) on those frames
+    generated: np.ndarray  # (N, H, W, 3) uint8: what the session showed for those frames
+    emotion: str
+
+
+class PairStore(KeyedFiles):
+    """One compressed .npz per training clip, written atomically."""
+
+    def write(self, key: str, p: DecodePair) -> None:
+        self._write_atomic(key, lambda tmp: np.savez_compressed(
+            tmp, latents=p.latents, frames=p.frames, mouths=p.mouths, generated=p.generated,
+            emotion=np.array(p.emotion)))
+
+    def read(self, key: str) -> DecodePair:
+        with np.load(self.path(key)) as z:
+            return DecodePair(latents=z["latents"], frames=z["frames"], mouths=z["mouths"],
+                              generated=z["generated"], emotion=str(z["emotion"]))
+
+
+class RecordingDecoder:
+    """A session's decoder backend (the torch VAE or its ONNX export) that keeps every latent a stream
+    decodes, in order."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.provider = getattr(backend, "provider", "torch")
+        self.latents: list[torch.Tensor] = []
+
+    def init_state(self, batch: int, latent_h: int, latent_w: int):
+        return self.backend.init_state(batch, latent_h, latent_w)
+
+    def decode_step(self, state, z: torch.Tensor):
+        self.latents.append(z.detach().float().cpu().clone())
+        return self.backend.decode_step(state, z)
+
+
+def generate_pairs(models, clips: ClipStore, latents: LatentStore, out: PairStore, limit: int,
+                   cfg: AdaptConfig = AdaptConfig(), decoder: str = "torch") -> int:
+    """Pairs for up to `limit` single-face training clips of `latents` (resumable: clips already in `out`
+    count and are skipped). `models`: the finished model's bundle, generating with its preset's options;
+    `decoder`: "torch" or "onnx" (faster on CPU; the latents are the same). Returns how many pairs `out`
+    holds for those clips."""
+    from avatar.engine import AvatarEngine, preset_options
+    from training.evaluate import avatar_conditions, run_session
+
+    keys = [k for k in latents.keys() if not k.startswith("listen_")]
+    backend = models.vae
+    if decoder == "onnx":
+        from models.onnx_vae import OnnxVaeDecoder
+
+        backend = OnnxVaeDecoder.from_vae(models.vae, *(x // models.vae.cfg.spatial_factor for x in models.frame_hw))
+    elif decoder != "torch":
+        raise ValueError(f"decoder must be 'torch' or 'onnx', not {decoder!r}")
+    recorder = RecordingDecoder(backend)
+    bundle = replace(models, decoder_backend=recorder)
+    opts = preset_options(models.dit.cfg.name, decoder="torch", max_sessions=1)
+    held = 0
+    with AvatarEngine(bundle, opts).start() as engine:
+        for i, key in enumerate(keys):
+            if held >= limit:
+                break
+            lc = latents.read(key)
+            if lc.split != "train" or lc.features.shape[0] != 1:  # single-face training clips
+                continue
+            held += 1
+            if key in out:
+                continue
+            clip = clips.read(key)
+            emotion = cfg.emotions[i % len(cfg.emotions)]
+            teacher = make_clip(clip.audio[0], clip.identity_seeds[0], motion=0.0, emotion=emotion,
+                                size=models.frame_hw, seed=cfg.seed, blinks=False)
+            cond = avatar_conditions(engine, teacher, None if emotion == "neutral" else emotion)
+            recorder.latents.clear()
+            shown, _ = asyncio.run(run_session(engine, cond, teacher.audio))
+            out.write(key, pair_from_stream(recorder.latents, teacher, shown, emotion))
+            log.info("decode pair %d/%d: %s (%s)", held, limit, key, emotion)
+    return held
+
+
+def pair_from_stream(decoded: list[torch.Tensor], teacher, shown: np.ndarray, emotion: str) -> DecodePair:
+    """A stream decodes latent 1 OPENING_LATENTS times (its opening), then latents 1, 2, ... once each."""
+    if len(decoded) <= OPENING_LATENTS or not all(torch.equal(z, decoded[OPENING_LATENTS])
+                                                 for z in decoded[:OPENING_LATENTS]):
+        raise RuntimeError(f"expected a stream opened on its first latent, then its latents; got {len(decoded)}")
+    z = torch.cat(decoded[OPENING_LATENTS:], dim=2)[0].numpy()  # (16, K, h, w)
+    n = min(4 * z.shape[1], teacher.num_frames - 1, len(shown) - 1)
+    return DecodePair(latents=z.astype(np.float32), frames=teacher.frames[1:1 + n],
+                      mouths=teacher.mouth_boxes[0, 1:1 + n].astype(np.int32), generated=shown[1:1 + n],
+                      emotion=emotion)
+
+
+# ---- the loss -------------------------------------------------------------------------------------
+def sample_window(pair: DecodePair, rng: np.random.Generator, cfg: AdaptConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """A training window: (warm latents (16, W, h, w), window latents (16, L, h, w), teacher frames
+    (4L, H, W, 3), mouth masks (4L, H, W)). Latent s covers frames 4s-3..4s (pair index 4s-4..4s-1); the
+    warm latents are those before it, as far as `warm_latents`, led by the stream's opening where the
+    window starts near latent 1 (latent 1 held, as `FrameDecoder.open_at` decodes it)."""
+    n_lat = pair.frames.shape[0] // 4  # latents whose 4 frames the pair holds
+    L = cfg.window_latents
+    if n_lat < L:
+        raise ValueError(f"a pair of {pair.frames.shape[0]} frames is shorter than a {L}-latent window")
+    s = int(rng.integers(1, n_lat - L + 2))  # first latent of the window, 1-based
+    warm = ([1] * OPENING_LATENTS if s - cfg.warm_latents < 1 else []) + list(range(max(1, s - cfg.warm_latents), s))
+    z = torch.from_numpy(pair.latents)
+    frames = pair.frames[4 * (s - 1):4 * (s - 1 + L)]
+    masks = np.zeros(frames.shape[:3], bool)
+    m = MOUTH_MARGIN
+    for j, (x0, y0, x1, y1) in enumerate(pair.mouths[4 * (s - 1):4 * (s - 1 + L)]):
+        masks[j, max(0, y0 - m):y1 + m, max(0, x0 - m):x1 + m] = True
+    return z[:, [i - 1 for i in warm]], z[:, s - 1:s - 1 + L], frames, masks
+
+
+def adaptation_loss(vae: WanVAE, warm: torch.Tensor, window: torch.Tensor, frames: np.ndarray,
+                    masks: np.ndarray, cfg: AdaptConfig) -> dict[str, torch.Tensor]:
+    """The decoder's error on a window it decodes after `warm` (no gradients there): mouth-weighted
+    L1 + MSE on frames and `motion_weight` x L1 on frame differences (a boundary step the teacher does not
+    make costs as much as a missing change inside a latent)."""
+    unnorm = lambda z: z[None] * vae.latents_std + vae.latents_mean  # noqa: E731 -- normalised -> VAE units
+    with torch.no_grad():
+        _, caches = decode_raw(vae, unnorm(warm))
+    recon, _ = decode_raw(vae, unnorm(window), caches)  # (1, 3, 4L, H, W)
+    video = to_video_tensor(frames[None])
+    w = 1 + (cfg.mouth_weight - 1) * torch.from_numpy(masks)[None, None].float()
+    w = w / w.mean()
+    l1 = ((recon - video).abs() * w).mean()
+    mse = ((recon - video).pow(2) * w).mean()
+    dt = lambda v: v[:, :, 1:] - v[:, :, :-1]  # noqa: E731
+    dw = w[:, :, 1:].clone()  # a difference weighs as its later frame...
+    dw[:, :, 3::4] *= cfg.boundary_weight  # ...and more where that frame starts a latent (window frame 4j)
+    motion = ((dt(recon) - dt(video)).abs() * dw).mean()
+    return {"loss": l1 + mse + cfg.motion_weight * motion, "l1": l1, "mse": mse, "motion": motion}
+
+
+def decoder_parameters(vae: WanVAE) -> list[torch.nn.Parameter]:
+    """conv2 and the decoder train; everything else (the encoder, conv1) is frozen."""
+    trained = {id(p) for m in (vae.conv2, vae.decoder) for p in m.parameters()}
+    for p in vae.parameters():
+        p.requires_grad_(id(p) in trained)
+    return [p for p in vae.parameters() if p.requires_grad]
+
+
+# ---- the loop (seeded, resumable) -----------------------------------------------------------------
+def adapt_decoder(vae_path: Path, pairs: PairStore, out_dir: Path, cfg: AdaptConfig = AdaptConfig(),
+                  stop_after: float | None = None, dest: Path | None = None) -> Path | None:
+    """Fine-tune the decoder of the VAE at `vae_path` on `pairs`; resumes from `out_dir`'s checkpoint.
+    Returns the adapted VAE (`dest`, default `out_dir/vae_adapted.safetensors`) once `cfg.steps` are done,
+    None when stopped by `stop_after` seconds (resumable)."""
+    from models.vae_loading import load_vae, save_vae
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = Path(dest) if dest is not None else out / "vae_adapted.safetensors"
+    vae = load_vae(vae_path)
+    params = decoder_parameters(vae)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ckpt = out / "adapt_train.pt"
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log.info("resuming decoder adaptation at step %d", step)
+    data = [pairs.read(k) for k in pairs.keys()]
+    data = [p for p in data if p.frames.shape[0] >= 4 * cfg.window_latents]
+    if not data:
+        raise ValueError(f"{pairs.root}: no pair holds a {cfg.window_latents}-latent window")
+    logf = (out / "adapt_log.jsonl").open("a")
+    t0 = time.monotonic()
+    vae.train()
+    while step < cfg.steps:
+        rng = np.random.default_rng([cfg.seed, step, 11])
+        lr = cfg.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for _ in range(cfg.batch):
+            parts = adaptation_loss(vae, *sample_window(data[int(rng.integers(len(data)))], rng, cfg), cfg)
+            (parts["loss"] / cfg.batch).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.batch
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = {"stage": "vae_adapt", "step": step, "lr": round(lr, 7), "loss": round(sums["loss"], 5),
+                   **{k: round(v, 5) for k, v in sums.items() if k != "loss"},
+                   "elapsed_s": round(time.monotonic() - t0, 1)}
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            log.info("%s", rec)
+        stopping = stop_after is not None and time.monotonic() - t0 > stop_after
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+            tmp.replace(ckpt)
+            if stopping and step < cfg.steps:
+                return None
+    vae.eval()
+    tmp = dest.with_name(dest.name + ".tmp.safetensors")
+    save_vae(vae, tmp)
+    tmp.replace(dest)
+    return dest
