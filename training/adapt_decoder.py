@@ -39,14 +39,14 @@ MOUTH_MARGIN = 2  # pixels around a mouth box that its loss weight also covers (
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    steps: int = 300
+    steps: int = 350
     lr: float = 1e-4
     batch: int = 2
     window_latents: int = 4  # latents decoded with gradients per sample (16 frames)
     warm_latents: int = 3  # decoded before them without: the decoder's causal caches reach ~2 latents back
     mouth_weight: float = 4.0  # loss weight of mouth-box pixels (mean weight 1)
     motion_weight: float = 2.0  # L1 on frame differences: a latent's change drawn as the teacher's is
-    boundary_weight: float = 1.0  # extra weight of the differences into a latent's first frame (the
+    boundary_weight: float = 4.0  # extra weight of the differences into a latent's first frame (the
     # step from the latent before, where a stream's seams are): there every new DiT latent redraws detail
     emotions: tuple[str, ...] = ("neutral", "neutral", "neutral", "happy", "sad")  # the pairs' emotions, in turn
     seed: int = 0

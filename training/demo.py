@@ -61,7 +61,7 @@ class DemoPlan:
     live_mouth_weight: float = 10.0
     live_augment: float = 0.5
     adapt_clips: int = 90  # training clips whose DiT latents and teacher frames the decoder adapts on
-    adapt_steps: int = 300
+    adapt_steps: int = 350
     latent_clips: int | None = 120  # encode only this many single-face clips (+ a quarter as many pairs):
     # eager conv3d encodes a clip in 4-6 s on 2 cores
     seed: int = 0
