@@ -179,10 +179,8 @@ PRESET_DEFAULTS: dict[str, dict] = {
     # (the speaker's 1.67 -> 1.40); eval demo, one run against the shipped figures: lip sync 0.733 ->
     # 0.748, flite 0.685 -> 0.699, FAA leak 0.0078 -> 0.0011, emotion effect min 0.35 -> 0.40, seams
     # 1.23 -> 1.25 (less motion inside a latent), PSNR unchanged. A silent voice's face guided at 0: a
-    # listener's mouth moves 6.6 % as much as the speaker's live (was 13 %). Emotion strength 1.5: effect
-    # 0.40 / 1.00 -> 0.63 / 1.17 on the eval's held-out faces, 0.31-1.06 -> 0.49-1.29 on three others.
-    # The decoder adapted to the DiT's latents (training/adapt_decoder.py) draws the corners' lift a little
-    # less (0.48 / 1.22 at 1.5), so 1.75: 0.60 / 1.28, and 0.72-1.44 on the three others (0.59-1.31 at 1.5)
+    # listener's mouth moves 6.6 % as much as the speaker's live (was 13 %). Emotion strength 1.75 (adapted
+    # decoder, eval's held-out faces): effect 0.48 / 1.22 -> 0.60 / 1.28, three others 0.59-1.31 -> 0.72-1.44
     "demo": dict(mode="causal", emotion_as_reference=True, emotion_strength=1.75,
                  causal=CausalOptions(block_frames=1, window_frames=6, steps=(1000, 750, 500), noise_correlation=1.0,
                                       guidance=Guidance(audio_scale=2.0, emotion=True, quiet_audio_scale=0.0))),
