@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from avatar.decoder import OPENING_LATENTS
 from models.vae import WanVAE
 from training.dataset import ClipStore, make_clip
 from training.latents import KeyedFiles, LatentStore
+from training.schedule import warmup_cosine
 from training.train_vae import decode_raw, to_video_tensor
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def adapt_decoder(vae_path: Path, pairs: PairStore, out_dir: Path, cfg: AdaptCon
     vae.train()
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, step, 11])
-        lr = cfg.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        lr = warmup_cosine(cfg.lr, step, cfg.steps, warmup=50)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
