@@ -16,7 +16,6 @@ its identity PSNR comes from; see the model card for the measured figures.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ import torch
 
 from avatar.decoder import OPENING_LATENTS
 from models.vae import WanVAE
+from training.checkpoint import append_log, load_checkpoint, save_checkpoint
 from training.dataset import ClipStore, make_clip
 from training.latents import KeyedFiles, LatentStore
 from training.schedule import warmup_cosine
@@ -50,6 +50,7 @@ class AdaptConfig:
     # step from the latent before, where a stream's seams are): there every new DiT latent redraws detail
     emotions: tuple[str, ...] = ("neutral", "neutral", "neutral", "happy", "sad")  # the pairs' emotions, in turn
     seed: int = 0
+    name: str = "vae_adapt"  # the run's stage name in its log (one per round of a plan)
     log_every: int = 10
     checkpoint_every: int = 50
 
@@ -60,7 +61,7 @@ class DecodePair:
     latents: np.ndarray  # (16, K, h, w) float32, normalised: the stream's latents 1..K as it decoded them
     frames: np.ndarray  # (N, H, W, 3) uint8: the teacher's frames 1..N (N <= 4K)
     mouths: np.ndarray  # (N, 4) the teacher's mouth boxes (x0, y0, x1, y1) on those frames
-    generated: np.ndarray  # (N, H, W, 3) uint8: what the session showed for those frames
+    generated: np.ndarray | None  # (N, H, W, 3) uint8: what the session showed for those frames
     emotion: str
 
 
@@ -72,10 +73,11 @@ class PairStore(KeyedFiles):
             tmp, latents=p.latents, frames=p.frames, mouths=p.mouths, generated=p.generated,
             emotion=np.array(p.emotion)))
 
-    def read(self, key: str) -> DecodePair:
+    def read(self, key: str, generated: bool = True) -> DecodePair:
+        """`generated=False` leaves the shown frames unread (None): training never uses them."""
         with np.load(self.path(key)) as z:
             return DecodePair(latents=z["latents"], frames=z["frames"], mouths=z["mouths"],
-                              generated=z["generated"], emotion=str(z["emotion"]))
+                              generated=z["generated"] if generated else None, emotion=str(z["emotion"]))
 
 
 class RecordingDecoder:
@@ -216,18 +218,13 @@ def adapt_decoder(vae_path: Path, pairs: PairStore, out_dir: Path, cfg: AdaptCon
     params = decoder_parameters(vae)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ckpt = out / "adapt_train.pt"
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
+    step = load_checkpoint(ckpt, vae=vae, opt=opt)
+    if step:
         log.info("resuming decoder adaptation at step %d", step)
-    data = [pairs.read(k) for k in pairs.keys()]
+    data = [pairs.read(k, generated=False) for k in pairs.keys()]
     data = [p for p in data if p.frames.shape[0] >= 4 * cfg.window_latents]
     if not data:
         raise ValueError(f"{pairs.root}: no pair holds a {cfg.window_latents}-latent window")
-    logf = (out / "adapt_log.jsonl").open("a")
     t0 = time.monotonic()
     vae.train()
     while step < cfg.steps:
@@ -246,17 +243,14 @@ def adapt_decoder(vae_path: Path, pairs: PairStore, out_dir: Path, cfg: AdaptCon
         opt.step()
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            rec = {"stage": "vae_adapt", "step": step, "lr": round(lr, 7), "loss": round(sums["loss"], 5),
+            rec = {"stage": cfg.name, "step": step, "lr": round(lr, 7), "loss": round(sums["loss"], 5),
                    **{k: round(v, 5) for k, v in sums.items() if k != "loss"},
                    "elapsed_s": round(time.monotonic() - t0, 1)}
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
+            append_log(out / "adapt_log.jsonl", rec)
             log.info("%s", rec)
         stopping = stop_after is not None and time.monotonic() - t0 > stop_after
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
-            tmp.replace(ckpt)
+            save_checkpoint(ckpt, step, vae=vae, opt=opt)
             if stopping and step < cfg.steps:
                 return None
     vae.eval()
@@ -264,3 +258,29 @@ def adapt_decoder(vae_path: Path, pairs: PairStore, out_dir: Path, cfg: AdaptCon
     save_vae(vae, tmp)
     tmp.replace(dest)
     return dest
+
+
+def adapt_in_rounds(vae_path: Path, pairs: PairStore, out_dir: Path, rounds: list[AdaptConfig],
+                    stop_after: float | None = None, dest: Path | None = None) -> Path | None:
+    """`adapt_decoder` once per config, each round (`out_dir/adapt_K`, a fresh optimiser and schedule) on the
+    decoder the round before made; rounds already finished are skipped. Returns `dest` (default
+    `out_dir/vae_adapted.safetensors`, a copy of the last round's VAE), None when stopped (resumable)."""
+    import shutil
+
+    out = Path(out_dir)
+    dest = Path(dest) if dest is not None else out / "vae_adapted.safetensors"
+    t0 = time.monotonic()
+    start = Path(vae_path)
+    for k, cfg in enumerate(rounds, 1):
+        folder = out / f"adapt_{k}"
+        made = folder / "vae_adapted.safetensors"
+        if not made.exists():
+            left = None if stop_after is None else max(0.0, stop_after - (time.monotonic() - t0))
+            if adapt_decoder(start, pairs, folder, cfg, stop_after=left, dest=made) is None:
+                return None
+        start = made
+    tmp = dest.with_name(dest.name + ".tmp.safetensors")
+    shutil.copy2(start, tmp)
+    tmp.replace(dest)
+    return dest
+

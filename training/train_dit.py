@@ -33,6 +33,7 @@ from models.dit import WanDiT
 from models.lora import inject_lora, lora_state_dict
 from models.sampling import add_noise, shift_sigmas, sigma_to_timestep, velocity_target
 from training.latents import LatentClip, LatentStore
+from training.checkpoint import append_log, load_checkpoint, save_checkpoint
 from training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -236,16 +237,11 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     run = f"dit_{cfg.name or cfg.stage}"
     ckpt = out / f"{run}_train.pt"
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        dit.load_state_dict(state["dit"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
+    step = load_checkpoint(ckpt, dit=dit, opt=opt)
+    if step:
         log.info("resuming DiT %s training at step %d", run, step)
     data = Batches(store, augmented=augmented)
     t0 = time.monotonic()
-    logf = (out / "dit_log.jsonl").open("a")
     dit.train()
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, step, 7])
@@ -263,14 +259,11 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
         if step % cfg.log_every == 0 or step == cfg.steps:
             rec = {"stage": run, "step": step, "lr": round(lr, 7), "loss": round(float(loss.detach()), 5),
                    "pairs": bool(pairs), "elapsed_s": round(time.monotonic() - t0, 1)}
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
+            append_log(out / "dit_log.jsonl", rec)
             log.info("%s", rec)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or (
                 stop_after is not None and time.monotonic() - t0 > stop_after):
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"dit": dit.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
-            tmp.replace(ckpt)
+            save_checkpoint(ckpt, step, dit=dit, opt=opt)
             if stop_after is not None and time.monotonic() - t0 > stop_after:
                 return None
     from models.loading import save_dit

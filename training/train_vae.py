@@ -24,6 +24,7 @@ from avatar.drawn.face import STATE_FIELDS, FaceState, Identity, render
 from models.config import VAE_DEMO, VAEConfig
 from models.vae import CausalConv3d, Resample, WanVAE
 from models.vae_loading import save_vae
+from training.checkpoint import append_log, load_checkpoint, save_checkpoint
 from training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -303,12 +304,6 @@ def time_trained(vae: WanVAE, opt: torch.optim.Optimizer) -> bool:
                for m in vae.modules() if isinstance(m, Resample) and m.temporal)
 
 
-def _checkpoint(out: Path, vae: WanVAE, opt: torch.optim.Optimizer, step: int) -> None:
-    tmp = out / "vae_train.pt.tmp"
-    torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
-    tmp.replace(out / "vae_train.pt")
-
-
 def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VAEConfig = VAE_DEMO,
               stop_after: float | None = None, finish: bool = True, init: Path | None = None) -> Path:
     """Train (or resume) into out_dir; returns the saved VAE (stats measured) when `steps` are done.
@@ -326,10 +321,7 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
     step = 0
     ckpt = out / "vae_train.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
+        step = load_checkpoint(ckpt, vae=vae, opt=opt)
         log.info("resuming VAE training at step %d", step)
         if cfg.latents > 1 and 0 < cfg.first_step == step and not time_trained(vae, opt) and init is None:
             # a clip stage right after a single-frame one (a stage begun from a trained `init` has its time
@@ -366,7 +358,6 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         vae.train()
     frames = 1 + vae_cfg.temporal_factor * (cfg.latents - 1)
     t_start = time.monotonic()
-    logf = (out / "vae_log.jsonl").open("a")
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, step])  # the batch depends only on (seed, step): resumable
         noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -388,16 +379,15 @@ def train_vae(out_dir: Path, cfg: VaeTrainConfig = VaeTrainConfig(), vae_cfg: VA
         if step % cfg.log_every == 0 or step == cfg.steps:
             rec = {"stage": "vae", "step": step, "lr": lr, "elapsed_s": round(time.monotonic() - t_start, 1),
                    **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
+            append_log(out / "vae_log.jsonl", rec)
             log.info("%s", rec)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _checkpoint(out, vae, opt, step)
+            save_checkpoint(ckpt, step, vae=vae, opt=opt)
         if stop_after is not None and time.monotonic() - t_start > stop_after:
-            _checkpoint(out, vae, opt, step)
+            save_checkpoint(ckpt, step, vae=vae, opt=opt)
             return ckpt
     if not finish:
-        _checkpoint(out, vae, opt, step)
+        save_checkpoint(ckpt, step, vae=vae, opt=opt)
         return ckpt
     vae = vae.eval()
     mean, std = latent_statistics(vae, cfg, cfg.stat_clips)

@@ -148,3 +148,25 @@ def test_the_boundary_weight_counts_only_the_steps_into_a_latent():
 
     gain_1, gain_5 = motion(1.0, moved) - motion(1.0, frames), motion(5.0, moved) - motion(5.0, frames)
     assert 2.5 < gain_5 / gain_1 < 3.5  # (5 + 1) / (1 + 1): the step in weighs 5, the step out 1
+
+
+def test_rounds_continue_from_each_other_and_resume(tmp_path):
+    from models.vae_loading import load_vae, save_vae
+    from training.adapt_decoder import adapt_in_rounds
+
+    src = save_vae(_vae(), tmp_path / "vae.safetensors")
+    store = PairStore(tmp_path / "pairs")
+    store.write("clip_0", _pair(latents=3))
+    base = AdaptConfig(steps=2, lr=3e-3, batch=1, window_latents=2, warm_latents=1, log_every=1)
+    rounds = [base, AdaptConfig(**{**base.__dict__, "steps": 3, "boundary_weight": 8.0, "name": "vae_adapt_2"})]
+    assert adapt_in_rounds(src, store, tmp_path / "r", rounds, stop_after=0.0) is None  # one step of round 1
+    assert adapt_in_rounds(src, store, tmp_path / "r", rounds) == tmp_path / "r" / "vae_adapted.safetensors"
+    # round 2 started from round 1's decoder: the same as running it by hand on that file
+    first = adapt_decoder(src, store, tmp_path / "h1", rounds[0])
+    by_hand = load_vae(adapt_decoder(first, store, tmp_path / "h2", rounds[1]))
+    for (name, p), q in zip(load_vae(tmp_path / "r" / "vae_adapted.safetensors").state_dict().items(),
+                            by_hand.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+    stages = [line.split('"stage": "')[1].split('"')[0]
+              for k in (1, 2) for line in (tmp_path / "r" / f"adapt_{k}" / "adapt_log.jsonl").read_text().splitlines()]
+    assert stages == ["vae_adapt"] * 2 + ["vae_adapt_2"] * 3
