@@ -1,6 +1,7 @@
-"""Every user of the shared sampler reproduces its stored goldens bit for bit (tests/fixtures/sampling):
-the generation modes (causal with CFG and a re-noised context pass, overlap chunks, offline and live
-position-shift fusion) and the DiT trainer's noise levels, noising and timesteps."""
+"""Every user of the shared sampler reproduces its stored goldens (tests/fixtures/sampling): the generation
+modes (causal with CFG and a re-noised context pass, overlap chunks, offline and live position-shift
+fusion) and the DiT trainer's noise levels, noising and timesteps, bit for bit; the DiT's outputs to
+float32 rounding, which differs between CPUs' matmul kernels."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def test_the_demo_vae_flags_a_photo_and_passes_held_out_drawn_faces(demo):
             **{f"drawn {a.content_hash[:6]}": roundtrip_psnr(vae, a.image, a.reference_latent) for a in drawn},
             "pair": roundtrip_psnr(vae, pair.image, pair.reference_latent)}
     print({k: round(v, 2) for k, v in psnr.items()}, "threshold", DEMO_DOMAIN.min_psnr_db)
-    assert psnr["astronaut"] < DEMO_DOMAIN.min_psnr_db - 1.0, psnr  # measured 20.8 dB
+    assert psnr["astronaut"] < DEMO_DOMAIN.min_psnr_db - 1.0, psnr  # measured 21.6 dB
     assert min(v for k, v in psnr.items() if k != "astronaut") > DEMO_DOMAIN.min_psnr_db, psnr
     assert photo.warning is not None and "drawn faces" in photo.warning and "Using real weights" in photo.warning
     assert f"{psnr['astronaut']:.1f} dB < {DEMO_DOMAIN.min_psnr_db:g} dB" in photo.warning
