@@ -283,4 +283,3 @@ def adapt_in_rounds(vae_path: Path, pairs: PairStore, out_dir: Path, rounds: lis
     shutil.copy2(start, tmp)
     tmp.replace(dest)
     return dest
-

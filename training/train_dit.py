@@ -32,8 +32,8 @@ from models.config import DEMO, DiTConfig
 from models.dit import WanDiT
 from models.lora import inject_lora, lora_state_dict
 from models.sampling import add_noise, shift_sigmas, sigma_to_timestep, velocity_target
-from training.latents import LatentClip, LatentStore
 from training.checkpoint import append_log, load_checkpoint, save_checkpoint
+from training.latents import LatentClip, LatentStore
 from training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
