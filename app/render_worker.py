@@ -181,8 +181,11 @@ def load_models(name: str, device: str = "auto") -> ModelBundle:
     raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
 
 
-def demo_model_available(folder: Path = DEMO_MODEL_DIR) -> bool:
-    return all((folder / f).exists() for f in ("model.safetensors", "lora.safetensors", "vae.safetensors"))
+def demo_model_available(folder: Path = DEMO_MODEL_DIR, vae: Path | None = None) -> bool:
+    """The folder's DiT core and LoRA exist, and its VAE (or `vae`, another VAE file)."""
+    folder = Path(folder)
+    vae_file = Path(vae) if vae is not None else folder / "vae.safetensors"
+    return all(p.exists() for p in (folder / "model.safetensors", folder / "lora.safetensors", vae_file))
 
 
 def load_demo_models(folder: Path = DEMO_MODEL_DIR, device: str = "auto", vae: Path | None = None) -> ModelBundle:
@@ -194,12 +197,11 @@ def load_demo_models(folder: Path = DEMO_MODEL_DIR, device: str = "auto", vae: P
     from models.loading import load_dit
     from models.vae_loading import load_vae
 
-    vae_file = Path(vae) if vae is not None else Path(folder) / "vae.safetensors"
-    if not all(p.exists() for p in (Path(folder) / "model.safetensors", Path(folder) / "lora.safetensors", vae_file)):
+    if not demo_model_available(folder, vae):
         raise FileNotFoundError(f"{folder}: the demo model's weights (model/lora/vae .safetensors) are missing")
     dev = pick_device(device)
     dit, _ = load_dit(folder, merge_lora=True, device=dev)
-    vae = load_vae(vae_file).to(dev)
+    vae = load_vae(vae if vae is not None else Path(folder) / "vae.safetensors").to(dev)
     features = MelFeatures(MelConfig(n_mels=dit.cfg.audio_dim))
     return ModelBundle("demo", dit.eval(), vae.eval(), features, frame_hw=VAE_DEMO_SIZE, checkpoint=str(folder),
                        domain=DEMO_DOMAIN)  # drawn faces only: a photo gets a warning (avatar/domain.py)
