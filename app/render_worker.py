@@ -33,7 +33,7 @@ from app.render_journal import write_json_atomic
 from app.render_tracks import AudioFeed, SpeakerFeeds, open_tracks
 from audio.align import group_by_latent, num_video_frames
 from audio.io import audio_duration
-from audio.pcm import MEDIA_SAMPLE_RATE, MODEL_SAMPLE_RATE
+from audio.pcm import MEDIA_SAMPLE_RATE, MODEL_SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME
 from audio.resample import PcmFormat, resample_audio
 from audio.vad import detect_speech
 from avatar.chunking import FusionOptions, generate_fused
@@ -202,7 +202,8 @@ def load_demo_models(folder: Path = DEMO_MODEL_DIR, device: str = "auto", vae: P
     dev = pick_device(device)
     dit, _ = load_dit(folder, merge_lora=True, device=dev)
     vae = load_vae(vae if vae is not None else Path(folder) / "vae.safetensors").to(dev)
-    features = MelFeatures(MelConfig(n_mels=dit.cfg.audio_dim))
+    features = MelFeatures(MelConfig(n_mels=dit.cfg.audio_dim,
+                                      lead_samples=SAMPLES_PER_VIDEO_FRAME * dit.cfg.audio_lead_frames))
     return ModelBundle("demo", dit.eval(), vae.eval(), features, frame_hw=VAE_DEMO_SIZE, checkpoint=str(folder),
                        domain=DEMO_DOMAIN)  # drawn faces only: a photo gets a warning (avatar/domain.py)
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from audio.features.base import AudioFeatures
+from audio.pcm import SAMPLES_PER_VIDEO_FRAME
 from avatar.chunking import LiveFusionGenerator, LiveFusionOptions, OverlapGenerator, OverlapOptions
 from avatar.decoder import FrameDecoder
 from avatar.domain import ModelDomain, roundtrip_psnr
@@ -69,8 +70,7 @@ class ModelBundle:
     frame_hw: tuple[int, int] = (128, 128)  # pixels the model generates
     decoder_backend: object | None = None  # OnnxVaeDecoder when exported; the torch VAE otherwise
     checkpoint: str | None = None  # where the weights were read from; None: random weights
-    domain: ModelDomain | None = None  # what the model was trained to draw (the demo model: drawn faces);
-    # None: anything (real weights), and portraits are not checked
+    domain: ModelDomain | None = None  # what it was trained to draw (demo: drawn faces); None: anything
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
@@ -111,6 +111,9 @@ class ModelBundle:
         if self.dit.cfg.audio_dim and self.dit.cfg.audio_dim != self.features.feature_dim:
             raise ValueError(f"{self.name}: the DiT expects {self.dit.cfg.audio_dim}-dim audio features, "
                              f"the front end gives {self.features.feature_dim}")
+        if (lead := self.dit.cfg.audio_lead_frames) * SAMPLES_PER_VIDEO_FRAME != self.features.lead_samples:
+            raise ValueError(f"{self.name}: the DiT hears audio {lead} frame(s) early, its front end "
+                             f"{self.features.lead_samples} samples")
         if self.vae.cfg.z_dim != self.dit.cfg.out_dim:
             raise ValueError(f"{self.name}: VAE has {self.vae.cfg.z_dim} latent channels, DiT {self.dit.cfg.out_dim}")
 
@@ -125,15 +128,13 @@ class EngineOptions:
     max_sessions: int = 4
     decoder: str = "auto"  # "onnx" (ONNX Runtime, CUDA EP where present), "torch", or "auto" (onnx, else torch)
     warmup: bool = True  # run the real path once at start, so the first user does not pay for it
-    max_batch: int = 1  # causal mode: ready sessions whose next blocks share one batched DiT call (1: one at a
-    # time). 1 by default: on 2 CPU cores the demo DiT is compute-bound and 4 sessions batched ran only ~8%
-    # faster than one at a time (`python -m benchmarks.bench_engine --batched`); on an H200 3.1x faster.
-    # Other modes always generate one session at a time
-    decode_ahead: int = 1  # generated blocks waiting for the decode thread (the worker waits beyond);
-    # 0: no decode thread, each block is generated and decoded in turn on the worker
-    decode_threads: int | None = None  # ONNX Runtime intra-op threads of the decoder. None: 1 beside the
-    # decode thread (one ONNX thread that sleeps when idle, next to the DiT: demo model, 2 cores, one run:
-    # real-time factor 2.07, vs 1.39 decoding in turn with 2 threads each); in turn, `threads`
+    max_batch: int = 1  # causal mode (others run one session at a time): ready sessions whose next blocks share
+    # one batched DiT call. 1 by default: on 2 CPU cores the demo DiT is compute-bound and 4 sessions batched ran
+    # only ~8% faster than one at a time (`python -m benchmarks.bench_engine --batched`); on an H200 3.1x faster.
+    decode_ahead: int = 1  # generated blocks waiting for the decode thread (the worker waits beyond); 0: none,
+    # each block is generated and decoded in turn on the worker
+    decode_threads: int | None = None  # ONNX Runtime intra-op threads of the decoder. None: 1 beside the decode
+    # thread (sleeping when idle, next to the DiT; demo, 2 cores: real-time factor 2.07 vs 1.39 in turn), else `threads`
     poll_s: float = 0.005  # how often the worker re-checks live deadlines when idle
     session_prefix: str = "s"  # session ids are prefix + a counter: engines sharing a report need their own
     emotion_as_reference: bool = False  # a one-face avatar's chosen emotion image is also its reference (the
@@ -144,9 +145,9 @@ class EngineOptions:
     max_lateness_s: float = 1.0  # overload: a session further behind than this is no more urgent than one
     # exactly this late, and among those the least recently served goes first. Plain earliest-deadline-first
     # let sessions that fell behind keep the earliest deadlines for good: a new call got no frame at all
-    threads: int | None = None  # compute threads (torch intra-op, ONNX Runtime intra-op); None: the
-    # libraries' defaults (every core). A live server wants fewer: on 2 cores, 4 calls' codecs and a
-    # 2-thread torch fight over the cores and denoising runs 1.6x slower than with 1 thread
+    threads: int | None = None  # compute threads (torch intra-op, ONNX Runtime intra-op); None: the libraries'
+    # defaults (every core). A live server wants fewer: on 2 cores, 4 calls' codecs and a 2-thread torch fight
+    # over the cores and denoising runs 1.6x slower than with 1 thread
 
     def unit_geometry(self) -> tuple[int, int, int]:
         """(latents the irregular start ends at, new latents per later unit, lookahead latents) of `mode`:
@@ -159,10 +160,9 @@ class EngineOptions:
                 }[self.mode]
 
 
-# Generation defaults per DiT preset: what each family was trained (or distilled) to do well.
-# Few-step causal for block-causal students (Self-Forcing / LiveTalk layout, our demo); OmniAvatar's
-# bidirectional checkpoints run overlapping chunks with its published sampler (shift 5, 13-frame
-# overlap = 4 latents, 2-pass audio CFG at 4.5) at the low end of its 20-50 step range.
+# Generation defaults per DiT preset: what each family was trained (or distilled) to do well. Few-step causal for
+# block-causal students (Self-Forcing / LiveTalk layout, our demo); OmniAvatar's bidirectional checkpoints run
+# overlapping chunks with its sampler (shift 5, 13-frame overlap = 4 latents, 2-pass audio CFG 4.5), 20-50 steps.
 PRESET_DEFAULTS: dict[str, dict] = {
     # tiny: its DiT calls are overhead, not arithmetic, so ready sessions share them. bench_live, 16 calls on
     # 2 cores, two runs each way: 5.0 / 1.9 fresh fps per call batched by 8, 1.1 / 0.3 one at a time (the

@@ -67,6 +67,8 @@ class DiTConfig(_DictConfig):
     # added to every token of the matching latent frame in blocks 2..num_layers//2. 0 disables it.
     audio_dim: int = 0
     audio_hidden: int = 32
+    audio_lead_frames: int = 0  # trained hearing its audio this many video frames early: frame f's
+    # features come from frame f + lead's samples (the front end's lookahead grows by as much)
 
     # Learned null context (rows of text_dim) used when no text encoder is run. 0 disables it.
     null_context_len: int = 0

@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from audio.align import group_by_latent
+from audio.features.mel import MEL_SILENCE
 from models.attention import block_causal_frame_mask
 from models.config import DEMO, DiTConfig
 from models.dit import WanDiT
@@ -80,12 +81,13 @@ class DiTTrainConfig:
 class Batches:
     """Random training windows from a latent store (held in memory: the demo set is small)."""
 
-    def __init__(self, store: LatentStore, split: str = "train", augmented=None) -> None:
-        """`augmented`: a training.augment.AugmentedFeatures with variants of some clips' features."""
+    def __init__(self, store: LatentStore, split: str = "train", augmented=None, lead_frames: int = 0) -> None:
+        """`augmented`: a training.augment.AugmentedFeatures with variants of some clips' features.
+        `lead_frames`: the model hears each frame's audio this many frames early (DiTConfig.audio_lead_frames)."""
         keys = store.keys()
-        clips = [store.read(k) for k in keys]
+        clips = [replace(c, features=lead(c.features, lead_frames)) for c in map(store.read, keys)]
         # clip index -> (variants, faces, frames, D) augmented features, where there are any
-        self.variants = {id(c): augmented.read(k) for k, c in zip(keys, clips)
+        self.variants = {id(c): lead(augmented.read(k), lead_frames) for k, c in zip(keys, clips)
                          if augmented is not None and k in augmented}
         self.singles = [c for c in clips if c.split == split and c.faces == 1]
         self.pairs = [c for c in clips if c.split == split and c.faces == 2]
@@ -119,6 +121,15 @@ class Batches:
         return {"latents": lat, "emotion": c.emotion.astype(np.float32), "face_audio": per_face,
                 "audio": per_face.mean(0), "masks": c.masks, "motion": np.float32(c.motion),
                 "mouth": mouth.astype(np.float32)}
+
+
+def lead(features: np.ndarray, frames: int) -> np.ndarray:
+    """(..., T, D) mel features moved `frames` earlier, the end filled with silence's: what
+    MelFeatures(lead_samples=640 * frames) computes from the same audio."""
+    if not frames:
+        return features
+    silence = np.full((*features.shape[:-2], frames, features.shape[-1]), MEL_SILENCE, features.dtype)
+    return np.concatenate([features[..., frames:, :], silence], axis=-2)
 
 
 def frame_sigmas(b: int, frames: int, cfg: DiTTrainConfig, g: torch.Generator) -> torch.Tensor:
@@ -240,7 +251,7 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
     step = load_checkpoint(ckpt, dit=dit, opt=opt)
     if step:
         log.info("resuming DiT %s training at step %d", run, step)
-    data = Batches(store, augmented=augmented)
+    data = Batches(store, augmented=augmented, lead_frames=dit.cfg.audio_lead_frames)
     t0 = time.monotonic()
     dit.train()
     while step < cfg.steps:

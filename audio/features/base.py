@@ -71,6 +71,7 @@ class AudioFeatures(ABC):
     # True when each frame depends only on its own window, so any number of frames may be encoded in
     # one call; False: the encoder runs on the fixed chunk grid, one chunk per call.
     frames_independent: bool = False
+    lead_samples: int = 0  # every window this much later than its frame: for a model trained to hear audio early
 
     @property
     def lookahead_ms(self) -> float:

@@ -5,7 +5,9 @@ a 25 ms Hann window centred on the middle of the hop, i.e. samples ``[160 k - 12
 Power spectrum -> librosa's Slaney mel filterbank (the one Whisper uses) -> ``log10`` (floored) ->
 mean over the four hops -> ``(x + 4) / 4`` (Whisper's scaling, without its per-clip clamp, which would
 make a frame depend on the whole clip). So video frame ``f`` depends on samples
-``[640 f - 120, 640 f + 760)`` only: 7.5 ms of left context and 7.5 ms of lookahead.
+``[640 f - 120, 640 f + 760)`` only: 7.5 ms of left context and 7.5 ms of lookahead. With
+``lead_samples`` every window moves that much later (a model that hears its audio early: frame ``f``
+gets the features of samples ``[640 f - 120 + lead, 640 f + 760 + lead)``), and the lookahead grows by it.
 
 Streaming equals offline bit for bit: every frame is computed by the same row-wise FFT and a
 per-frame stacked matmul whatever the batch.
@@ -21,6 +23,9 @@ from audio.features.base import AudioFeatures, StreamTiming
 from audio.pcm import MODEL_SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME
 
 
+MEL_SILENCE = -1.0  # every band of an all-zero frame: (log10(log_floor) + 4) / 4 at the default floor
+
+
 @dataclass(frozen=True)
 class MelConfig:
     n_mels: int = 80
@@ -29,6 +34,7 @@ class MelConfig:
     fmin_hz: float = 0.0
     fmax_hz: float = 8000.0
     log_floor: float = 1e-8  # power floor before log10
+    lead_samples: int = 0  # analysis windows this much later than the frame (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.hop_samples <= 0 or SAMPLES_PER_VIDEO_FRAME % self.hop_samples:
@@ -39,6 +45,8 @@ class MelConfig:
             raise ValueError(f"need 0 <= fmin_hz < fmax_hz <= {MODEL_SAMPLE_RATE // 2}")
         if self.n_mels < 1:
             raise ValueError("n_mels must be >= 1")
+        if self.lead_samples < 0:
+            raise ValueError(f"lead_samples must be >= 0, got {self.lead_samples}")
 
     @property
     def hops_per_video_frame(self) -> int:
@@ -60,7 +68,8 @@ class MelFeatures(AudioFeatures):
 
         self.config = c = config or MelConfig()
         self.feature_dim = c.n_mels
-        self.timing = StreamTiming(c.context_samples, c.context_samples, chunk_frames=1)
+        self.lead_samples = c.lead_samples
+        self.timing = StreamTiming(c.context_samples, c.context_samples + c.lead_samples, chunk_frames=1)
         self._window = librosa.filters.get_window("hann", c.n_fft, fftbins=True).astype(np.float32)
         fb = librosa.filters.mel(sr=MODEL_SAMPLE_RATE, n_fft=c.n_fft, n_mels=c.n_mels, fmin=c.fmin_hz,
                                  fmax=c.fmax_hz, htk=False, norm="slaney")
@@ -70,8 +79,9 @@ class MelFeatures(AudioFeatures):
                        valid: tuple[int, int]) -> np.ndarray:
         c = self.config
         hops = c.hops_per_video_frame
-        # window = samples [640 f0 - ctx, 640 (f0 + n) + ctx): exactly 4n analysis windows at hop 160
-        frames = np.lib.stride_tricks.sliding_window_view(window, c.n_fft)[:: c.hop_samples]
+        # window = samples [640 f0 - ctx, 640 (f0 + n) + ctx + lead): past the lead, exactly 4n analysis
+        # windows at hop 160
+        frames = np.lib.stride_tricks.sliding_window_view(window[c.lead_samples:], c.n_fft)[:: c.hop_samples]
         frames = frames[: num_frames * hops] * self._window  # (4n, n_fft)
         spec = np.fft.rfft(frames, axis=-1)  # (4n, n_freq) complex64
         power = spec.real * spec.real + spec.imag * spec.imag

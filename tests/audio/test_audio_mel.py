@@ -98,3 +98,19 @@ def test_other_mel_sizes():
     small = MelFeatures(MelConfig(n_mels=40, n_fft=512, hop_samples=128))
     assert small(noise(6400)).shape == (10, 40)
     assert small.timing.lookahead_samples == 192
+
+
+def test_a_lead_moves_every_window_later_and_waits_for_it(chunker):
+    early = MelFeatures(MelConfig(lead_samples=640))  # a model that hears each frame's audio one frame early
+    assert early.timing.lookahead_samples == 760 and early.timing.left_context_samples == 120
+    x = noise(640 * 30 + 77, seed=9)
+    plain, led = MelFeatures()(x), early(x)
+    assert led.shape == plain.shape
+    np.testing.assert_array_equal(led[:-1], plain[1:])  # frame f hears frame f + 1's samples
+    stream = early.stream()
+    parts = [stream.push(c) for c in chunker(x, np.random.default_rng(2))]
+    np.testing.assert_array_equal(np.concatenate([*parts, stream.flush()]), led)
+    fresh = early.stream()
+    assert fresh.push(x[:1399]).shape[0] == 0 and fresh.push(x[1399:1400]).shape[0] == 1  # [0, 1400) for frame 0
+    with pytest.raises(ValueError, match="lead_samples"):
+        MelConfig(lead_samples=-1)

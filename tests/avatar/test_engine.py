@@ -310,6 +310,19 @@ def test_every_dit_preset_has_engine_defaults_and_overrides_win():
         preset_options("nope")
 
 
+def test_a_model_trained_to_hear_audio_early_needs_a_front_end_that_leads_as_much():
+    from dataclasses import replace
+
+    from audio.features.mel import MelConfig, MelFeatures
+
+    bundle = ModelBundle.random("tiny", "tiny")
+    bundle.check()
+    bundle.dit.cfg = bundle.dit.cfg.replace(audio_lead_frames=1)  # as a lead-1 checkpoint's config reads
+    with pytest.raises(ValueError, match="1 frame.s. early, its front end 0 samples"):
+        bundle.check()
+    replace(bundle, features=MelFeatures(MelConfig(n_mels=bundle.features.feature_dim, lead_samples=640))).check()
+
+
 def test_engine_threads_are_validated_and_applied():
     before = torch.get_num_threads()
     try:

@@ -33,6 +33,27 @@ def test_training_window_keeps_the_reference_first_and_audio_aligned(tmp_path):
     assert np.array_equal(w["audio"][1, :, 0], c.features[0, 9:13, 0])
 
 
+def test_a_model_with_an_audio_lead_trains_on_what_its_front_end_will_compute(tmp_path):
+    from audio.features.mel import MEL_SILENCE, MelConfig, MelFeatures
+    from training.train_dit import lead
+
+    rate = 16_000
+    t = np.arange(2 * rate) / rate
+    speech = (0.2 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 4 * t) > 0)).astype(np.float32)
+    plain = MelFeatures(MelConfig(n_mels=48))(speech)
+    heard = MelFeatures(MelConfig(n_mels=48, lead_samples=640))(speech)  # what the engine gives a lead-1 model
+    np.testing.assert_array_equal(lead(plain[None], 1)[0, :-1], heard[:-1])
+    assert (lead(plain[None], 1)[0, -1] == MEL_SILENCE).all()  # past the end: silence, as the stream zero-fills
+    assert lead(plain, 0) is plain
+    store = LatentStore(tmp_path / "latents")
+    c = _latent_clip(2)
+    store.write("clip_000002", c)
+    w = Batches(store, lead_frames=2).sample(np.random.default_rng(0), DiTTrainConfig(batch=1, window_latents=4), False)
+    own = Batches(store).sample(np.random.default_rng(0), DiTTrainConfig(batch=1, window_latents=4), False)
+    first = int(own["audio"][0, 1, 0, 0]) // 48  # the window's first video frame (features count up by 48 a frame)
+    assert first > 0 and w["audio"][0, 1, 0, 0] == c.features[0, first + 2, 0]  # two frames early
+
+
 def test_augmented_variants_change_what_the_audio_path_hears_and_nothing_else(tmp_path):
     from audio.features.mel import MelConfig, MelFeatures
     from training.augment import _FUNCS, AUGMENTATIONS, AugmentedFeatures, augment, augmented_features
