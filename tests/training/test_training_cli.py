@@ -63,6 +63,22 @@ def test_training_summary_adds_up_resumed_runs_per_stage():
     assert summary["dit_base"].startswith("25 steps, final logged loss 1.9, 0 min")
 
 
+def test_the_final_dit_is_the_last_stage_that_finished(tmp_path):
+    from training.demo import final_dit
+
+    def finish(name):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+
+    assert final_dit(tmp_path) == tmp_path / "dit_audio"
+    for name, expected in (("dit_emotion", "dit_emotion"), ("dit_live", "dit_live"), ("dit_lead2", "dit_lead2"),
+                           ("dit_lead10", "dit_lead10"), ("dit_lead1", "dit_lead10")):  # rounds by number
+        finish(name)
+        assert final_dit(tmp_path) == tmp_path / expected
+    (tmp_path / "dit_lead11").mkdir()  # a round still training has no model yet
+    assert final_dit(tmp_path) == tmp_path / "dit_lead10"
+
+
 def test_eval_card_refuses_a_result_that_is_not_the_demo_model(monkeypatch, tmp_path):
     import app.render_worker as worker
     import training.evaluate as evaluate
