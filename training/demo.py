@@ -147,7 +147,7 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
         if train_dit(latents, out, cfg, dit_cfg=dit_cfg, init=final_dit(out), augmented=augmented,
                      stop_after=left()) is None:
             return {**done, "stopped_in": name}
-    # 8. the decoder on the finished DiT's latents
+    # 8. the decoder on the DiT's own latents
     if plan.adapt_rounds and not (out / ADAPTED_VAE).exists():
         from app.render_worker import load_demo_models
         from training.adapt_decoder import AdaptConfig, PairStore, adapt_in_rounds, generate_pairs
