@@ -139,10 +139,10 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
     runs = [("live", plan.live_steps, plan.seed, DEMO)] if plan.live_steps else []
     runs += [(f"lead{k}", steps, plan.seed + k, DEMO.replace(audio_lead_frames=plan.lead_frames))
              for k, steps in enumerate(plan.lead_rounds, 1)]
-    for name, steps, seed, dit_cfg in runs:
-        if (out / f"dit_{name}" / "model.safetensors").exists():
-            continue
+    runs = [r for r in runs if not (out / f"dit_{r[0]}" / "model.safetensors").exists()]
+    if runs:
         build_augmented(store, latents, MelFeatures(), augmented, seed=plan.seed, log=log.info)
+    for name, steps, seed, dit_cfg in runs:
         cfg = DiTTrainConfig(name=name, steps=steps, seed=seed, **live)
         if train_dit(latents, out, cfg, dit_cfg=dit_cfg, init=final_dit(out), augmented=augmented,
                      stop_after=left()) is None:

@@ -15,15 +15,13 @@ per-frame stacked matmul whatever the batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from audio.features.base import AudioFeatures, StreamTiming
 from audio.pcm import MODEL_SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME
-
-
-MEL_SILENCE = -1.0  # every band of an all-zero frame: (log10(log_floor) + 4) / 4 at the default floor
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,9 @@ class MelConfig:
     def context_samples(self) -> int:
         """Samples each side of a frame the centred analysis windows reach (120 by default)."""
         return (self.n_fft - self.hop_samples) // 2
+
+
+MEL_SILENCE = (math.log10(MelConfig.log_floor) + 4.0) / 4.0  # every band of an all-zero frame (default floor)
 
 
 class MelFeatures(AudioFeatures):
