@@ -32,7 +32,8 @@ from models.attention import block_causal_frame_mask
 from models.config import DEMO, DiTConfig
 from models.dit import WanDiT
 from models.lora import inject_lora, lora_state_dict
-from models.sampling import add_noise, shift_sigmas, sigma_to_timestep, velocity_target
+from models.sampling import add_noise, shift_sigmas, sigma_to_timestep, velocity_target, x0_from_velocity
+from models.vae import WanVAE
 from training.checkpoint import append_log, load_checkpoint, save_checkpoint
 from training.latents import LatentClip, LatentStore
 from training.schedule import warmup_cosine
@@ -72,6 +73,13 @@ class DiTTrainConfig:
     emotion_weight: float = 1.0  # loss weight where the emotion image differs from the reference (mouth
     # corners, brows): a smile moves a few latent cells, which an unweighted loss barely notices. Both,
     # in a 600-step AEM-only stage on the demo model (dropout 0.15, weight 6): no gain either
+    decoded_weight: float = 0.0  # weight of a loss through the frozen decoder (train_dit(decoder=)): the
+    # predicted clean latents' mouth crop decoded against the data latents' (L1 on frames and on frame
+    # differences), which reaches the motion inside a latent's 4 frames that latent MSE spends little on
+    decoded_crop: int = 8  # latent cells per side of that crop, centred on the mouth (single-face windows)
+    temporal_weight: float = 0.0  # weight of the squared error of the predicted clean latents' change from
+    # one latent to the next (mouth- and emotion-weighted like the velocity loss): a redrawn still region
+    # is an error here even where it is small in each latent on its own
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 200
@@ -145,7 +153,11 @@ def frame_sigmas(b: int, frames: int, cfg: DiTTrainConfig, g: torch.Generator) -
     return torch.cat([torch.zeros(b, 1), per_frame], dim=1)
 
 
-def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g: torch.Generator) -> torch.Tensor:
+def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g: torch.Generator,
+             decoder: WanVAE | None = None) -> torch.Tensor:
+    """The velocity loss, mouth- and emotion-weighted; plus `cfg.temporal_weight` x the same weighting of the
+    predicted clean latents' error from one latent to the next, and `cfg.decoded_weight` x `decoded_loss`
+    where a decoder is given and the window has one face."""
     x0 = batch["latents"]  # (B, 16, 1 + n, h, w)
     if cfg.reference_from_emotion:
         x0 = torch.cat([batch["emotion"].to(x0.dtype), x0[:, :, 1:]], dim=2)
@@ -176,7 +188,52 @@ def dit_loss(dit: WanDiT, batch: dict[str, torch.Tensor], cfg: DiTTrainConfig, g
     if cfg.emotion_weight != 1.0 and cfg.stage != "base":
         weight = weight + (cfg.emotion_weight - 1) * emotion_change_map(kw["emotion"], ref)  # dropped rows: 0
     weight = weight[:, None, None]  # (B, 1, 1, h, w)
-    return (err * weight).sum() / (weight.sum() * err.shape[1] * err.shape[2])
+    loss = (err * weight).sum() / (weight.sum() * err.shape[1] * err.shape[2])
+    decoded = decoder is not None and cfg.decoded_weight and batch["face_audio"].shape[1] == 1
+    if not (cfg.temporal_weight or decoded):
+        return loss
+    x0_pred = x0_from_velocity(xt, v, sigma)[:, :, 1:]  # (B, 16, n, h, w)
+    if cfg.temporal_weight:
+        change = (x0_pred.diff(dim=2) - x0[:, :, 1:].diff(dim=2)).pow(2)  # (B, 16, n - 1, h, w)
+        loss = loss + cfg.temporal_weight * (change * weight).sum() / (
+            weight.sum() * change.shape[1] * change.shape[2])
+    if decoded:
+        loss = loss + cfg.decoded_weight * decoded_loss(decoder, x0_pred, x0[:, :, 1:], batch["mouth"],
+                                                        cfg.decoded_crop)
+    return loss
+
+
+def mouth_crops(z: torch.Tensor, mouth: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, F, h, w) -> (B, C, F, size, size): each row's square of latent cells centred on its mouth map's
+    weighted centre (kept inside the frame)."""
+    b, _, _, h, w = z.shape
+    if size > min(h, w):
+        raise ValueError(f"a {size}-cell mouth crop does not fit a {h}x{w} latent")
+    ys, xs = torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
+    crops = []
+    for i in range(b):
+        m = mouth[i].float()
+        total = float(m.sum())
+        cy = float((m.sum(1) * ys).sum()) / total if total > 0 else (h - 1) / 2
+        cx = float((m.sum(0) * xs).sum()) / total if total > 0 else (w - 1) / 2
+        y0 = min(max(round(cy - (size - 1) / 2), 0), h - size)
+        x0 = min(max(round(cx - (size - 1) / 2), 0), w - size)
+        crops.append(z[i, :, :, y0:y0 + size, x0:x0 + size])
+    return torch.stack(crops)
+
+
+def decoded_loss(decoder: WanVAE, pred: torch.Tensor, target: torch.Tensor, mouth: torch.Tensor,
+                 size: int) -> torch.Tensor:
+    """L1 between the frozen decoder's frames of the predicted and the data latents (normalised, (B, 16, n,
+    h, w)) on the mouth crop, plus L1 between their frame differences (the motion a latent's frames make)."""
+    from training.train_vae import decode_raw
+
+    unnorm = lambda z: z * decoder.latents_std + decoder.latents_mean  # noqa: E731 -- normalised -> VAE units
+    with torch.no_grad():
+        want, _ = decode_raw(decoder, unnorm(mouth_crops(target, mouth, size)))  # (B, 3, 1 + 4(n-1), 8s, 8s)
+    got, _ = decode_raw(decoder, unnorm(mouth_crops(pred, mouth, size)))
+    dt = lambda v: v[:, :, 1:] - v[:, :, :-1]  # noqa: E731
+    return (got - want).abs().mean() + (dt(got) - dt(want)).abs().mean()
 
 
 EMOTION_CHANGE_SCALE = 0.1  # demo latents: a happy or sad image differs from the neutral one by up to
@@ -238,9 +295,14 @@ def build_model(cfg: DiTTrainConfig, dit_cfg: DiTConfig, init: Path | None) -> W
 
 def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainConfig(),
               dit_cfg: DiTConfig = DEMO, init: Path | None = None, stop_after: float | None = None,
-              augmented=None) -> Path | None:
+              augmented=None, decoder: WanVAE | None = None) -> Path | None:
     """Train (or resume) one stage. Returns the saved model folder when the stage's steps are done.
-    `augmented`: augmented feature variants (training.augment.AugmentedFeatures) for `cfg.audio_augment`."""
+    `augmented`: augmented feature variants (training.augment.AugmentedFeatures) for `cfg.audio_augment`;
+    `decoder`: the VAE whose frozen decoder `cfg.decoded_weight` trains through."""
+    if cfg.decoded_weight and decoder is None:
+        raise ValueError("decoded_weight needs the decoder: pass decoder=")
+    if decoder is not None:
+        decoder.requires_grad_(False).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dit = build_model(cfg, dit_cfg, init)
@@ -261,7 +323,7 @@ def train_dit(store: LatentStore, out_dir: Path, cfg: DiTTrainConfig = DiTTrainC
         lr = warmup_cosine(cfg.lr, step, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = dit_loss(dit, data.sample(rng, cfg, pairs), cfg, g)
+        loss = dit_loss(dit, data.sample(rng, cfg, pairs), cfg, g, decoder)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
