@@ -36,7 +36,7 @@ def test_the_crop_is_the_square_around_the_mouth_kept_inside_the_frame():
         mouth_crops(z, mouth, 9)
 
 
-def test_the_decoded_loss_sees_the_mouth_crop_and_its_motion_only():
+def test_the_decoded_loss_sees_the_mouth_crop_only_and_leaves_the_decoder_frozen():
     vae = _decoder()
     g = torch.Generator().manual_seed(1)
     target = torch.randn(1, 16, 3, 8, 8, generator=g)
