@@ -398,10 +398,14 @@ class WanVAE(nn.Module):
                        for s in self.decoder.cache_shapes(batch, latent_h, latent_w))
         return VaeDecodeState(caches=caches, first=True, batch=batch, latent_h=latent_h, latent_w=latent_w)
 
+    def unnormalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (as the DiT sees them) -> the VAE's own units, what `conv2` takes."""
+        return z * self.latents_std + self.latents_mean
+
     def decode_latent(self, z: torch.Tensor, caches: Sequence[torch.Tensor], first: bool
                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Pure step (no checks), the function ONNX export traces: z (B, z, 1, h, w) normalised."""
-        x = self.conv2(z * self.latents_std + self.latents_mean)  # (B, z, 1, h, w)
+        x = self.conv2(self.unnormalise(z))  # (B, z, 1, h, w)
         return self.decoder(x, caches, first)
 
     @torch.no_grad()

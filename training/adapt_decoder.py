@@ -179,10 +179,9 @@ def adaptation_loss(vae: WanVAE, warm: torch.Tensor, window: torch.Tensor, frame
     """The decoder's error on a window it decodes after `warm` (no gradients there): mouth-weighted
     L1 + MSE on frames and `motion_weight` x L1 on frame differences (a boundary step the teacher does not
     make costs as much as a missing change inside a latent)."""
-    unnorm = lambda z: z[None] * vae.latents_std + vae.latents_mean  # noqa: E731 -- normalised -> VAE units
     with torch.no_grad():
-        _, caches = decode_raw(vae, unnorm(warm))
-    recon, _ = decode_raw(vae, unnorm(window), caches)  # (1, 3, 4L, H, W)
+        _, caches = decode_raw(vae, vae.unnormalise(warm[None]))
+    recon, _ = decode_raw(vae, vae.unnormalise(window[None]), caches)  # (1, 3, 4L, H, W)
     video = to_video_tensor(frames[None])
     w = 1 + (cfg.mouth_weight - 1) * torch.from_numpy(masks)[None, None].float()
     w = w / w.mean()

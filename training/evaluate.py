@@ -322,10 +322,9 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
         out["drift_db"], out["rtf"] = _drift(engine, speech[0], cfg, size)
         # 4. latency in a live session fed in real time (held-out speech, looped to latency_s)
         clip = make_clip(speech[0], cfg.identities[0], size=size, seed=cfg.seed, blinks=False)
-        first, latencies = asyncio.run(_live_session(engine, avatar_conditions(engine, clip), np.concatenate(speech),
-                                                     cfg.latency_s))
-        firsts = [first] + [asyncio.run(_live_session(engine, avatar_conditions(engine, clip), speech[0],
-                                                      FIRST_FRAME_PROBE_S))[0]
+        cond = avatar_conditions(engine, clip)
+        first, latencies = asyncio.run(_live_session(engine, cond, np.concatenate(speech), cfg.latency_s))
+        firsts = [first] + [asyncio.run(_live_session(engine, cond, speech[0], FIRST_FRAME_PROBE_S))[0]
                             for _ in range(cfg.first_frame_sessions - 1)]
         out["first_frame_s"] = round(float(np.median(firsts)), 3)
         out["first_frame_runs_s"] = [round(f, 3) for f in firsts]

@@ -37,6 +37,7 @@ from models.vae import WanVAE
 from training.checkpoint import append_log, load_checkpoint, save_checkpoint
 from training.latents import LatentClip, LatentStore
 from training.schedule import warmup_cosine
+from training.train_vae import decode_raw
 
 log = logging.getLogger(__name__)
 
@@ -226,14 +227,10 @@ def decoded_loss(decoder: WanVAE, pred: torch.Tensor, target: torch.Tensor, mout
                  size: int) -> torch.Tensor:
     """L1 between the frozen decoder's frames of the predicted and the data latents (normalised, (B, 16, n,
     h, w)) on the mouth crop, plus L1 between their frame differences (the motion a latent's frames make)."""
-    from training.train_vae import decode_raw
-
-    unnorm = lambda z: z * decoder.latents_std + decoder.latents_mean  # noqa: E731 -- normalised -> VAE units
-    with torch.no_grad():
-        want, _ = decode_raw(decoder, unnorm(mouth_crops(target, mouth, size)))  # (B, 3, 1 + 4(n-1), 8s, 8s)
-    got, _ = decode_raw(decoder, unnorm(mouth_crops(pred, mouth, size)))
-    dt = lambda v: v[:, :, 1:] - v[:, :, :-1]  # noqa: E731
-    return (got - want).abs().mean() + (dt(got) - dt(want)).abs().mean()
+    with torch.no_grad():  # (B, 3, 1 + 4(n-1), 8 size, 8 size)
+        want, _ = decode_raw(decoder, decoder.unnormalise(mouth_crops(target, mouth, size)))
+    got, _ = decode_raw(decoder, decoder.unnormalise(mouth_crops(pred, mouth, size)))
+    return (got - want).abs().mean() + (got.diff(dim=2) - want.diff(dim=2)).abs().mean()
 
 
 EMOTION_CHANGE_SCALE = 0.1  # demo latents: a happy or sad image differs from the neutral one by up to
