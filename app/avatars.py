@@ -205,6 +205,14 @@ class EngineBackend:
         self.options = options or live_session_options()
         self.motion = motion
         self._conditions: dict[tuple[str, str | None], Any] = {}
+        if engine.options.warmup and engine.running:  # the first call opens sooner (AvatarEngine.settle)
+            engine.settle(self._conditions_for(default_avatar, None))
+
+    def _conditions_for(self, avatar: str, emotion: str | None):
+        key = (avatar, emotion)
+        if key not in self._conditions:
+            self._conditions[key] = self.engine.conditions(self.avatars[avatar], emotion, motion=self.motion)
+        return self._conditions[key]
 
     @property
     def checkpoint(self) -> str | None:
@@ -222,12 +230,10 @@ class EngineBackend:
     def open(self, avatar: str, emotion: str | None, speakers: int = 1) -> AvatarSession:
         """`speakers` voices drive as many faces (left to right); one voice drives the leftmost face."""
         check_speakers(avatar, speakers, self.faces())
-        key = (avatar, emotion)
-        if key not in self._conditions:
-            self._conditions[key] = self.engine.conditions(self.avatars[avatar], emotion, motion=self.motion)
+        cond = self._conditions_for(avatar, emotion)
         options = self.options if speakers == self.options.speakers else replace(self.options, speakers=speakers)
         try:
-            return self.engine.open_session(self._conditions[key], options)
+            return self.engine.open_session(cond, options)
         except EngineFull as exc:
             raise CapacityError(str(exc)) from None
 

@@ -430,7 +430,7 @@ class Renderer:
                                      face_audio=face_audio, face_activity=face_activity)  # (1, 16, N, h, w)
         finally:
             hook.remove()
-        decoder = FrameDecoder(m.decoder_backend or m.vae, *cond.latent_hw)
+        decoder = FrameDecoder(m.decoder_backend or m.vae, *cond.latent_hw, deflicker=engine.options.deflicker)
         pts = 0
         for j in range(num_latents):
             if j == 0 and num_latents > 1:  # frame 0: the decoder opened at latent 1, as a session's

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -31,10 +32,11 @@ import torch
 from audio.features.base import AudioFeatures
 from audio.pcm import SAMPLES_PER_VIDEO_FRAME
 from avatar.chunking import LiveFusionGenerator, LiveFusionOptions, OverlapGenerator, OverlapOptions
-from avatar.decoder import FrameDecoder
+from avatar.decoder import Deflicker, FrameDecoder, SettledReferences
 from avatar.domain import ModelDomain, roundtrip_psnr
 from avatar.faces import make_detector
-from avatar.generator import CausalGenerator, CausalOptions, Conditions, Guidance
+from avatar.generator import CausalGenerator, CausalOptions, Conditions
+from avatar.presets import PRESET_DEFAULTS
 from avatar.reference import PreparedAvatar, prepare_avatar
 from avatar.session import AvatarSession, GeneratedUnit, SessionOptions
 from avatar.types import DEFAULT_FPS
@@ -94,8 +96,7 @@ class ModelBundle:
                device: str = "cpu") -> ModelBundle:
         """Untrained weights (tests, benchmarks): every module perturbed so nothing is an exact no-op."""
         from audio.features.mel import MelConfig, MelFeatures
-        from models.config import dit_preset as dit_cfg
-        from models.config import vae_preset as vae_cfg
+        from models.config import dit_preset as dit_cfg, vae_preset as vae_cfg
 
         torch.manual_seed(seed)
         dit, vae = WanDiT(dit_cfg(dit_preset)), WanVAE(vae_cfg(vae_preset))
@@ -145,6 +146,7 @@ class EngineOptions:
     max_lateness_s: float = 1.0  # overload: a session further behind than this is no more urgent than one
     # exactly this late, and among those the least recently served goes first. Plain earliest-deadline-first
     # let sessions that fell behind keep the earliest deadlines for good: a new call got no frame at all
+    deflicker: Deflicker | None = None  # a latent's first frame eased where the face is still (FrameDecoder)
     threads: int | None = None  # compute threads (torch intra-op, ONNX Runtime intra-op); None: the libraries'
     # defaults (every core). A live server wants fewer: on 2 cores, 4 calls' codecs and a 2-thread torch fight
     # over the cores and denoising runs 1.6x slower than with 1 thread
@@ -158,41 +160,6 @@ class EngineOptions:
                 "overlap": (self.overlap.chunk_frames, self.overlap.chunk_frames - self.overlap.overlap_frames, 0),
                 "fusion": (1 + self.fusion.block_frames, self.fusion.block_frames, self.fusion.lookahead_frames),
                 }[self.mode]
-
-
-# Generation defaults per DiT preset: what each family was trained (or distilled) to do well. Few-step causal for
-# block-causal students (Self-Forcing / LiveTalk layout, our demo); OmniAvatar's bidirectional checkpoints run
-# overlapping chunks with its sampler (shift 5, 13-frame overlap = 4 latents, 2-pass audio CFG 4.5), 20-50 steps.
-PRESET_DEFAULTS: dict[str, dict] = {
-    # tiny: its DiT calls are overhead, not arithmetic, so ready sessions share them. bench_live, 16 calls on
-    # 2 cores, two runs each way: 5.0 / 1.9 fresh fps per call batched by 8, 1.1 / 0.3 one at a time (the
-    # transport alone sent only 16-17 fps there); at 8 calls ~25 either way
-    "tiny": dict(mode="causal", causal=CausalOptions(), max_batch=8),
-    # demo: audio CFG 2 (its audio stage dropped audio 10% of the time) opens the mouth about as wide as
-    # the teacher's (scale 1: half as wide on some faces; 3 overshoots); 3 steps pay for the second pass.
-    # 1-latent blocks: a frame waits for at most 160 ms of audio, not 480 (eval demo: latency p50 768 ->
-    # 331 ms, lip sync 0.751 -> 0.733, seams 1.28 -> 1.23, real-time factor 1.9 -> 1.4-1.8).
-    # Emotion: the emotion image as the reference and emotion guidance moved the mouth-corner lift 8x and 4x
-    # further (held-out faces 1000011 / 1000023: 0.35 / 1.04 of the teacher's spread, from 0.04 / 0.28).
-    # One noise draw per session (noise_correlation 1): a face with nothing to say no longer re-rolls its
-    # detail every latent. A silent listener's mouth region changed 0.92 grey levels a frame, now 0.27
-    # (the speaker's 1.67 -> 1.40); eval demo, one run against the shipped figures: lip sync 0.733 ->
-    # 0.748, flite 0.685 -> 0.699, FAA leak 0.0078 -> 0.0011, emotion effect min 0.35 -> 0.40, seams
-    # 1.23 -> 1.25 (less motion inside a latent), PSNR unchanged. A silent voice's face guided at 0: a
-    # listener's mouth moves 6.6 % as much as the speaker's live (was 13 %). Emotion strength 1.75 (adapted
-    # decoder, eval's held-out faces): effect 0.48 / 1.22 -> 0.60 / 1.28, three others 0.59-1.31 -> 0.72-1.44
-    "demo": dict(mode="causal", emotion_as_reference=True, emotion_strength=1.75,
-                 causal=CausalOptions(block_frames=1, window_frames=6, steps=(1000, 750, 500), noise_correlation=1.0,
-                                      guidance=Guidance(audio_scale=2.0, emotion=True, quiet_audio_scale=0.0))),
-    "wan2.1-t2v-1.3b": dict(mode="causal", causal=CausalOptions(block_frames=3, window_frames=12,
-                                                                 steps=(1000, 750, 500, 250), shift=5.0)),
-    "wan2.1-t2v-14b": dict(mode="causal", causal=CausalOptions(block_frames=3, window_frames=12,
-                                                                steps=(1000, 750, 500, 250), shift=5.0)),
-    "omniavatar-1.3b": dict(mode="overlap", overlap=OverlapOptions(
-        chunk_frames=21, overlap_frames=4, steps=25, shift=5.0, guidance=Guidance(audio_scale=4.5))),
-    "omniavatar-14b": dict(mode="overlap", overlap=OverlapOptions(
-        chunk_frames=21, overlap_frames=4, steps=25, shift=5.0, guidance=Guidance(audio_scale=4.5))),
-}
 
 
 def preset_options(preset: str, **overrides) -> EngineOptions:
@@ -243,6 +210,7 @@ class AvatarEngine:
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # DiT calls per batch size
         self.decoder_provider = "torch"
         self.warmup_ms = 0.0
+        self.settled = SettledReferences()  # per reference latent: the decoder its sessions open from
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _build_decoder(self) -> None:
@@ -288,12 +256,10 @@ class AvatarEngine:
     @torch.no_grad()
     def warmup(self) -> float:
         """One reference prefill + one block + their decode on a throwaway state. Returns ms."""
-        t0 = time.perf_counter()
-        m = self.models
+        t0, m = time.perf_counter(), self.models
         h, w = (x // m.vae.cfg.spatial_factor for x in m.frame_hw)
         cond = Conditions(reference=torch.zeros(1, m.vae.cfg.z_dim, 1, h, w, device=m.dit.device))
-        state = self.generator.init_state(cond)
-        decoder = FrameDecoder(m.decoder_backend or m.vae, h, w)
+        state, decoder = self.generator.init_state(cond), FrameDecoder(m.decoder_backend or m.vae, h, w)
         for _ in range(2):
             unit = self.generator.next_unit(state)
             n = unit.audio_count
@@ -325,11 +291,10 @@ class AvatarEngine:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        for attr in ("_thread", "_decode_thread"):
-            thread = getattr(self, attr)
+        for thread in (self._thread, self._decode_thread):
             if thread is not None:
                 thread.join(timeout=30)
-                setattr(self, attr, None)
+        self._thread = self._decode_thread = None
         for s in list(self.sessions.values()):
             s.close()
         self.sessions.clear()
@@ -362,8 +327,9 @@ class AvatarEngine:
             sid = f"{self.options.session_prefix}{next(self._ids)}"
             h, w = cond.latent_hw
             backend = self.models.decoder_backend or self.models.vae
-            session = AvatarSession(sid, self.generator, cond, FrameDecoder(backend, h, w), self.models.features,
-                                    self.options.fps, options, loop, wake=self._wake.set)
+            decoder = FrameDecoder(backend, h, w, self.settled, self.options.deflicker)
+            session = AvatarSession(sid, self.generator, cond, decoder, self.models.features, self.options.fps,
+                                    options, loop, wake=self._wake.set)
             self.sessions[sid] = session
         self._wake.set()
         return session
@@ -411,6 +377,10 @@ class AvatarEngine:
                               neutral=reference)
         return Conditions(reference=reference, face_mask=masks, emotion=emotion_latent, motion=motion)
 
+    def settle(self, cond: Conditions) -> None:
+        """Settle the decoder on `cond`'s reference ahead of its first session, which then opens sooner."""
+        self.settled.get(self.models.decoder_backend or self.models.vae, cond.reference[:, :, :1], cond.latent_hw)
+
     def close_session(self, session_id: str) -> None:
         s = self.sessions.get(session_id)
         if s is not None:
@@ -456,11 +426,9 @@ class AvatarEngine:
                     self._finish(unit)
                     continue
                 while not self._stop.is_set():  # a full queue: wait for the decoder (never drop latents)
-                    try:
+                    with contextlib.suppress(queue.Full):
                         self._decode_jobs.put(unit, timeout=0.1)
                         break
-                    except queue.Full:
-                        pass
 
     def _batch(self, ready: list[AvatarSession]) -> list[AvatarSession]:
         """The most urgent session, then the others ready now whose next block can share its DiT call, most

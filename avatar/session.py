@@ -362,10 +362,11 @@ class AvatarSession:
         if self.decoder.latents_decoded == 0 and unit.first_video == 0 and unit.latents.shape[2] == 1 \
                 and not unit.held_frames:
             self._opening = unit  # the reference alone (causal): frame 0 waits for the first generated latent
+            self.decoder.settle(unit.latents)  # meanwhile the decoder settles on the reference (per avatar)
             return
-        if self._opening is not None and unit.held_frames:  # nothing generated yet: frame 0 from cold
+        if self._opening is not None and unit.held_frames:  # nothing generated yet: the settled reference
             opening, self._opening = self._opening, None
-            self._emit(self.decoder.decode(opening.latents), 0, opening.epoch, wait_ms=opening.wait_ms,
+            self._emit(self.decoder.open_still(), 0, opening.epoch, wait_ms=opening.wait_ms,
                        features_ms=opening.features_ms, denoise_ms=opening.denoise_ms)
         if unit.held_frames:  # 5'. a held unit repeats the last frame; its latents never reach the decoder,
             # whose caches stay at that frame. Not a block: the stage figures stay those of generated ones

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avatar.decoder import OPENING_LATENTS
+from avatar.decoder import OPENING_LATENTS, SETTLED_OPENING_LATENTS
 from models.vae import WanVAE
 from training.checkpoint import append_log, load_checkpoint, save_checkpoint
 from training.dataset import ClipStore, make_clip
@@ -48,6 +48,10 @@ class AdaptConfig:
     motion_weight: float = 2.0  # L1 on frame differences: a latent's change drawn as the teacher's is
     boundary_weight: float = 4.0  # extra weight of the differences into a latent's first frame (the
     # step from the latent before, where a stream's seams are): there every new DiT latent redraws detail
+    boundary_where: str = "all"  # "still": only pixels the teacher keeps still at that step (its change
+    # under `still_tolerance`): a moving mouth's step into a latent is motion, and weighing it there too
+    # teaches the decoder to draw the change later (lag 1)
+    still_tolerance: float = 2 / 127.5  # largest teacher change counted still, in [-1, 1] units (2 of 255)
     emotions: tuple[str, ...] = ("neutral", "neutral", "neutral", "happy", "sad")  # the pairs' emotions, in turn
     seed: int = 0
     name: str = "vae_adapt"  # the run's stage name in its log (one per round of a plan)
@@ -63,6 +67,8 @@ class DecodePair:
     mouths: np.ndarray  # (N, 4) the teacher's mouth boxes (x0, y0, x1, y1) on those frames
     generated: np.ndarray | None  # (N, H, W, 3) uint8: what the session showed for those frames
     emotion: str
+    reference: np.ndarray | None = None  # (16, 1, h, w): the reference latent the stream settled on before
+    # latent 1 (`FrameDecoder.settle`); None in pairs from streams that opened cold
 
 
 class PairStore(KeyedFiles):
@@ -71,13 +77,14 @@ class PairStore(KeyedFiles):
     def write(self, key: str, p: DecodePair) -> None:
         self._write_atomic(key, lambda tmp: np.savez_compressed(
             tmp, latents=p.latents, frames=p.frames, mouths=p.mouths, generated=p.generated,
-            emotion=np.array(p.emotion)))
+            emotion=np.array(p.emotion), **({} if p.reference is None else {"reference": p.reference})))
 
     def read(self, key: str, generated: bool = True) -> DecodePair:
         """`generated=False` leaves the shown frames unread (None): training never uses them."""
         with np.load(self.path(key)) as z:
             return DecodePair(latents=z["latents"], frames=z["frames"], mouths=z["mouths"],
-                              generated=z["generated"] if generated else None, emotion=str(z["emotion"]))
+                              generated=z["generated"] if generated else None, emotion=str(z["emotion"]),
+                              reference=z["reference"] if "reference" in z.files else None)
 
 
 class RecordingDecoder:
@@ -135,21 +142,34 @@ def generate_pairs(models, clips: ClipStore, latents: LatentStore, out: PairStor
             cond = avatar_conditions(engine, teacher, None if emotion == "neutral" else emotion)
             recorder.latents.clear()
             shown, _ = asyncio.run(run_session(engine, cond, teacher.audio))
-            out.write(key, pair_from_stream(recorder.latents, teacher, shown, emotion))
+            out.write(key, pair_from_stream(recorder.latents, teacher, shown, emotion, cond.reference))
             log.info("decode pair %d/%d: %s (%s)", held, limit, key, emotion)
     return held
 
 
-def pair_from_stream(decoded: list[torch.Tensor], teacher, shown: np.ndarray, emotion: str) -> DecodePair:
-    """A stream decodes latent 1 OPENING_LATENTS times (its opening), then latents 1, 2, ... once each."""
-    if len(decoded) <= OPENING_LATENTS or not all(torch.equal(z, decoded[OPENING_LATENTS])
-                                                 for z in decoded[:OPENING_LATENTS]):
+def _held(decoded: list[torch.Tensor], i: int) -> int:
+    """How many latents from `decoded[i]` on equal it."""
+    n = 0
+    while i + n < len(decoded) and torch.equal(decoded[i + n], decoded[i]):
+        n += 1
+    return n
+
+
+def pair_from_stream(decoded: list[torch.Tensor], teacher, shown: np.ndarray, emotion: str,
+                     reference: torch.Tensor | None = None) -> DecodePair:
+    """A stream settles on the reference latent (OPENING_LATENTS decodes, none where the engine had settled
+    on it for an earlier stream), opens on latent 1 (SETTLED_OPENING_LATENTS decodes), then decodes
+    latents 1, 2, ... once each."""
+    start = OPENING_LATENTS if decoded and _held(decoded, 0) == OPENING_LATENTS else 0  # the settling
+    if start >= len(decoded) or _held(decoded, start) != SETTLED_OPENING_LATENTS + 1:
         raise RuntimeError(f"expected a stream opened on its first latent, then its latents; got {len(decoded)}")
-    z = torch.cat(decoded[OPENING_LATENTS:], dim=2)[0].numpy()  # (16, K, h, w)
+    start += SETTLED_OPENING_LATENTS
+    z = torch.cat(decoded[start:], dim=2)[0].numpy()  # (16, K, h, w)
     n = min(4 * z.shape[1], teacher.num_frames - 1, len(shown) - 1)
     return DecodePair(latents=z.astype(np.float32), frames=teacher.frames[1:1 + n],
                       mouths=teacher.mouth_boxes[0, 1:1 + n].astype(np.int32), generated=shown[1:1 + n],
-                      emotion=emotion)
+                      emotion=emotion, reference=None if reference is None else
+                      reference.detach().float().cpu()[0, :, :1].numpy())
 
 
 # ---- the loss -------------------------------------------------------------------------------------
@@ -158,20 +178,27 @@ def sample_window(pair: DecodePair, rng: np.random.Generator, cfg: AdaptConfig
     """A training window: (warm latents (16, W, h, w), window latents (16, L, h, w), teacher frames
     (4L, H, W, 3), mouth masks (4L, H, W)). Latent s covers frames 4s-3..4s (pair index 4s-4..4s-1); the
     warm latents are those before it, as far as `warm_latents`, led by the stream's opening where the
-    window starts near latent 1 (latent 1 held, as `FrameDecoder.open_at` decodes it)."""
+    window starts near latent 1: the reference held OPENING_LATENTS times, then latent 1
+    SETTLED_OPENING_LATENTS times, as a session's stream settles and opens (`FrameDecoder.settle`,
+    `open_at`); latent 1 held OPENING_LATENTS times for pairs without a reference (a cold opening)."""
     n_lat = pair.frames.shape[0] // 4  # latents whose 4 frames the pair holds
     L = cfg.window_latents
     if n_lat < L:
         raise ValueError(f"a pair of {pair.frames.shape[0]} frames is shorter than a {L}-latent window")
     s = int(rng.integers(1, n_lat - L + 2))  # first latent of the window, 1-based
-    warm = ([1] * OPENING_LATENTS if s - cfg.warm_latents < 1 else []) + list(range(max(1, s - cfg.warm_latents), s))
     z = torch.from_numpy(pair.latents)
+    opening = []
+    if s - cfg.warm_latents < 1 and pair.reference is not None:
+        opening = [torch.from_numpy(pair.reference)] * OPENING_LATENTS + [z[:, :1]] * SETTLED_OPENING_LATENTS
+    elif s - cfg.warm_latents < 1:
+        opening = [z[:, :1]] * OPENING_LATENTS
+    warm = torch.cat(opening + [z[:, max(1, s - cfg.warm_latents) - 1:s - 1]], dim=1)
     frames = pair.frames[4 * (s - 1):4 * (s - 1 + L)]
     masks = np.zeros(frames.shape[:3], bool)
     m = MOUTH_MARGIN
     for j, (x0, y0, x1, y1) in enumerate(pair.mouths[4 * (s - 1):4 * (s - 1 + L)]):
         masks[j, max(0, y0 - m):y1 + m, max(0, x0 - m):x1 + m] = True
-    return z[:, [i - 1 for i in warm]], z[:, s - 1:s - 1 + L], frames, masks
+    return warm, z[:, s - 1:s - 1 + L], frames, masks
 
 
 def adaptation_loss(vae: WanVAE, warm: torch.Tensor, window: torch.Tensor, frames: np.ndarray,
@@ -188,8 +215,13 @@ def adaptation_loss(vae: WanVAE, warm: torch.Tensor, window: torch.Tensor, frame
     l1 = ((recon - video).abs() * w).mean()
     mse = ((recon - video).pow(2) * w).mean()
     dt = lambda v: v[:, :, 1:] - v[:, :, :-1]  # noqa: E731
-    dw = w[:, :, 1:].clone()  # a difference weighs as its later frame...
-    dw[:, :, 3::4] *= cfg.boundary_weight  # ...and more where that frame starts a latent (window frame 4j)
+    into = torch.zeros_like(w[:, :, 1:], dtype=torch.bool)
+    into[:, :, 3::4] = True  # differences into a latent's first frame (window frame 4j)
+    if cfg.boundary_where == "still":
+        into &= dt(video).abs().amax(dim=1, keepdim=True) <= cfg.still_tolerance
+    elif cfg.boundary_where != "all":
+        raise ValueError(f"boundary_where must be 'all' or 'still', not {cfg.boundary_where!r}")
+    dw = w[:, :, 1:] * torch.where(into, cfg.boundary_weight, 1.0)  # a difference weighs as its later frame
     motion = ((dt(recon) - dt(video)).abs() * dw).mean()
     return {"loss": l1 + mse + cfg.motion_weight * motion, "l1": l1, "mse": mse, "motion": motion}
 

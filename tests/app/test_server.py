@@ -349,3 +349,27 @@ def test_avatar_new_writes_a_folder_that_serve_can_use(engine, tmp_path):
     (other / "avatar.json").write_text("{")
     with pytest.raises(ValueError, match="not an avatar folder"):
         prepare_avatars(engine, other)
+
+
+async def test_the_backend_settles_its_default_avatars_decoder_at_start(engine):
+    """A started engine's backend settles the decoder on the default avatar's reference when it is made, so
+    the first call on it opens in SETTLED_OPENING_LATENTS decodes (`AvatarEngine.settle`)."""
+    from avatar.decoder import SettledReferences
+    from avatar.types import AvatarFrame
+
+    avatars, default = prepare_avatars(engine)
+    engine.settled = SettledReferences()
+    backend = EngineBackend(engine, avatars, default)
+    assert (engine.settled.hits, engine.settled.misses) == (0, 1)
+    session = backend.open(default, None)
+
+    async def first_frame():
+        async for item in session:
+            if isinstance(item, AvatarFrame):
+                return item
+
+    try:
+        assert (await asyncio.wait_for(first_frame(), 60)).pts == 0
+    finally:
+        session.close()
+    assert (engine.settled.hits, engine.settled.misses) == (1, 1)

@@ -121,6 +121,7 @@ async def test_engine_stream_equals_direct_generation(engine, bundle):
     gen = CausalGenerator(bundle.dit, OPTS)
     state = gen.init_state(_cond(1), seed=7)
     dec = FrameDecoder(bundle.vae, H // 8, W // 8)
+    dec.settle(_cond(1).reference)  # as a session's decoder does while its reference waits for latent 1
     a0 = torch.from_numpy(group_by_latent(feats[:1], 0))[None]
     gen.prefill_reference(state, a0)
     video, v = [], 1
@@ -137,6 +138,29 @@ async def test_engine_stream_equals_direct_generation(engine, bundle):
     for f, img in zip(frames, video):
         np.testing.assert_array_equal(f.video, img)
     s.close()
+
+
+async def test_sessions_of_one_reference_share_its_settled_decoder(engine):
+    """A session settles its decoder on the reference once per engine (`AvatarEngine.settle` can do it ahead
+    of the first session); later sessions on that reference find it settled and show the same frames."""
+    pcm = _speech(0.6, 16_000, seed=4)
+
+    async def run(cond):
+        s = engine.open_session(cond, SessionOptions(realtime=False, seed=7))
+        s.push_audio(pcm, 16_000)
+        s.end_segment()
+        frames, _ = await _collect(s)
+        s.close()
+        return np.stack([f.video for f in frames])
+
+    own = await run(_cond(5))  # the first session on this reference settles the decoder itself
+    assert (engine.settled.hits, engine.settled.misses) == (0, 1)
+    engine.settle(_cond(6))  # ahead of its first session
+    assert (engine.settled.hits, engine.settled.misses) == (0, 2)
+    await run(_cond(6))
+    again = await run(_cond(5))
+    assert (engine.settled.hits, engine.settled.misses) == (2, 2)
+    np.testing.assert_array_equal(own, again)
 
 
 async def test_idle_frames_keep_coming_without_audio(engine):

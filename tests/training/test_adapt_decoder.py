@@ -3,11 +3,13 @@ its loop trains the decoder alone, resumably."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from avatar.decoder import OPENING_LATENTS, FrameDecoder, to_uint8
+from avatar.decoder import OPENING_LATENTS, SETTLED_OPENING_LATENTS, FrameDecoder, to_uint8
 from models.config import VAE_TINY
 from models.vae import WanVAE
 from training.adapt_decoder import (AdaptConfig, DecodePair, PairStore, adaptation_loss, adapt_decoder,
@@ -31,18 +33,25 @@ def _pair(latents: int, seed=0, hw=(32, 32)) -> DecodePair:
                       generated=frames.copy(), emotion="neutral")
 
 
-def test_a_window_at_the_first_latent_decodes_as_a_stream_opens():
-    """Warm latents of a window at latent 1 are the stream's opening (latent 1 held), so the window's
-    frames are exactly what FrameDecoder shows after open_at."""
+@pytest.mark.parametrize("settled", [False, True], ids=["cold", "settled"])
+def test_a_window_at_the_first_latent_decodes_as_a_stream_opens(settled):
+    """Warm latents of a window at latent 1 are the stream's opening (the reference it settled on, if the
+    pair keeps it, then latent 1 held), so the window's frames are exactly what FrameDecoder shows."""
     vae = _vae()
     pair = _pair(latents=4)
+    if settled:
+        pair = replace(pair, reference=np.random.default_rng(9).standard_normal((16, 1, 4, 4)).astype(np.float32))
     cfg = AdaptConfig(window_latents=4)
     warm, window, frames, masks = sample_window(pair, np.random.default_rng(0), cfg)
-    assert warm.shape[1] == OPENING_LATENTS and all(torch.equal(warm[:, i], window[:, 0]) for i in range(OPENING_LATENTS))
+    held = SETTLED_OPENING_LATENTS if settled else OPENING_LATENTS
+    assert warm.shape[1] == (OPENING_LATENTS if settled else 0) + held
+    assert all(torch.equal(warm[:, -1 - i], window[:, 0]) for i in range(held))
     np.testing.assert_array_equal(frames, pair.frames)  # latents 1..4 cover pair frames 0..15
     assert masks[:, 20:26, 10:22].all() and masks.mean() < 0.3  # the mouth box, with its margin
     stream = FrameDecoder(vae, 4, 4)
     z = torch.from_numpy(pair.latents)[None]
+    if settled:
+        stream.settle(torch.from_numpy(pair.reference)[None])
     stream.open_at(z[:, :, :1])
     live = stream.decode(z)
     from training.train_vae import decode_raw
@@ -119,8 +128,10 @@ def test_pairs_hold_what_the_live_stream_decoded(tmp_path):
     pair = out.read("clip_b")
     assert pair.frames.shape == pair.generated.shape and pair.frames.shape[0] >= 16
     assert pair.latents.shape[1] * 4 >= pair.frames.shape[0]
+    assert pair.reference is not None and pair.reference.shape == (16, 1, 4, 4)
     stream = FrameDecoder(models.vae, 4, 4)
     z = torch.from_numpy(pair.latents)[None]
+    stream.settle(torch.from_numpy(pair.reference)[None])  # as the session's decoder did
     stream.open_at(z[:, :, :1])
     np.testing.assert_array_equal(stream.decode(z)[:len(pair.generated)], pair.generated)
     teacher = make_clip(clips.read("clip_b").audio[0], clips.read("clip_b").identity_seeds[0], size=(32, 32),
@@ -147,6 +158,54 @@ def test_the_boundary_weight_counts_only_the_steps_into_a_latent():
 
     gain_1, gain_5 = motion(1.0, moved) - motion(1.0, frames), motion(5.0, moved) - motion(5.0, frames)
     assert 2.5 < gain_5 / gain_1 < 3.5  # (5 + 1) / (1 + 1): the step in weighs 5, the step out 1
+
+
+def test_boundary_weight_on_still_pixels_leaves_the_teachers_own_motion_alone():
+    """`boundary_where="still"`: a still target weighs as with "all"; a patch the teacher moves on the first
+    frame of latents 2..4 costs the same whatever the boundary weight, as a step inside a latent would."""
+    vae = _vae()
+    warm, window, frames, masks = sample_window(_pair(latents=4), np.random.default_rng(0), AdaptConfig())
+    still = np.repeat(frames[:1], len(frames), axis=0)
+
+    def moving(by):  # the patch jumps on latents' first frames: teacher motion at those steps either way
+        out = still.copy()
+        out[4::4, 8:16, 8:16] = np.clip(out[4::4, 8:16, 8:16].astype(int) + by, 0, 255).astype(np.uint8)
+        return out
+
+    masks = np.zeros_like(masks)
+
+    def motion(b, target, where):
+        cfg = AdaptConfig(boundary_weight=b, mouth_weight=1.0, boundary_where=where)
+        with torch.no_grad():
+            return float(adaptation_loss(vae, warm, window, target, masks, cfg)["motion"])
+
+    assert motion(5.0, still, "still") == pytest.approx(motion(5.0, still, "all"), rel=1e-6)
+    assert motion(5.0, still, "still") > motion(1.0, still, "still") * 1.5  # still pixels' steps in weigh 5
+    gain = {(w, b): motion(b, moving(80), w) - motion(b, moving(40), w) for w in ("all", "still") for b in (1.0, 5.0)}
+    assert 2.5 < gain["all", 5.0] / gain["all", 1.0] < 3.5
+    assert 0.9 < gain["still", 5.0] / gain["still", 1.0] < 1.1
+    with pytest.raises(ValueError, match="boundary_where"):
+        motion(5.0, still, "mouth")
+
+
+def test_pairs_parse_a_stream_that_settled_or_found_its_reference_settled():
+    """The recording is the settling (the reference OPENING_LATENTS times; absent when another stream had
+    settled on it), latent 1 SETTLED_OPENING_LATENTS + 1 times, then the later latents."""
+    from types import SimpleNamespace
+
+    from training.adapt_decoder import pair_from_stream
+
+    ref, l1, l2 = (torch.full((1, 16, 1, 2, 2), float(v)) for v in (7, 1, 2))
+    teacher = SimpleNamespace(frames=np.zeros((20, 16, 16, 3), np.uint8), num_frames=20,
+                              mouth_boxes=np.zeros((1, 20, 4), np.int32))
+    shown = np.zeros((20, 16, 16, 3), np.uint8)
+    opened = [l1] * (SETTLED_OPENING_LATENTS + 1) + [l2]
+    for decoded in ([ref] * OPENING_LATENTS + opened, opened):
+        pair = pair_from_stream(decoded, teacher, shown, "neutral", ref)
+        assert pair.latents.shape == (16, 2, 2, 2) and (pair.latents[:, 0] == 1).all() and (pair.latents[:, 1] == 2).all()
+        assert (pair.reference == 7).all() and pair.frames.shape[0] == 8
+    with pytest.raises(RuntimeError, match="opened on its first latent"):
+        pair_from_stream([l1] * (OPENING_LATENTS + 1) + [l2], teacher, shown, "neutral")  # a cold opening
 
 
 def test_rounds_continue_from_each_other_and_resume(tmp_path):
