@@ -34,6 +34,17 @@ SETTLED_OPENING_LATENTS = 2  # latent 1's decodes when the decoder is already se
 # frames are 47-57 dB from a cold 5-latent opening's (demo model, 4 clips; 1 decode: 40-44 dB)
 
 
+STILL_OPENING_DBFS = -50.0  # a first latent's audio (RMS) under this: the stream opens still, on latent 1 held
+
+
+def speaks_in(pcm: np.ndarray) -> bool:
+    """The first latent's audio (float samples, any rate) is louder than STILL_OPENING_DBFS: a stream
+    opened on latent 1 held would freeze that speech on its first 5 frames, so it opens on the settled
+    reference and latent 1 moves from it (`FrameDecoder.open_still`, then `decode`)."""
+    x = np.asarray(pcm, np.float64)
+    return bool(x.size) and 10 * np.log10(np.mean(x * x) + 1e-12) > STILL_OPENING_DBFS
+
+
 @dataclass(frozen=True)
 class Deflicker:
     """Takes part of a still pixel's step into a new latent back, on that latent's first frame only.

@@ -32,7 +32,7 @@ import torch
 from audio.align import group_by_latent, video_frames_for_block
 from audio.pcm import MEDIA_SAMPLE_RATE
 from audio.resample import PcmFormat
-from avatar.decoder import FrameDecoder
+from avatar.decoder import FrameDecoder, speaks_in
 from avatar.generator import Conditions, Unit
 from avatar.timeline import SpeakerTrack
 from avatar.types import (AvatarFrame, SegmentEnd, SessionError, SessionItem, SessionStats, Timing,
@@ -395,16 +395,34 @@ class AvatarSession:
         """Step 5: `unit`'s frames, and the reference-only unit whose frame 0 leads them, if any. The first
         generated latent opens the decoder (`FrameDecoder.open_at`) and gives frame 0 in place of the
         reference latent's: the reference still conditions generation (the KV cache's sink), only the
-        pixels of frame 0 change, and it is emitted with the first block instead of before it."""
+        pixels of frame 0 change, and it is emitted with the first block instead of before it. Where
+        speech starts in latent 1 (`_speaks_at_once`), frame 0 is the reference the decoder settled on and
+        latent 1 decodes from it like any other latent."""
         latents, opening = unit.latents, None
         if self._opening is not None:  # causal: the reference came alone; this block starts at latent 1
             opening, self._opening = self._opening, None
+            if self._speaks_at_once():  # frame 0 the settled reference, latent 1 moving from it
+                return np.concatenate([self.decoder.open_still(), self.decoder.decode(latents)]), opening
         elif self.decoder.latents_decoded == 0 and unit.first_video == 0 and latents.shape[2] > 1:
             latents = latents[:, :, 1:]  # chunked generators: the first chunk starts with the reference
         else:
             return self.decoder.decode(latents), None
         frame0 = self.decoder.open_at(latents[:, :, :1])
         return np.concatenate([frame0, self.decoder.decode(latents)]), opening
+
+    def _speaks_at_once(self) -> bool:
+        """Latent 1's audio speaks on some track (`speaks_in`). A stream opened on latent 1 held shows that
+        latent's last picture on frames 0-4, which suits a still face; speech that starts there would
+        freeze mid-word for 200 ms (lip sync r 0.37-0.48 on a held-out clip whose speech starts 80 ms in,
+        0.77-0.79 without its first 5 frames). Never with several faces: a silent one would shimmer into
+        place, from the portrait to the model's drawing, while the other speaks."""
+        if self.cond.face_mask is not None and self.cond.face_mask.shape[1] > 1:
+            return False
+        frames = video_frames_for_block(1, 1)
+        a = frame_sample_bounds(frames.start, self.out_rate, self.fps)[0]
+        b = frame_sample_bounds(frames.stop - 1, self.out_rate, self.fps)[1]
+        with self._lock:
+            return any(speaks_in(t.pcm.read(a, b)) for t in self.tracks)
 
     def _audio_tensors(self, feats: list[np.ndarray], start_latent: int):
         dev = self.generator.dit.device

@@ -110,9 +110,12 @@ async def test_other_input_rates_are_resampled_to_the_session_rate(engine):
     s.close()
 
 
-async def test_engine_stream_equals_direct_generation(engine, bundle):
-    """The engine adds scheduling and pairing, nothing else: same frames as driving the generator by hand."""
-    pcm = _speech(1.0, 16_000, seed=3)
+@pytest.mark.parametrize("lead_s", [0.0, 0.3], ids=["speech-at-once", "silence-first"])
+async def test_engine_stream_equals_direct_generation(engine, bundle, lead_s):
+    """The engine adds scheduling and pairing, nothing else: same frames as driving the generator by hand.
+    Speech from the first latent on: frame 0 is the settled reference and latent 1 moves from it; a
+    silent first latent: frame 0 is latent 1 held (`FrameDecoder.open_at`)."""
+    pcm = np.concatenate([np.zeros(int(lead_s * 16_000), np.float32), _speech(1.0, 16_000, seed=3)])
     s = engine.open_session(_cond(1), SessionOptions(realtime=False, seed=7))
     s.push_audio(pcm, 16_000)
     s.end_segment()
@@ -130,8 +133,8 @@ async def test_engine_stream_equals_direct_generation(engine, bundle):
         n = 4 if not video else 8  # the first block after the reference is one latent, then blocks of two
         blk = torch.from_numpy(np.ascontiguousarray(group_by_latent(feats[v:v + n], s0)))[None]
         latents = gen.generate_block(state, blk)
-        if not video:  # frame 0: the decoder opened at the first generated latent, not the reference's
-            video.append(dec.open_at(latents[:, :, :1]))
+        if not video:  # frame 0: the settled reference where speech starts at once, else latent 1 held
+            video.append(dec.open_still() if lead_s == 0 else dec.open_at(latents[:, :, :1]))
         video.append(dec.decode(latents))
         v += n
     video = np.concatenate(video)[:len(frames) - 1]  # the last frame's lookahead is padded silence
@@ -523,3 +526,26 @@ def test_emotion_as_reference_swaps_a_one_face_avatar_s_reference_and_keeps_a_sc
     assert torch.equal(strong.conditions(solo, None).reference, solo.reference_latent)
     with pytest.raises(ValueError, match="emotion_strength must be positive"):
         AvatarEngine(bundle, EngineOptions(causal=OPTS, decoder="torch", warmup=False, emotion_strength=0.0))
+
+
+@pytest.mark.parametrize("faces, lead_s, opening", [(1, 0.0, "open_still"), (1, 0.3, "open_at"), (2, 0.0, "open_at")],
+                         ids=["one-face-speaking", "one-face-silent-first", "two-faces-speaking"])
+async def test_a_stream_opens_moving_only_where_its_one_face_speaks_at_once(engine, monkeypatch, faces, lead_s,
+                                                                          opening):
+    """Speech in latent 1 of a one-face avatar: frame 0 is the settled reference and latent 1 moves from it
+    (`open_still`); otherwise latent 1 is held (`open_at`), so a silent face never shimmers into place."""
+    calls = []
+    for name in ("open_at", "open_still"):
+        original = getattr(FrameDecoder, name)
+        monkeypatch.setattr(FrameDecoder, name,
+                            lambda self, *a, _f=original, _n=name: calls.append(_n) or _f(self, *a))
+    cond = _cond(2)
+    if faces == 2:
+        cond = Conditions(reference=cond.reference, face_mask=torch.ones(1, 2, H // 16, W // 16))
+    pcm = np.concatenate([np.zeros(int(lead_s * 16_000), np.float32), _speech(0.6, 16_000, seed=5)])
+    s = engine.open_session(cond, SessionOptions(realtime=False, seed=1))
+    s.push_audio(pcm, 16_000)
+    s.end_segment()
+    frames, _ = await _collect(s)
+    s.close()
+    assert calls == [opening] and frames[0].pts == 0
