@@ -69,6 +69,8 @@ class DecodePair:
     emotion: str
     reference: np.ndarray | None = None  # (16, 1, h, w): the reference latent the stream settled on before
     # latent 1 (`FrameDecoder.settle`); None in pairs from streams that opened cold
+    moving: bool = False  # the stream opened moving (speech at once): latent 1 decoded from the settled
+    # reference, not held first (`AvatarSession._speaks_at_once`)
 
 
 class PairStore(KeyedFiles):
@@ -77,14 +79,16 @@ class PairStore(KeyedFiles):
     def write(self, key: str, p: DecodePair) -> None:
         self._write_atomic(key, lambda tmp: np.savez_compressed(
             tmp, latents=p.latents, frames=p.frames, mouths=p.mouths, generated=p.generated,
-            emotion=np.array(p.emotion), **({} if p.reference is None else {"reference": p.reference})))
+            emotion=np.array(p.emotion), moving=np.array(p.moving),
+            **({} if p.reference is None else {"reference": p.reference})))
 
     def read(self, key: str, generated: bool = True) -> DecodePair:
         """`generated=False` leaves the shown frames unread (None): training never uses them."""
         with np.load(self.path(key)) as z:
             return DecodePair(latents=z["latents"], frames=z["frames"], mouths=z["mouths"],
                               generated=z["generated"] if generated else None, emotion=str(z["emotion"]),
-                              reference=z["reference"] if "reference" in z.files else None)
+                              reference=z["reference"] if "reference" in z.files else None,
+                              moving=bool(z["moving"]) if "moving" in z.files else False)
 
 
 class RecordingDecoder:
@@ -158,18 +162,20 @@ def _held(decoded: list[torch.Tensor], i: int) -> int:
 def pair_from_stream(decoded: list[torch.Tensor], teacher, shown: np.ndarray, emotion: str,
                      reference: torch.Tensor | None = None) -> DecodePair:
     """A stream settles on the reference latent (OPENING_LATENTS decodes, none where the engine had settled
-    on it for an earlier stream), opens on latent 1 (SETTLED_OPENING_LATENTS decodes), then decodes
-    latents 1, 2, ... once each."""
+    on it for an earlier stream), opens on latent 1 held (SETTLED_OPENING_LATENTS decodes; none where it
+    opened moving), then decodes latents 1, 2, ... once each."""
     start = OPENING_LATENTS if decoded and _held(decoded, 0) == OPENING_LATENTS else 0  # the settling
-    if start >= len(decoded) or _held(decoded, start) != SETTLED_OPENING_LATENTS + 1:
+    held = _held(decoded, start) if start < len(decoded) else 0
+    if held not in (1, SETTLED_OPENING_LATENTS + 1):
         raise RuntimeError(f"expected a stream opened on its first latent, then its latents; got {len(decoded)}")
-    start += SETTLED_OPENING_LATENTS
+    moving = held == 1
+    start += 0 if moving else SETTLED_OPENING_LATENTS
     z = torch.cat(decoded[start:], dim=2)[0].numpy()  # (16, K, h, w)
     n = min(4 * z.shape[1], teacher.num_frames - 1, len(shown) - 1)
     return DecodePair(latents=z.astype(np.float32), frames=teacher.frames[1:1 + n],
                       mouths=teacher.mouth_boxes[0, 1:1 + n].astype(np.int32), generated=shown[1:1 + n],
                       emotion=emotion, reference=None if reference is None else
-                      reference.detach().float().cpu()[0, :, :1].numpy())
+                      reference.detach().float().cpu()[0, :, :1].numpy(), moving=moving)
 
 
 # ---- the loss -------------------------------------------------------------------------------------
@@ -179,8 +185,9 @@ def sample_window(pair: DecodePair, rng: np.random.Generator, cfg: AdaptConfig
     (4L, H, W, 3), mouth masks (4L, H, W)). Latent s covers frames 4s-3..4s (pair index 4s-4..4s-1); the
     warm latents are those before it, as far as `warm_latents`, led by the stream's opening where the
     window starts near latent 1: the reference held OPENING_LATENTS times, then latent 1
-    SETTLED_OPENING_LATENTS times, as a session's stream settles and opens (`FrameDecoder.settle`,
-    `open_at`); latent 1 held OPENING_LATENTS times for pairs without a reference (a cold opening)."""
+    SETTLED_OPENING_LATENTS times (none where the stream opened moving), as a session's stream settles
+    and opens (`FrameDecoder.settle`, `open_at`); latent 1 held OPENING_LATENTS times for pairs without a
+    reference (a cold opening)."""
     n_lat = pair.frames.shape[0] // 4  # latents whose 4 frames the pair holds
     L = cfg.window_latents
     if n_lat < L:
@@ -189,7 +196,8 @@ def sample_window(pair: DecodePair, rng: np.random.Generator, cfg: AdaptConfig
     z = torch.from_numpy(pair.latents)
     opening = []
     if s - cfg.warm_latents < 1 and pair.reference is not None:
-        opening = [torch.from_numpy(pair.reference)] * OPENING_LATENTS + [z[:, :1]] * SETTLED_OPENING_LATENTS
+        held = 0 if pair.moving else SETTLED_OPENING_LATENTS
+        opening = [torch.from_numpy(pair.reference)] * OPENING_LATENTS + [z[:, :1]] * held
     elif s - cfg.warm_latents < 1:
         opening = [z[:, :1]] * OPENING_LATENTS
     warm = torch.cat(opening + [z[:, max(1, s - cfg.warm_latents) - 1:s - 1]], dim=1)

@@ -33,17 +33,19 @@ def _pair(latents: int, seed=0, hw=(32, 32)) -> DecodePair:
                       generated=frames.copy(), emotion="neutral")
 
 
-@pytest.mark.parametrize("settled", [False, True], ids=["cold", "settled"])
-def test_a_window_at_the_first_latent_decodes_as_a_stream_opens(settled):
+@pytest.mark.parametrize("settled, moving", [(False, False), (True, False), (True, True)],
+                         ids=["cold", "settled", "settled-moving"])
+def test_a_window_at_the_first_latent_decodes_as_a_stream_opens(settled, moving):
     """Warm latents of a window at latent 1 are the stream's opening (the reference it settled on, if the
     pair keeps it, then latent 1 held), so the window's frames are exactly what FrameDecoder shows."""
     vae = _vae()
     pair = _pair(latents=4)
     if settled:
-        pair = replace(pair, reference=np.random.default_rng(9).standard_normal((16, 1, 4, 4)).astype(np.float32))
+        pair = replace(pair, reference=np.random.default_rng(9).standard_normal((16, 1, 4, 4)).astype(np.float32),
+                       moving=moving)
     cfg = AdaptConfig(window_latents=4)
     warm, window, frames, masks = sample_window(pair, np.random.default_rng(0), cfg)
-    held = SETTLED_OPENING_LATENTS if settled else OPENING_LATENTS
+    held = 0 if moving else SETTLED_OPENING_LATENTS if settled else OPENING_LATENTS
     assert warm.shape[1] == (OPENING_LATENTS if settled else 0) + held
     assert all(torch.equal(warm[:, -1 - i], window[:, 0]) for i in range(held))
     np.testing.assert_array_equal(frames, pair.frames)  # latents 1..4 cover pair frames 0..15
@@ -52,7 +54,8 @@ def test_a_window_at_the_first_latent_decodes_as_a_stream_opens(settled):
     z = torch.from_numpy(pair.latents)[None]
     if settled:
         stream.settle(torch.from_numpy(pair.reference)[None])
-    stream.open_at(z[:, :, :1])
+    if not moving:
+        stream.open_at(z[:, :, :1])
     live = stream.decode(z)
     from training.train_vae import decode_raw
 
@@ -132,7 +135,8 @@ def test_pairs_hold_what_the_live_stream_decoded(tmp_path):
     stream = FrameDecoder(models.vae, 4, 4)
     z = torch.from_numpy(pair.latents)[None]
     stream.settle(torch.from_numpy(pair.reference)[None])  # as the session's decoder did
-    stream.open_at(z[:, :, :1])
+    if not pair.moving:  # noise from the first sample: the session opened moving, latent 1 not held
+        stream.open_at(z[:, :, :1])
     np.testing.assert_array_equal(stream.decode(z)[:len(pair.generated)], pair.generated)
     teacher = make_clip(clips.read("clip_b").audio[0], clips.read("clip_b").identity_seeds[0], size=(32, 32),
                         blinks=False)
@@ -190,7 +194,8 @@ def test_boundary_weight_on_still_pixels_leaves_the_teachers_own_motion_alone():
 
 def test_pairs_parse_a_stream_that_settled_or_found_its_reference_settled():
     """The recording is the settling (the reference OPENING_LATENTS times; absent when another stream had
-    settled on it), latent 1 SETTLED_OPENING_LATENTS + 1 times, then the later latents."""
+    settled on it), latent 1 SETTLED_OPENING_LATENTS + 1 times (once where the stream opened moving),
+    then the later latents."""
     from types import SimpleNamespace
 
     from training.adapt_decoder import pair_from_stream
@@ -199,11 +204,12 @@ def test_pairs_parse_a_stream_that_settled_or_found_its_reference_settled():
     teacher = SimpleNamespace(frames=np.zeros((20, 16, 16, 3), np.uint8), num_frames=20,
                               mouth_boxes=np.zeros((1, 20, 4), np.int32))
     shown = np.zeros((20, 16, 16, 3), np.uint8)
-    opened = [l1] * (SETTLED_OPENING_LATENTS + 1) + [l2]
-    for decoded in ([ref] * OPENING_LATENTS + opened, opened):
+    held, moving = [l1] * (SETTLED_OPENING_LATENTS + 1) + [l2], [l1, l2]
+    for decoded, opened_moving in (([ref] * OPENING_LATENTS + held, False), (held, False),
+                                   ([ref] * OPENING_LATENTS + moving, True), (moving, True)):
         pair = pair_from_stream(decoded, teacher, shown, "neutral", ref)
         assert pair.latents.shape == (16, 2, 2, 2) and (pair.latents[:, 0] == 1).all() and (pair.latents[:, 1] == 2).all()
-        assert (pair.reference == 7).all() and pair.frames.shape[0] == 8
+        assert (pair.reference == 7).all() and pair.frames.shape[0] == 8 and pair.moving == opened_moving
     with pytest.raises(RuntimeError, match="opened on its first latent"):
         pair_from_stream([l1] * (OPENING_LATENTS + 1) + [l2], teacher, shown, "neutral")  # a cold opening
 
