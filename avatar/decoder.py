@@ -159,8 +159,9 @@ class FrameDecoder:
         self.state = self._settled.state
 
     def open_still(self) -> np.ndarray:
-        """Frame 0 (1, H, W, 3) when nothing was generated after the reference: the settled reference's
-        last frame (a held unit follows it; its latents never reach the decoder)."""
+        """Frame 0 (1, H, W, 3): the settled reference's last frame. Where nothing was generated after the
+        reference (a held unit follows; its latents never reach the decoder), and where the stream opens
+        moving (`speaks_in`: latent 1 then decodes from the settled state)."""
         if self._settled is None:
             raise RuntimeError("open_still needs a settled stream (settle)")
         if self.latents_decoded:
