@@ -37,7 +37,7 @@ from audio.pcm import MEDIA_SAMPLE_RATE, MODEL_SAMPLE_RATE, SAMPLES_PER_VIDEO_FR
 from audio.resample import PcmFormat, resample_audio
 from audio.vad import detect_speech
 from avatar.chunking import FusionOptions, generate_fused
-from avatar.decoder import FrameDecoder, speaks_in
+from avatar.decoder import FrameDecoder, first_latent_samples, opens_moving
 from avatar.engine import (
     AvatarEngine,
     EngineOptions,
@@ -431,9 +431,8 @@ class Renderer:
         finally:
             hook.remove()
         decoder = FrameDecoder(m.decoder_backend or m.vae, *cond.latent_hw, deflicker=engine.options.deflicker)
-        first = slice(frame_sample_bounds(1, s.sample_rate, s.fps)[0], frame_sample_bounds(4, s.sample_rate, s.fps)[1])
         faces = 1 if cond.face_mask is None else cond.face_mask.shape[1]
-        moving = num_latents > 1 and faces == 1 and speaks_in(mix[first])  # as a session opens (_speaks_at_once)
+        moving = num_latents > 1 and opens_moving([mix[first_latent_samples(s.sample_rate, s.fps)]], faces)
         pts = 0
         for j in range(num_latents):
             if j == 0 and moving:  # frame 0: the settled reference; latent 1 moves from it

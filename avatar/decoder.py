@@ -15,6 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from audio.align import video_frames_for_block
+from avatar.types import frame_sample_bounds
+
 
 class StreamingDecoder(Protocol):
     def init_state(self, batch: int, latent_h: int, latent_w: int) -> Any: ...
@@ -37,12 +40,26 @@ SETTLED_OPENING_LATENTS = 2  # latent 1's decodes when the decoder is already se
 STILL_OPENING_DBFS = -50.0  # a first latent's audio (RMS) under this: the stream opens still, on latent 1 held
 
 
+def first_latent_samples(sample_rate: int, fps: int) -> slice:
+    """The audio samples of latent 1's video frames (1-4) at `sample_rate`."""
+    frames = video_frames_for_block(1, 1)
+    return slice(frame_sample_bounds(frames.start, sample_rate, fps)[0],
+                 frame_sample_bounds(frames.stop - 1, sample_rate, fps)[1])
+
+
 def speaks_in(pcm: np.ndarray) -> bool:
-    """The first latent's audio (float samples, any rate) is louder than STILL_OPENING_DBFS: a stream
-    opened on latent 1 held would freeze that speech on its first 5 frames, so it opens on the settled
-    reference and latent 1 moves from it (`FrameDecoder.open_still`, then `decode`)."""
+    """Float samples (any rate) louder than STILL_OPENING_DBFS RMS."""
     x = np.asarray(pcm, np.float64)
     return bool(x.size) and 10 * np.log10(np.mean(x * x) + 1e-12) > STILL_OPENING_DBFS
+
+
+def opens_moving(first_latent_audio: list[np.ndarray], faces: int) -> bool:
+    """A stream opens moving: frame 0 the settled reference and latent 1 decoded from it
+    (`FrameDecoder.open_still`, then `decode`), not latent 1 held (`open_at`). Held, frames 0-4 show latent
+    1's last picture: right for a still face, but speech starting there would freeze mid-word for 200 ms.
+    Only with one face: a silent one would shimmer into place, from the portrait to the model's drawing,
+    while the other speaks. `first_latent_audio`: each speaker's samples of `first_latent_samples`."""
+    return faces == 1 and any(speaks_in(x) for x in first_latent_audio)
 
 
 @dataclass(frozen=True)
@@ -161,7 +178,7 @@ class FrameDecoder:
     def open_still(self) -> np.ndarray:
         """Frame 0 (1, H, W, 3): the settled reference's last frame. Where nothing was generated after the
         reference (a held unit follows; its latents never reach the decoder), and where the stream opens
-        moving (`speaks_in`: latent 1 then decodes from the settled state)."""
+        moving (`opens_moving`: latent 1 then decodes from the settled state)."""
         if self._settled is None:
             raise RuntimeError("open_still needs a settled stream (settle)")
         if self.latents_decoded:

@@ -32,7 +32,7 @@ import torch
 from audio.align import group_by_latent, video_frames_for_block
 from audio.pcm import MEDIA_SAMPLE_RATE
 from audio.resample import PcmFormat
-from avatar.decoder import FrameDecoder, speaks_in
+from avatar.decoder import FrameDecoder, first_latent_samples, opens_moving
 from avatar.generator import Conditions, Unit
 from avatar.timeline import SpeakerTrack
 from avatar.types import (AvatarFrame, SegmentEnd, SessionError, SessionItem, SessionStats, Timing,
@@ -411,18 +411,13 @@ class AvatarSession:
         return np.concatenate([frame0, self.decoder.decode(latents)]), opening
 
     def _speaks_at_once(self) -> bool:
-        """Latent 1's audio speaks on some track (`speaks_in`). A stream opened on latent 1 held shows that
-        latent's last picture on frames 0-4, which suits a still face; speech that starts there would
-        freeze mid-word for 200 ms (lip sync r 0.37-0.48 on a held-out clip whose speech starts 80 ms in,
-        0.77-0.79 without its first 5 frames). Never with several faces: a silent one would shimmer into
-        place, from the portrait to the model's drawing, while the other speaks."""
-        if self.cond.face_mask is not None and self.cond.face_mask.shape[1] > 1:
-            return False
-        frames = video_frames_for_block(1, 1)
-        a = frame_sample_bounds(frames.start, self.out_rate, self.fps)[0]
-        b = frame_sample_bounds(frames.stop - 1, self.out_rate, self.fps)[1]
+        """Latent 1's audio makes this stream open moving (`avatar.decoder.opens_moving`): held, speech
+        that starts there froze for 200 ms (lip sync r 0.37-0.48 on a held-out clip whose speech starts
+        80 ms in, 0.77-0.79 without its first 5 frames)."""
+        span = first_latent_samples(self.out_rate, self.fps)
+        faces = 1 if self.cond.face_mask is None else self.cond.face_mask.shape[1]
         with self._lock:
-            return any(speaks_in(t.pcm.read(a, b)) for t in self.tracks)
+            return opens_moving([t.pcm.read(span.start, span.stop) for t in self.tracks], faces)
 
     def _audio_tensors(self, feats: list[np.ndarray], start_latent: int):
         dev = self.generator.dit.device
