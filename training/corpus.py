@@ -12,6 +12,12 @@ and timbre are both unheard. Held-out sentences are every tenth English sentence
 ``en-019``, ...); other languages are train only. Sentence ids are indices, so the lists below are
 append-only.
 
+A second engine family, mbrola (diphone concatenation, Debian contrib packages ``mbrola`` and
+``mbrola-<voice>``), speaks through espeak-ng's ``mb-*`` voices (``MBROLA_VOICES``): American and British
+English, English read by German, French and Dutch voices, and the other languages in native voices. Its
+clips are indices from ``ENGINE_FIRST_INDEX["mbrola"]`` on (``build_corpus(engine="mbrola")``), so the
+espeak-ng plans never change; its held-out voice is ``MBROLA_HELD_OUT`` (held-out sentences, as above).
+
 Voice names are espeak-ng voice files plus a variant: ``en`` is British English (``en-gb+f2`` would
 silently ignore the variant in espeak-ng 1.51; so would ``fr-fr+...``, hence ``fr``).
 
@@ -281,6 +287,16 @@ VARIANTS = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "
             "+Annie", "+Andy", "+david", "+steph")
 HELD_OUT_BASES = ("en-gb-scotland", "en-029")
 HELD_OUT_VARIANTS = ("+m4", "+f4", "+steph")
+MBROLA_VOICES = {  # espeak-ng voice -> the language its text is in (mb-<db>[-en]: package mbrola-<db>)
+    "mb-us1": "en", "mb-us2": "en", "mb-us3": "en", "mb-en1": "en",
+    "mb-de1-en": "en", "mb-de2-en": "en", "mb-de4-en": "en", "mb-fr1-en": "en", "mb-nl2-en": "en",  # accented
+    "mb-de1": "de", "mb-de2": "de", "mb-de4": "de", "mb-de5": "de", "mb-fr1": "fr", "mb-fr4": "fr",
+    "mb-es1": "es", "mb-es3": "es", "mb-it3": "it", "mb-it4": "it", "mb-nl2": "nl", "mb-br1": "pt-br",
+    "mb-br4": "pt-br",
+}
+MBROLA_HELD_OUT = ("mb-us3",)
+ENGINES = ("espeak-ng", "mbrola")
+ENGINE_FIRST_INDEX = {"espeak-ng": 0, "mbrola": 100_000}  # an engine's clip indices start here
 RATES_WPM = (130, 210)  # espeak -s, inclusive range
 PITCHES = (25, 75)  # espeak -p (0-99, default 50), inclusive range
 PAUSE_S = (0.2, 1.0)  # silence between sentences
@@ -301,26 +317,58 @@ def ensure_tool(exe: str, package: str, install: bool = True) -> str:
         if found:
             return found
         raise ToolUnavailable(f"{exe} is not installed; install it with `apt-get install -y {package}`")
-    apt = shutil.which("apt-get")
-    if apt is None:
-        raise ToolUnavailable(f"{exe} is not installed and there is no apt-get to install it; "
-                              f"install {package} with your system's package manager")
-    prefix: list[str] = []
-    if hasattr(os, "geteuid") and os.geteuid() != 0:
-        if shutil.which("sudo") is None:
-            raise ToolUnavailable(f"{exe} is not installed and installing it needs root: "
-                                  f"run `sudo apt-get install -y {package}`")
-        prefix = ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "--no-install-recommends", package]):
-        done = subprocess.run(prefix + cmd, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise ToolUnavailable(f"installing {package} failed ({' '.join(cmd)}): {' | '.join(tail)}")
+    _apt_install([package], what=exe)
     found = shutil.which(exe)
     if not found:
         raise ToolUnavailable(f"apt-get reported success but {exe} is still not on PATH")
     return found
+
+
+def _apt_install(packages: list[str], what: str | None = None, why: str = "") -> None:
+    """apt-get install `packages` (as root, or via ``sudo -n``); ToolUnavailable naming them if that fails."""
+    what, names = what or " ".join(packages), " ".join(packages)
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise ToolUnavailable(f"{what} is not installed and there is no apt-get to install it; "
+                              f"install {names} with your system's package manager")
+    prefix: list[str] = []
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            raise ToolUnavailable(f"{what} is not installed and installing it needs root: "
+                                  f"run `sudo apt-get install -y {names}`")
+        prefix = ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "--no-install-recommends", *packages]):
+        done = subprocess.run(prefix + cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            hint = f" ({why})" if why else ""
+            raise ToolUnavailable(f"installing {names} failed ({' '.join(cmd[:2])}): {' | '.join(tail)}{hint}")
+
+
+def mbrola_database(voice: str) -> str:
+    """The mbrola database an ``mb-*`` voice speaks with: 'mb-de1-en' -> 'de1' (package mbrola-de1)."""
+    if voice not in MBROLA_VOICES:
+        raise ValueError(f"unknown mbrola voice {voice!r}; expected one of {sorted(MBROLA_VOICES)}")
+    return voice.split("-")[1]
+
+
+MBROLA_DIR = Path("/usr/share/mbrola")
+
+
+def ensure_mbrola(voices=tuple(MBROLA_VOICES), install: bool = True) -> None:
+    """espeak-ng, mbrola and the databases of `voices`, installing the missing Debian packages if asked
+    (they are in Debian's contrib component)."""
+    ensure_espeak(install)
+    ensure_tool("mbrola", "mbrola", install)
+    missing = sorted({mbrola_database(v) for v in voices} - {p.name for p in MBROLA_DIR.glob("*") if p.is_dir()})
+    if not missing:
+        return
+    packages = [f"mbrola-{db}" for db in missing]
+    if not install:
+        raise ToolUnavailable(f"mbrola voices {missing} are not installed; install them with "
+                              f"`apt-get install -y {' '.join(packages)}` (Debian contrib)")
+    _apt_install(packages, why="mbrola voices are in Debian's contrib component: enable it in your apt sources")
 
 
 def ensure_espeak(install: bool = True) -> str:
@@ -358,12 +406,16 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
 # Split
 
 
-def voices(split: str) -> tuple[str, ...]:
-    """The voices of ``split`` ('train' or 'heldout'); train includes the other languages' voices."""
+def voices(split: str, engine: str = "espeak-ng") -> tuple[str, ...]:
+    """The voices of ``split`` ('train' or 'heldout') in ``engine``; train includes the other languages' voices."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if engine == "mbrola":
+        return MBROLA_HELD_OUT if split == "heldout" else tuple(v for v in MBROLA_VOICES if v not in MBROLA_HELD_OUT)
+    if engine != "espeak-ng":
+        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
     if split == "heldout":
         return tuple(b + v for b in HELD_OUT_BASES for v in HELD_OUT_VARIANTS)
-    if split != "train":
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     variants = [v for v in VARIANTS if v not in HELD_OUT_VARIANTS]
     bases = [b for b in ENGLISH_BASES if b not in HELD_OUT_BASES] + list(OTHER_LANGUAGES)
     return tuple(b + v for b in bases for v in variants)
@@ -381,6 +433,8 @@ def sentences(split: str, language: str = "en") -> dict[str, str]:
 
 
 def _language(voice: str) -> str:
+    if voice in MBROLA_VOICES:
+        return MBROLA_VOICES[voice]
     base = voice.split("+")[0]
     return base if base in OTHER_LANGUAGES else "en"
 
@@ -404,13 +458,20 @@ class CorpusClip:
     segments: tuple[tuple[int, int, str], ...]
     num_samples: int
     sample_rate: int = MODEL_SAMPLE_RATE
+    engine: str = "espeak-ng"
+
+
+def engine_of(index: int) -> str:
+    """The engine whose clips take corpus index `index` (ENGINE_FIRST_INDEX)."""
+    return max((first, name) for name, first in ENGINE_FIRST_INDEX.items() if first <= index)[1]
 
 
 def plan_clip(seed: int, index: int, heldout_fraction: float = 0.1) -> dict:
-    """What clip ``index`` of corpus ``seed`` says, in which voice (a function of (seed, index) only)."""
+    """What clip ``index`` of corpus ``seed`` says, in which engine and voice (a function of (seed, index) only)."""
     rng = np.random.default_rng([int(seed), int(index), 0xC0])
     split = "heldout" if rng.random() < heldout_fraction else "train"
-    pool = voices(split)
+    engine = engine_of(index)
+    pool = voices(split, engine)
     if split == "train" and rng.random() < 0.85:  # mostly English
         pool = tuple(v for v in pool if _language(v) == "en")
     voice = pool[int(rng.integers(len(pool)))]
@@ -418,7 +479,7 @@ def plan_clip(seed: int, index: int, heldout_fraction: float = 0.1) -> dict:
     ids = sorted(texts)
     chosen = [ids[int(k)] for k in rng.choice(len(ids), size=int(rng.integers(1, 4)), replace=False)]
     return {
-        "clip_id": f"clip_{index:06d}", "split": split, "voice": voice, "language": _language(voice),
+        "clip_id": f"clip_{index:06d}", "split": split, "engine": engine, "voice": voice, "language": _language(voice),
         "rate": int(rng.integers(RATES_WPM[0], RATES_WPM[1] + 1)),
         "pitch": int(rng.integers(PITCHES[0], PITCHES[1] + 1)), "sentence_ids": chosen,
         "texts": [texts[i] for i in chosen], "edges_s": [float(v) for v in rng.uniform(*EDGE_S, size=2)],
@@ -448,14 +509,18 @@ def at_speech_level(audio: np.ndarray, speech: np.ndarray) -> np.ndarray:
 
 
 def build_corpus(out_dir: str | Path, n_clips: int, seed: int = 0, *, workers: int = 2,
-                 heldout_fraction: float = 0.1, shard: tuple[int, int] = (0, 1)) -> list[CorpusClip]:
-    """Write clips ``0..n_clips-1`` (this shard's share) and ``index.json``; return the index.
+                 heldout_fraction: float = 0.1, shard: tuple[int, int] = (0, 1),
+                 engine: str = "espeak-ng") -> list[CorpusClip]:
+    """Write `engine`'s clips ``first..first+n_clips-1`` (``first = ENGINE_FIRST_INDEX[engine]``; this shard's
+    share) and ``index.json`` (every engine's clips); return the index.
 
     Layout: ``out_dir/corpus.json`` (settings), ``wav/<split>/clip_NNNNNN.wav`` (16 kHz PCM-16),
     ``meta/clip_NNNNNN.json``, ``index.json`` (every finished clip, any shard). Re-running skips clips
     whose meta file exists; the settings must match the ones the directory was started with.
     """
-    ensure_espeak()
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    ensure_mbrola() if engine == "mbrola" else ensure_espeak()
     k, n = shard
     if not (0 <= k < n) or n_clips < 0 or not 0.0 <= heldout_fraction <= 1.0:
         raise ValueError(f"bad arguments: shard={shard}, n_clips={n_clips}, heldout_fraction={heldout_fraction}")
@@ -476,10 +541,11 @@ def build_corpus(out_dir: str | Path, n_clips: int, seed: int = 0, *, workers: i
         clip = CorpusClip(clip_id=plan["clip_id"], split=plan["split"], path=rel, voice=plan["voice"],
                           language=plan["language"], rate=plan["rate"], pitch=plan["pitch"],
                           sentence_ids=tuple(plan["sentence_ids"]), segments=tuple(segments),
-                          num_samples=int(audio.size))
+                          num_samples=int(audio.size), engine=plan["engine"])
         _atomic(meta, lambda p: p.write_text(json.dumps(asdict(clip), indent=1)))
 
-    todo = [i for i in range(n_clips) if i % n == k]
+    first = ENGINE_FIRST_INDEX[engine]
+    todo = [first + i for i in range(n_clips) if i % n == k]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(one, todo))  # re-raises the first failure
     return _write_index(root)

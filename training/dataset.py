@@ -214,7 +214,7 @@ LISTENER_PREFIX = "listen_"
 
 def plan_clips(corpus_clips, seed: int = 0, *, pair_fraction: float = 0.15,
                train_identities: int = 10_000) -> list[ClipPlan]:
-    """One plan per corpus clip (pairs take a second clip of the same split as face B's voice).
+    """One plan per corpus clip (pairs take a second clip of the same split and engine as face B's voice).
 
     Train clips get identities ``[0, train_identities)``, held-out clips identities from
     ``HELD_OUT_IDENTITY_BASE``; emotion uniform over ``EMOTIONS``; motion uniform in {0, .25, .5, .75, 1}.
@@ -222,12 +222,14 @@ def plan_clips(corpus_clips, seed: int = 0, *, pair_fraction: float = 0.15,
     if not 0 < train_identities <= HELD_OUT_IDENTITY_BASE:
         raise ValueError(f"train_identities must be in 1..{HELD_OUT_IDENTITY_BASE}")
     clips = sorted(corpus_clips, key=lambda c: c.clip_id)
-    by_split = {s: [c.clip_id for c in clips if c.split == s] for s in ("train", "heldout")}
+    pools: dict[tuple[str, str], list[str]] = {}  # face B speaks in the same engine: another engine's clips
+    for c in clips:  # never change the pairs of the ones before
+        pools.setdefault((c.split, c.engine), []).append(c.clip_id)
     names = sorted(EMOTIONS)
     plans = []
     for c in clips:
         rng = np.random.default_rng([int(seed), int(c.clip_id.rsplit("_", 1)[-1]), 0xD5])
-        pool = by_split[c.split]
+        pool = pools[(c.split, c.engine)]
         pair = len(pool) > 1 and rng.random() < pair_fraction
         ids = [c.clip_id] + ([pool[(pool.index(c.clip_id) + 1 + int(rng.integers(len(pool) - 1))) % len(pool)]]
                              if pair else [])

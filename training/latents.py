@@ -140,13 +140,13 @@ class LatentStore(KeyedFiles):
 
 def build_latents(clips: ClipStore, vae: WanVAE, features: AudioFeatures, out: LatentStore,
                   splits: dict[str, str] | None = None, log=print, *, limit: int | None = None,
-                  shard: tuple[int, int] = (0, 1)) -> int:
+                  shard: tuple[int, int] = (0, 1), keys: list[str] | None = None) -> int:
     """Encode every clip not yet in `out` (resumable). `splits`: clip key -> 'train' | 'heldout'.
-    `limit`: only the first `limit` single-face clips, a quarter as many two-voice pairs and a quarter as
-    many listener scenes (sorted keys); `shard` (i, n): only every n-th of those from i, so n processes
-    can share the work."""
+    `keys`: only these clips (default: all). `limit`: only the first `limit` single-face clips, a quarter
+    as many two-voice pairs and a quarter as many listener scenes (sorted keys); `shard` (i, n): only every
+    n-th of those from i, so n processes can share the work."""
     done = 0
-    keys = clips.keys()
+    keys = clips.keys() if keys is None else sorted(k for k in keys if k in clips)
     if limit is not None:
         pairs = [k for k in keys if k.startswith("pair_")]
         listeners = [k for k in keys if k.startswith(LISTENER_PREFIX)]
