@@ -100,11 +100,12 @@ def music(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     pad, bass, melody, drums = (np.zeros(n) for _ in range(4))
     decay = lambda m, s: np.exp(-np.arange(m) / (s * sr))  # noqa: E731
     start = -int(rng.integers(0, 4 * beat))
+    ramp = np.arange(4 * beat)
+    bar_env = np.minimum(1, np.minimum(ramp / (0.05 * sr), (4 * beat - ramp) / (0.1 * sr)))  # 50 ms in, 100 ms out
     for bar, t0 in enumerate(range(start, n, 4 * beat)):
         degree = chords[bar % len(chords)]
-        env = np.minimum(1, np.minimum(np.arange(4 * beat) / (0.05 * sr), (4 * beat - np.arange(4 * beat)) / (0.1 * sr)))
         for third in (0, 2, 4):  # a triad an octave up, soft
-            _add(pad, t0, 0.3 * env * _tone(note(degree + third) + 12, 4 * beat, 6, rng))
+            _add(pad, t0, 0.3 * bar_env * _tone(note(degree + third) + 12, 4 * beat, 6, rng))
         for b in range(4):
             _add(bass, t0 + b * beat, decay(beat, 0.25) * _tone(note(degree), beat, 4, rng))
             for half in (0, 1):  # eighth notes of the chord's scale, some rests
