@@ -176,15 +176,21 @@ def augmented_features(features: AudioFeatures, audio: np.ndarray, num_video: in
 
 
 class AugmentedFeatures(KeyedFiles):
-    """Augmented feature variants per latent-store key, one .npy each, written atomically."""
+    """Augmented feature variants per latent-store key, one .npy each, written atomically. `variants`: read
+    only the first that many (a round that trained before later variants existed hears what it heard)."""
 
     suffix = ".npy"
+
+    def __init__(self, root, variants: int | None = None) -> None:
+        super().__init__(root)
+        self.variants = variants
 
     def write(self, key: str, feats: np.ndarray) -> None:
         self._write_atomic(key, lambda tmp: np.save(tmp, feats))
 
     def read(self, key: str) -> np.ndarray:
-        return np.load(self.path(key))
+        feats = np.load(self.path(key))
+        return feats if self.variants is None else feats[:self.variants]
 
 
 def build_augmented(clips, latents, features: AudioFeatures, out: AugmentedFeatures, variants: int = 3,
@@ -194,7 +200,7 @@ def build_augmented(clips, latents, features: AudioFeatures, out: AugmentedFeatu
     (resumable). Returns how many clips were written."""
     done = 0
     for key in latents.keys():
-        have = out.read(key) if key in out else None
+        have = np.load(out.path(key)) if key in out else None  # every variant, whatever `out` reads
         if have is not None and have.shape[0] >= variants:
             continue
         lc = latents.read(key)

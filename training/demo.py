@@ -1,6 +1,6 @@
 """`avatarcast train demo`: the embedded demo model, end to end, resumable stage by stage.
 
-    1. corpus   espeak-ng speech clips (train / held-out split by voice and sentence)
+    1. corpus   espeak-ng speech clips (train / held-out split by voice and sentence), and mbrola's
     2. clips    teacher video rendered from them (procedural faces, audio-driven animation)
     3. vae      the causal VAE (DEMO preset): single frames, streamed clips, then the decoder alone
                 with a frame-difference loss (no stair steps at latent boundaries), then once more
@@ -10,7 +10,8 @@
     6. audio    LoRA + Audio Pack + FAA + AEM on the frozen base, then the AEM alone (emotion)
     7. live     the audio side fine-tuned on the blocks the engine generates live (1 latent), on
                 augmented speech, with more weight on the mouth; then again in rounds hearing each
-                frame's audio a frame early (DiTConfig.audio_lead_frames)
+                frame's audio a frame early (DiTConfig.audio_lead_frames); then once more with the mbrola
+                clips and music under the speech added
     8. adapt    the VAE decoder fine-tuned on the DiT's own latents (stage 7's first run), in rounds
                 (training.adapt_decoder)
     9. export   weights and model card into the shipped model folder
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,9 @@ class DemoPlan:
     lead_frames: int = 1  # then the same again, hearing each frame's audio this many frames early (the mouth
     # the teacher opens at a latent's last frame is already in the next frame's audio; held-out engine: lag 1 -> 0)
     lead_rounds: tuple[int, ...] = (1500, 1500)  # steps per round, each a fresh schedule on the round before
+    mbrola_clips: int = 120  # a second engine family (training.corpus.MBROLA_VOICES), heard from the voices round on
+    augment_variants: int = 5  # the live and lead rounds hear variants 0-2; 3-4 add music under the speech
+    voices_steps: int = 1500  # a last round like the lead rounds on the espeak-ng and the mbrola latents, all variants
     adapt_clips: int = 90  # training clips whose DiT latents and teacher frames the decoder adapts on
     adapt_rounds: tuple[tuple[int, float, float], ...] = ((350, 4.0, 4.0),)  # (steps, mouth weight, boundary
     # weight) per round, each a fresh optimiser and schedule on the last round's decoder. A second round
@@ -93,14 +99,20 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
 
     # 1. corpus
     corpus = out / "corpus"
-    if not (corpus / "index.json").exists() or len(read_index(corpus)) < plan.clips:
+    counts = lambda: Counter(c.engine for c in read_index(corpus)) if (corpus / "index.json").exists() \
+        else Counter()  # noqa: E731
+    if counts()["espeak-ng"] < plan.clips:
         ensure_espeak()
         build_corpus(corpus, plan.clips, seed=plan.seed)
-    done["corpus"] = len(read_index(corpus))
+    if counts()["mbrola"] < plan.mbrola_clips:
+        build_corpus(corpus, plan.mbrola_clips, seed=plan.seed, engine="mbrola")
+    done["corpus"] = dict(counts())
     # 2. clips
     store = ClipStore(out / "clips")
     plans = build_clip_store(corpus, store, seed=plan.seed)
     splits = {p.key: p.split for p in plans}
+    engine_of = {c.clip_id: c.engine for c in read_index(corpus)}
+    mbrola_keys = {p.key for p in plans if engine_of[p.corpus_clips[0]] == "mbrola"}
     done["clips"] = len(store)
     # 3. vae
     vae_path = out / "vae.safetensors"
@@ -108,8 +120,10 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
         return {**done, "stopped_in": "vae"}
     vae = load_vae(vae_path).eval()
     # 4. latents
-    latents = LatentStore(out / "latents")
-    done["latents"] = build_latents(store, vae, MelFeatures(), latents, splits, limit=plan.latent_clips)
+    latents = LatentStore(out / "latents")  # espeak-ng's clips; the voices round adds mbrola's (stage 7)
+    espeak_keys = [p.key for p in plans if p.key not in mbrola_keys]
+    done["latents"] = build_latents(store, vae, MelFeatures(), latents, splits, limit=plan.latent_clips,
+                                    keys=espeak_keys)
     # 5-6. the DiT, base then audio
     base = out / "dit_base"
     if not (base / "model.safetensors").exists():
@@ -131,20 +145,27 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
     # 7. the audio side on live-size blocks, on augmented speech; then hearing its audio early, in rounds
     from avatar.engine import PRESET_DEFAULTS
     from models.config import DEMO
-    from training.augment import AugmentedFeatures, build_augmented
+    from training.augment import MUSIC_FROM_VARIANT, AugmentedFeatures, build_augmented
 
-    augmented = AugmentedFeatures(out / "augmented")
+    augmented = out / "augmented_v2"  # variants seeded by clip key (augmented/, by store index, has no music)
     live = dict(stage="audio", finetune=True, lr=plan.live_lr, mouth_weight=plan.live_mouth_weight,
                 block_latents=PRESET_DEFAULTS["demo"]["causal"].block_frames, audio_augment=plan.live_augment)
-    runs = [("live", plan.live_steps, plan.seed, DEMO)] if plan.live_steps else []
-    runs += [(f"lead{k}", steps, plan.seed + k, DEMO.replace(audio_lead_frames=plan.lead_frames))
-             for k, steps in enumerate(plan.lead_rounds, 1)]
+    lead = DEMO.replace(audio_lead_frames=plan.lead_frames)
+    earlier = AugmentedFeatures(augmented, variants=MUSIC_FROM_VARIANT)
+    runs = [("live", plan.live_steps, plan.seed, DEMO, latents, earlier)] if plan.live_steps else []
+    runs += [(f"lead{k}", steps, plan.seed + k, lead, latents, earlier) for k, steps in enumerate(plan.lead_rounds, 1)]
+    if plan.voices_steps:
+        runs.append(("voices", plan.voices_steps, plan.seed + len(plan.lead_rounds) + 1, lead,
+                     LatentStore(out / "latents_voices"), AugmentedFeatures(augmented)))
     runs = [r for r in runs if not (out / f"dit_{r[0]}" / "model.safetensors").exists()]
-    if runs:
-        build_augmented(store, latents, MelFeatures(), augmented, seed=plan.seed, log=log.info)
-    for name, steps, seed, dit_cfg in runs:
+    for name, steps, seed, dit_cfg, run_latents, run_augmented in runs:
+        if name == "voices":  # the main store's clips, linked, and mbrola's, encoded
+            link_store(latents, run_latents)
+            build_latents(store, vae, MelFeatures(), run_latents, splits, keys=sorted(mbrola_keys))
+        build_augmented(store, run_latents, MelFeatures(), AugmentedFeatures(augmented), plan.augment_variants,
+                        seed=plan.seed, log=log.info)
         cfg = DiTTrainConfig(name=name, steps=steps, seed=seed, **live)
-        if train_dit(latents, out, cfg, dit_cfg=dit_cfg, init=final_dit(out), augmented=augmented,
+        if train_dit(run_latents, out, cfg, dit_cfg=dit_cfg, init=final_dit(out), augmented=run_augmented,
                      stop_after=left()) is None:
             return {**done, "stopped_in": name}
     # 8. the decoder on the DiT's own latents
@@ -202,8 +223,23 @@ def train_vae_curriculum(plan: DemoPlan, left=lambda: None) -> bool:
 ADAPTED_VAE = "vae_adapted.safetensors"  # the VAE with its decoder adapted to the DiT (stage 8)
 
 
+def link_store(src, dest) -> None:
+    """Every file of KeyedFiles `src` into `dest` too, hard-linked (copied across file systems)."""
+    for key in src.keys():
+        if key not in dest:
+            tmp = dest.root / f".{key}.{os.getpid()}.link"
+            try:
+                os.link(src.path(key), tmp)
+            except OSError:
+                shutil.copy2(src.path(key), tmp)
+            os.replace(tmp, dest.path(key))
+
+
 def final_dit(out: Path) -> Path:
-    """The last DiT stage that ran: the last lead round, else live, else emotion, else audio."""
+    """The last DiT stage that ran: the voices round, else the last lead round, else live, else emotion,
+    else audio."""
+    if (out / "dit_voices" / "model.safetensors").exists():
+        return out / "dit_voices"
     leads = sorted(out.glob("dit_lead*/model.safetensors"), key=lambda p: int(p.parent.name[len("dit_lead"):] or 0))
     if leads:
         return leads[-1].parent

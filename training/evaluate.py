@@ -383,13 +383,13 @@ def _faa_leak(models, wav: np.ndarray, cfg: EvalConfig, size) -> float | None:
     return round(float(b.var() / a.var()), 4)
 
 
-def held_out_speech(corpus: Path, clips: int) -> list[np.ndarray]:
-    """The first `clips` held-out clips of a demo corpus (voices and sentences never trained on)."""
+def held_out_speech(corpus: Path, clips: int, engine: str = "espeak-ng") -> list[np.ndarray]:
+    """The first `clips` held-out clips of `engine` in a demo corpus (voices and sentences never trained on)."""
     from audio.io import read_audio
     from training.corpus import read_index
 
-    chosen = [c for c in read_index(corpus) if c.split == "heldout"][:clips]
+    chosen = [c for c in read_index(corpus) if c.split == "heldout" and c.engine == engine][:clips]
     if not chosen:
-        raise ValueError(f"no held-out clips in {corpus}; build the corpus (`avatarcast train demo`) "
+        raise ValueError(f"no held-out {engine} clips in {corpus}; build the corpus (`avatarcast train demo`) "
                          "or pass audio files")
     return [read_audio(corpus / c.path, sample_rate=MODEL_SAMPLE_RATE) for c in chosen]

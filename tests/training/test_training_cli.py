@@ -77,6 +77,32 @@ def test_the_final_dit_is_the_last_stage_that_finished(tmp_path):
         assert final_dit(tmp_path) == tmp_path / expected
     (tmp_path / "dit_lead11").mkdir()  # a round still training has no model yet
     assert final_dit(tmp_path) == tmp_path / "dit_lead10"
+    (tmp_path / "dit_voices").mkdir()
+    assert final_dit(tmp_path) == tmp_path / "dit_lead10"
+    (tmp_path / "dit_voices" / "model.safetensors").write_bytes(b"")
+    assert final_dit(tmp_path) == tmp_path / "dit_voices"  # the round after the lead rounds
+
+
+def test_the_voices_round_links_the_main_store_and_reads_every_variant(tmp_path):
+    from training.augment import AugmentedFeatures
+    from training.demo import link_store
+    from training.latents import KeyedFiles
+
+    src, dest = KeyedFiles(tmp_path / "a"), KeyedFiles(tmp_path / "b")
+    for key in ("clip_000001", "pair_clip_000002"):
+        src.path(key).write_bytes(key.encode())
+    dest.path("clip_100000").write_bytes(b"mbrola")
+    link_store(src, dest)
+    link_store(src, dest)  # again: nothing to do
+    assert dest.keys() == ["clip_000001", "clip_100000", "pair_clip_000002"]
+    assert dest.path("clip_000001").read_bytes() == b"clip_000001"
+    assert dest.path("clip_000001").stat().st_ino == src.path("clip_000001").stat().st_ino  # linked, not copied
+    assert not list(dest.root.glob(".*"))
+
+    full = AugmentedFeatures(tmp_path / "aug")
+    full.write("clip_000001", np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 1, 2, 3))
+    assert full.read("clip_000001").shape[0] == 5
+    assert AugmentedFeatures(tmp_path / "aug", variants=3).read("clip_000001").shape[0] == 3
 
 
 def test_eval_card_refuses_a_result_that_is_not_the_demo_model(monkeypatch, tmp_path):
