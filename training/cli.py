@@ -63,6 +63,9 @@ def eval_demo(
                                                       "held_out_engine's lip sync: flite (installed with apt-get "
                                                       "if missing) | none")] = "flite",
     engine_clips: Annotated[int, typer.Option(help="clips of the held-out engine (one voice each, in turn)")] = 4,
+    mbrola_clips: Annotated[int, typer.Option(help="held-out mbrola clips of the corpus (a voice never trained "
+                                                   "on; none in the corpus: skipped)")] = 4,
+    music_clips: Annotated[int, typer.Option(help="held-out clips spoken again over music (0: skip)")] = 4,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     card: Annotated[bool, typer.Option(help="write the shipped model's model_card.md from this result")] = False,
 ) -> None:
@@ -89,8 +92,15 @@ def eval_demo(
             other = ("flite", flite_held_out_speech(engine_clips))
         except ToolUnavailable as exc:  # the rest of the eval still runs; the JSON says why this part did not
             unavailable = {"engine": "flite", "error": str(exc)}
+    voices = {}
+    if mbrola_clips and not audio:
+        try:
+            voices["mbrola"] = held_out_speech(corpus, mbrola_clips, engine="mbrola")
+        except ValueError:  # a corpus built before the mbrola clips: the rest of the eval still runs
+            pass
     result = evaluate(load_models(model), speech, EvalConfig(stream_s=stream, drift_window_s=drift_window,
-                                                             latency_s=latency), held_out_engine=other)
+                                                             latency_s=latency, music_clips=music_clips),
+                      held_out_engine=other, held_out_voices=voices)
     if unavailable is not None:
         result["held_out_engine"] = unavailable
     text = json.dumps(result, indent=2)

@@ -23,7 +23,11 @@ Every number compares generated frames with what the teacher renders for the sam
   decoder earlier sessions settled (`AvatarEngine.settle`, which the service does for its default avatar
   at start); first_frame_new_avatar_s: the same for one session on an avatar the engine never settled;
 - held_out_engine: lipsync_r and its lag on speech from a synthesis engine no training clip came from
-  (flite: training/engines.py), when asked for;
+  (flite: training/engines.py), when asked for; held_out_<engine> (held_out_mbrola): the same on held-out
+  voices of another engine family the model trained on (training.corpus.MBROLA_HELD_OUT), when given;
+- music_under_speech: lipsync_r and its lag on the first `music_clips` clips with instrumental music mixed
+  under them (and through their pauses) at `snr_db` below the speech, against the clean speech's teacher.
+  The music is `training.augment.music`'s, the generator whose pieces augment training (other seeds);
 - latency_ms: the same live session fed `latency_s` of speech in real time as 20 ms packets: for each
   speech frame, the wall time from the push of the packet carrying its first audio sample to the session
   yielding the frame (the frame's other samples arrived later, so this bounds theirs); p50 and p95.
@@ -43,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from audio.pcm import MODEL_SAMPLE_RATE
+from training.augment import MUSIC_SNR_DB, music
 from training.dataset import HELD_OUT_IDENTITY_BASE, Clip, make_clip, make_pair_clip
 from training.probes import mouth_corner_lift, mouth_opening, psnr
 
@@ -61,6 +66,8 @@ class EvalConfig:
     stream_s: float = 300.0  # the drift stream (audio looped)
     drift_window_s: float = 60.0
     latency_s: float = 12.0  # live speech fed in real time for latency_ms (after LIVE_IDLE_S of idle)
+    music_clips: int = 4  # held-out clips spoken again over music (training.augment.music), lip sync against
+    # the clean speech's teacher. The music comes from the generator the training augmentation uses (new seeds)
     first_frame_sessions: int = 3  # live sessions whose first frame is timed (the latency session and short
     # ones): one start-up on a shared 2-core machine varied 0.39-0.63 s between runs of the same model
     seed: int = 0
@@ -268,13 +275,16 @@ async def _live_session(engine, cond, audio: np.ndarray, seconds: float,
 
 
 # ---- the evaluation -----------------------------------------------------------------------------
-def _speaking(engine, speech: list[np.ndarray], cfg: EvalConfig, size) -> dict[str, float | int | None]:
-    """Each identity speaks each clip (blinks off, motion 0): lip sync, identity, seams and speed."""
+def _speaking(engine, speech: list[np.ndarray], cfg: EvalConfig, size,
+              heard: list[np.ndarray] | None = None) -> dict[str, float | int | None]:
+    """Each identity speaks each clip (blinks off, motion 0): lip sync, identity, seams and speed.
+    `heard`: what the model hears instead of each clip (music under it, say); the teacher follows the clip."""
     rs, lags, psnrs, seams, gen_s, wall_s = [], [], [], [], 0.0, 0.0
     for ident in cfg.identities:
-        for wav in speech:
+        for i, wav in enumerate(speech):
             clip = make_clip(wav, ident, motion=0.0, size=size, seed=cfg.seed, blinks=False)
-            frames, wall = asyncio.run(run_session(engine, avatar_conditions(engine, clip), clip.audio))
+            audio = clip.audio if heard is None else heard[i][None]
+            frames, wall = asyncio.run(run_session(engine, avatar_conditions(engine, clip), audio))
             n = min(len(frames), clip.num_frames)
             r, lag = lipsync(openings(frames[:n], clip.mouth_boxes[0, :n]), clip.states[0, :n, 0])
             rs.append(r)
@@ -289,9 +299,11 @@ def _speaking(engine, speech: list[np.ndarray], cfg: EvalConfig, size) -> dict[s
 
 
 def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
-             held_out_engine: tuple[str, list[np.ndarray]] | None = None) -> dict:
+             held_out_engine: tuple[str, list[np.ndarray]] | None = None,
+             held_out_voices: dict[str, list[np.ndarray]] | None = None) -> dict:
     """All metrics for `models` (a ModelBundle) on held-out `speech` clips (16 kHz mono float32).
-    `held_out_engine`: (engine name, its clips), lip sync measured on them too."""
+    `held_out_engine`: (engine name, its clips), lip sync measured on them too; `held_out_voices`: engine
+    name -> clips of held-out voices of another engine family the model trained on (lip sync on each)."""
     if not speech:
         raise ValueError("evaluation needs at least one held-out speech clip")
     size = tuple(models.frame_hw)
@@ -304,6 +316,16 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
             got = _speaking(engine, clips, cfg, size)
             out["held_out_engine"] = {"engine": name, "clips": len(clips), "lipsync_r": got["lipsync_r"],
                                       "lipsync_lag_frames": got["lipsync_lag_frames"]}
+        for name, clips in (held_out_voices or {}).items():
+            got = _speaking(engine, clips, cfg, size)
+            out[f"held_out_{name}"] = {"clips": len(clips), "lipsync_r": got["lipsync_r"],
+                                       "lipsync_lag_frames": got["lipsync_lag_frames"]}
+        if cfg.music_clips:  # the first clips with music under them; the teacher follows the clean speech
+            clips = speech[:cfg.music_clips]
+            heard = [music(w, np.random.default_rng([cfg.seed, i, 0x3C])) for i, w in enumerate(clips)]
+            got = _speaking(engine, clips, cfg, size, heard=heard)
+            out["music_under_speech"] = {"clips": len(clips), "snr_db": list(MUSIC_SNR_DB),
+                                         "lipsync_r": got["lipsync_r"], "lipsync_lag_frames": got["lipsync_lag_frames"]}
         # 2. emotion: each identity speaks the same audio with each emotion reference; corner lift on the
         # generated mouth against the teacher's, identity by identity
         lifts_by_id = {}

@@ -29,6 +29,35 @@ def teacher(speech):
     return make_clip(speech, ID, size=(128, 128), blinks=False)
 
 
+def test_music_lip_sync_feeds_the_music_and_scores_against_the_clean_speech(speech, teacher, monkeypatch):
+    """`_speaking(heard=)`: the session hears the mixed audio, the teacher is the clean speech's, so a model
+    that drew the clean speech's mouth whatever it heard would score the teacher's own r."""
+    from types import SimpleNamespace
+
+    import training.evaluate as ev
+    from avatar.engine import preset_options
+    from training.augment import music
+
+    mixed = music(speech, np.random.default_rng(0))
+    fed = []
+
+    async def session(engine, cond, audio, **_):
+        fed.append(audio)
+        return teacher.frames, 1.0
+
+    monkeypatch.setattr(ev, "run_session", session)
+    monkeypatch.setattr(ev, "avatar_conditions", lambda engine, clip: None)
+    engine = SimpleNamespace(options=preset_options("demo", decoder="auto", max_sessions=1))
+    cfg = ev.EvalConfig(identities=(ID,))
+    got = ev._speaking(engine, [speech], cfg, (128, 128), heard=[mixed])
+    assert len(fed) == 1 and np.array_equal(fed[0], mixed[None])
+    assert got["lipsync_r"] > 0.95 and got["lipsync_lag_frames"] == 0
+    own = make_clip(mixed, ID, size=(128, 128), blinks=False)  # the teacher of what was heard differs
+    assert not np.array_equal(own.states[0, :, 0], teacher.states[0, :, 0])
+    ev._speaking(engine, [speech], cfg, (128, 128))
+    assert np.array_equal(fed[1], teacher.audio)  # without `heard`: the clip's own audio
+
+
 def test_the_teacher_scores_perfect_lipsync_and_identity(teacher):
     opening = openings(teacher.frames, teacher.mouth_boxes[0])
     r, lag = lipsync(opening, teacher.states[0, :, 0])
@@ -173,6 +202,10 @@ def test_eval_demo_runs_end_to_end_on_a_random_tiny_model(tmp_path, monkeypatch)
     assert set(result["emotion_lift_teacher"]) == {"happy", "neutral", "sad"}
     latency = result["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] < 30_000
+    music = result["music_under_speech"]  # the one clip again, music under it
+    assert music["clips"] == 1 and music["snr_db"] == [5.0, 20.0] and isinstance(music["lipsync_lag_frames"], int)
+    assert music["lipsync_r"] is None or -1 <= music["lipsync_r"] <= 1
+    assert "held_out_mbrola" not in result  # audio files given: no corpus to take mbrola clips from
     effect = result["emotion_effect"]
     assert set(effect["per_identity"]) == set(effect["order_ok"]) == {str(i) for i in result["identities"]}
     assert effect["min"] == min(effect["per_identity"].values()) >= 0
