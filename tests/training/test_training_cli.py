@@ -110,7 +110,7 @@ def test_eval_card_refuses_a_result_that_is_not_the_demo_model(monkeypatch, tmp_
     import training.evaluate as evaluate
 
     monkeypatch.setattr(worker, "load_models", lambda name: name)
-    monkeypatch.setattr(evaluate, "evaluate", lambda models, speech, cfg, held_out_engine: {"model": "tiny"})
+    monkeypatch.setattr(evaluate, "evaluate", lambda models, speech, cfg, **_: {"model": "tiny"})
     wav = tmp_path / "a.wav"
     sf.write(wav, np.zeros(16_000, np.float32), 16_000)
     result = runner.invoke(app, ["eval", "demo", "--model", "tiny", "--audio", str(wav), "--held-out-engine", "none",
@@ -121,9 +121,13 @@ def test_eval_card_refuses_a_result_that_is_not_the_demo_model(monkeypatch, tmp_
 def test_model_card_shows_the_teachers_emotion_lifts_beside_the_generated_ones(tmp_path):
     from training.demo import write_model_card
 
-    result = {"emotion_lift": {"happy": 0.1}, "emotion_lift_teacher": {"happy": 0.3}, "rtf_clips": 0.8}
+    result = {"emotion_lift": {"happy": 0.1}, "emotion_lift_teacher": {"happy": 0.3}, "rtf_clips": 0.8,
+              "held_out_mbrola": {"clips": 4, "lipsync_r": 0.81, "lipsync_lag_frames": 0},
+              "music_under_speech": {"clips": 4, "snr_db": [5.0, 20.0], "lipsync_r": 0.72, "lipsync_lag_frames": 0}}
     card = write_model_card(tmp_path, result, {}).read_text()
     assert "generated {'happy': 0.1}, teacher {'happy': 0.3}" in card and "start-up included): 0.8" in card
+    assert "Held-out mbrola voice (4 clips): lip sync 0.81 at lag 0." in card
+    assert "[5.0, 20.0] dB below it" in card and "lip sync 0.72 at lag 0." in card
 
 
 def test_rewriting_the_model_card_keeps_its_hand_written_dialogue_section(tmp_path):
