@@ -102,8 +102,10 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
 
     # 1. corpus
     corpus = out / "corpus"
-    counts = lambda: Counter(c.engine for c in read_index(corpus)) if (corpus / "index.json").exists() \
-        else Counter()  # noqa: E731
+
+    def counts() -> Counter:  # clips per engine so far
+        return Counter(c.engine for c in read_index(corpus)) if (corpus / "index.json").exists() else Counter()
+
     if counts()["espeak-ng"] < plan.clips:
         ensure_espeak()
         build_corpus(corpus, plan.clips, seed=plan.seed)
