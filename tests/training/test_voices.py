@@ -176,3 +176,22 @@ def test_variants_from_the_music_one_on_add_music_and_a_store_is_completed_in_pl
     five = out.read("clip_000001")
     assert five.shape[0] == 5 and np.array_equal(five[:3], three)
     assert build_augmented(Clips(), latents, feats, out, variants=5, seed=0) == 0  # complete: nothing to do
+
+
+@pytest.mark.skipif(corpus.shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_the_plan_builds_without_mbrola_unless_the_voices_round_needs_it(tmp_path, monkeypatch, caplog):
+    """Stages 1-2 for real (espeak-ng clips, teacher video); mbrola as on a machine without Debian contrib."""
+    import torch
+
+    from training.demo import DemoPlan, run
+
+    def unavailable(*_, **__):
+        raise corpus.ToolUnavailable("mbrola is not installed (test)")
+
+    monkeypatch.setattr(corpus, "ensure_mbrola", unavailable)
+    threads = torch.get_num_threads()  # the plan sets torch's threads: keep the test process's
+    done = run(DemoPlan(out=tmp_path, clips=2, mbrola_clips=2, threads=threads), budget_s=0.0)  # stops before the VAE
+    assert done == {"corpus": {"espeak-ng": 2}, "clips": 2, "stopped_in": "vae"}
+    assert "no mbrola clips" in caplog.text
+    with pytest.raises(corpus.ToolUnavailable, match="mbrola is not installed"):
+        run(DemoPlan(out=tmp_path, clips=2, mbrola_clips=2, voices_steps=10, threads=threads), budget_s=0.0)
