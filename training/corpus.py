@@ -360,15 +360,17 @@ def ensure_mbrola(voices=tuple(MBROLA_VOICES), install: bool = True) -> None:
     """espeak-ng, mbrola and the databases of `voices`, installing the missing Debian packages if asked
     (they are in Debian's contrib component)."""
     ensure_espeak(install)
-    ensure_tool("mbrola", "mbrola", install)
     missing = sorted({mbrola_database(v) for v in voices} - {p.name for p in MBROLA_DIR.glob("*") if p.is_dir()})
-    if not missing:
+    packages = ([] if shutil.which("mbrola") else ["mbrola"]) + [f"mbrola-{db}" for db in missing]
+    if not packages:
         return
-    packages = [f"mbrola-{db}" for db in missing]
     if not install:
-        raise ToolUnavailable(f"mbrola voices {missing} are not installed; install them with "
+        raise ToolUnavailable(f"mbrola or its voices are not installed; install them with "
                               f"`apt-get install -y {' '.join(packages)}` (Debian contrib)")
-    _apt_install(packages, why="mbrola voices are in Debian's contrib component: enable it in your apt sources")
+    _apt_install(packages, why="mbrola and its voices are in Debian's contrib component: enable it in your "
+                               "apt sources")
+    if not shutil.which("mbrola"):
+        raise ToolUnavailable("apt-get reported success but mbrola is still not on PATH")
 
 
 def ensure_espeak(install: bool = True) -> str:
@@ -520,7 +522,10 @@ def build_corpus(out_dir: str | Path, n_clips: int, seed: int = 0, *, workers: i
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
-    ensure_mbrola() if engine == "mbrola" else ensure_espeak()
+    if engine == "mbrola":
+        ensure_mbrola()
+    else:
+        ensure_espeak()
     k, n = shard
     if not (0 <= k < n) or n_clips < 0 or not 0.0 <= heldout_fraction <= 1.0:
         raise ValueError(f"bad arguments: shard={shard}, n_clips={n_clips}, heldout_fraction={heldout_fraction}")

@@ -76,8 +76,11 @@ def test_missing_mbrola_voices_are_named_with_their_debian_packages(monkeypatch,
     monkeypatch.setattr(corpus, "MBROLA_DIR", tmp_path)  # no databases installed
     (tmp_path / "us1").mkdir()
     corpus.ensure_mbrola(("mb-us1",), install=False)  # installed: nothing to do
-    with pytest.raises(corpus.ToolUnavailable, match=r"mbrola-de1 mbrola-us3.*contrib"):
+    with pytest.raises(corpus.ToolUnavailable, match=r"install -y mbrola-de1 mbrola-us3`.*contrib"):
         corpus.ensure_mbrola(("mb-us1", "mb-us3", "mb-de1-en"), install=False)
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None if name == "mbrola" else f"/usr/bin/{name}")
+    with pytest.raises(corpus.ToolUnavailable, match=r"install -y mbrola mbrola-us3`"):  # the program too
+        corpus.ensure_mbrola(("mb-us1", "mb-us3"), install=False)
 
 
 def _mbrola_ready() -> bool:
