@@ -222,8 +222,8 @@ def plan_clips(corpus_clips, seed: int = 0, *, pair_fraction: float = 0.15,
     if not 0 < train_identities <= HELD_OUT_IDENTITY_BASE:
         raise ValueError(f"train_identities must be in 1..{HELD_OUT_IDENTITY_BASE}")
     clips = sorted(corpus_clips, key=lambda c: c.clip_id)
-    pools: dict[tuple[str, str], list[str]] = {}  # face B speaks in the same engine: another engine's clips
-    for c in clips:  # never change the pairs of the ones before
+    pools: dict[tuple[str, str], list[str]] = {}  # face B speaks in face A's engine, so adding an engine's
+    for c in clips:  # clips never changes the pairs of the others
         pools.setdefault((c.split, c.engine), []).append(c.clip_id)
     names = sorted(EMOTIONS)
     plans = []

@@ -23,8 +23,8 @@ Every number compares generated frames with what the teacher renders for the sam
   decoder earlier sessions settled (`AvatarEngine.settle`, which the service does for its default avatar
   at start); first_frame_new_avatar_s: the same for one session on an avatar the engine never settled;
 - held_out_engine: lipsync_r and its lag on speech from a synthesis engine no training clip came from
-  (flite: training/engines.py), when asked for; held_out_<engine> (held_out_mbrola): the same on held-out
-  voices of another engine family the model trained on (training.corpus.MBROLA_HELD_OUT), when given;
+  (flite: training/engines.py), when asked for; held_out_<engine> (held_out_mbrola): the same on the
+  held-out voice of the corpus's second engine family (training.corpus.MBROLA_HELD_OUT), when given;
 - music_under_speech: lipsync_r and its lag on the first `music_clips` clips with instrumental music mixed
   under them (and through their pauses) at `snr_db` below the speech, against the clean speech's teacher.
   The music is `training.augment.music`'s, the generator whose pieces augment training (other seeds);
@@ -303,7 +303,7 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
              held_out_voices: dict[str, list[np.ndarray]] | None = None) -> dict:
     """All metrics for `models` (a ModelBundle) on held-out `speech` clips (16 kHz mono float32).
     `held_out_engine`: (engine name, its clips), lip sync measured on them too; `held_out_voices`: engine
-    name -> clips of held-out voices of another engine family the model trained on (lip sync on each)."""
+    name -> clips of held-out voices of another engine family in the corpus (lip sync on each)."""
     if not speech:
         raise ValueError("evaluation needs at least one held-out speech clip")
     size = tuple(models.frame_hw)
