@@ -431,8 +431,7 @@ class Renderer:
         finally:
             hook.remove()
         decoder = FrameDecoder(m.decoder_backend or m.vae, *cond.latent_hw, deflicker=engine.options.deflicker)
-        faces = 1 if cond.face_mask is None else cond.face_mask.shape[1]
-        moving = num_latents > 1 and opens_moving([mix[first_latent_samples(s.sample_rate, s.fps)]], faces)
+        moving = num_latents > 1 and opens_moving([mix[first_latent_samples(s.sample_rate, s.fps)]], cond.faces)
         pts = 0
         for j in range(num_latents):
             if j == 0 and moving:  # frame 0: the settled reference; latent 1 moves from it

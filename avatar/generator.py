@@ -96,6 +96,11 @@ class Conditions:
     def latent_hw(self) -> tuple[int, int]:
         return self.reference.shape[-2], self.reference.shape[-1]
 
+    @property
+    def faces(self) -> int:
+        """How many faces the avatar has: one FAA mask each, 1 without masks."""
+        return 1 if self.face_mask is None else int(self.face_mask.shape[1])
+
 
 def zero_audio_like(audio: torch.Tensor) -> torch.Tensor:
     """OmniAvatar's unconditional audio: zeros of the feature tensor (before the Audio Pack)."""

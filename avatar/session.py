@@ -415,9 +415,8 @@ class AvatarSession:
         that starts there froze for 200 ms (lip sync r 0.37-0.48 on a held-out clip whose speech starts
         80 ms in, 0.77-0.79 without its first 5 frames)."""
         span = first_latent_samples(self.out_rate, self.fps)
-        faces = 1 if self.cond.face_mask is None else self.cond.face_mask.shape[1]
         with self._lock:
-            return opens_moving([t.pcm.read(span.start, span.stop) for t in self.tracks], faces)
+            return opens_moving([t.pcm.read(span.start, span.stop) for t in self.tracks], self.cond.faces)
 
     def _audio_tensors(self, feats: list[np.ndarray], start_latent: int):
         dev = self.generator.dit.device
