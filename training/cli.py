@@ -62,9 +62,9 @@ def eval_demo(
     held_out_engine: Annotated[str, typer.Option(help="speech engine no training clip came from, for "
                                                       "held_out_engine's lip sync: flite (installed with apt-get "
                                                       "if missing) | none")] = "flite",
-    engine_clips: Annotated[int, typer.Option(help="clips of the held-out engine (one voice each, in turn)")] = 4,
+    engine_clips: Annotated[int, typer.Option(help="clips of the held-out engine (one voice each, in turn)")] = 8,
     mbrola_clips: Annotated[int, typer.Option(help="held-out mbrola clips of the corpus (a voice never trained "
-                                                   "on; none in the corpus: skipped)")] = 4,
+                                                   "on; none in the corpus: skipped)")] = 12,
     music_clips: Annotated[int, typer.Option(help="held-out clips spoken again over music (0: skip)")] = 4,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     card: Annotated[bool, typer.Option(help="write the shipped model's model_card.md from this result")] = False,

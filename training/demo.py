@@ -335,6 +335,16 @@ def kept_sections(card: Path) -> list[str]:
     return out
 
 
+def lipsync_intervals(result: dict) -> str | None:
+    """One line: each lip-sync group's mean, its 90 % interval over clips and its clip count (eval demo)."""
+    groups = [("held-out espeak-ng", result)] + [(label, result.get(key)) for key, label in (
+        ("held_out_engine", "flite"), ("held_out_mbrola", "held-out mbrola voice"), ("music_under_speech",
+                                                                                      "music under the speech"))]
+    parts = [f"{label} {g['lipsync_r']} {g['lipsync_r_ci90']} ({g.get('clips')} clips)"
+             for label, g in groups if isinstance(g, dict) and g.get("lipsync_r_ci90")]
+    return "Lip sync with its 90 % bootstrap interval over clips: " + "; ".join(parts) + "." if parts else None
+
+
 def write_model_card(dest: Path, result: dict, training: dict) -> Path:
     """model_card.md from an `eval demo` result and a training summary (written atomically)."""
     rows = []
@@ -367,6 +377,7 @@ def write_model_card(dest: Path, result: dict, training: dict) -> Path:
         "| metric | value | target | met |",
         "|---|---|---|---|",
         *rows,
+        *([f"\n{line}"] if (line := lipsync_intervals(result)) else []),
         *([f"\nMouth-corner lift by emotion reference: generated {result['emotion_lift']}, teacher "
            f"{result['emotion_lift_teacher']}."] if "emotion_lift_teacher" in result else []),
         *([f"Emotion effect (generated / teacher lift spread) by identity: "

@@ -5,6 +5,8 @@ Every number compares generated frames with what the teacher renders for the sam
 
 - lipsync_r / lipsync_lag_frames: Pearson r between the mouth-opening probe on generated frames and the
   teacher's opening for the same audio, at the best lag within +-MAX_LAG frames (and that lag);
+- lipsync_r_ci90: a 90 % bootstrap interval of that mean over clips (each clip's r averaged over the
+  identities; clips differ by about 0.05, so a few clips give a wide interval); every lip-sync group has one;
 - identity_psnr_db: PSNR of generated vs teacher frames;
 - seam_ratio: mean |frame difference| across unit boundaries / within units;
 - drift_db: identity PSNR over the last `drift_window_s` of a long stream minus over the first;
@@ -88,6 +90,20 @@ def lipsync(generated: np.ndarray, teacher: np.ndarray, max_lag: int = MAX_LAG) 
         if r > best[0]:
             best = (r, lag)
     return (best[0] if best[0] > -math.inf else float("nan")), best[1]
+
+
+def clip_interval(rs: np.ndarray, level: float = 0.9, seed: int = 0) -> list[float] | None:
+    """Bootstrap interval of the mean lip sync over clips: `rs` (identities, clips). Clips are resampled, not
+    sessions, because one clip's sessions (one per identity) move together; None under 2 clips."""
+    from scipy.stats import bootstrap
+
+    per_clip = np.nanmean(np.where(np.isfinite(rs), rs, np.nan), axis=0)
+    per_clip = per_clip[np.isfinite(per_clip)]
+    if per_clip.size < 2:
+        return None
+    got = bootstrap((per_clip,), np.mean, confidence_level=level, n_resamples=2000, method="percentile",
+                    rng=np.random.default_rng(seed))
+    return [round(float(got.confidence_interval.low), 4), round(float(got.confidence_interval.high), 4)]
 
 
 def seam_ratio(frames: np.ndarray, unit_starts: list[int]) -> float:
@@ -280,7 +296,7 @@ def _speaking(engine, speech: list[np.ndarray], cfg: EvalConfig, size,
     """Each identity speaks each clip (blinks off, motion 0): lip sync, identity, seams and speed.
     `heard`: what the model hears instead of each clip (music under it, say); the teacher follows the clip."""
     rs, lags, psnrs, seams, gen_s, wall_s = [], [], [], [], 0.0, 0.0
-    for ident in cfg.identities:
+    for ident in cfg.identities:  # rs[k * len(speech) + i]: identity k speaking clip i
         for i, wav in enumerate(speech):
             clip = make_clip(wav, ident, motion=0.0, size=size, seed=cfg.seed, blinks=False)
             audio = clip.audio if heard is None else heard[i][None]
@@ -294,6 +310,7 @@ def _speaking(engine, speech: list[np.ndarray], cfg: EvalConfig, size,
             gen_s, wall_s = gen_s + n / 25, wall_s + wall
     finite = [r for r in rs if np.isfinite(r)]  # a mouth that never moves has no correlation at all
     return {"lipsync_r": round(float(np.mean(finite)), 4) if finite else None,
+            "lipsync_r_ci90": clip_interval(np.reshape(rs, (len(cfg.identities), len(speech)))),
             "lipsync_lag_frames": int(np.median(lags)), "identity_psnr_db": round(float(np.mean(psnrs)), 3),
             "seam_ratio": round(float(np.mean(seams)), 4), "rtf_clips": round(gen_s / wall_s, 3)}
 
@@ -315,17 +332,20 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
             name, clips = held_out_engine
             got = _speaking(engine, clips, cfg, size)
             out["held_out_engine"] = {"engine": name, "clips": len(clips), "lipsync_r": got["lipsync_r"],
+                                      "lipsync_r_ci90": got["lipsync_r_ci90"],
                                       "lipsync_lag_frames": got["lipsync_lag_frames"]}
         for name, clips in (held_out_voices or {}).items():
             got = _speaking(engine, clips, cfg, size)
             out[f"held_out_{name}"] = {"clips": len(clips), "lipsync_r": got["lipsync_r"],
+                                       "lipsync_r_ci90": got["lipsync_r_ci90"],
                                        "lipsync_lag_frames": got["lipsync_lag_frames"]}
         if cfg.music_clips:  # the first clips with music under them; the teacher follows the clean speech
             clips = speech[:cfg.music_clips]
             heard = [music(w, np.random.default_rng([cfg.seed, i, 0x3C])) for i, w in enumerate(clips)]
             got = _speaking(engine, clips, cfg, size, heard=heard)
             out["music_under_speech"] = {"clips": len(clips), "snr_db": list(MUSIC_SNR_DB),
-                                         "lipsync_r": got["lipsync_r"], "lipsync_lag_frames": got["lipsync_lag_frames"]}
+                                         "lipsync_r": got["lipsync_r"], "lipsync_r_ci90": got["lipsync_r_ci90"],
+                                         "lipsync_lag_frames": got["lipsync_lag_frames"]}
         # 2. emotion: each identity speaks the same audio with each emotion reference; corner lift on the
         # generated mouth against the teacher's, identity by identity
         lifts_by_id = {}

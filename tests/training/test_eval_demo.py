@@ -11,8 +11,8 @@ import pytest
 
 from audio.io import read_audio
 from training.dataset import HELD_OUT_IDENTITY_BASE, make_clip, make_pair_clip
-from training.evaluate import (KEYS, emotion_effect, emotion_summary, lipsync, mean_psnr, openings, same_order,
-                               seam_ratio, unit_starts)
+from training.evaluate import (KEYS, clip_interval, emotion_effect, emotion_summary, lipsync, mean_psnr, openings,
+                               same_order, seam_ratio, unit_starts)
 from training.probes import mouth_corner_lift
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "audio" / "speech_en_us_male.wav"
@@ -56,6 +56,40 @@ def test_music_lip_sync_feeds_the_music_and_scores_against_the_clean_speech(spee
     assert not np.array_equal(own.states[0, :, 0], teacher.states[0, :, 0])
     ev._speaking(engine, [speech], cfg, (128, 128))
     assert np.array_equal(fed[1], teacher.audio)  # without `heard`: the clip's own audio
+
+
+def test_the_lip_sync_interval_resamples_clips_and_narrows_with_more_of_them():
+    """Clips, not sessions, are resampled: one clip's identities count once. A clip with no finite r on any
+    identity drops out; under 2 clips there is no interval."""
+    rng = np.random.default_rng(1)
+    few = 0.8 + 0.05 * rng.standard_normal((2, 4))
+    many = 0.8 + 0.05 * rng.standard_normal((2, 40))
+    lo, hi = clip_interval(few)
+    assert lo < few.mean() < hi
+    lo40, hi40 = clip_interval(many)
+    assert lo40 < many.mean() < hi40 and hi40 - lo40 < hi - lo
+    assert clip_interval(few) == [lo, hi]  # seeded: the same verdict twice
+    doubled = np.concatenate([few, few])  # the same clips spoken by twice the identities: the same interval
+    assert clip_interval(doubled) == pytest.approx([lo, hi], abs=1e-4)
+    dead = few.copy()
+    dead[:, 0] = np.nan  # a mouth that never moved on either face: 3 clips left
+    assert clip_interval(dead) == clip_interval(few[:, 1:])
+    dead[0, 1] = np.nan  # one face's r only: the clip keeps the other's
+    assert clip_interval(dead) is not None
+    assert clip_interval(few[:, :1]) is None
+
+
+def test_the_card_lists_each_lip_sync_group_with_its_interval():
+    from training.demo import lipsync_intervals
+
+    result = {"lipsync_r": 0.81, "lipsync_r_ci90": [0.79, 0.83], "clips": 8,
+              "held_out_engine": {"engine": "flite", "clips": 8, "lipsync_r": 0.8, "lipsync_r_ci90": [0.78, 0.82]},
+              "held_out_mbrola": {"clips": 12, "lipsync_r": 0.82, "lipsync_r_ci90": [0.8, 0.84]},
+              "music_under_speech": {"clips": 4, "lipsync_r": 0.64, "lipsync_r_ci90": None}}
+    line = lipsync_intervals(result)
+    assert "held-out espeak-ng 0.81 [0.79, 0.83] (8 clips)" in line and "flite 0.8 [0.78, 0.82] (8 clips)" in line
+    assert "held-out mbrola voice 0.82 [0.8, 0.84] (12 clips)" in line and "music" not in line
+    assert lipsync_intervals({"lipsync_r": 0.5}) is None  # an older result: no line
 
 
 def test_the_teacher_scores_perfect_lipsync_and_identity(teacher):
@@ -205,6 +239,7 @@ def test_eval_demo_runs_end_to_end_on_a_random_tiny_model(tmp_path, monkeypatch)
     music = result["music_under_speech"]  # the one clip again, music under it
     assert music["clips"] == 1 and music["snr_db"] == [5.0, 20.0] and isinstance(music["lipsync_lag_frames"], int)
     assert music["lipsync_r"] is None or -1 <= music["lipsync_r"] <= 1
+    assert result["lipsync_r_ci90"] is None and music["lipsync_r_ci90"] is None  # one clip: no interval
     assert "held_out_mbrola" not in result  # audio files given: no corpus to take mbrola clips from
     effect = result["emotion_effect"]
     assert set(effect["per_identity"]) == set(effect["order_ok"]) == {str(i) for i in result["identities"]}
