@@ -29,6 +29,10 @@ def train_demo(
     emotion_steps: Annotated[int | None, typer.Option(help="DiT emotion stage steps (0: none)")] = None,
     latent_clips: Annotated[int | None, typer.Option(help="single-face clips to encode (+ a quarter as many "
                                                           "two-face ones)")] = None,
+    all_voices_clips: Annotated[int | None, typer.Option(help="clips of every espeak-ng voice and variant, for "
+                                                              "the voices round")] = None,
+    voices_steps: Annotated[int | None, typer.Option(help="steps of the voices round on all the corpus's "
+                                                          "families (0: none)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """The embedded demo model end to end: corpus, teacher clips, VAE, latents, DiT base, audio path,
@@ -41,7 +45,8 @@ def train_demo(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     given = dict(vae_image_steps=vae_image_steps, vae_steps=vae_steps, vae_decoder_steps=vae_decoder_steps,
                  base_steps=base_steps, audio_steps=audio_steps, emotion_steps=emotion_steps,
-                 latent_clips=latent_clips, threads=threads)
+                 latent_clips=latent_clips, all_voices_clips=all_voices_clips, voices_steps=voices_steps,
+                 threads=threads)
     plan = dataclasses.replace(DemoPlan(out=out), **{k: v for k, v in given.items() if v is not None})
     typer.echo(json.dumps(run(plan, None if budget_min is None else budget_min * 60), indent=2))
 

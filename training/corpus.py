@@ -18,6 +18,11 @@ English, English read by German, French and Dutch voices, and the other language
 clips are indices from ``ENGINE_FIRST_INDEX["mbrola"]`` on (``build_corpus(engine="mbrola")``), so the
 espeak-ng plans never change; its held-out voice is ``MBROLA_HELD_OUT`` (held-out sentences, as above).
 
+A third family, ``espeak-ng-all`` (indices from ``ENGINE_FIRST_INDEX["espeak-ng-all"]``), draws from every
+espeak-ng language voice and every variant (``training.espeak_voices``): half its clips an English voice,
+half any language; a language without sentences here reads the English ones by its own rules. It holds
+out the same voices as the first family.
+
 Voice names are espeak-ng voice files plus a variant: ``en`` is British English (``en-gb+f2`` would
 silently ignore the variant in espeak-ng 1.51; so would ``fr-fr+...``, hence ``fr``).
 
@@ -43,6 +48,7 @@ import soundfile as sf
 
 from audio.io import read_audio
 from audio.pcm import MODEL_SAMPLE_RATE
+from training.espeak_voices import ESPEAK_LANGUAGES, ESPEAK_VARIANTS
 
 SPEECH_DBFS = -20.0  # RMS of the speech parts of every clip
 _TRIM = 10 ** (-50 / 20)  # espeak's leading/trailing near-silence is trimmed below -50 dBFS
@@ -295,8 +301,8 @@ MBROLA_VOICES = {  # espeak-ng voice -> the language its text is in (mb-<db>[-en
     "mb-br4": "pt-br",
 }
 MBROLA_HELD_OUT = ("mb-us3",)
-ENGINES = ("espeak-ng", "mbrola")
-ENGINE_FIRST_INDEX = {"espeak-ng": 0, "mbrola": 100_000}  # an engine's clip indices start here
+ENGINES = ("espeak-ng", "mbrola", "espeak-ng-all")  # clip families: espeak-ng-all is every espeak-ng voice
+ENGINE_FIRST_INDEX = {"espeak-ng": 0, "mbrola": 100_000, "espeak-ng-all": 200_000}  # a family's indices start here
 RATES_WPM = (130, 210)  # espeak -s, inclusive range
 PITCHES = (25, 75)  # espeak -p (0-99, default 50), inclusive range
 PAUSE_S = (0.2, 1.0)  # silence between sentences
@@ -414,10 +420,13 @@ def voices(split: str, engine: str = "espeak-ng") -> tuple[str, ...]:
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if engine == "mbrola":
         return MBROLA_HELD_OUT if split == "heldout" else tuple(v for v in MBROLA_VOICES if v not in MBROLA_HELD_OUT)
-    if engine != "espeak-ng":
+    if engine not in ("espeak-ng", "espeak-ng-all"):
         raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
-    if split == "heldout":
+    if split == "heldout":  # both espeak-ng families hold out the same voices
         return tuple(b + v for b in HELD_OUT_BASES for v in HELD_OUT_VARIANTS)
+    if engine == "espeak-ng-all":  # every language voice, with no variant or any variant
+        return tuple(b + v for b in ESPEAK_LANGUAGES if b not in HELD_OUT_BASES
+                     for v in ("", *ESPEAK_VARIANTS) if v not in HELD_OUT_VARIANTS)
     variants = [v for v in VARIANTS if v not in HELD_OUT_VARIANTS]
     bases = [b for b in ENGLISH_BASES if b not in HELD_OUT_BASES] + list(OTHER_LANGUAGES)
     return tuple(b + v for b in bases for v in variants)
@@ -434,7 +443,13 @@ def sentences(split: str, language: str = "en") -> dict[str, str]:
     return {} if split == "heldout" else {f"{language}-{i:03d}": s for i, s in enumerate(OTHER_LANGUAGES[language])}
 
 
+def _english_voice(voice: str) -> bool:
+    """An English voice (of any accent), whatever the text it reads."""
+    return MBROLA_VOICES[voice] == "en" if voice in MBROLA_VOICES else voice.split("+")[0] in ENGLISH_BASES
+
+
 def _language(voice: str) -> str:
+    """The language of the text `voice` reads: its own where the corpus has sentences in it, else English."""
     if voice in MBROLA_VOICES:
         return MBROLA_VOICES[voice]
     base = voice.split("+")[0]
@@ -474,8 +489,8 @@ def plan_clip(seed: int, index: int, heldout_fraction: float = 0.1) -> dict:
     split = "heldout" if rng.random() < heldout_fraction else "train"
     engine = engine_of(index)
     pool = voices(split, engine)
-    if split == "train" and rng.random() < 0.85:  # mostly English
-        pool = tuple(v for v in pool if _language(v) == "en")
+    if split == "train" and rng.random() < (0.5 if engine == "espeak-ng-all" else 0.85):  # mostly English voices
+        pool = tuple(v for v in pool if _english_voice(v))
     voice = pool[int(rng.integers(len(pool)))]
     texts = sentences(split, _language(voice))
     ids = sorted(texts)

@@ -1,6 +1,7 @@
 """`avatarcast train demo`: the embedded demo model, end to end, resumable stage by stage.
 
-    1. corpus   espeak-ng speech clips (train / held-out split by voice and sentence), and mbrola's
+    1. corpus   espeak-ng speech clips (train / held-out split by voice and sentence), mbrola's, and
+                optionally clips of every espeak-ng voice and variant (`all_voices_clips`)
     2. clips    teacher video rendered from them (procedural faces, audio-driven animation)
     3. vae      the causal VAE (DEMO preset): single frames, streamed clips, then the decoder alone
                 with a frame-difference loss (no stair steps at latent boundaries), then once more
@@ -11,7 +12,7 @@
     7. live     the audio side fine-tuned on the blocks the engine generates live (1 latent), on
                 augmented speech, with more weight on the mouth; then again in rounds hearing each
                 frame's audio a frame early (DiTConfig.audio_lead_frames); optionally once more with
-                the mbrola clips and music under the speech added (`voices_steps`, off)
+                the other families' clips and music under the speech added (`voices_steps`, off)
     8. adapt    the VAE decoder fine-tuned on the DiT's own latents (stage 7's first run), in rounds
                 (training.adapt_decoder)
     9. export   weights and model card into the shipped model folder
@@ -71,7 +72,9 @@ class DemoPlan:
     mbrola_clips: int = 120  # a second engine family (training.corpus.MBROLA_VOICES): the eval's held-out mbrola
     # voice, and the voices round's training clips. Where mbrola cannot be installed they are skipped, unless
     # the voices round is on
-    voices_steps: int = 0  # a last round like the lead rounds on the espeak-ng and the mbrola latents, hearing
+    all_voices_clips: int = 0  # clips of every espeak-ng voice and variant (family espeak-ng-all: 130 languages,
+    # 101 variants), for the voices round
+    voices_steps: int = 0  # a last round like the lead rounds on all the families' latents (linked, encoded), hearing
     voices_variants: int = 5  # this many augmentation variants (3-4: music under the speech). At 1500 steps it
     # took lip sync under music 0.64 -> 0.72 but flite 0.802 -> 0.791: off (training/demo/README.md, voices)
     adapt_clips: int = 90  # training clips whose DiT latents and teacher frames the decoder adapts on
@@ -116,13 +119,15 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
             if plan.voices_steps:
                 raise
             log.warning("no mbrola clips (the eval skips its held-out mbrola voice): %s", exc)
+    if counts()["espeak-ng-all"] < plan.all_voices_clips:
+        build_corpus(corpus, plan.all_voices_clips, seed=plan.seed, engine="espeak-ng-all")
     done["corpus"] = dict(counts())
     # 2. clips
     store = ClipStore(out / "clips")
     plans = build_clip_store(corpus, store, seed=plan.seed)
     splits = {p.key: p.split for p in plans}
     engine_of = {c.clip_id: c.engine for c in read_index(corpus)}
-    mbrola_keys = {p.key for p in plans if engine_of[p.corpus_clips[0]] == "mbrola"}
+    other_keys = {p.key for p in plans if engine_of[p.corpus_clips[0]] != "espeak-ng"}  # the voices round's
     done["clips"] = len(store)
     # 3. vae
     vae_path = out / "vae.safetensors"
@@ -131,7 +136,7 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
     vae = load_vae(vae_path).eval()
     # 4. latents
     latents = LatentStore(out / "latents")  # espeak-ng's clips; the voices round adds mbrola's (stage 7)
-    espeak_keys = [p.key for p in plans if p.key not in mbrola_keys]
+    espeak_keys = [p.key for p in plans if p.key not in other_keys]
     done["latents"] = build_latents(store, vae, MelFeatures(), latents, splits, limit=plan.latent_clips,
                                     keys=espeak_keys)
     # 5-6. the DiT, base then audio
@@ -169,9 +174,9 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
                      LatentStore(out / "latents_voices"), AugmentedFeatures(augmented)))
     runs = [r for r in runs if not (out / f"dit_{r[0]}" / "model.safetensors").exists()]
     for name, steps, seed, dit_cfg, run_latents, run_augmented in runs:
-        if name == "voices":  # the main store's clips, linked, and mbrola's, encoded
+        if name == "voices":  # the main store's clips, linked, and the other families', encoded
             link_store(latents, run_latents)
-            build_latents(store, vae, MelFeatures(), run_latents, splits, keys=sorted(mbrola_keys))
+            build_latents(store, vae, MelFeatures(), run_latents, splits, keys=sorted(other_keys))
         variants = plan.voices_variants if name == "voices" else MUSIC_FROM_VARIANT
         build_augmented(store, run_latents, MelFeatures(), AugmentedFeatures(augmented), variants, seed=plan.seed,
                         log=log.info)

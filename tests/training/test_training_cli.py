@@ -24,11 +24,13 @@ def test_train_demo_passes_its_options_into_the_plan(monkeypatch, tmp_path):
         return {"stopped_in": "vae"}
 
     monkeypatch.setattr(demo, "run", fake_run)
-    result = runner.invoke(app, ["train", "demo", "--out", str(tmp_path), "--budget-min", "2", "--vae-steps", "7"])
+    result = runner.invoke(app, ["train", "demo", "--out", str(tmp_path), "--budget-min", "2", "--vae-steps", "7",
+                                 "--all-voices-clips", "30", "--voices-steps", "100"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"stopped_in": "vae"}
     plan = seen["plan"]
     assert plan.out == tmp_path and plan.vae_steps == 7 and seen["budget_s"] == 120
+    assert plan.all_voices_clips == 30 and plan.voices_steps == 100
     assert plan.base_steps == demo.DemoPlan.base_steps  # what was not given keeps the plan's default
 
 

@@ -71,6 +71,62 @@ def test_pairs_take_face_b_from_the_same_engine_and_adding_an_engine_keeps_the_o
     assert all(engine[a] == engine[b] for a, b in (p.corpus_clips for p in pairs))
 
 
+def test_the_shipped_models_corpus_plans_never_change():
+    """The demo model trained on these 400 espeak-ng and 120 mbrola plans: a new family must not move them."""
+    import hashlib
+    import json
+
+    plans = [corpus.plan_clip(0, i) for i in range(400)] + [corpus.plan_clip(0, 100_000 + i) for i in range(120)]
+    digest = hashlib.sha256(json.dumps(plans).encode()).hexdigest()
+    assert digest == "c573e41f3cfdf1a2ffa605179790892540df9522085b3abe46b4157fd8c1b08c"
+
+
+def test_every_espeak_voice_and_variant_is_a_family_of_its_own():
+    from training.espeak_voices import ESPEAK_LANGUAGES, ESPEAK_VARIANTS
+
+    first = corpus.ENGINE_FIRST_INDEX["espeak-ng-all"]
+    assert corpus.engine_of(first - 1) == "mbrola" and corpus.engine_of(first) == "espeak-ng-all"
+    pool = set(corpus.voices("train", "espeak-ng-all"))
+    assert pool == {b + v for b in ESPEAK_LANGUAGES if b not in corpus.HELD_OUT_BASES
+                    for v in ("", *ESPEAK_VARIANTS) if v not in corpus.HELD_OUT_VARIANTS}
+    assert len(ESPEAK_LANGUAGES) == 130 and len(ESPEAK_VARIANTS) == 101 and set(corpus.ENGLISH_BASES) <= set(
+        ESPEAK_LANGUAGES)
+    assert corpus.voices("heldout", "espeak-ng-all") == corpus.voices("heldout")  # the same unheard voices
+    plans = [corpus.plan_clip(0, first + i) for i in range(400)]
+    train = [p for p in plans if p["split"] == "train"]
+    assert {p["engine"] for p in plans} == {"espeak-ng-all"}
+    bases = [p["voice"].split("+")[0] for p in train]
+    assert len(set(bases)) > 80 and len({p["voice"].partition("+")[2] for p in train}) > 80
+    english = sum(b in corpus.ENGLISH_BASES for b in bases) / len(bases)
+    assert 0.4 < english < 0.7  # half the draws are English voices, the rest any language (English among them)
+    for p in train:  # a language the corpus has text in reads it; every other one reads the English sentences
+        base = p["voice"].split("+")[0]
+        assert p["language"] == (base if base in corpus.OTHER_LANGUAGES else "en")
+        assert all(s.startswith(p["language"] + "-") for s in p["sentence_ids"])
+        assert not set(p["sentence_ids"]) & set(corpus.sentences("heldout"))
+    held = [p for p in plans if p["split"] == "heldout"]
+    assert held and {p["voice"] for p in held} <= set(corpus.voices("heldout"))
+
+
+@pytest.mark.skipif(not corpus.shutil.which("espeak-ng"), reason="espeak-ng not installed")
+def test_every_listed_voice_and_variant_is_one_espeak_ng_has_and_a_variant_changes_the_voice():
+    import subprocess
+
+    from training.espeak_voices import ESPEAK_LANGUAGES, ESPEAK_VARIANTS
+
+    listed = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    if "1.51" in subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout:
+        assert [f"+{line.split()[4].removeprefix('!v/')}" for line in listed.splitlines()[1:]] == list(ESPEAK_VARIANTS)
+    plans = [corpus.plan_clip(0, corpus.ENGINE_FIRST_INDEX["espeak-ng-all"] + i) for i in range(6)]
+    for voice in ("fr+f2", "chr+klatt", *(p["voice"] for p in plans)):
+        base, _, variant = voice.partition("+")
+        assert base in ESPEAK_LANGUAGES and "+" + variant in ESPEAK_VARIANTS
+        plain, varied = (corpus.synthesize("The quick brown fox.", v) for v in (base, voice))
+        assert np.sqrt(np.mean(varied ** 2)) > 1e-3, voice
+        n = min(plain.size, varied.size)
+        assert plain.size != varied.size or not np.allclose(plain[:n], varied[:n]), f"{voice}: variant ignored"
+
+
 def test_missing_mbrola_voices_are_named_with_their_debian_packages(monkeypatch, tmp_path):
     monkeypatch.setattr(corpus.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(corpus, "MBROLA_DIR", tmp_path)  # no databases installed
