@@ -1,7 +1,7 @@
 """`avatarcast train demo`: the embedded demo model, end to end, resumable stage by stage.
 
     1. corpus   espeak-ng speech clips (train / held-out split by voice and sentence), mbrola's, and
-                optionally clips of every espeak-ng voice and variant (`all_voices_clips`)
+                clips of every espeak-ng voice and variant (`all_voices_clips`)
     2. clips    teacher video rendered from them (procedural faces, audio-driven animation)
     3. vae      the causal VAE (DEMO preset): single frames, streamed clips, then the decoder alone
                 with a frame-difference loss (no stair steps at latent boundaries), then once more
@@ -11,8 +11,8 @@
     6. audio    LoRA + Audio Pack + FAA + AEM on the frozen base, then the AEM alone (emotion)
     7. live     the audio side fine-tuned on the blocks the engine generates live (1 latent), on
                 augmented speech, with more weight on the mouth; then again in rounds hearing each
-                frame's audio a frame early (DiTConfig.audio_lead_frames); optionally once more with
-                the other families' clips and music under the speech added (`voices_steps`, off)
+                frame's audio a frame early (DiTConfig.audio_lead_frames); then once more with the
+                other families' clips and music under the speech added (`voices_steps`)
     8. adapt    the VAE decoder fine-tuned on the DiT's own latents (stage 7's first run), in rounds
                 (training.adapt_decoder)
     9. export   weights and model card into the shipped model folder
@@ -72,11 +72,11 @@ class DemoPlan:
     mbrola_clips: int = 120  # a second engine family (training.corpus.MBROLA_VOICES): the eval's held-out mbrola
     # voice, and the voices round's training clips. Where mbrola cannot be installed they are skipped, unless
     # the voices round is on
-    all_voices_clips: int = 0  # clips of every espeak-ng voice and variant (family espeak-ng-all: 130 languages,
-    # 101 variants), for the voices round
-    voices_steps: int = 0  # a last round like the lead rounds on all the families' latents (linked, encoded), hearing
-    voices_variants: int = 5  # this many augmentation variants (3-4: music under the speech). At 1500 steps it
-    # took lip sync under music 0.64 -> 0.72 but flite 0.802 -> 0.791: off (training/demo/README.md, voices)
+    all_voices_clips: int = 120  # clips of every espeak-ng voice and variant (family espeak-ng-all: 130
+    # languages, 101 variants), for the voices round
+    voices_steps: int = 1500  # a last round like the lead rounds on all the families' latents (linked, encoded),
+    voices_variants: int = 5  # hearing this many augmentation variants (3-4: music under the speech). Lip sync
+    # under music 0.64 -> 0.72; on voices never heard within noise of the lead rounds (training/demo/README.md)
     adapt_clips: int = 90  # training clips whose DiT latents and teacher frames the decoder adapts on
     adapt_rounds: tuple[tuple[int, float, float], ...] = ((350, 4.0, 4.0),)  # (steps, mouth weight, boundary
     # weight) per round, each a fresh optimiser and schedule on the last round's decoder. A second round
@@ -117,7 +117,8 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
             build_corpus(corpus, plan.mbrola_clips, seed=plan.seed, engine="mbrola")
         except ToolUnavailable as exc:
             if plan.voices_steps:
-                raise
+                raise ToolUnavailable(f"{exc}. The voices round trains on mbrola clips: install them, or pass "
+                                      "--voices-steps 0 (a model unlike the shipped one)") from exc
             log.warning("no mbrola clips (the eval skips its held-out mbrola voice): %s", exc)
     if counts()["espeak-ng-all"] < plan.all_voices_clips:
         build_corpus(corpus, plan.all_voices_clips, seed=plan.seed, engine="espeak-ng-all")
@@ -135,7 +136,7 @@ def run(plan: DemoPlan, budget_s: float | None = None) -> dict:
         return {**done, "stopped_in": "vae"}
     vae = load_vae(vae_path).eval()
     # 4. latents
-    latents = LatentStore(out / "latents")  # espeak-ng's clips; the voices round adds mbrola's (stage 7)
+    latents = LatentStore(out / "latents")  # espeak-ng's clips; the voices round adds the other families' (stage 7)
     espeak_keys = [p.key for p in plans if p.key not in other_keys]
     done["latents"] = build_latents(store, vae, MelFeatures(), latents, splits, limit=plan.latent_clips,
                                     keys=espeak_keys)
@@ -370,10 +371,10 @@ def write_model_card(dest: Path, result: dict, training: dict) -> Path:
         "opening from the speech envelope (VAD-gated), blinks, head motion scaled by a motion value, four",
         "emotions, two-face scenes.",
         "Speech: espeak-ng sentences, voices, rates and pitches; train / held-out split by voice and sentence.",
-        "The corpus also has mbrola clips (Debian contrib voices through espeak-ng), for the eval's held-out",
-        "mbrola voice; the shipped DiT never trained on them. A round on them and on music under the speech",
-        "took lip sync under music from 0.64 to 0.72 but flite below its bar, so it is not shipped",
-        "(training/demo/README.md, More voices).",
+        "The DiT's last round (`dit_voices`) adds two more families: mbrola clips (Debian contrib voices through",
+        "espeak-ng; one mbrola voice is held out for the eval) and clips of every espeak-ng voice (130 languages)",
+        "and variant (101), and hears music mixed under the speech in 2 of its 5 augmentation variants. Flite,",
+        "the eval's held-out engine, is in no training clip (training/demo/README.md, Every espeak-ng voice).",
         "",
         "## Training",
         *[f"- {k}: {v}" for k, v in training.items()],

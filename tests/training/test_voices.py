@@ -248,8 +248,9 @@ def test_the_plan_builds_without_mbrola_unless_the_voices_round_needs_it(tmp_pat
 
     monkeypatch.setattr(corpus, "ensure_mbrola", unavailable)
     threads = torch.get_num_threads()  # the plan sets torch's threads: keep the test process's
-    done = run(DemoPlan(out=tmp_path, clips=2, mbrola_clips=2, threads=threads), budget_s=0.0)  # stops before the VAE
-    assert done == {"corpus": {"espeak-ng": 2}, "clips": 2, "stopped_in": "vae"}
+    plan = DemoPlan(out=tmp_path, clips=2, mbrola_clips=2, all_voices_clips=2, voices_steps=0, threads=threads)
+    done = run(plan, budget_s=0.0)  # stops before the VAE
+    assert done == {"corpus": {"espeak-ng": 2, "espeak-ng-all": 2}, "clips": 4, "stopped_in": "vae"}
     assert "no mbrola clips" in caplog.text
-    with pytest.raises(corpus.ToolUnavailable, match="mbrola is not installed"):
-        run(DemoPlan(out=tmp_path, clips=2, mbrola_clips=2, voices_steps=10, threads=threads), budget_s=0.0)
+    with pytest.raises(corpus.ToolUnavailable, match="mbrola is not installed.*--voices-steps 0"):
+        run(DemoPlan(out=tmp_path, clips=2, mbrola_clips=2, all_voices_clips=2, threads=threads), budget_s=0.0)
