@@ -48,7 +48,8 @@ import soundfile as sf
 
 from audio.io import read_audio
 from audio.pcm import MODEL_SAMPLE_RATE
-from training.espeak_voices import ESPEAK_LANGUAGES, ESPEAK_VARIANTS
+from training.espeak_voices import (ENGLISH_BASES, ESPEAK_LANGUAGES, ESPEAK_VARIANTS, HELD_OUT_BASES,
+                                   HELD_OUT_VARIANTS, MBROLA_HELD_OUT, MBROLA_VOICES, VARIANTS)
 
 SPEECH_DBFS = -20.0  # RMS of the speech parts of every clip
 _TRIM = 10 ** (-50 / 20)  # espeak's leading/trailing near-silence is trimmed below -50 dBFS
@@ -287,20 +288,6 @@ OTHER_LANGUAGES: dict[str, tuple[str, ...]] = {
               "Vamos ao cinema hoje à noite.", "A praia estava cheia no domingo."),
 }
 
-ENGLISH_BASES = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
-                 "en-029", "en-us-nyc")
-VARIANTS = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5",
-            "+Annie", "+Andy", "+david", "+steph")
-HELD_OUT_BASES = ("en-gb-scotland", "en-029")
-HELD_OUT_VARIANTS = ("+m4", "+f4", "+steph")
-MBROLA_VOICES = {  # espeak-ng voice -> the language its text is in (mb-<db>[-en]: package mbrola-<db>)
-    "mb-us1": "en", "mb-us2": "en", "mb-us3": "en", "mb-en1": "en",
-    "mb-de1-en": "en", "mb-de2-en": "en", "mb-de4-en": "en", "mb-fr1-en": "en", "mb-nl2-en": "en",  # accented
-    "mb-de1": "de", "mb-de2": "de", "mb-de4": "de", "mb-de5": "de", "mb-fr1": "fr", "mb-fr4": "fr",
-    "mb-es1": "es", "mb-es3": "es", "mb-it3": "it", "mb-it4": "it", "mb-nl2": "nl", "mb-br1": "pt-br",
-    "mb-br4": "pt-br",
-}
-MBROLA_HELD_OUT = ("mb-us3",)
 ENGINES = ("espeak-ng", "mbrola", "espeak-ng-all")  # clip families: espeak-ng-all is every espeak-ng voice
 ENGINE_FIRST_INDEX = {"espeak-ng": 0, "mbrola": 100_000, "espeak-ng-all": 200_000}  # a family's indices start here
 RATES_WPM = (130, 210)  # espeak -s, inclusive range

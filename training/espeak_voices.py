@@ -1,4 +1,9 @@
-"""Every voice and every variant of espeak-ng 1.51 (Debian bookworm's), as names `espeak-ng -v` takes.
+"""The voices the corpus speaks in, as names `espeak-ng -v` takes (mbrola's through espeak-ng's ``mb-*``).
+
+The first family's curated voices: ``ENGLISH_BASES`` and ``VARIANTS`` (with ``corpus.OTHER_LANGUAGES``),
+less ``HELD_OUT_BASES`` x ``HELD_OUT_VARIANTS``; mbrola's: ``MBROLA_VOICES`` less ``MBROLA_HELD_OUT``.
+
+Every voice and every variant of espeak-ng 1.51 (Debian bookworm's), for the ``espeak-ng-all`` family:
 
 ``ESPEAK_LANGUAGES``: each language voice, by the name under which a ``+variant`` suffix takes effect
 (``en``, ``fr``, ``chr``: the file names, where the language code would silently drop the variant).
@@ -31,3 +36,18 @@ ESPEAK_VARIANTS = (
     "+klatt", "+klatt2", "+klatt3", "+klatt4", "+klatt5", "+klatt6", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7",
     "+norbert", "+sandro", "+shelby", "+travis", "+victor", "+whisper", "+m8", "+f1", "+croak", "+m1", "+grandma",
 )
+
+ENGLISH_BASES = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+                 "en-029", "en-us-nyc")
+VARIANTS = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5",
+            "+Annie", "+Andy", "+david", "+steph")
+HELD_OUT_BASES = ("en-gb-scotland", "en-029")
+HELD_OUT_VARIANTS = ("+m4", "+f4", "+steph")
+MBROLA_VOICES = {  # espeak-ng voice -> the language its text is in (mb-<db>[-en]: package mbrola-<db>)
+    "mb-us1": "en", "mb-us2": "en", "mb-us3": "en", "mb-en1": "en",
+    "mb-de1-en": "en", "mb-de2-en": "en", "mb-de4-en": "en", "mb-fr1-en": "en", "mb-nl2-en": "en",  # accented
+    "mb-de1": "de", "mb-de2": "de", "mb-de4": "de", "mb-de5": "de", "mb-fr1": "fr", "mb-fr4": "fr",
+    "mb-es1": "es", "mb-es3": "es", "mb-it3": "it", "mb-it4": "it", "mb-nl2": "nl", "mb-br1": "pt-br",
+    "mb-br4": "pt-br",
+}
+MBROLA_HELD_OUT = ("mb-us3",)

@@ -97,8 +97,9 @@ def clip_interval(rs: np.ndarray, level: float = 0.9, seed: int = 0) -> list[flo
     sessions, because one clip's sessions (one per identity) move together; None under 2 clips."""
     from scipy.stats import bootstrap
 
-    per_clip = np.nanmean(np.where(np.isfinite(rs), rs, np.nan), axis=0)
-    per_clip = per_clip[np.isfinite(per_clip)]
+    finite = np.isfinite(rs)
+    counts = finite.sum(axis=0)  # identities with an r, per clip
+    per_clip = np.where(finite, rs, 0.0).sum(axis=0)[counts > 0] / counts[counts > 0]
     if per_clip.size < 2:
         return None
     got = bootstrap((per_clip,), np.mean, confidence_level=level, n_resamples=2000, method="percentile",
