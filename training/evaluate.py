@@ -316,6 +316,11 @@ def _speaking(engine, speech: list[np.ndarray], cfg: EvalConfig, size,
             "seam_ratio": round(float(np.mean(seams)), 4), "rtf_clips": round(gen_s / wall_s, 3)}
 
 
+def _lip_sync_of(got: dict, clips: list) -> dict:
+    """A lip-sync group's entry in the result: its clip count and `_speaking`'s lip-sync figures."""
+    return {"clips": len(clips), **{k: got[k] for k in ("lipsync_r", "lipsync_r_ci90", "lipsync_lag_frames")}}
+
+
 def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
              held_out_engine: tuple[str, list[np.ndarray]] | None = None,
              held_out_voices: dict[str, list[np.ndarray]] | None = None) -> dict:
@@ -332,21 +337,15 @@ def evaluate(models, speech: list[np.ndarray], cfg: EvalConfig = EvalConfig(),
         if held_out_engine is not None:  # the same on speech from an engine no training clip came from
             name, clips = held_out_engine
             got = _speaking(engine, clips, cfg, size)
-            out["held_out_engine"] = {"engine": name, "clips": len(clips), "lipsync_r": got["lipsync_r"],
-                                      "lipsync_r_ci90": got["lipsync_r_ci90"],
-                                      "lipsync_lag_frames": got["lipsync_lag_frames"]}
+            out["held_out_engine"] = {"engine": name, **_lip_sync_of(got, clips)}
         for name, clips in (held_out_voices or {}).items():
             got = _speaking(engine, clips, cfg, size)
-            out[f"held_out_{name}"] = {"clips": len(clips), "lipsync_r": got["lipsync_r"],
-                                       "lipsync_r_ci90": got["lipsync_r_ci90"],
-                                       "lipsync_lag_frames": got["lipsync_lag_frames"]}
+            out[f"held_out_{name}"] = _lip_sync_of(got, clips)
         if cfg.music_clips:  # the first clips with music under them; the teacher follows the clean speech
             clips = speech[:cfg.music_clips]
             heard = [music(w, np.random.default_rng([cfg.seed, i, 0x3C])) for i, w in enumerate(clips)]
             got = _speaking(engine, clips, cfg, size, heard=heard)
-            out["music_under_speech"] = {"clips": len(clips), "snr_db": list(MUSIC_SNR_DB),
-                                         "lipsync_r": got["lipsync_r"], "lipsync_r_ci90": got["lipsync_r_ci90"],
-                                         "lipsync_lag_frames": got["lipsync_lag_frames"]}
+            out["music_under_speech"] = {**_lip_sync_of(got, clips), "snr_db": list(MUSIC_SNR_DB)}
         # 2. emotion: each identity speaks the same audio with each emotion reference; corner lift on the
         # generated mouth against the teacher's, identity by identity
         lifts_by_id = {}
